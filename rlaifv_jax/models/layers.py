@@ -1,0 +1,130 @@
+"""Basic NNX layers whose parameters carry logical axis names (``Param(..., axes=(...))``).
+
+Every parameter of every model is created by one of these layers (or with the same ``axes``
+metadata), so `rlaifv_jax.sharding` can map any model onto a mesh with one rules table.
+Parameters are stored in ``param_dtype``; computation runs in ``dtype``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x · W (+ b) contracting the trailing ``in_shape`` dims of x into ``out_shape``.
+
+    The kernel has shape ``in_shape + out_shape`` (e.g. q-projection ``(embed, heads, head_dim)``),
+    which keeps head structure visible to the sharding rules.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, in_axes: Axes,
+                 out_axes: Axes, use_bias: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, std: float | None = None, rngs: nnx.Rngs):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        fan_in = math.prod(in_shape)
+        std = 1.0 / math.sqrt(fan_in) if std is None else std
+        self.kernel = nnx.Param(_normal(rngs, in_shape + out_shape, std, param_dtype),
+                                axes=tuple(in_axes) + tuple(out_axes))
+        self.bias = (nnx.Param(jnp.zeros(out_shape, param_dtype), axes=tuple(out_axes))
+                     if use_bias else None)
+        self.n_in = len(in_shape)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel,
+                          axes=(tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[vocab, embed]``; ``attend`` gives tied output logits."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, std: float = 0.02, rngs: nnx.Rngs,
+                 axes: Axes = ("vocab", "embed")):
+        self.embedding = nnx.Param(_normal(rngs, (num_embeddings, features), std, param_dtype),
+                                   axes=axes)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """Llama RMSNorm: normalise in float32, cast back, then scale (as transformers does)."""
+
+    def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype), axes=("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, statistics in float32."""
+
+    def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype), axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), axes=("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def activation(name: str):
+    """The activation functions transformers configs name (exact, not tanh-approximated, GELU)."""
+    fns = {
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": jax.nn.relu,
+    }
+    if name not in fns:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(fns)}")
+    return fns[name]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Grouped-query attention with a boolean mask; softmax in float32.
+
+    q: ``[B, T, H, D]``; k, v: ``[B, S, K, D]`` with H a multiple of K; mask: ``[B, T, S]`` (True = attend).
+    Rows with no allowed key (padding queries) produce finite garbage, never NaN.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)

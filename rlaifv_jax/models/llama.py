@@ -1,0 +1,248 @@
+"""Llama-family decoder LM (Llama-2/3/3.1, Vicuna, Mistral, Yi; Qwen2 via ``attention_bias``).
+
+One forward serves training, prefill and decode: ``forward_embeds`` takes embeddings, per-row
+positions, a key-validity mask and an optional KV cache (a tuple of per-layer ``(k, v)`` arrays
+``[batch, cache_len, kv_heads, head_dim]``) written at ``cache_index``. Batches are left-padded
+so every row writes its cache at the same index; padding is masked through ``key_mask``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlaifv_jax.models.layers import Embed, Linear, RMSNorm, activation, dot_product_attention
+
+Cache = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a transformers Llama/Mistral/Qwen2 ``config.json`` this module uses."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the rope dict
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any], *, tie_word_embeddings: bool | None = None) -> "LlamaConfig":
+        """Build from a transformers config dict (v4 ``rope_scaling``/``rope_theta`` or v5 ``rope_parameters``)."""
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported text model_type {model_type!r} (llama, mistral, qwen2)")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported rope type {rope_type!r} (default, linear, llama3)")
+        rope["rope_type"] = rope_type
+        rope.pop("type", None)
+        heads = cfg["num_attention_heads"]
+        sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        tie = cfg.get("tie_word_embeddings", False) if tie_word_embeddings is None else tie_word_embeddings
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
+            rope_scaling=tuple(sorted(rope.items())),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(tie),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            mlp_bias=bool(cfg.get("mlp_bias", False)), hidden_act=cfg.get("hidden_act", "silu"),
+            sliding_window=sliding, model_type=model_type)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers (v5) config dict for this model."""
+        rope = dict(self.rope_scaling or (("rope_type", "default"),))
+        rope["rope_theta"] = self.rope_theta
+        out = dict(
+            model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps, rope_parameters=rope,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
+            hidden_act=self.hidden_act, sliding_window=self.sliding_window)
+        if self.model_type != "qwen2":
+            out["mlp_bias"] = self.mlp_bias
+        return out
+
+
+def rope_inv_freq(config: LlamaConfig) -> jax.Array:
+    """Inverse RoPE frequencies for the ``default``, ``linear`` and ``llama3`` rope types."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    rope = dict(config.rope_scaling or ())
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / rope["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, H, D]`` by ``positions [B, T]`` (transformers' rotate-half convention)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb).astype(x.dtype)[:, :, None], jnp.sin(emb).astype(x.dtype)[:, :, None]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE and an optional KV cache."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, h, k, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear((d,), (h, hd), in_axes=("embed",), out_axes=("heads", "head_dim"),
+                             use_bias=config.attention_bias, **kw)
+        self.k_proj = Linear((d,), (k, hd), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
+                             use_bias=config.attention_bias, **kw)
+        self.v_proj = Linear((d,), (k, hd), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
+                             use_bias=config.attention_bias, **kw)
+        self.o_proj = Linear((h, hd), (d,), in_axes=("heads", "head_dim"), out_axes=("embed",), **kw)
+
+    def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None):
+        q = apply_rope(self.q_proj(x), positions, inv_freq)
+        k = apply_rope(self.k_proj(x), positions, inv_freq)
+        v = self.v_proj(x)
+        if kv is not None:
+            ck, cv = kv
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            kv = (k, v)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, i = config.hidden_size, config.intermediate_size
+        kw = dict(use_bias=config.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear((d,), (i,), in_axes=("embed",), out_axes=("mlp",), **kw)
+        self.up_proj = Linear((d,), (i,), in_axes=("embed",), out_axes=("mlp",), **kw)
+        self.down_proj = Linear((i,), (d,), in_axes=("mlp",), out_axes=("embed",), **kw)
+        self.act = activation(config.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, kv, cache_index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def attention_mask(key_mask: jax.Array, num_queries: int, cache_index: jax.Array | int) -> jax.Array:
+    """``[B, T, S]`` boolean: query t (at cache slot ``cache_index + t``) sees valid keys at slots ≤ its own."""
+    slots = jnp.arange(key_mask.shape[1])
+    query_slots = cache_index + jnp.arange(num_queries)
+    causal = slots[None, :] <= query_slots[:, None]
+    return causal[None] & key_mask[:, None, :].astype(bool)
+
+
+class Llama(nnx.Module):
+    """``LlamaForCausalLM``: token embedding, decoder layers, final norm, LM head (tied or not)."""
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Linear((config.hidden_size,), (config.vocab_size,), in_axes=("embed",),
+                               out_axes=("vocab",), dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings ``[B, T, D]``."""
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Vocabulary logits for final hidden states."""
+        return self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
+        """An empty KV cache for ``batch`` rows of ``length`` slots."""
+        c = self.config
+        shape = (batch, length, c.num_key_value_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers))
+
+    def forward_embeds(self, x: jax.Array, *, positions: jax.Array, key_mask: jax.Array,
+                       cache: Cache | None = None, cache_index: jax.Array | int = 0
+                       ) -> tuple[jax.Array, Cache | None]:
+        """Run the decoder on embeddings ``x [B, T, D]``.
+
+        ``positions [B, T]``: RoPE positions. ``key_mask [B, S]``: which key slots hold real tokens,
+        where S = T without a cache, else the cache length (the new tokens' slots included).
+        Returns final-normed hidden states ``[B, T, D]`` and the updated cache.
+        """
+        window = self.config.sliding_window
+        if window is not None and key_mask.shape[1] > window:
+            raise ValueError(f"sequence of {key_mask.shape[1]} tokens exceeds the model's sliding window "
+                             f"({window}); sliding-window attention is not implemented")
+        mask = attention_mask(key_mask, x.shape[1], cache_index)
+        inv_freq = rope_inv_freq(self.config)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(kv)
+        return self.norm(x), (None if cache is None else tuple(new_cache))
+
+    def __call__(self, input_ids: jax.Array, *, pixel_values=None, image_sizes=None,
+                 attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits ``[B, T, V]`` for (left-padded) ``input_ids``; ``attention_mask`` marks real tokens."""
+        if pixel_values is not None:
+            raise ValueError("a text-only Llama model was given pixel_values")
+        key_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
+        hidden, _ = self.forward_embeds(self.embed(input_ids), positions=positions, key_mask=key_mask)
+        return self.logits(hidden)

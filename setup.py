@@ -1,0 +1,34 @@
+"""rlaifv_jax: RLAIF-V (open-source AI feedback against MLLM hallucination) in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="rlaifv_jax",
+    version="0.1.0",
+    description="RLAIF-V in JAX/Flax: online AI-feedback alignment of multimodal LLMs",
+    packages=find_packages(include=["rlaifv_jax", "rlaifv_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "transformers>=5.0",
+        "tokenizers",
+        "tensorflow-datasets>=4.9",
+        "grain>=0.2.18",
+        "safetensors",
+        "ml_collections",
+        "absl-py",
+        "pillow",
+        "tqdm",
+        "importlib_resources",
+        "numpy",
+        "pyarrow",
+        "tensorboardX",
+        "matplotlib",
+    ],
+    extras_require={
+        # torch is the numerical reference in tests only; pinned exactly so pip takes the local CPU wheel.
+        "test": ["pytest", "torch==2.13.0"],
+    },
+)
