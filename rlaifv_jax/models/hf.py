@@ -51,6 +51,7 @@ _LLAVA_ALIASES = (
     ("model.image_newline", "image_newline"),
     ("lm_head.", "language_model.lm_head."),
 )
+_CLIP_ALIASES = (("vision_model.", ""),)  # older files, and the vision half of a CLIPModel
 
 
 # ----------------------------------------------------------------------------- safetensors I/O
@@ -156,7 +157,7 @@ def hf_name(model: nnx.Module, path: tuple) -> str:
     if isinstance(model, Llama):
         return _llama_name(path)
     if isinstance(model, CLIPVision):
-        return "vision_model." + _clip_name(path)
+        return _clip_name(path)
     head, rest = path[0], path[1:]
     if head == "language_model":
         return "language_model." + _llama_name(rest)
@@ -169,27 +170,17 @@ def hf_name(model: nnx.Module, path: tuple) -> str:
     raise KeyError(f"no Hugging Face name for {path}")
 
 
-def _split_in_out(our_shape: tuple, hf_shape: tuple) -> int:
-    """How many leading kernel dims are input dims, given the HF ``[out, in]`` weight shape."""
-    splits = [k for k in range(1, len(our_shape))
-              if math.prod(our_shape[:k]) == hf_shape[1] and math.prod(our_shape[k:]) == hf_shape[0]]
-    if len(splits) != 1:
-        raise ValueError(f"cannot match kernel shape {our_shape} to weight shape {hf_shape}")
-    return splits[0]
-
-
-def to_ours(name: str, leaf: str, hf: np.ndarray, our_shape: tuple) -> np.ndarray:
-    """Convert a transformers tensor to our layout (kernels are ``[in..., out...]``)."""
+def to_ours(name: str, leaf: str, hf: np.ndarray, our_shape: tuple, n_in: int | None = None) -> np.ndarray:
+    """Convert a transformers tensor to our layout (kernels are ``[in..., out...]``, ``n_in`` input dims)."""
+    fits = True
     if leaf == "kernel" and hf.ndim == 4:  # patch convolution [D, C, p, p] → [C, p, p, D]
         out = hf.transpose(1, 2, 3, 0)
     elif leaf == "kernel":
-        if hf.ndim != 2:
-            raise ValueError(f"tensor {name}: expected a 2-D weight, got shape {hf.shape}")
-        _split_in_out(our_shape, hf.shape)
-        out = hf.T.reshape(our_shape)
+        fits = hf.ndim == 2 and hf.shape[1] == math.prod(our_shape[:n_in]) and hf.size == math.prod(our_shape)
+        out = hf.T.reshape(our_shape) if fits else hf
     else:
         out = hf.reshape(our_shape) if hf.size == math.prod(our_shape) else hf
-    if tuple(out.shape) != tuple(our_shape):
+    if not fits or tuple(out.shape) != tuple(our_shape):
         raise ValueError(f"tensor {name}: shape {tuple(hf.shape)} does not fit the config (expected "
                          f"{tuple(our_shape)} in our layout)")
     return out
@@ -209,12 +200,13 @@ def to_hf(leaf: str, ours: np.ndarray, n_in: int | None = None) -> np.ndarray:
 def _linear_inputs(model: nnx.Module) -> dict[tuple, int]:
     """Number of input dims of every ``Linear`` kernel, by kernel path."""
     from rlaifv_jax.models.layers import Linear
-    return {tuple(p) + ("kernel",): m.n_in for p, m in model.iter_modules() if isinstance(m, Linear)}
+    return {tuple(p) + ("kernel",): m.n_in for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
 
 
 def _canonical(key: str, architecture: str) -> str:
-    if architecture.startswith("Llava"):
-        for alt, canon in _LLAVA_ALIASES:
+    aliases = {"CLIPVisionModel": _CLIP_ALIASES}.get(architecture, _LLAVA_ALIASES if architecture.startswith("Llava") else ())
+    if aliases:
+        for alt, canon in aliases:
             if key.startswith(alt):
                 return canon + key[len(alt):]
     return key
@@ -265,6 +257,7 @@ def load_pretrained(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, p
     shardings = state_shardings(state, mesh, rules) if mesh is not None else None
     files = _open_checkpoint(path)
     canon = {_canonical(k, architecture): k for k in files}
+    n_in = _linear_inputs(abstract)
     flat = []
     used = set()
     sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
@@ -275,7 +268,8 @@ def load_pretrained(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, p
         key = canon[name]
         used.add(key)
         shape = var.get_value().shape
-        arr = to_ours(f"{os.path.basename(files[key].path)}:{key}", p[-1], files[key].get(key), shape)
+        arr = to_ours(f"{os.path.basename(files[key].path)}:{key}", p[-1], files[key].get(key), shape,
+                      n_in.get(tuple(p)))
         arr = np.asarray(arr, dtype=param_dtype)
         sharding = sh_flat[p].get_value() if p in sh_flat else None
         flat.append((p, var.replace(jax.device_put(arr, sharding) if sharding else jnp.asarray(arr))))
@@ -325,7 +319,7 @@ def save_pretrained(model: nnx.Module, path: str, *, dtype=None) -> None:
     tensors = dict(iter_hf_tensors(model, dtype))
     if architecture.startswith("Llava") or architecture == "CLIPVisionModel":
         # The pooled-output LayerNorm is unused by LLaVA; write an identity so nothing is left random.
-        prefix = "vision_model." if architecture == "CLIPVisionModel" else "vision_tower."
+        prefix = "" if architecture == "CLIPVisionModel" else "vision_tower."
         width = model.config.vision.hidden_size if architecture.startswith("Llava") else model.config.hidden_size
         some = next(iter(tensors.values()))
         tensors[prefix + "post_layernorm.weight"] = np.ones((width,), some.dtype)

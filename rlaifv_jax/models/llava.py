@@ -199,14 +199,7 @@ class LlavaNext(Llava):
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values")
         sizes = [tuple(int(s) for s in hw) for hw in np.asarray(image_sizes)]
-        c = self.config
-        kw = self._anyres_kwargs()
-        counts = [anyres.num_patches(hw, c.image_grid_pinpoints, c.vision.image_size) for hw in sizes]
+        indices, counts, _ = anyres.batch_pack_indices(sizes, **self._anyres_kwargs())
         tiles = jnp.concatenate([pixel_values[i, :n] for i, n in enumerate(counts)], axis=0)
         feats = self.tile_features(tiles)
-        newline = self.image_newline[...].astype(feats.dtype)
-        out, start = [], 0
-        for hw, n in zip(sizes, counts):
-            out.append(anyres.pack_features(feats[start:start + n], newline, anyres.pack_indices(hw, **kw)))
-            start += n
-        return jnp.concatenate(out, axis=0)
+        return anyres.pack_features(feats, self.image_newline[...].astype(feats.dtype), indices)

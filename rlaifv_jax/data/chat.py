@@ -1,0 +1,214 @@
+"""Conversation formats, prompt/answer tokenization and LLaVA-1.5 image preprocessing.
+
+LLaVA-1.5 ``llava_v1`` (``conv_llava_v1`` in the official LLaVA ``conversation.py``: roles
+``USER``/``ASSISTANT``, ``SeparatorStyle.TWO``, ``sep=" "``, ``sep2="</s>"``). For one question the
+generation prompt is, byte for byte::
+
+    {SYSTEM} USER: <image>\\n{question} ASSISTANT:
+
+and a training conversation continues it with `` {answer}</s>``. Token-wise we follow LLaVA's
+``tokenizer_image_token``: the prompt is split at ``<image>``, each side is tokenized on its own (so
+SentencePiece tokenizers add their word-start marker after the image exactly as LLaVA does), one BOS
+leads the sequence, and the placeholder becomes ``image_token_count`` copies of ``image_token_id``.
+The answer tokens are the tokens that `` {answer}`` adds after the prompt's last text chunk, followed
+by the end-of-turn token: for ``llava_v1`` that is ``sep2 = "</s>"``, i.e. the tokenizer's EOS id
+(appended as an id, never parsed from text). The answer text is stripped first, as LLaVA's generation
+code strips its outputs.
+
+Chat-template models (e.g. Llama-3-Instruct): ``template="chat"`` renders one user message, no system
+message, with ``add_generation_prompt=True`` through ``tokenizer.apply_chat_template``; the answer
+is the tokens of ``{answer}`` after that prompt followed by the template's own end-of-turn token
+(read off the template, e.g. ``<|eot_id|>``), unless ``eos_id`` is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+IMAGE_PLACEHOLDER = "<image>"
+TEMPLATES: tuple[str, ...] = ("llava_v1", "chat")
+
+# OpenAI CLIP normalisation constants (CLIPImageProcessor defaults, used by LLaVA-1.5).
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+    """Token ids of a prompt (image placeholder expanded) and of one answer (incl. end-of-turn)."""
+
+    prompt_ids: np.ndarray  # [P] int32
+    answer_ids: np.ndarray  # [A] int32, last id is the end-of-turn token
+
+
+def llava_v1_prompt(question: str, with_image: bool = True) -> str:
+    """The ``llava_v1`` generation prompt for one question, ending in ``ASSISTANT:``."""
+    user = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image else question
+    return f"{LLAVA_V1_SYSTEM} USER: {user} ASSISTANT:"
+
+
+def chat_template_prompt(tokenizer, question: str, with_image: bool = False) -> str:
+    """The tokenizer's own chat template: one user message, no system message, generation prompt."""
+    content = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image else question
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _prompt_text(tokenizer, question: str, with_image: bool, template: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if IMAGE_PLACEHOLDER in question:
+        raise ValueError(f"question must not contain {IMAGE_PLACEHOLDER!r}; it is inserted by the template")
+    if template == "llava_v1":
+        return llava_v1_prompt(question, with_image)
+    return chat_template_prompt(tokenizer, question, with_image)
+
+
+def _chunks_to_ids(
+    tokenizer, text: str, image_token_count: int, image_token_id: int | None, template: str
+) -> tuple[list[int], str]:
+    """Prompt ids (image expanded) and the text of the last chunk (the answer's left context)."""
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    if image_token_count and len(chunks) != 2:
+        raise ValueError(f"the prompt must contain exactly one {IMAGE_PLACEHOLDER!r}: {text!r}")
+    if image_token_count and image_token_id is None:
+        raise ValueError("image_token_id is required when image_token_count > 0")
+    ids: list[int] = []
+    if template == "llava_v1" and tokenizer.bos_token_id is not None:
+        ids.append(int(tokenizer.bos_token_id))
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.extend([int(image_token_id)] * image_token_count)
+        ids.extend(_ids(tokenizer, chunk))
+    return ids, chunks[-1]
+
+
+def encode_prompt(
+    tokenizer,
+    question: str,
+    image_token_count: int,
+    *,
+    image_token_id: int | None = None,
+    template: str = "llava_v1",
+) -> np.ndarray:
+    """Prompt ids for generation: the template with ``<image>`` expanded to ``image_token_count`` ids.
+
+    ``image_token_count=0`` gives a text-only prompt (no placeholder at all).
+    """
+    text = _prompt_text(tokenizer, question, image_token_count > 0, template)
+    ids, _ = _chunks_to_ids(tokenizer, text, image_token_count, image_token_id, template)
+    return np.asarray(ids, np.int32)
+
+
+def end_of_turn_id(tokenizer, template: str = "llava_v1") -> int:
+    """The id that closes an assistant turn: EOS for ``llava_v1``; for ``chat`` the first token the
+    template renders right after an assistant message (falls back to EOS if it renders nothing)."""
+    if template == "chat":
+        sentinel = "\x00ANSWER\x00"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": sentinel}], tokenize=False
+        )
+        suffix_ids = _ids(tokenizer, rendered[rendered.index(sentinel) + len(sentinel):])
+        if suffix_ids:
+            return int(suffix_ids[0])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; pass eos_id")
+    return int(tokenizer.eos_token_id)
+
+
+def encode_prompt_answer(
+    tokenizer,
+    question: str,
+    answer: str,
+    image_token_count: int,
+    *,
+    image_token_id: int | None = None,
+    template: str = "llava_v1",
+    eos_id: int | None = None,
+) -> EncodedPrompt:
+    """Prompt ids and answer ids (answer tokens + end-of-turn) such that ``concat`` is the conversation.
+
+    The answer span is exact by construction: its ids are the suffix that the answer adds to the
+    prompt's last text chunk (separator ``" "`` for ``llava_v1``, none for ``chat``). Raises
+    ``ValueError`` if the tokenizer merges a token across the prompt/answer boundary.
+    """
+    text = _prompt_text(tokenizer, question, image_token_count > 0, template)
+    prompt_ids, last_chunk = _chunks_to_ids(tokenizer, text, image_token_count, image_token_id, template)
+    sep = " " if template == "llava_v1" else ""
+    context_ids = _ids(tokenizer, last_chunk)
+    full_ids = _ids(tokenizer, last_chunk + sep + answer.strip())
+    if full_ids[: len(context_ids)] != context_ids:
+        raise ValueError(f"tokenizer merges across the prompt/answer boundary of {text!r}")
+    eot = end_of_turn_id(tokenizer, template) if eos_id is None else int(eos_id)
+    answer_ids = full_ids[len(context_ids):] + [eot]
+    return EncodedPrompt(np.asarray(prompt_ids, np.int32), np.asarray(answer_ids, np.int32))
+
+
+def background_color(mean: Sequence[float] = CLIP_MEAN) -> tuple[int, ...]:
+    """LLaVA's padding colour: ``tuple(int(x * 255) for x in image_processor.image_mean)``."""
+    return tuple(int(x * 255) for x in mean)
+
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """Pad to a square canvas of side ``max(w, h)``, image centred (LLaVA's ``expand2square``)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def clip_preprocess(
+    image: Image.Image,
+    *,
+    size: int = 336,
+    crop_size: int | None = None,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> np.ndarray:
+    """CLIPImageProcessor in NumPy/PIL: RGB, bicubic resize of the shortest side to ``size`` (the long
+    side to ``int(size * long / short)``), center crop ``crop_size`` (default ``size``), ``/255``,
+    ``(x − mean) / std``. Returns ``[3, crop, crop]`` float32 (channels first)."""
+    crop = size if crop_size is None else crop_size
+    if crop > size:
+        raise ValueError(f"crop_size {crop} must not exceed the resize size {size}")
+    image = image.convert("RGB")
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+    pixels = np.asarray(image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
+    top, left = (new_h - crop) // 2, (new_w - crop) // 2
+    pixels = pixels[top: top + crop, left: left + crop]
+    scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    normed = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(normed.transpose(2, 0, 1))
+
+
+def llava_image_preprocess(
+    image: Image.Image,
+    *,
+    size: int = 336,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    pad_to_square: bool = True,
+) -> np.ndarray:
+    """LLaVA-1.5 image input: ``convert("RGB")``, pad to square with the mean colour, CLIP preprocess."""
+    image = image.convert("RGB")
+    if pad_to_square:
+        image = expand2square(image, background_color(mean))
+    return clip_preprocess(image, size=size, mean=mean, std=std)

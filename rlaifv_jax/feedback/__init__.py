@@ -1,0 +1,1 @@
+"""rlaifv_jax: RLAIF-V in JAX/Flax NNX."""
