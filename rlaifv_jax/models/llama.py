@@ -201,8 +201,10 @@ class Llama(nnx.Module):
                         Linear((config.hidden_size,), (config.vocab_size,), in_axes=("embed",),
                                out_axes=("vocab",), dtype=dtype, param_dtype=param_dtype, rngs=rngs))
 
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Token embeddings ``[B, T, D]``."""
+    def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
+        """Token embeddings ``[B, T, D]`` (the shared model interface; a text model takes no images)."""
+        if image_features is not None:
+            raise ValueError("a text-only Llama model was given image features")
         return self.embed_tokens(input_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

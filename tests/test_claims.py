@@ -1,0 +1,130 @@
+"""Split/convert prompts (byte for byte, METHOD.md §3), the bullet parser and the LLM claim extractor."""
+import pytest
+
+from rlaifv_jax.feedback.claims import (
+    CLAIM_LLM_DECODING,
+    ClaimResult,
+    LLMClaimExtractor,
+    convert_prompt,
+    labeler_question,
+    parse_bullets,
+    split_prompt,
+)
+
+# Copied from METHOD.md §3 (the code fence's final newline is not part of the prompt).
+SPLIT_EXPECTED = """You are an expert in extracting facts from the given question-answer pair for an image. Your task is to extract and rewrite the facts mentioned in the question-answer pair into self-contained sentences. Exclude opinions or subjective statements.
+
+You should present your result in the following format:
+### Facts:
+- {Extracted fact 1}
+- {Extracted fact 2}
+- ...
+
+### Question-answer pair:
+Question: What is on the table?
+Answer: A red cup.  It is full."""
+
+CONVERT_EXPECTED = """You are an expert at modifying a given declarative sentence into a general question sentence. Your task is to modify the given declarative sentences one by one into a general question form. Do not change tenses or add extra content.
+    If the given declarative sentence contains not, no or negative meaning words, you need to check the modified general interrogative sentence to make sure that the generated general question sentence retains words with not , no or negative meaning words.
+
+You should present your result in the following format:
+### Modified sentences:
+- {Modified sentence 1}
+- {Modified sentence 2}
+- ...
+
+### Declarative sentences:
+- There is a red cup.
+
+- The cup is full.
+"""
+
+
+def test_split_prompt_byte_exact():
+    assert split_prompt("What is on the table?", "A red cup.  It is full.") == SPLIT_EXPECTED
+
+
+def test_convert_prompt_byte_exact():
+    assert convert_prompt(["There is a red cup.", "The cup is full."]) == CONVERT_EXPECTED
+    assert convert_prompt([]).endswith("### Declarative sentences:")
+
+
+def test_split_prompt_truncated_to_300_space_separated_words():
+    # Template + "Question: Q\nAnswer:" is 56 space-separated words ("pair:\nQuestion:" and
+    # "Q\nAnswer:" are one word each: newlines do not separate), so 244 answer words remain.
+    answer = " ".join(f"a{i}" for i in range(1000))
+    prompt = split_prompt("Q", answer)
+    assert prompt.endswith("\nAnswer: a0 a1 a2" + "".join(f" a{i}" for i in range(3, 244)))
+    assert len(prompt.split(" ")) == 300
+    # A double space is an empty word and is kept when inside the limit.
+    short = split_prompt("Q", "x  y")
+    assert short.endswith("Answer: x  y")
+
+
+def test_labeler_question():
+    assert labeler_question("Is there a cup?") == "Is there a cup? Please answer yes or no."
+
+
+def test_parse_bullets():
+    text = "### Facts:\n- There is a cup.\n\n-   The cup is red. \n   \n- \n### end\n* A dog sits."
+    assert parse_bullets(text) == ["There is a cup.", "The cup is red.", "A dog sits."]
+    assert parse_bullets("") == []
+    assert parse_bullets("\n\n### Facts:\n") == []
+
+
+def test_decoding_defaults():
+    assert (CLAIM_LLM_DECODING.temperature, CLAIM_LLM_DECODING.top_p, CLAIM_LLM_DECODING.max_new_tokens) == (0.2, 0.9, 256)
+
+
+class FakeLLM:
+    """Answers split prompts and convert prompts from fixed tables; records every batch."""
+
+    def __init__(self, split_out, convert_out):
+        self.split_out, self.convert_out, self.calls = split_out, convert_out, []
+
+    def __call__(self, prompts):
+        self.calls.append(list(prompts))
+        outs = []
+        for p in prompts:
+            if p.startswith("You are an expert in extracting"):
+                outs.append(self.split_out[p.rsplit("\nAnswer: ", 1)[1]])
+            else:
+                outs.append(self.convert_out[p.split("### Declarative sentences:", 1)[1]])
+        return outs
+
+
+def test_llm_extractor_statuses_and_batching():
+    llm = FakeLLM(
+        split_out={
+            "ok answer": "### Facts:\n- A cup is red.\n- A dog sits.",
+            "mismatch answer": "- A cat sleeps.\n- A hat is blue.",
+            "nothing answer": "### Facts:\n",
+            "chatty answer": "Here are the facts:\n- A bird flies.",
+        },
+        convert_out={
+            "\n- A cup is red.\n\n- A dog sits.\n": "### Modified sentences:\n- Is a cup red?\n- Does a dog sit?",
+            "\n- A cat sleeps.\n\n- A hat is blue.\n": "- Does a cat sleep?",
+        },
+    )
+    items = [("q", "ok answer"), ("q", "  "), ("q", "mismatch answer"), ("q", "nothing answer"),
+             ("q", "chatty answer")]
+    res = LLMClaimExtractor(llm).extract(items)
+    assert [r.status for r in res] == ["ok", "no_claims", "count_mismatch", "no_claims", "unparseable"]
+    assert res[0].facts == ["A cup is red.", "A dog sits."]
+    assert res[0].questions == ["Is a cup red?", "Does a dog sit?"]
+    for r in res[1:]:
+        assert r.facts == [] and r.questions == []
+    assert res[2].raw_convert == "- Does a cat sleep?"  # kept for auditing
+    # One batched split call (the blank answer skipped), one batched convert call (only usable splits).
+    assert [len(c) for c in llm.calls] == [4, 2]
+    assert ClaimResult.from_dict(res[0].to_dict()) == res[0]
+
+
+def test_llm_extractor_separate_convert_model_and_bad_batch():
+    split = FakeLLM({"a": "- A cup."}, {})
+    convert = FakeLLM({}, {"\n- A cup.\n": "- Is there a cup?"})
+    (r,) = LLMClaimExtractor(split, convert).extract([("q", "a")])
+    assert r.status == "ok" and r.questions == ["Is there a cup?"]
+    assert len(split.calls) == 1 and len(convert.calls) == 1
+    with pytest.raises(ValueError, match="completions"):
+        LLMClaimExtractor(lambda prompts: []).extract([("q", "a")])
