@@ -1,0 +1,120 @@
+"""The embedded default: RLAIF-V with self-feedback on the generated toy world, no downloads.
+
+python -m rlaifv_jax.main --config configs/default.py --workdir runs/default
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "online"  # online RLAIF-V loop (vs "offline_dpo")
+    c.seed = 0  # every random stream (world, samples, pair choice, DPO order) derives from it
+    c.iterations = 3  # online iterations (the paper runs 4)
+    c.progress = True  # progress bars (may differ between runs of one workdir)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # data-parallel mesh axis size
+    c.mesh.fsdp = -1  # FSDP axis size (-1: all remaining devices)
+    c.mesh.tensor = 1  # tensor-parallel axis size
+
+    # Where prompts and the initial policy come from: "toy" generates both; "files" reads a
+    # prompt JSONL (prompts.path) and Hugging Face checkpoints (policy.path, labeler.path).
+    c.source = "toy"
+
+    c.world = ml_collections.ConfigDict()
+    c.world.caption_partner_rate = 0.7  # how often noisy training captions name an absent usual partner
+    c.world.n_warmstart = 5000  # images for the supervised warm start (1 caption + 2 yes/no each)
+    c.world.n_prompts = 256  # RLAIF-V prompt images per iteration
+    c.world.n_eval = 200  # held-out evaluation images
+
+    c.model = ml_collections.ConfigDict()  # toy policy size (LLaVA-shaped)
+    c.model.hidden = 128  # LM width
+    c.model.layers = 2  # LM layers
+    c.model.heads = 4  # attention heads (LM and vision)
+    c.model.kv_heads = 2  # LM key/value heads (GQA)
+    c.model.vision_hidden = 64  # vision tower width
+    c.model.vision_layers = 2  # vision tower layers
+    c.model.patch = 8  # vision patch size (32 px images -> 16 image tokens)
+
+    c.warmstart = ml_collections.ConfigDict()
+    c.warmstart.steps = 1500  # supervised steps on captions + yes/no answers
+    c.warmstart.batch_size = 64
+    c.warmstart.learning_rate = 3e-3
+
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.path = ""  # JSONL of {"id", "image_path" | "image" (base64), "question"} (source="files")
+    c.prompts.per_iteration = 0  # prompts used per iteration (0: all)
+
+    c.policy = ml_collections.ConfigDict()
+    c.policy.path = ""  # Hugging Face checkpoint directory of the initial policy (source="files")
+    c.policy.dtype = "float32"  # compute dtype: float32 or bfloat16
+    c.policy.template = "llava_v1"  # chat format: llava_v1 or chat (the tokenizer's template)
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.num_samples = 10  # responses per prompt (deconfounded: same settings, own seeds)
+    c.sampling.temperature = 0.7
+    c.sampling.top_k = 50  # transformers' default, as the official code left it
+    c.sampling.top_p = 1.0
+    c.sampling.repetition_penalty = 1.0  # 1.0 = off
+    c.sampling.max_new_tokens = 40
+    c.sampling.batch_size = 32  # prompts per sampler call
+
+    c.claims = ml_collections.ConfigDict()
+    c.claims.kind = "rule"  # "rule" (toy language) or "llm" (split/convert chat LLMs)
+    c.claims.split_path = ""  # HF dir of the split LLM (kind="llm")
+    c.claims.convert_path = ""  # HF dir of the convert LLM (kind="llm"; empty: same as split)
+    c.claims.batch_size = 16  # responses per LLM call
+
+    c.labeler = ml_collections.ConfigDict()
+    c.labeler.kind = "self"  # "self": the initial policy labels itself (self-feedback); "model": the
+    # MLLM at labeler.path; "toy": a larger toy model warm-started like the policy (toy_labeler.*)
+    c.labeler.path = ""  # HF dir of a separate labeler MLLM (kind="model")
+    c.labeler.template = "llava_v1"  # the labeler's chat format
+    c.labeler.repetition_penalty = 1.0  # applied to the yes/no logits, as the official code did (1.0 = off)
+    c.labeler.batch_size = 64  # questions scored per batch against one cached image prefix
+
+    c.toy_labeler = ml_collections.ConfigDict()  # used when labeler.kind="toy"
+    c.toy_labeler.model = ml_collections.ConfigDict(c.model.to_dict())  # same fields as c.model
+    c.toy_labeler.model.hidden = 192
+    c.toy_labeler.model.layers = 3
+    c.toy_labeler.model.vision_hidden = 96
+    c.toy_labeler.warmstart = ml_collections.ConfigDict(c.warmstart.to_dict())  # same fields as c.warmstart
+    c.toy_labeler.warmstart.steps = 2000
+
+    c.pairs = ml_collections.ConfigDict()
+    c.pairs.per_prompt = 2  # at most this many pairs per prompt, sampled with the seed
+    c.pairs.min_score_gap = 1  # chosen score - rejected score
+    c.pairs.balance_lengths = True  # dataset-level length balancing (METHOD.md §4)
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1
+    c.dpo.loss_type = "sigmoid"  # sigmoid | ipo | hinge | robust
+    c.dpo.label_smoothing = 0.0
+    c.dpo.learning_rate = 2e-4  # toy scale; the paper's 7B setting is 5e-7
+    c.dpo.warmup_ratio = 0.05
+    c.dpo.weight_decay = 0.01
+    c.dpo.max_grad_norm = 1.0
+    c.dpo.batch_size = 16  # pairs per optimizer step
+    c.dpo.grad_accum = 1  # micro-batches per step
+    c.dpo.epochs = 2
+    c.dpo.max_length = 128  # tokens per sequence (prompt + image + answer)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_new_tokens = 40  # greedy captions for CHAIR
+    c.eval.batch_size = 64
+    if arg == "smoke":
+        smoke(c)
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+    """A minutes-scale variant for tests: tiny world, short warm start, two iterations."""
+    c.iterations = 2
+    c.world.n_warmstart = 300
+    c.world.n_prompts = 24
+    c.world.n_eval = 24
+    c.warmstart.steps = 60
+    c.sampling.num_samples = 4
+    c.sampling.batch_size = 8
+    c.dpo.epochs = 1
+    c.dpo.batch_size = 8

@@ -1,0 +1,19 @@
+"""LLaVA-1.5-7B policy, LLaVA-NeXT-34B labeler, Llama-3-8B-Instruct split/convert (the paper's 7B run).
+
+python -m rlaifv_jax.main --config configs/llava15_7b_next34b.py --workdir runs/llava7b_next34b \
+  --config.policy.path=/ckpt/llava-1.5-7b-hf --config.labeler.path=/ckpt/llava-v1.6-34b-hf \
+  --config.claims.split_path=/ckpt/Meta-Llama-3-8B-Instruct --config.prompts.path=/data/prompts.jsonl
+"""
+import ml_collections
+
+from configs import llava15_7b_self
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = llava15_7b_self.get_config(arg)
+    c.labeler.kind = "model"
+    c.labeler.path = ""  # llava-hf/llava-v1.6-34b-hf (LlavaNextForConditionalGeneration, Yi-34B)
+    c.labeler.template = "chat"  # LLaVA-NeXT-34B uses its tokenizer's (ChatML) template
+    c.labeler.batch_size = 32
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4  # the 34B labeler wants tensor parallelism
+    return c

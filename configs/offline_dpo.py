@@ -1,0 +1,62 @@
+"""Offline DPO on RLAIF-V-Dataset files (METHOD.md §5 hyper-parameters for LLaVA-1.5-7B).
+
+python -m rlaifv_jax.main --config configs/offline_dpo.py --workdir DIR \\
+    --config.data.path=/data/RLAIF-V-Dataset/*.parquet --config.policy.path=/models/llava-1.5-7b-hf
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "offline_dpo"  # dispatch key for rlaifv_jax.main
+    c.seed = 0  # data-shuffle seed and train-step RNG (LoRA dropout)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # parquet/JSONL file(s): comma-separated, globs allowed (RLAIF-V-Dataset schema)
+    c.data.max_length = 2048  # prompt (image tokens included) + longer answer; longer pairs are skipped
+    c.data.template = "llava_v1"  # chat format: "llava_v1" (LLaVA-1.5) or "chat" (tokenizer's template)
+    c.data.pad_to_square = True  # LLaVA-1.5 image_aspect_ratio="pad": pad to square with the mean colour
+
+    c.policy = ml_collections.ConfigDict()
+    c.policy.path = ""  # local Hugging Face LLaVA directory (config.json, safetensors, tokenizer, processor)
+    c.policy.compute_dtype = "bfloat16"  # forward/backward dtype ("bfloat16" or "float32")
+    c.policy.param_dtype = "float32"  # master-weight dtype (optimizer works on these)
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1  # β of the DPO loss
+    c.dpo.loss_type = "sigmoid"  # sigmoid | ipo | hinge | robust (TRL definitions)
+    c.dpo.label_smoothing = 0.0  # ε for sigmoid / robust
+    c.dpo.sft_weight = 0.0  # weight of the −π(y_w) SFT term (0 = off)
+    c.dpo.average = False  # average log-probs over answer tokens instead of summing
+
+    c.train = ml_collections.ConfigDict()
+    c.train.learning_rate = 5e-7  # peak learning rate (LoRA variant in METHOD.md: 1e-5)
+    c.train.schedule = "cosine"  # "cosine" (to 0 at the last step) or "constant", after warm-up
+    c.train.warmup_ratio = 0.05  # linear warm-up over ceil(ratio × total steps)
+    c.train.weight_decay = 0.01  # AdamW decoupled weight decay on ≥2-D params
+    c.train.adam_b1 = 0.9  # AdamW β1
+    c.train.adam_b2 = 0.999  # AdamW β2
+    c.train.adam_eps = 1e-8  # AdamW ε
+    c.train.max_grad_norm = 1.0  # global-norm gradient clipping (≤ 0: off)
+    c.train.global_batch_size = 8  # pairs per optimizer step, over all hosts
+    c.train.grad_accum = 1  # micro-batches per step (exact: same result as the full batch)
+    c.train.num_epochs = 4  # passes over the data (each reshuffled)
+    c.train.checkpoints_per_epoch = 4  # a checkpoint every 1/4 epoch (and at the end)
+    c.train.max_to_keep = 0  # checkpoints kept (0 = all: the official run picks the best 1/4 epoch)
+    c.train.log_every = 1  # write metrics every N steps
+    c.train.ref_batch_size = 8  # pairs per forward in the reference log-prob pass
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.enabled = False  # train LoRA adapters on every LM linear layer instead of the full LM
+    c.lora.rank = 64  # r
+    c.lora.alpha = 16.0  # α (scale α / r)
+    c.lora.dropout = 0.05  # dropout on the adapter input
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # data-parallel axis size
+    c.mesh.fsdp = -1  # FSDP axis size (-1: all remaining devices)
+    c.mesh.tensor = 1  # tensor-parallel axis size
+
+    c.export = ml_collections.ConfigDict()
+    c.export.dtype = "bfloat16"  # dtype of the exported Hugging Face weights ("" = master dtype)
+    return c

@@ -1,0 +1,78 @@
+"""Orbax checkpoints of a training state plus a JSON side-car (data-iterator state, loop state).
+
+``Checkpointer(dir, max_to_keep=K, save_every=N)`` wraps ``ocp.CheckpointManager``:
+
+* ``save(step, state, extra, force=False)`` writes ``state`` (any pytree of jax arrays: params,
+  optimizer state, step, RNG key data) with ``StandardSave`` and ``extra`` (a JSON-able dict, e.g.
+  ``{"data": iterator.get_state(), "iteration": 3}``) with ``JsonSave``, when ``step`` is a multiple
+  of ``save_every`` or ``force``. Writes are asynchronous (the device→host copy is done before
+  ``save`` returns, so the state may be donated right after); a step directory only appears,
+  atomically, once complete — a process killed mid-write leaves a temporary directory that is
+  ignored and cleaned up on the next start. Only the last ``max_to_keep`` checkpoints are kept.
+* ``latest_step()`` / ``all_steps()`` list completed checkpoints.
+* ``restore(step, target) -> (state, extra)``: ``target`` is a pytree like ``state`` of
+  ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` (or arrays); every leaf is restored directly
+  onto the target sharding, so a run saved on one mesh resumes on another.
+
+Call ``close()`` (or use as a context manager) to wait for the last write.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int | None = 3, save_every: int | None = None,
+                 async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.save_every = save_every or 0
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def should_save(self, step: int) -> bool:
+        return bool(self.save_every) and step > 0 and step % self.save_every == 0
+
+    def save(self, step: int, state: Any, extra: dict[str, Any] | None = None, *, force: bool = False) -> bool:
+        """Save at ``step`` if due (``should_save``) or ``force``; returns whether a save started.
+        A step that is already saved is skipped."""
+        if not (force or self.should_save(step)) or step in self.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {}))
+        return bool(self.manager.save(step, args=args, force=True))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int | None, target: Any) -> tuple[Any, dict[str, Any]]:
+        """``(state, extra)`` of checkpoint ``step`` (default: latest), placed as ``target`` says."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract = jax.tree.map(
+            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+        return out["state"], dict(out["extra"] or {})
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

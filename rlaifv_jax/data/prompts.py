@@ -1,0 +1,140 @@
+"""Prompts for the online loop: a JSONL file of (image, question) records, or the toy world.
+
+File format (the official pipeline's, METHOD.md §8): one JSON object per line with an id
+(``id`` or ``ds_question_id``; default the line number), ``question``, and the image as
+``image_path`` (relative to the file) or ``image`` (base64). Bad lines are skipped, counted by
+reason and named (line number + reason) in a report; nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import dataclasses
+import io
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from rlaifv_jax.data import chat, toy_world
+
+
+@dataclasses.dataclass
+class PromptReport:
+    """What happened to every line of a prompt file."""
+
+    path: str
+    kept: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    problems: list[str] = dataclasses.field(default_factory=list)  # "line N: reason"
+
+    def skip(self, line: int, reason: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        self.problems.append(f"line {line}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "kept": self.kept, "skipped": dict(self.skipped), "problems": self.problems}
+
+
+def _decode_image(raw: dict[str, Any], base_dir: str) -> tuple[np.ndarray | None, str, str]:
+    """``(rgb uint8 [H, W, 3] | None, reason, detail)``."""
+    try:
+        if raw.get("image"):
+            data = base64.b64decode(raw["image"], validate=True)
+            source = "base64 image"
+        elif raw.get("image_path"):
+            path = raw["image_path"] if os.path.isabs(raw["image_path"]) else os.path.join(base_dir, raw["image_path"])
+            if not os.path.exists(path):
+                return None, "missing_image", path
+            with open(path, "rb") as f:
+                data = f.read()
+            source = path
+        else:
+            return None, "no_image_field", "needs image_path or image"
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB")), "", ""
+    except (binascii.Error, ValueError) as e:
+        return None, "corrupt_image", f"base64: {e}"
+    except (OSError, Image.DecompressionBombError) as e:
+        return None, "corrupt_image", f"{source}: {e}"
+
+
+def read_prompt_file(path: str) -> tuple[list[dict[str, Any]], PromptReport]:
+    """Good records ``{"id", "question", "image"}`` and the report of every skipped line."""
+    report = PromptReport(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the prompt file ({e})") from None
+    records, seen = [], set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            report.skip(n, "malformed_line", str(e)[:80])
+            continue
+        question = raw.get("question")
+        if not isinstance(question, str) or not question.strip():
+            report.skip(n, "empty_question")
+            continue
+        pid = str(raw.get("id", raw.get("ds_question_id", n)))
+        if pid in seen:
+            report.skip(n, "duplicate_id", pid)
+            continue
+        image, reason, detail = _decode_image(raw, os.path.dirname(os.path.abspath(path)))
+        if image is None:
+            report.skip(n, reason, detail)
+            continue
+        seen.add(pid)
+        records.append({"id": pid, "question": question.strip(), "image": image})
+    report.kept = len(records)
+    if not records:
+        raise ValueError(f"{path}: no usable prompt ({dict(report.skipped)})")
+    return records, report
+
+
+ImageEncoder = Callable[[np.ndarray], tuple[np.ndarray, Any]]
+
+
+def toy_image_encoder(image: np.ndarray) -> tuple[np.ndarray, Any]:
+    """Toy-world pixels ``[1, 3, H, W]`` (no image_sizes)."""
+    return toy_world.encode_image(image)[None], None
+
+
+def hf_image_encoder(model_dir: str, architecture: str) -> ImageEncoder:
+    """The image preprocessing of a Hugging Face LLaVA checkpoint (``preprocessor_config.json``).
+
+    LLaVA-1.5: pad to square with the processor mean, then CLIP preprocessing (METHOD.md §2).
+    LLaVA-NeXT: transformers' anyres image processor (PIL backend), giving ``image_sizes``.
+    """
+    if architecture == "LlavaNextForConditionalGeneration":
+        from transformers import LlavaNextImageProcessor
+        processor = LlavaNextImageProcessor.from_pretrained(model_dir, local_files_only=True)
+
+        def encode_next(image: np.ndarray) -> tuple[np.ndarray, Any]:
+            out = processor(images=Image.fromarray(image), return_tensors="np")
+            return np.asarray(out["pixel_values"]), np.asarray(out["image_sizes"])
+
+        return encode_next
+    cfg_path = os.path.join(model_dir, "preprocessor_config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{cfg_path}: missing; the policy directory needs its image processor") from None
+    size = cfg.get("crop_size", cfg.get("size"))
+    size = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
+    mean, std = cfg.get("image_mean", chat.CLIP_MEAN), cfg.get("image_std", chat.CLIP_STD)
+
+    def encode(image: np.ndarray) -> tuple[np.ndarray, Any]:
+        return chat.llava_image_preprocess(Image.fromarray(image), size=size, mean=mean, std=std)[None], None
+
+    return encode

@@ -1,0 +1,39 @@
+"""Entry point: ``python -m rlaifv_jax.main --config configs/<name>.py[:arg] --workdir DIR``.
+
+``--config.field=value`` overrides any field; unknown fields are refused by ml_collections.
+The config's ``mode`` picks the job: ``online`` (the RLAIF-V loop) or ``offline_dpo``.
+"""
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rlaifv_jax import sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output; rerun with the same one to resume.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (multi-host). "
+                                 "Default: only if RLAIFV_DISTRIBUTED=1.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    sharding.initialize_distributed(_DISTRIBUTED.value)
+    config = _CONFIG.value
+    if config.mode == "online":
+        from rlaifv_jax import online
+        online.run(config, _WORKDIR.value)
+    elif config.mode == "offline_dpo":
+        from rlaifv_jax import offline
+        offline.run(config, _WORKDIR.value)
+    else:
+        raise app.UsageError(f"config.mode={config.mode!r}: expected 'online' or 'offline_dpo'")
+
+
+if __name__ == "__main__":
+    app.run(main)

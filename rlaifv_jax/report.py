@@ -1,0 +1,62 @@
+"""End-of-run report: a table on stdout, ``report.json`` and a PNG plot in the workdir."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from rlaifv_jax.records import atomic_write_text
+
+COLUMNS = (("iteration", "iter", "{}"), ("chair_response", "CHAIR resp", "{:.1%}"),
+           ("chair_mention", "CHAIR ment", "{:.1%}"), ("recall", "recall", "{:.1%}"),
+           ("yesno_accuracy", "yes/no acc", "{:.1%}"), ("pairs", "pairs", "{}"),
+           ("dpo_reward_accuracy", "DPO acc", "{:.2f}"), ("dpo_reward_margin", "DPO margin", "{:.3f}"),
+           ("wall_s", "wall s", "{:.0f}"))
+
+
+def table(entries: list[dict[str, Any]]) -> str:
+    """A fixed-width text table of the summary entries."""
+    head = " | ".join(f"{title:>10}" for _, title, _ in COLUMNS)
+    rows = [head, "-" * len(head)]
+    for e in entries:
+        cells = [fmt.format(e[key]) if e.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+        rows.append(" | ".join(f"{c:>10}" for c in cells))
+    return "\n".join(rows)
+
+
+def plot(entries: list[dict[str, Any]], path: str) -> None:
+    """Hallucination rates and recall per iteration, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    its = [e["iteration"] for e in entries]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("chair_mention", "CHAIR mention"), ("chair_response", "CHAIR response"), ("recall", "recall")):
+        ax.plot(its, [100 * e[key] for e in entries], marker="o", label=label)
+    ax.set_xlabel("RLAIF-V iteration (0 = warm start)")
+    ax.set_ylabel("%")
+    ax.set_xticks(its)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(workdir: str, entries: list[dict[str, Any]], prompt_report: dict[str, Any] | None) -> None:
+    """Print the table (and the prompt-file problems) and write ``report.json`` + ``hallucination.png``."""
+    print("\nRLAIF-V summary (" + os.path.join(workdir, "summary.json") + ")")
+    print(table(entries))
+    if entries and entries[0].get("chair_mention") is not None:
+        plot(entries, os.path.join(workdir, "hallucination.png"))
+        first, last = entries[0], entries[-1]
+        if first["chair_mention"]:
+            print(f"mention-level CHAIR {first['chair_mention']:.1%} -> {last['chair_mention']:.1%} "
+                  f"({1 - last['chair_mention'] / first['chair_mention']:.0%} relative reduction); "
+                  f"recall {first['recall']:.1%} -> {last['recall']:.1%}")
+    if prompt_report:
+        print(f"prompt file {prompt_report['path']}: kept {prompt_report['kept']}, skipped {prompt_report['skipped']}")
+        for line in prompt_report["problems"]:
+            print("  " + line)
+    atomic_write_text(os.path.join(workdir, "report.json"),
+                      json.dumps({"summary": entries, "prompt_file": prompt_report}, indent=2))

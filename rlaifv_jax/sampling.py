@@ -1,0 +1,476 @@
+"""Jitted sampling: n responses per prompt from one prefill, with deconfounded PRNG streams.
+
+``generate`` groups prompts by length bucket, left-pads a batch of prompts into the bucket, runs
+one *prefill* program (image features merged, KV cache written, cache tiled ``num_samples`` times)
+and one *decode* program (a ``lax.while_loop`` over all ``batch × num_samples`` rows, the cache
+donated and updated in place, per-row early stop). A run compiles two programs per length bucket
+it meets (plus one vision program per pixel shape); ``compiled_programs()`` counts them.
+
+Decoding follows transformers' ``generate``: the repetition penalty (over prompt + generated
+tokens, image placeholders included) is applied first, in greedy and sampling mode alike; then,
+when sampling, temperature, top-k and top-p, in that order. ``temperature=0`` is greedy.
+
+Randomness: sample ``j`` of the prompt with identity ``p`` uses the key
+``fold_in(fold_in(key(seed), p), j)``, folded with the step index at every step, so its tokens do
+not depend on which other prompts share its batch or on the bucket (up to floating-point
+differences between batch shapes, which only matter at exact near-ties).
+
+Returned ``logprobs`` are the **raw model** log-probabilities of the sampled tokens
+(``log_softmax`` of the unprocessed logits: temperature 1, no penalty, no filtering), i.e. what
+the trainer computes for the same tokens with a teacher-forced forward.
+
+Prompts come from ``rlaifv_jax.data.chat`` (``encode_prompt`` with ``llava_v1`` or a tokenizer's
+chat template; ``llava_image_preprocess`` pads LLaVA-1.5 images to square). For LLaVA-NeXT, the
+anyres ``pixel_values [num_images, max_tiles, C, H, W]`` and ``image_sizes`` come from
+transformers' ``LlavaNextImageProcessor`` (its PIL backend works without torchvision).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from rlaifv_jax import sharding
+from rlaifv_jax.models import anyres
+from rlaifv_jax.models.llava import Llava, LlavaNext, check_image_tokens
+
+DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+def compiled_programs() -> dict[str, int]:
+    """Programs the sampler has compiled in this process so far, by kind (prefill, decode, vision)."""
+    return dict(_TRACES)
+
+
+# ----------------------------------------------------------------------------- options
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding options (static: compiled into the decode program)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def __post_init__(self):
+        t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 or None, got {k!r}")
+        if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
+        if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 or None, got {r!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalizes(self) -> bool:
+        return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
+
+# ----------------------------------------------------------------------------- pure logits math
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """transformers' ``RepetitionPenaltyLogitsProcessor``: seen tokens' logits ×penalty if < 0, else ÷penalty."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """transformers' ``TopKLogitsWarper`` on ``[R, V]``: logits below the k-th largest become -inf."""
+    # min, not [..., -1]: XLA:CPU rewrites a slice of TopK into a full sort (100x slower).
+    kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0].min(axis=-1, keepdims=True)
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """transformers' ``TopPLogitsWarper`` on ``[R, V]``: drop tokens whose ascending cumulative
+    probability is ``<= 1 - p``, always keeping the most likely one."""
+    order = jnp.argsort(logits, axis=-1)
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove_sorted = (cumulative <= 1 - p).at[..., -1].set(False)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, logits)
+
+
+def top_k_top_p_filter(logits: jax.Array, k: int, p: float) -> jax.Array:
+    """``top_p_filter(top_k_filter(logits, k), p)`` computed on the k candidates only (no sort of
+    the vocabulary); equal to it except for exact ties at a cut-off."""
+    values = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0]
+    ascending = jnp.sort(values, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove = (cumulative <= 1 - p).at[..., -1].set(False)
+    lowest_kept = jnp.min(jnp.where(remove, jnp.inf, ascending), axis=-1, keepdims=True)
+    return jnp.where(logits < lowest_kept, -jnp.inf, logits)
+
+
+def process_logits(logits: jax.Array, seen: jax.Array | None, cfg: SamplingConfig) -> jax.Array:
+    """The scores tokens are chosen from, in transformers' order: penalty; then (sampling only)
+    temperature, top-k, top-p."""
+    if cfg.penalizes:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.greedy:
+        return logits
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    top_p = cfg.top_p is not None and cfg.top_p < 1.0
+    if cfg.top_k is not None and top_p:
+        return top_k_top_p_filter(logits, cfg.top_k, cfg.top_p)
+    if cfg.top_k is not None:
+        return top_k_filter(logits, cfg.top_k)
+    return top_p_filter(logits, cfg.top_p) if top_p else logits
+
+
+def row_keys(seed: jax.Array, prompt_ids: jax.Array, sample_ids: jax.Array) -> jax.Array:
+    """One key per row: ``fold_in(fold_in(key(seed), prompt_id), sample_index)``."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda p, j: jax.random.fold_in(jax.random.fold_in(base, p), j))(prompt_ids, sample_ids)
+
+
+def choose_tokens(logits: jax.Array, seen: jax.Array | None, keys: jax.Array | None, step: jax.Array,
+                  cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Next tokens ``[R]`` (argmax, or a categorical draw with each row's key folded with ``step``)
+    and their raw-model log-probs ``[R]``."""
+    scores = process_logits(logits, seen, cfg)
+    if cfg.greedy:
+        tokens = jnp.argmax(scores, axis=-1)
+    else:
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+        tokens = jax.vmap(jax.random.categorical)(step_keys, scores)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), logp
+
+
+# ----------------------------------------------------------------------------- jitted programs
+def _constrain(x: jax.Array, spec: P | None) -> jax.Array:
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Static arguments of the prefill/decode programs."""
+
+    num_samples: int
+    max_new_tokens: int
+    cache_spec: P | None
+    rows_spec: P | None
+
+
+def _prefill_fn(graphdef, state, ids, features, mask, static: _Static):
+    """Embed + prefill a left-padded batch; return the cache padded to its decode length and tiled
+    ``num_samples`` times (row ``b * n + j``), and the tiled last-position logits (float32)."""
+    _TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    batch, length = ids.shape
+    n = static.num_samples
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    hidden, cache = model.forward_embeds(model.embed(ids, features), positions=positions, key_mask=mask,
+                                         cache=model.init_cache(batch, length), cache_index=0)
+    logits = model.logits(hidden[:, -1]).astype(jnp.float32)
+    extra = static.max_new_tokens - 1
+
+    def grow(a):
+        a = jnp.repeat(jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0))), n, axis=0)
+        return _constrain(a, static.cache_spec)
+
+    return jax.tree.map(grow, cache), _constrain(jnp.repeat(logits, n, axis=0), static.rows_spec)
+
+
+def _decode_fn(graphdef, state, cache, logits, prompt_ids, prompt_mask, prompt_keys, active, seed,
+               stop_ids, static: _Static, cfg: SamplingConfig):
+    """Decode all rows in one ``while_loop``; returns tokens, raw log-probs, lengths (stop excluded),
+    whether each row met a stop token, and the (donated, in-place) cache."""
+    _TRACES["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    text = getattr(model, "language_model", model)  # generated ids are plain text tokens
+    n, max_new = static.num_samples, static.max_new_tokens
+    batch, length = prompt_ids.shape
+    rows = batch * n
+    vocab = logits.shape[-1]
+    row_mask = jnp.repeat(prompt_mask, n, axis=0)
+    start = jnp.repeat(prompt_mask.sum(axis=1), n).astype(jnp.int32)  # position of token 0
+    keys = None if cfg.greedy else row_keys(seed, jnp.repeat(prompt_keys, n), jnp.tile(jnp.arange(n), batch))
+    row_index = jnp.arange(rows)
+    seen = None
+    if cfg.penalizes:
+        ids = jnp.where(prompt_mask, prompt_ids, vocab)
+        seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].set(True, mode="drop")
+        seen = jnp.repeat(seen, n, axis=0)
+
+    def record(carry, logits, t):
+        tokens, logps, lengths, done, seen = carry
+        tok, logp = choose_tokens(logits, seen, keys, t, cfg)
+        stop = jnp.isin(tok, stop_ids)
+        lengths = lengths + (~done & ~stop)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], t, axis=1)
+        logps = jax.lax.dynamic_update_slice_in_dim(logps, logp[:, None], t, axis=1)
+        if seen is not None:
+            seen = seen.at[row_index, tok].set(True)
+        return tok, (tokens, logps, lengths, done | stop, seen)
+
+    init = (jnp.zeros((rows, max_new), jnp.int32), jnp.zeros((rows, max_new), jnp.float32),
+            jnp.zeros((rows,), jnp.int32), ~jnp.repeat(active, n), seen)
+    tok, out = record(init, logits, jnp.int32(0))
+
+    def cond(state):
+        t, _, _, out = state
+        return (t < max_new) & ~jnp.all(out[3])
+
+    def body(state):
+        t, cache, tok, out = state
+        new_slots = jnp.broadcast_to(jnp.arange(max_new - 1) < t, (rows, max_new - 1))
+        key_mask = jnp.concatenate([row_mask, new_slots], axis=1)
+        hidden, cache = model.forward_embeds(text.embed(tok[:, None]), positions=(start + t - 1)[:, None],
+                                             key_mask=key_mask, cache=cache, cache_index=length + t - 1)
+        cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), cache)
+        tok, out = record(out, model.logits(hidden[:, 0]).astype(jnp.float32), t)
+        return t + 1, cache, tok, out
+
+    _, cache, _, (tokens, logps, lengths, done, _) = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, out))
+    return tokens, logps, lengths, done, cache
+
+
+def _vision_fn(graphdef, state, pixel_values):
+    """Projected features of vision tiles ``[tiles, C, H, W]`` → ``[tiles, tokens, D]``."""
+    _TRACES["vision"] += 1
+    return nnx.merge(graphdef, state).tile_features(pixel_values)
+
+
+_prefill = jax.jit(_prefill_fn, static_argnums=(0, 5))
+_decode = jax.jit(_decode_fn, static_argnums=(0, 10, 11), donate_argnums=(2,))
+_vision = jax.jit(_vision_fn, static_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- host side
+def _text_config(model: nnx.Module):
+    return model.config.text if isinstance(model, Llava) else model.config
+
+
+def _prompt_key(prompt_id: Any) -> int:
+    """The uint32 folded into the run key for a prompt: an int id itself, a str id hashed (sha256)."""
+    if isinstance(prompt_id, (int, np.integer)) and not isinstance(prompt_id, bool) and 0 <= prompt_id < 2**32:
+        return int(prompt_id)
+    if isinstance(prompt_id, str):
+        return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:4], "little")
+    raise ValueError(f"prompt id must be an int in [0, 2**32) or a str, got {prompt_id!r}")
+
+
+def _num_image_features(model: nnx.Module, prompt: dict) -> int:
+    """Image features the prompt's pixel_values give (0 without images); validates their layout."""
+    px = prompt.get("pixel_values")
+    if px is None:
+        return 0
+    if not isinstance(model, Llava):
+        raise ValueError("a text-only model was given pixel_values")
+    shape = np.shape(px)
+    side = model.config.vision.image_size
+    ndim = 5 if isinstance(model, LlavaNext) else 4
+    if len(shape) != ndim or tuple(shape[-3:]) != (model.config.vision.num_channels, side, side):
+        layout = "[images, tiles, C, H, W]" if ndim == 5 else "[images, C, H, W]"
+        raise ValueError(f"pixel_values of shape {shape} do not match {layout} with C, H, W = "
+                         f"{model.config.vision.num_channels}, {side}, {side}")
+    if not isinstance(model, LlavaNext):
+        return shape[0] * model.num_image_tokens()
+    sizes = prompt.get("image_sizes")
+    if sizes is None or len(sizes) != shape[0]:
+        raise ValueError(f"LLaVA-NeXT needs image_sizes, one (height, width) per image ({shape[0]} images)")
+    return sum(model.num_image_tokens(s) for s in sizes)
+
+
+def _image_features(model: nnx.Module, graphdef, state, prompt: dict) -> np.ndarray | None:
+    """``[image_tokens, D]`` features of one prompt's images, in placeholder order (host array)."""
+    px = prompt.get("pixel_values")
+    if px is None:
+        return None
+    px = np.asarray(px, np.float32)
+    if not isinstance(model, LlavaNext):
+        feats = np.asarray(_vision(graphdef, state, px))
+        return feats.reshape(-1, feats.shape[-1])
+    # Anyres: every padded tile goes through one fixed-shape program; packing is host-side indexing.
+    c = model.config
+    tiles = np.asarray(_vision(graphdef, state, px.reshape(-1, *px.shape[2:])))
+    tiles = tiles.reshape(px.shape[0], px.shape[1], -1, tiles.shape[-1])
+    indices, counts, _ = anyres.batch_pack_indices(
+        [tuple(int(s) for s in hw) for hw in np.asarray(prompt["image_sizes"])],
+        grid_pinpoints=c.image_grid_pinpoints, vision_image_size=c.vision.image_size,
+        patch_size=c.vision.patch_size, strategy=c.vision_feature_select_strategy)
+    newline = np.asarray(model.image_newline[...]).astype(tiles.dtype)
+    flat = np.concatenate([tiles[i, :n].reshape(-1, tiles.shape[-1]) for i, n in enumerate(counts)]
+                          + [newline[None]])
+    return flat[indices]
+
+
+def _check_options(num_samples: int, max_new_tokens: int, stop_token_ids: Sequence[int], seed: int,
+                   batch_size: int, buckets: Sequence[int], vocab: int) -> tuple[int, ...]:
+    """Validate the run's options; return the sorted buckets."""
+    def positive(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+    positive("num_samples", num_samples)
+    positive("max_new_tokens", max_new_tokens)
+    positive("batch_size", batch_size)
+    if not buckets:
+        raise ValueError("buckets must name at least one prompt length")
+    for b in buckets:
+        positive("every bucket", b)
+    if not stop_token_ids:
+        raise ValueError("stop_token_ids must name at least one token id (e.g. the EOS id)")
+    bad = [t for t in stop_token_ids if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"stop_token_ids {bad} are not token ids of a {vocab}-token vocabulary")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    return tuple(sorted(set(int(b) for b in buckets)))
+
+
+def _check_prompts(model: nnx.Module, prompts: Sequence[dict], buckets: tuple[int, ...],
+                   max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """Validate every prompt; return each prompt's bucket and PRNG identity."""
+    tc = _text_config(model)
+    chosen, keys = [], []
+    for i, prompt in enumerate(prompts):
+        ids = prompt.get("input_ids") if isinstance(prompt, dict) else None
+        if ids is None or len(ids) == 0:
+            raise ValueError(f"prompt {i}: empty or missing input_ids")
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= tc.vocab_size:
+            raise ValueError(f"prompt {i}: input_ids must be a flat list of ids in [0, {tc.vocab_size})")
+        if len(ids) > buckets[-1]:
+            raise ValueError(f"prompt {i}: {len(ids)} tokens exceed the largest bucket ({buckets[-1]}); "
+                             "add a larger bucket or shorten the prompt")
+        if len(ids) + max_new_tokens > tc.max_position_embeddings:
+            raise ValueError(f"prompt {i}: {len(ids)} prompt + {max_new_tokens} new tokens exceed the model's "
+                             f"max_position_embeddings ({tc.max_position_embeddings})")
+        bucket = next(b for b in buckets if b >= len(ids))
+        if tc.sliding_window is not None and bucket + max_new_tokens - 1 > tc.sliding_window:
+            raise ValueError(f"prompt {i}: bucket {bucket} + {max_new_tokens} new tokens exceed the model's "
+                             f"sliding window ({tc.sliding_window}); sliding-window attention is not implemented")
+        try:
+            n_features = _num_image_features(model, prompt)
+            if isinstance(model, Llava):
+                check_image_tokens(arr, model.config.image_token_id, n_features)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+        chosen.append(bucket)
+        keys.append(_prompt_key(prompt.get("id", i)))
+    if len(set(keys)) != len(keys):
+        raise ValueError("two prompts share a PRNG identity (their 'id' or list index); give each a distinct 'id'")
+    return chosen, keys
+
+
+def _spec(mesh: Mesh | None, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> P | None:
+    return None if mesh is None else sharding.logical_to_spec(axes, sharding.SERVE_RULES, shape, mesh)
+
+
+def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None, stop_token_ids: Sequence[int], seed: int = 0,
+             batch_size: int = 8, buckets: Sequence[int] = DEFAULT_BUCKETS, mesh: Mesh | None = None,
+             progress: bool = True) -> list[dict[str, list]]:
+    """Sample ``num_samples`` responses for each prompt.
+
+    ``prompts``: dicts with ``input_ids`` (image placeholders expanded), optional ``pixel_values``
+    (and ``image_sizes`` for LLaVA-NeXT) in transformers' layout, and optional ``id`` (an int or
+    str; the prompt's PRNG identity, default its list index). ``batch_size`` prompts share a
+    prefill; their ``batch_size × num_samples`` rows decode together (the batch size is rounded down
+    to the power of two that covers all prompts, once per run). Under ``mesh`` rows are split over
+    ``data``/``fsdp`` and KV heads over ``tensor``; load the model with ``rules=SERVE_RULES``.
+
+    Returns one dict per prompt: ``tokens`` (``num_samples`` lists of ids, stop token excluded),
+    ``logprobs`` (the raw model log-prob of each token, see the module docstring) and ``stopped``
+    (whether each sample ended at a stop token rather than at ``max_new_tokens``). All inputs are
+    checked before anything is compiled.
+    """
+    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty)
+    tc = _text_config(model)
+    buckets = _check_options(num_samples, max_new_tokens, stop_token_ids, seed, batch_size, buckets,
+                             tc.vocab_size)
+    chosen, prompt_keys = _check_prompts(model, prompts, buckets, max_new_tokens)
+    if not prompts:
+        return []
+    before = compiled_programs()
+    graphdef, state = nnx.split(model)
+    n = num_samples
+    batch = min(batch_size, 1 << (len(prompts) - 1).bit_length())
+    rows = batch * n
+    pad_id = 1 if isinstance(model, Llava) and model.config.image_token_id == 0 else 0
+    stop = jnp.asarray(sorted(set(int(t) for t in stop_token_ids)), jnp.int32)
+    batches = []  # prompts grouped by bucket, in input order within a bucket
+    for b in sorted(set(chosen)):
+        group = [i for i in range(len(prompts)) if chosen[i] == b]
+        batches += [group[k:k + batch] for k in range(0, len(group), batch)]
+    results: list[dict[str, list] | None] = [None] * len(prompts)
+    total_tokens = 0
+    start_time = time.perf_counter()
+    bar = tqdm(total=len(prompts), unit="prompt", disable=not progress, desc="sampling")
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        for members in batches:
+            length = chosen[members[0]]
+            cache_len = length + max_new_tokens - 1
+            static = _Static(num_samples=n, max_new_tokens=max_new_tokens,
+                             cache_spec=_spec(mesh, ("batch", None, "kv_heads", "head_dim"),
+                                              (rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
+                             rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)))
+            ids = np.full((batch, length), pad_id, np.int32)
+            mask = np.zeros((batch, length), bool)
+            keys = np.zeros((batch,), np.uint32)
+            active = np.zeros((batch,), bool)
+            feats = []
+            for r, i in enumerate(members):
+                p = np.asarray(prompts[i]["input_ids"], np.int32)
+                ids[r, length - len(p):] = p
+                mask[r, length - len(p):] = True
+                keys[r], active[r] = prompt_keys[i], True
+                f = _image_features(model, graphdef, state, prompts[i])
+                if f is not None:
+                    feats.append(f)
+            features = None
+            if feats:  # row-major over the batch, zero-padded to a fixed [batch * length, D]
+                features = np.zeros((batch * length, feats[0].shape[-1]), feats[0].dtype)
+                stacked = np.concatenate(feats)
+                features[:len(stacked)] = stacked
+            put = ((lambda x, axes: jax.device_put(x, NamedSharding(mesh, _spec(mesh, axes, x.shape))))
+                   if mesh is not None else (lambda x, axes: jnp.asarray(x)))
+            ids_d, mask_d = put(ids, ("batch", None)), put(mask, ("batch", None))
+            features_d = None if features is None else put(features, (None, None))
+            cache, logits = _prefill(graphdef, state, ids_d, features_d, mask_d, static)
+            tokens, logps, lengths, done, _ = _decode(
+                graphdef, state, cache, logits, ids_d, mask_d, put(keys, ("batch",)),
+                put(active, ("batch",)), jnp.uint32(seed), stop, static, cfg)
+            tokens, logps, lengths, done = map(np.asarray, (tokens, logps, lengths, done))
+            for r, i in enumerate(members):
+                sl = range(r * n, (r + 1) * n)
+                results[i] = {"tokens": [tokens[k, :lengths[k]].tolist() for k in sl],
+                              "logprobs": [logps[k, :lengths[k]].tolist() for k in sl],
+                              "stopped": [bool(done[k]) for k in sl]}
+                total_tokens += int(lengths[r * n:(r + 1) * n].sum())
+            bar.update(len(members))
+            bar.set_postfix_str(f"{total_tokens / (time.perf_counter() - start_time):.1f} tok/s")
+    bar.close()
+    after = compiled_programs()
+    new = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    logging.info("sampled %d prompts × %d in %.1fs (%d tokens); compiled %d programs %s over %d buckets",
+                 len(prompts), n, time.perf_counter() - start_time, total_tokens, sum(new.values()), new,
+                 len(set(chosen)))
+    return results

@@ -1,0 +1,121 @@
+"""Supervised warm start of the toy world's tiny LLaVA (captions + yes/no answers).
+
+The result is a normal Hugging Face checkpoint directory (model, ``tokenizer.json``, image
+processor) cached in the workdir, so the online loop loads the initial policy exactly as it would
+load a real one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from rlaifv_jax.data import chat, toy_world
+from rlaifv_jax.dpo import answer_logps
+from rlaifv_jax.models import hf
+from rlaifv_jax.records import atomic_write_text
+
+DONE = "_DONE"
+
+
+def toy_model_config(tokenizer, world: toy_world.WorldConfig, size: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A transformers ``LlavaForConditionalGeneration`` config dict for the toy world."""
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=size.hidden,
+                intermediate_size=size.hidden * 2, num_hidden_layers=size.layers,
+                num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+                head_dim=size.hidden // size.heads, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                max_position_embeddings=512, tie_word_embeddings=False, hidden_act="silu",
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(model_type="clip_vision_model", hidden_size=size.vision_hidden,
+                  intermediate_size=size.vision_hidden * 2, num_hidden_layers=size.vision_layers,
+                  num_attention_heads=size.heads, image_size=world.image_size,
+                  patch_size=size.patch, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+    return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", text_config=text,
+                vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                vision_feature_layer=-1, vision_feature_select_strategy="default",
+                projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
+
+
+def encode_examples(records: list[dict[str, Any]], tokenizer, image_tokens: int, image_token_id: int
+                    ) -> dict[str, np.ndarray]:
+    """Right-padded ``tokens``, ``answer_start``, ``answer_len`` and ``pixel_values`` for SFT records."""
+    rows, starts, lens = [], [], []
+    for r in records:
+        enc = chat.encode_prompt_answer(tokenizer, r["question"], r["answer"], image_tokens,
+                                        image_token_id=image_token_id)
+        rows.append(np.concatenate([enc.prompt_ids, enc.answer_ids]))
+        starts.append(len(enc.prompt_ids))
+        lens.append(len(enc.answer_ids))
+    length = -(-max(len(r) for r in rows) // 8) * 8
+    tokens = np.full((len(rows), length), tokenizer.pad_token_id, np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    return dict(tokens=tokens, answer_start=np.asarray(starts, np.int32), answer_len=np.asarray(lens, np.int32),
+                pixel_values=toy_world.encode_image(np.stack([r["image"] for r in records])))
+
+
+def sft_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean negative log-likelihood of the answer tokens."""
+    logits = model(batch["tokens"], pixel_values=batch["pixel_values"])
+    total, count = answer_logps(logits, batch["tokens"], batch["answer_start"], batch["answer_len"])
+    return -jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
+
+
+def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int, batch_size: int,
+              learning_rate: float, seed: int, progress: bool = True) -> list[float]:
+    """Train every parameter of ``model`` in place with AdamW + cosine decay; returns the losses."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    graphdef, params = nnx.split(model)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: sft_loss(nnx.merge(graphdef, p), batch))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    n = len(examples["tokens"])
+    losses = []
+    bar = tqdm(range(steps), desc="warm start", disable=not progress)
+    for i in bar:
+        idx = rng.choice(n, batch_size, replace=False)
+        params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in examples.items()})
+        if i % 50 == 0 or i == steps - 1:
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    nnx.update(model, params)
+    return losses
+
+
+def warm_start(size: ml_collections.ConfigDict, opt: ml_collections.ConfigDict, world: toy_world.WorldConfig,
+               warm_records: list[dict], out_dir: str, *, seed: int, progress: bool) -> str:
+    """Build a toy LLaVA of ``size``, train it with ``opt`` (steps, batch_size, learning_rate) and save
+    it to ``out_dir`` as a Hugging Face checkpoint (skipped when already done)."""
+    if os.path.exists(os.path.join(out_dir, DONE)):
+        return out_dir
+    t0 = time.time()
+    tokenizer = toy_world.build_tokenizer(world)
+    model = hf.build_model("LlavaForConditionalGeneration", toy_model_config(tokenizer, world, size), seed=seed)
+    examples = encode_examples(warm_records, tokenizer, model.num_image_tokens(), model.config.image_token_id)
+    losses = train_sft(model, examples, steps=opt.steps, batch_size=opt.batch_size,
+                       learning_rate=opt.learning_rate, seed=seed, progress=progress)
+    os.makedirs(out_dir, exist_ok=True)
+    hf.save_pretrained(model, out_dir)
+    tokenizer.save_pretrained(out_dir)
+    atomic_write_text(os.path.join(out_dir, DONE), f'{{"final_loss": {losses[-1]:.4f}, "wall_s": {time.time() - t0:.1f}}}')
+    logging.info("warm start %s: %d steps, loss %.3f → %.3f in %.0f s", out_dir, opt.steps, losses[0],
+                 losses[-1], time.time() - t0)
+    return out_dir

@@ -1,0 +1,198 @@
+"""The online loop end to end: the smoke config, SIGKILL at many moments then resume, a prompt file
+full of bad records on tiny Hugging Face models, and refused configs."""
+import base64
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_hf
+from configs import default
+from rlaifv_jax import online, records
+from rlaifv_jax.workdir import check_or_save_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("samples", "claims", "labels", "pairs", "ref_logps")
+
+
+def _command(workdir):
+    return [sys.executable, "-m", "rlaifv_jax.main", "--config", "configs/default.py:smoke",
+            "--workdir", str(workdir), "--config.progress=False"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""  # one CPU device in the child processes
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+def _run_to_end(workdir):
+    proc = subprocess.run(_command(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    stdout = _run_to_end(workdir)
+    return workdir, stdout
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return [{k: v for k, v in e.items() if k != "wall_s"} for e in json.load(f)]
+
+
+def test_smoke_run_contract(reference):
+    workdir, stdout = reference
+    summary = json.load(open(workdir / "summary.json"))
+    assert [e["iteration"] for e in summary] == [0, 1, 2]
+    for e in summary:
+        for key in ("chair_response", "chair_mention", "recall"):
+            assert 0.0 <= e[key] <= 1.0
+        assert e["pairs"] >= 0 and e["wall_s"] > 0
+    assert "RLAIF-V summary" in stdout and "CHAIR ment" in stdout
+    assert (workdir / "hallucination.png").stat().st_size > 1000
+    for k in range(2):
+        for stage in STAGES:
+            assert records.stage_done(str(workdir / f"iter_{k:02d}" / stage))
+        samples = records.read_stage(str(workdir / f"iter_{k:02d}" / "samples"))
+        assert len(samples) == default.get_config("smoke").world.n_prompts
+    cfg = json.load(open(workdir / "export" / "config.json"))
+    assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
+
+
+def _wait_and_kill(proc, path, delay):
+    deadline = time.time() + 600
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.time() > deadline:
+            return False
+        time.sleep(0.05)
+    time.sleep(delay)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(reference, tmp_path):
+    ref_dir, _ = reference
+    rng = random.Random(1234)
+    targets = ["warmstart", "iter_00/samples", "iter_00/labels", "iter_00/train", "iter_01/claims",
+               "iter_01/ref_logps", "iter_01/train"]
+    kills = 0
+    for target in targets:
+        proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        kills += _wait_and_kill(proc, tmp_path / target, rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.kill()
+    assert kills >= 5
+    _run_to_end(tmp_path)
+    got, want = _metrics(tmp_path), _metrics(ref_dir)
+    assert [e["pairs"] for e in got] == [e["pairs"] for e in want]
+    for a, b in zip(got, want):
+        for key in ("chair_response", "chair_mention", "recall", "yesno_accuracy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+    for k in range(2):
+        for stage in STAGES:
+            mine = records.read_stage(str(tmp_path / f"iter_{k:02d}" / stage))  # raises on duplicates
+            theirs = records.read_stage(str(ref_dir / f"iter_{k:02d}" / stage))
+            assert [r["key"] for r in mine] == [r["key"] for r in theirs]  # no gaps
+            if stage in ("samples", "pairs"):
+                assert mine == theirs
+        refs = records.read_stage(str(tmp_path / "iter_00" / "ref_logps"))
+        want_refs = records.read_stage(str(ref_dir / "iter_00" / "ref_logps"))
+        for a, b in zip(refs, want_refs):
+            assert a.get("ref_chosen_logps", 0) == pytest.approx(b.get("ref_chosen_logps", 0), abs=1e-4)
+
+
+def _png_b64(rgb):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 30, 3), rgb, np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _tiny_tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(90)]
+    words += ["describe", "the", "image", "USER:", "ASSISTANT:", "yes", "Yes", "no", "No", "Please", "answer",
+              "or", "."]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab["<image>"] = tiny_hf.IMAGE_TOKEN
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
+    fast.save_pretrained(str(path))
+
+
+def test_prompt_file_with_bad_records_runs_and_reports(tmp_path):
+    from transformers import CLIPImageProcessor
+    policy, splitter = tmp_path / "policy", tmp_path / "splitter"
+    tiny_hf.llava(policy)
+    tiny_hf.llama(splitter, seed=1)
+    for d in (policy, splitter):
+        _tiny_tokenizer(d)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(str(policy))
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    lines = [json.dumps({"id": "a", "image_path": "ok.png", "question": "describe the image ."}),
+             json.dumps({"id": "b", "image": _png_b64((200, 10, 10)), "question": "describe the image ."}),
+             json.dumps({"id": "c", "image_path": "missing.png", "question": "describe the image ."}),
+             json.dumps({"id": "d", "image_path": "broken.png", "question": "describe the image ."}),
+             json.dumps({"id": "e", "image_path": "ok.png", "question": "   "}),
+             "{not json",
+             json.dumps({"id": "f", "image": "%%%not-base64", "question": "describe the image ."})]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    c = default.get_config("smoke")
+    c.source, c.prompts.path, c.policy.path = "files", str(tmp_path / "prompts.jsonl"), str(policy)
+    c.claims.kind, c.claims.split_path = "llm", str(splitter)
+    c.iterations, c.progress, c.sampling.max_new_tokens = 1, False, 6
+    workdir = tmp_path / "run"
+    summary = online.run(c, str(workdir))
+    assert [e["iteration"] for e in summary] == [0, 1]
+    report = json.load(open(workdir / "report.json"))["prompt_file"]
+    assert report["kept"] == 2
+    assert report["skipped"] == {"missing_image": 1, "corrupt_image": 2, "empty_question": 1, "malformed_line": 1}
+    assert any(p.startswith("line 3: missing_image") for p in report["problems"])
+    claims = records.read_stage(str(workdir / "iter_00" / "claims"))
+    assert sorted(r["key"] for r in claims) == ["a", "b"]
+    statuses = [c["status"] for r in claims for c in r["claims"]]
+    assert len(statuses) == 2 * c.sampling.num_samples  # every response accounted for
+    marker = records.read_marker(str(workdir / "iter_00" / "claims"), 0)
+    assert sum(marker["warnings"].values()) == sum(s != "ok" for s in statuses)
+
+
+def test_workdir_refuses_another_config(tmp_path):
+    c = default.get_config("smoke")
+    check_or_save_config(c, str(tmp_path))
+    check_or_save_config(c, str(tmp_path))  # same config: fine
+    c.sampling.temperature = 1.3
+    c.progress = False  # may change freely
+    with pytest.raises(ValueError, match=r"sampling.temperature: workdir has 0.7, this run has 1.3"):
+        check_or_save_config(c, str(tmp_path))
+
+
+def test_invalid_config_names_every_field(tmp_path):
+    c = default.get_config("smoke")
+    c.sampling.num_samples, c.claims.kind, c.dpo.loss_type = 1, "llm", "nope"
+    with pytest.raises(ValueError) as e:
+        online.run(c, str(tmp_path))
+    msg = str(e.value)
+    for field in ("sampling.num_samples", "claims.kind", "dpo.loss_type"):
+        assert field in msg
+    assert not os.path.exists(tmp_path / "config.json")
