@@ -85,6 +85,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pairs.per_prompt = 2  # at most this many pairs per prompt, sampled with the seed
     c.pairs.min_score_gap = 1  # chosen score - rejected score
     c.pairs.balance_lengths = True  # dataset-level length balancing (METHOD.md §4)
+    # Balancing threshold r: -1 searches it as METHOD.md §4 does; or fix r in {0, 0.02, ..., 0.98}
+    # (drop a pair whose chosen is more than r shorter than its rejected). The toy world fixes 0.3:
+    # its claims are whole sentences, so dropping one hallucination out of four shortens a caption by
+    # 25 %; the search then keeps only equal-length pairs (a hallucination swapped for a repeated real
+    # object) and DPO learns to repeat. BENCHMARKS.md has the measured runs (search, off, 0.3).
+    c.pairs.length_ratio = 0.3
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1

@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.batch_size = 8
     c.claims.kind = "llm"  # Llama-3-8B-Instruct (or the released split/convert fine-tunes)
     c.claims.batch_size = 32
+    c.pairs.length_ratio = -1.0  # METHOD.md §4: search the balancing threshold
     c.labeler.kind = "self"
     c.labeler.template = "llava_v1"
     c.labeler.batch_size = 64

@@ -131,7 +131,7 @@ def _extractor(config: ml_collections.ConfigDict, world, mesh):
             batch = [{"id": zlib.crc32(m.encode()), "input_ids": chat.encode_prompt(tok, m, 0, template="chat").tolist(),
                       "pixel_values": None, "image_sizes": None} for m in messages]
             outs = sampling.generate(model, batch, num_samples=1, max_new_tokens=dec.max_new_tokens,
-                                     temperature=dec.temperature, top_p=dec.top_p, stop_token_ids=stop,
+                                     temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p, stop_token_ids=stop,
                                      seed=config.seed, progress=False)
             return [tok.decode(o["tokens"][0], skip_special_tokens=True) for o in outs]
 
@@ -303,7 +303,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         pair_recs = driver.pair_stage(os.path.join(it, "pairs"), samples, claims, labels, seed=seed,
                                       per_prompt=config.pairs.per_prompt, min_gap=config.pairs.min_score_gap,
                                       progress=config.progress)
-        pairs, ratio = driver.balanced_pairs(pair_recs, config.pairs.balance_lengths)
+        pairs, ratio = driver.balanced_pairs(pair_recs, config.pairs.balance_lengths,
+                                             None if config.pairs.length_ratio < 0 else config.pairs.length_ratio)
         with_ref = [p for p in _ref_stage(os.path.join(it, "ref_logps"), pairs, images, policy, config, mesh)
                     if "ref_chosen_logps" in p]
         dpo_metrics = {}

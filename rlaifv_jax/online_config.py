@@ -54,6 +54,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         errors.append(f"sampling.temperature={c.sampling.temperature} must be >= 0")
     if not 0 < c.sampling.top_p <= 1:
         errors.append(f"sampling.top_p={c.sampling.top_p} must be in (0, 1]")
+    r = c.pairs.length_ratio
+    if r != -1 and not (0 <= r < 1 and abs(r * 50 - round(r * 50)) < 1e-6):
+        errors.append(f"pairs.length_ratio={r} must be -1 (search) or one of 0, 0.02, ..., 0.98")
     if c.sampling.num_samples < 2:
         errors.append("sampling.num_samples must be >= 2: pairs come from a prompt's different responses")
     if c.source == "toy":

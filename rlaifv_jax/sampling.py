@@ -8,7 +8,10 @@ it meets (plus one vision program per pixel shape); ``compiled_programs()`` coun
 
 Decoding follows transformers' ``generate``: the repetition penalty (over prompt + generated
 tokens, image placeholders included) is applied first, in greedy and sampling mode alike; then,
-when sampling, temperature, top-k and top-p, in that order. ``temperature=0`` is greedy.
+when sampling, temperature, top-k and top-p, in that order. ``temperature=0`` is greedy. Nothing is
+on by default: transformers 4 (the official RLAIF-V code) sampled with ``top_k=50`` unless told
+otherwise, so pass ``top_k=50`` to reproduce it. With both top-k and top-p, top-p runs on the k
+candidates only (no sort of the vocabulary; identical except for exact ties at a cut-off).
 
 Randomness: sample ``j`` of the prompt with identity ``p`` uses the key
 ``fold_in(fold_in(key(seed), p), j)``, folded with the step index at every step, so its tokens do
@@ -306,13 +309,10 @@ def _image_features(model: nnx.Module, graphdef, state, prompt: dict) -> np.ndar
         feats = np.asarray(_vision(graphdef, state, px))
         return feats.reshape(-1, feats.shape[-1])
     # Anyres: every padded tile goes through one fixed-shape program; packing is host-side indexing.
-    c = model.config
     tiles = np.asarray(_vision(graphdef, state, px.reshape(-1, *px.shape[2:])))
     tiles = tiles.reshape(px.shape[0], px.shape[1], -1, tiles.shape[-1])
     indices, counts, _ = anyres.batch_pack_indices(
-        [tuple(int(s) for s in hw) for hw in np.asarray(prompt["image_sizes"])],
-        grid_pinpoints=c.image_grid_pinpoints, vision_image_size=c.vision.image_size,
-        patch_size=c.vision.patch_size, strategy=c.vision_feature_select_strategy)
+        [tuple(int(s) for s in hw) for hw in np.asarray(prompt["image_sizes"])], **model.anyres_kwargs())
     newline = np.asarray(model.image_newline[...]).astype(tiles.dtype)
     flat = np.concatenate([tiles[i, :n].reshape(-1, tiles.shape[-1]) for i, n in enumerate(counts)]
                           + [newline[None]])
@@ -373,8 +373,6 @@ def _check_prompts(model: nnx.Module, prompts: Sequence[dict], buckets: tuple[in
             raise ValueError(f"prompt {i}: {e}") from None
         chosen.append(bucket)
         keys.append(_prompt_key(prompt.get("id", i)))
-    if len(set(keys)) != len(keys):
-        raise ValueError("two prompts share a PRNG identity (their 'id' or list index); give each a distinct 'id'")
     return chosen, keys
 
 
@@ -391,7 +389,8 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
 
     ``prompts``: dicts with ``input_ids`` (image placeholders expanded), optional ``pixel_values``
     (and ``image_sizes`` for LLaVA-NeXT) in transformers' layout, and optional ``id`` (an int or
-    str; the prompt's PRNG identity, default its list index). ``batch_size`` prompts share a
+    str; the prompt's PRNG identity, default its list index; prompts sharing an id share their
+    random streams, which is harmless for identical prompts). ``batch_size`` prompts share a
     prefill; their ``batch_size × num_samples`` rows decode together (the batch size is rounded down
     to the power of two that covers all prompts, once per run). Under ``mesh`` rows are split over
     ``data``/``fsdp`` and KV heads over ``tensor``; load the model with ``rules=SERVE_RULES``.

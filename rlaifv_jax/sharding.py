@@ -13,7 +13,6 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -130,7 +129,3 @@ def initialize_distributed(enabled: bool | None = None) -> None:
                      jax.process_index(), jax.process_count(), jax.local_device_count(),
                      jax.device_count())
 
-
-def host_shard(n: int) -> np.ndarray:
-    """Indices of the ``n`` records this process handles (round-robin by ``jax.process_index()``)."""
-    return np.arange(jax.process_index(), n, jax.process_count())

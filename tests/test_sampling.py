@@ -45,16 +45,20 @@ def _prompts(name, model, lengths, seed=0):
     return prompts
 
 
-def _hf_greedy(ref, prompt, max_new_tokens, stop, penalty=None):
-    """transformers' greedy continuation of one unpadded prompt, cut before the first stop token."""
+def _image_kwargs(prompt):
     kw = {}
     if prompt["pixel_values"] is not None:
         kw["pixel_values"] = torch.tensor(prompt["pixel_values"])
     if "image_sizes" in prompt:
         kw["image_sizes"] = torch.tensor(prompt["image_sizes"])
+    return kw
+
+
+def _hf_greedy(ref, prompt, max_new_tokens, stop, penalty=None):
+    """transformers' greedy continuation of one unpadded prompt, cut before the first stop token."""
     out = ref.generate(input_ids=torch.tensor([prompt["input_ids"]]), max_new_tokens=max_new_tokens,
                        do_sample=False, eos_token_id=list(stop), pad_token_id=0,
-                       repetition_penalty=penalty, **kw)[0, len(prompt["input_ids"]):].tolist()
+                       repetition_penalty=penalty, **_image_kwargs(prompt))[0, len(prompt["input_ids"]):].tolist()
     cut = [k for k, t in enumerate(out) if t in stop]
     return out[:cut[0]] if cut else out
 
@@ -71,6 +75,11 @@ def test_greedy_equals_transformers(models, name, penalty):
         want = _hf_greedy(ref, prompt, 10, stop, penalty)
         assert out["tokens"] == [want]
         assert out["stopped"] == [len(want) < 10]
+        # log-probs are the raw model's, as a teacher-forced forward gives them
+        n = len(prompt["input_ids"])
+        logits = ref(input_ids=torch.tensor([prompt["input_ids"] + want]), **_image_kwargs(prompt)).logits
+        logp = torch.log_softmax(logits[0, n - 1:-1].float(), -1)[torch.arange(len(want)), torch.tensor(want)]
+        np.testing.assert_allclose(out["logprobs"][0], logp.detach().numpy(), atol=1e-4)
     assert len(got[0]["tokens"][0]) <= 3 and got[0]["stopped"] == [True]
 
 
@@ -183,7 +192,7 @@ def test_bad_input_fails_before_compiling(models):
         (llava, [bad_tokens], {}, "prompt 0: input_ids hold 3 image tokens .* give 4 features"),
         (llava, [{**good, "pixel_values": None}], {}, "hold 4 image tokens .* give 0 features"),
         (llama, [{"input_ids": [1, 5], "pixel_values": np.zeros((1, 3, 28, 28))}], {}, "text-only"),
-        (llava, [{**good, "id": 3}, {**good, "id": 3}], {}, "share a PRNG identity"),
+        (llava, [{**good, "id": -1}], {}, "prompt id"),
     ]
     before = sampling.compiled_programs()
     for model, prompts, kw, match in cases:

@@ -76,7 +76,7 @@ def _prompt_text(tokenizer, question: str, with_image: bool, template: str) -> s
     return chat_template_prompt(tokenizer, question, with_image)
 
 
-def _chunks_to_ids(
+def chunks_to_ids(
     tokenizer, text: str, image_token_count: int, image_token_id: int | None, template: str
 ) -> tuple[list[int], str]:
     """Prompt ids (image expanded) and the text of the last chunk (the answer's left context)."""
@@ -108,7 +108,7 @@ def encode_prompt(
     ``image_token_count=0`` gives a text-only prompt (no placeholder at all).
     """
     text = _prompt_text(tokenizer, question, image_token_count > 0, template)
-    ids, _ = _chunks_to_ids(tokenizer, text, image_token_count, image_token_id, template)
+    ids, _ = chunks_to_ids(tokenizer, text, image_token_count, image_token_id, template)
     return np.asarray(ids, np.int32)
 
 
@@ -145,7 +145,7 @@ def encode_prompt_answer(
     ``ValueError`` if the tokenizer merges a token across the prompt/answer boundary.
     """
     text = _prompt_text(tokenizer, question, image_token_count > 0, template)
-    prompt_ids, last_chunk = _chunks_to_ids(tokenizer, text, image_token_count, image_token_id, template)
+    prompt_ids, last_chunk = chunks_to_ids(tokenizer, text, image_token_count, image_token_id, template)
     sep = " " if template == "llava_v1" else ""
     context_ids = _ids(tokenizer, last_chunk)
     full_ids = _ids(tokenizer, last_chunk + sep + answer.strip())

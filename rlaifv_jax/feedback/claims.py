@@ -64,9 +64,11 @@ CONVERT_TEMPLATE = (
 
 @dataclasses.dataclass(frozen=True)
 class DecodingSettings:
-    """Decoding settings of the split/convert LLM calls (official: sampled, T 0.2, top-p 0.9, 256 tokens)."""
+    """Decoding settings of the split/convert LLM calls (official: sampled, T 0.2, top-p 0.9, 256 tokens;
+    top-k 50 was transformers 4's default, in effect in the official pipeline)."""
 
     temperature: float = 0.2
+    top_k: int = 50
     top_p: float = 0.9
     max_new_tokens: int = 256
 

@@ -136,12 +136,14 @@ def pair_stage(stage_dir: str, samples: list[dict[str, Any]], claims: list[dict[
     return run(stage_dir, samples, fn, chunk_size=64, desc="pairs", progress=progress)
 
 
-def balanced_pairs(pair_records: list[dict[str, Any]], balance: bool) -> tuple[list[dict[str, Any]], float | None]:
-    """All pairs of the iteration, length-balanced at dataset level (METHOD.md §4) when asked."""
+def balanced_pairs(pair_records: list[dict[str, Any]], balance: bool, ratio: float | None = None
+                   ) -> tuple[list[dict[str, Any]], float | None]:
+    """All pairs of the iteration, length-balanced at dataset level (METHOD.md §4) when asked, with
+    the searched threshold (``ratio=None``) or a fixed one."""
     flat = [p for r in pair_records for p in r["pairs"]]
     if not balance or not flat:
         return flat, None
-    return pairs_lib.balance_lengths(flat, chosen_key="chosen", rejected_key="rejected")
+    return pairs_lib.balance_lengths(flat, chosen_key="chosen", rejected_key="rejected", ratio=ratio)
 
 
 def stage_warnings(stage_dirs: Sequence[str]) -> dict[str, dict[str, int]]:

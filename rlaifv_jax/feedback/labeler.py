@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlaifv_jax import sampling
 from rlaifv_jax.data import chat
 from rlaifv_jax.feedback.claims import labeler_question
 from rlaifv_jax.models import anyres
@@ -112,19 +113,15 @@ def yes_no_token_ids(
 
 
 def apply_repetition_penalty(logits: jax.Array, prompt_token_ids: jax.Array, penalty: float) -> jax.Array:
-    """``RepetitionPenaltyLogitsProcessor``: for tokens in the prompt, positive logits / penalty, negative * penalty.
-
-    ``logits`` is [..., V], ``prompt_token_ids`` [..., L] with the same leading shape; ids < 0 are padding.
-    """
+    """``RepetitionPenaltyLogitsProcessor`` for the tokens in the prompt (the sampler's penalty, applied
+    to a presence mask built from ids). ``logits`` [..., V], ``prompt_token_ids`` [..., L] with the same
+    leading shape; ids < 0 are padding."""
     vocab = logits.shape[-1]
     ids = jnp.where(prompt_token_ids >= 0, prompt_token_ids, vocab)
-    lead = logits.shape[:-1]
     flat_ids = ids.reshape(-1, ids.shape[-1])
     rows = jnp.arange(flat_ids.shape[0])[:, None]
     present = jnp.zeros((flat_ids.shape[0], vocab), bool).at[rows, flat_ids].set(True, mode="drop")
-    present = present.reshape(*lead, vocab)
-    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
-    return jnp.where(present, penalised, logits)
+    return sampling.apply_repetition_penalty(logits, present.reshape(*logits.shape[:-1], vocab), penalty)
 
 
 def yes_no_probs(
@@ -238,7 +235,7 @@ def split_prompts(
                                image_token_id=image_token_id, template=template) for q in questions]
     head = prompt_head(tokenizer, template, image_token_count > 0)
     # The head is tokenized with the same chunk rule as encode_prompt (split at <image>, BOS for llava_v1).
-    head_ids, _ = chat._chunks_to_ids(tokenizer, head, image_token_count, image_token_id, template)
+    head_ids, _ = chat.chunks_to_ids(tokenizer, head, image_token_count, image_token_id, template)
     k = len(head_ids)
     for ids in full:
         k = min(k, _common_prefix(head_ids, ids), len(ids) - 1)
@@ -382,7 +379,7 @@ class Labeler:
             if px.ndim == 4:
                 px = px[None]
             sizes = [tuple(int(s) for s in hw) for hw in np.asarray(image_sizes).reshape(-1, 2)]
-            indices, counts, _ = anyres.batch_pack_indices(sizes, **self.model._anyres_kwargs())
+            indices, counts, _ = anyres.batch_pack_indices(sizes, **self.model.anyres_kwargs())
             tiles = jnp.concatenate([px[i, :n] for i, n in enumerate(counts)], axis=0)
             self._note(("features", tuple(tiles.shape)))
             feats = self._tiles(self._state, tiles)

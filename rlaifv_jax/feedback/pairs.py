@@ -77,15 +77,22 @@ def balance_lengths(
     *,
     chosen_key: str = "chosen",
     rejected_key: str = "rejected",
+    ratio: float | None = None,
 ) -> tuple[list[Mapping[str, Any]], float]:
     """Dataset-level length filter: (kept pairs in input order, chosen r).
 
     For r in {0, 0.02, ..., 0.98} a pair is dropped if (words(rejected) − words(chosen)) / words(rejected)
     > r or chosen == rejected after strip; r minimises |mean words(chosen) − mean words(rejected)| /
     mean words(rejected) over the kept pairs (first minimum; thresholds keeping nothing are skipped, and
-    r = 0 is returned with no pairs when every threshold keeps nothing).
+    r = 0 is returned with no pairs when every threshold keeps nothing). A given ``ratio`` (a multiple
+    of 0.02) replaces the search.
     """
     texts = [(p[chosen_key], p[rejected_key]) for p in pairs_with_texts]
+    if ratio is not None:
+        step = round(ratio * RATIO_STEPS)
+        if not 0 <= step < RATIO_STEPS or abs(step - ratio * RATIO_STEPS) > 1e-6:
+            raise ValueError(f"length ratio {ratio} must be one of 0, 0.02, ..., 0.98")
+        return [p for p, (c, r) in zip(pairs_with_texts, texts) if _keep(c, r, step)], step / RATIO_STEPS
     best_step, best_obj = 0, np.inf
     for step in range(RATIO_STEPS):
         kept = [(c, r) for c, r in texts if _keep(c, r, step)]

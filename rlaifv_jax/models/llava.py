@@ -185,7 +185,8 @@ class LlavaNext(Llava):
         self.image_newline = nnx.Param(
             (jax.random.normal(rngs.params(), (d,)) / np.sqrt(d)).astype(param_dtype), axes=("embed",))
 
-    def _anyres_kwargs(self) -> dict[str, Any]:
+    def anyres_kwargs(self) -> dict[str, Any]:
+        """The anyres keyword arguments (pinpoints, tile size, patch size, strategy) of this model."""
         c = self.config
         return dict(grid_pinpoints=c.image_grid_pinpoints, vision_image_size=c.vision.image_size,
                     patch_size=c.vision.patch_size, strategy=c.vision_feature_select_strategy)
@@ -193,13 +194,13 @@ class LlavaNext(Llava):
     def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
         if image_size is None:
             raise ValueError("LLaVA-NeXT needs the image size (height, width) to count image tokens")
-        return anyres.num_image_tokens(tuple(int(s) for s in image_size), **self._anyres_kwargs())
+        return anyres.num_image_tokens(tuple(int(s) for s in image_size), **self.anyres_kwargs())
 
     def image_features(self, pixel_values: jax.Array, image_sizes: Any = None) -> jax.Array:
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values")
         sizes = [tuple(int(s) for s in hw) for hw in np.asarray(image_sizes)]
-        indices, counts, _ = anyres.batch_pack_indices(sizes, **self._anyres_kwargs())
+        indices, counts, _ = anyres.batch_pack_indices(sizes, **self.anyres_kwargs())
         tiles = jnp.concatenate([pixel_values[i, :n] for i, n in enumerate(counts)], axis=0)
         feats = self.tile_features(tiles)
         return anyres.pack_features(feats, self.image_newline[...].astype(feats.dtype), indices)
