@@ -127,7 +127,7 @@ def _png_b64(rgb):
 def _tiny_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(90)]
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(75)]
     words += ["describe", "the", "image", "USER:", "ASSISTANT:", "yes", "Yes", "no", "No", "Please", "answer",
               "or", "."]
     vocab = {w: i for i, w in enumerate(words)}
