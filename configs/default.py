@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.policy = ml_collections.ConfigDict()
     c.policy.path = ""  # Hugging Face checkpoint directory of the initial policy (source="files")
     c.policy.dtype = "float32"  # compute dtype: float32 or bfloat16
+    c.policy.param_dtype = "float32"  # stored (master) weights: keep float32 so small DPO updates survive
     c.policy.template = "llava_v1"  # chat format: llava_v1 or chat (the tokenizer's template)
 
     c.sampling = ml_collections.ConfigDict()
@@ -63,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.claims.kind = "rule"  # "rule" (toy language) or "llm" (split/convert chat LLMs)
     c.claims.split_path = ""  # HF dir of the split LLM (kind="llm")
     c.claims.convert_path = ""  # HF dir of the convert LLM (kind="llm"; empty: same as split)
-    c.claims.batch_size = 16  # responses per LLM call
+    c.claims.batch_size = 16  # prompts per claims shard; all their responses go to the LLM in one call
 
     c.labeler = ml_collections.ConfigDict()
     c.labeler.kind = "self"  # "self": the initial policy labels itself (self-feedback); "model": the

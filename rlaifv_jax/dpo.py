@@ -28,10 +28,20 @@ the same sums divided by the count.
 """
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rlaifv_jax import sharding as shd
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust")
@@ -231,17 +241,8 @@ def answer_logps(
 # Model-facing parts: pair log-probs, reference log-probs, the jitted sharded train step.
 # Everything above this line is pure array math; everything below takes an NNX model.
 # =============================================================================================
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-from collections.abc import Callable, Iterable, Mapping  # noqa: E402
-from typing import Any  # noqa: E402
 
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from rlaifv_jax import sharding as shd  # noqa: E402
 
 Batch = Mapping[str, Any]
 # Parameter groups that DPO trains (METHOD.md §5): the projector and the language model (and the
@@ -324,27 +325,35 @@ def _pad_batch(batch: Batch, size: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[:1], size - n, axis=0)]) for k, v in batch.items()}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _pair_logps_jit(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch) -> dict[str, jax.Array]:
+    # Module-level so the compiled forward is reused across calls (keyed by graphdef and shapes).
+    return pair_logps(nnx.merge(graphdef, state), batch)
+
+
 def reference_logps(model: nnx.Module, batches: Iterable[Batch], *, mesh: Mesh | None = None,
-                    rules: shd.Rules = shd.TRAIN_RULES) -> dict[str, np.ndarray]:
+                    rules: shd.Rules = shd.TRAIN_RULES, batch_size: int | None = None) -> dict[str, np.ndarray]:
     """Reference log-probs of the frozen policy ``model`` in one pass over ``batches``.
 
     Returns host arrays ``{"ref_chosen_logps": [N], "ref_rejected_logps": [N]}`` in batch order
-    (N = total rows). One compiled forward: a short last batch is padded to the first batch's size
-    and the padding rows dropped. ``model`` is not modified. Store the result beside the pairs and
-    feed it to the train step as batch keys ``ref_chosen_logps`` / ``ref_rejected_logps``.
+    (N = total rows). Every batch is padded to ``batch_size`` (default: the first batch's size) and
+    the padding rows dropped, so repeated calls with one ``batch_size`` reuse one compiled forward.
+    ``model`` is not modified. Store the result beside the pairs and feed it to the train step as
+    batch keys ``ref_chosen_logps`` / ``ref_rejected_logps``.
     """
     graphdef, state = nnx.split(model)
-    fwd = jax.jit(lambda st, bt: pair_logps(nnx.merge(graphdef, st), bt))
     out: dict[str, list[np.ndarray]] = {"ref_chosen_logps": [], "ref_rejected_logps": []}
-    size = None
+    size = batch_size
     for batch in batches:
         batch = {k: np.asarray(v) for k, v in batch.items() if k in _MODEL_KEYS}
         n = len(batch["chosen_tokens"])
         size = size or n
+        if n > size:
+            raise ValueError(f"a batch of {n} pairs exceeds batch_size={size}")
         padded = _pad_batch(batch, size)
         if mesh is not None:
             padded = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim, rules)) for k, v in padded.items()}
-        res = jax.device_get(fwd(state, padded))
+        res = jax.device_get(_pair_logps_jit(graphdef, state, padded))
         out["ref_chosen_logps"].append(np.asarray(res["chosen"])[:n])
         out["ref_rejected_logps"].append(np.asarray(res["rejected"])[:n])
     return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}

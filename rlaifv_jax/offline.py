@@ -22,7 +22,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlaifv_jax import dpo, sharding, train
@@ -30,14 +29,8 @@ from rlaifv_jax.data.chat import llava_image_preprocess
 from rlaifv_jax.data.rlaifv_dataset import make_pair_dataset, pair_example_fn, pair_text_fn, read_rlaifv
 from rlaifv_jax.models import hf
 from rlaifv_jax.models.llava import Llava, LlavaNext
+from rlaifv_jax.workdir import check_or_save_config
 
-_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-
-
-def _dtype(name: str, field: str):
-    if name not in _DTYPES:
-        raise ValueError(f"{field}={name!r}: expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def data_paths(spec: str) -> list[str]:
@@ -63,8 +56,8 @@ def check_config(config) -> None:
                          f"{jax.process_count()} hosts")
     if config.train.global_batch_size % config.train.grad_accum:
         raise ValueError("global_batch_size must be a multiple of grad_accum")
-    _dtype(config.policy.compute_dtype, "policy.compute_dtype")
-    _dtype(config.policy.param_dtype, "policy.param_dtype")
+    hf.parse_dtype(config.policy.compute_dtype, "policy.compute_dtype")
+    hf.parse_dtype(config.policy.param_dtype, "policy.param_dtype")
 
 
 def _ref_logps(model, records, example_fn, batch_size, path, mesh) -> None:
@@ -99,12 +92,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     from transformers import AutoImageProcessor, AutoTokenizer
 
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    check_or_save_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    compute, param = _dtype(config.policy.compute_dtype, "compute"), _dtype(config.policy.param_dtype, "param")
+    compute, param = hf.parse_dtype(config.policy.compute_dtype, "compute"), hf.parse_dtype(config.policy.param_dtype, "param")
     with jax.set_mesh(mesh):
         model = hf.load_pretrained(config.policy.path, dtype=compute, param_dtype=param, mesh=mesh)
     if not isinstance(model, Llava) or isinstance(model, LlavaNext):
@@ -164,9 +154,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     trained = result.model
     if config.lora.enabled:
         trained = lora.merge_lora(trained)
+    dtype = hf.parse_dtype(config.export.dtype, "export.dtype") if config.export.dtype else None
+    hf.save_pretrained(trained, export_dir, dtype=None if dtype is None else np.dtype(dtype))
     if jax.process_index() == 0:
-        dtype = _dtype(config.export.dtype, "export.dtype") if config.export.dtype else None
-        hf.save_pretrained(trained, export_dir, dtype=None if dtype is None else np.dtype(dtype))
         tokenizer.save_pretrained(export_dir)
         processor.save_pretrained(export_dir)
     first = result.history[0] if result.history else {}

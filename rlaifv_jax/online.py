@@ -11,12 +11,12 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -58,18 +58,14 @@ class Side:
         return [chat.end_of_turn_id(self.tokenizer, self.template)]
 
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def _load_side(path: str, template: str, dtype: str, mesh, toy: bool) -> Side:
+def _load_side(path: str, template: str, dtype: str, mesh, toy: bool, param_dtype: str | None = None) -> Side:
     architecture, _ = hf.read_config(path)
-    model = hf.load_pretrained(path, dtype=_dtype(dtype), mesh=mesh)
+    model = hf.load_pretrained(path, dtype=hf.parse_dtype(dtype), param_dtype=hf.parse_dtype(param_dtype or dtype), mesh=mesh)
     encoder = prompts_lib.toy_image_encoder if toy else prompts_lib.hf_image_encoder(path, architecture)
     return Side(model, _tokenizer(path), template, encoder)
 
@@ -123,7 +119,7 @@ def _extractor(config: ml_collections.ConfigDict, world, mesh):
     from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING as dec
 
     def llm(path: str) -> Callable[[list[str]], list[str]]:
-        model = hf.load_pretrained(path, dtype=_dtype(config.policy.dtype), mesh=mesh)
+        model = hf.load_pretrained(path, dtype=hf.parse_dtype(config.policy.dtype), mesh=mesh)
         tok = _tokenizer(path)
         stop = sorted({chat.end_of_turn_id(tok, "chat"), int(tok.eos_token_id)})
 
@@ -190,7 +186,8 @@ def _ref_stage(stage_dir: str, pairs: list[dict[str, Any]], images, side: Side, 
         recs, _ = _preference_records(chunk, images, side, config.dpo.max_length)
         kept = {r.source for r in recs}
         batch = [example(r) for r in recs]
-        ref = (dpo.reference_logps(side.model, [{k: np.stack([b[k] for b in batch]) for k in batch[0]}], mesh=mesh)
+        ref = (dpo.reference_logps(side.model, [{k: np.stack([b[k] for b in batch]) for k in batch[0]}], mesh=mesh,
+                                   batch_size=config.dpo.batch_size)
                if batch else {"ref_chosen_logps": [], "ref_rejected_logps": []})
         vals = iter(zip(ref["ref_chosen_logps"], ref["ref_rejected_logps"]))
         out = []
@@ -207,17 +204,32 @@ def _ref_stage(stage_dir: str, pairs: list[dict[str, Any]], images, side: Side, 
 
 
 def _train_config(config, steps: int) -> train.TrainConfig:
+    """DPO settings; a checkpoint every quarter epoch so a crash mid-DPO resumes, not restarts."""
     d = config.dpo
     optim = dpo.OptimConfig(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
                             max_grad_norm=d.max_grad_norm, total_steps=steps)
     loss = dpo.LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                           grad_accum=d.grad_accum)
     return train.TrainConfig(optim=optim, loss=loss, seed=config.seed, progress=config.progress,
-                             async_checkpoint=False)
+                             save_every=max(1, steps // (4 * d.epochs)), max_to_keep=1, async_checkpoint=False)
 
 
 def _policy_state(model: nnx.Module) -> dict[str, jax.Array]:
     return dpo.flat_values(nnx.state(model, nnx.Param))
+
+
+def _dpo_summary(train_dir: str) -> dict[str, float]:
+    """Reward accuracy, margin and loss over the last quarter of an iteration's DPO steps (from
+    ``metrics.jsonl``, which a resumed run keeps exact)."""
+    path = os.path.join(train_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    last = rows[-max(1, len(rows) // 4):]
+    return {f"dpo_{name}": float(np.mean([r[key] for r in last]))
+            for name, key in (("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins"),
+                              ("loss", "loss"))}
 
 
 def _restore_policy(model: nnx.Module, ckpt: Checkpointer, step: int) -> dict[str, Any]:
@@ -248,10 +260,10 @@ class Summary:
         return any(e["iteration"] == iteration for e in self.entries)
 
 
-def _evaluate(side: Side, setup: Setup, config) -> dict[str, Any]:
+def _evaluate(side: Side, setup: Setup, config, labeler: Labeler | None) -> dict[str, Any]:
     if setup.world is None:  # no ground truth for a prompt file: CHAIR needs annotated images
         return {"chair_response": None, "chair_mention": None, "recall": None, "yesno_accuracy": None}
-    return toy_eval.evaluate(side.model, side.tokenizer, setup.eval_records, side.prompt, world=setup.world,
+    return toy_eval.evaluate(side.model, side.tokenizer, labeler, setup.eval_records, side.prompt, world=setup.world,
                              max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                              stop_token_ids=side.stop_ids())
 
@@ -265,7 +277,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     setup = _setup(config, workdir)
     toy = setup.world is not None
-    policy = _load_side(setup.policy_path, config.policy.template, config.policy.dtype, mesh, toy)
+    policy = _load_side(setup.policy_path, config.policy.template, config.policy.dtype, mesh, toy,
+                        config.policy.param_dtype)
     labeler_side = _load_side(setup.policy_path if config.labeler.kind == "self" else setup.labeler_path,
                               config.labeler.template, config.policy.dtype, mesh, toy)
     labeler = Labeler(labeler_side.model, labeler_side.tokenizer, template=labeler_side.template,
@@ -281,10 +294,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None, async_save=False)
     done = ckpt.latest_step() or 0
     if done:
-        _restore_policy(policy.model, ckpt, done)
+        extra = _restore_policy(policy.model, ckpt, done)
+        if not summary.has(done):  # killed between the checkpoint and the summary write
+            summary.put(extra["summary"])
         logging.info("resuming after iteration %d (checkpoint %s)", done, ckpt.directory)
+    eval_labeler = Labeler(policy.model, policy.tokenizer, template=policy.template,
+                           batch_size=config.eval.batch_size) if toy else None
     if not summary.has(0):
-        summary.put({"iteration": 0, **_evaluate(policy, setup, config), "pairs": 0,
+        summary.put({"iteration": 0, **_evaluate(policy, setup, config, eval_labeler), "pairs": 0,
                      "wall_s": round(time.time() - t_start, 1)})
     for k in range(done, config.iterations):
         it = os.path.join(workdir, f"iter_{k:02d}")
@@ -298,8 +315,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         claims = driver.claims_stage(os.path.join(it, "claims"), samples, extractor=extractor,
                                      batch_size=config.claims.batch_size, progress=config.progress)
         labels = driver.label_stage(os.path.join(it, "labels"), claims, labeler=labeler,
-                                    images=lambda r: labeler_side.prompt(by_id[r["key"]]),
-                                    batch_size=8, progress=config.progress)
+                                    images=lambda r: labeler_side.encode_image(by_id[r["key"]]["image"]),
+                                    batch_size=config.sampling.batch_size, progress=config.progress)
         pair_recs = driver.pair_stage(os.path.join(it, "pairs"), samples, claims, labels, seed=seed,
                                       per_prompt=config.pairs.per_prompt, min_gap=config.pairs.min_score_gap,
                                       progress=config.progress)
@@ -307,7 +324,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                                              None if config.pairs.length_ratio < 0 else config.pairs.length_ratio)
         with_ref = [p for p in _ref_stage(os.path.join(it, "ref_logps"), pairs, images, policy, config, mesh)
                     if "ref_chosen_logps" in p]
-        dpo_metrics = {}
         if with_ref:
             recs, _ = _preference_records(with_ref, images, policy, config.dpo.max_length)
             batch = min(config.dpo.batch_size, len(recs))
@@ -315,24 +331,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                                      seed=seed, num_epochs=config.dpo.epochs)
             result = train.train(policy.model, data, _train_config(config, len(data)), os.path.join(it, "train"),
                                  mesh=mesh, desc=f"dpo {k + 1}/{config.iterations}")
-            policy.model = result.model
-            if result.history:
-                last = result.history[-max(1, len(result.history) // 4):]
-                dpo_metrics = {f"dpo_{name}": float(np.mean([h[key] for h in last]))
-                               for name, key in (("reward_accuracy", "rewards/accuracies"),
-                                                 ("reward_margin", "rewards/margins"), ("loss", "loss"))}
+            nnx.update(policy.model, nnx.state(result.model, nnx.Param))
         else:
             logging.warning("iteration %d: no preference pairs; the policy is unchanged", k + 1)
-        ckpt.save(k + 1, _policy_state(policy.model), {"iteration": k + 1}, force=True)
+        entry = {"iteration": k + 1, **_evaluate(policy, setup, config, eval_labeler), "pairs": len(with_ref),
+                 "length_ratio": ratio, **_dpo_summary(os.path.join(it, "train")),
+                 "warnings": driver.stage_warnings([os.path.join(it, s) for s in
+                                                    ("samples", "claims", "labels", "pairs", "ref_logps")]),
+                 "wall_s": round(time.time() - t_start, 1)}
+        ckpt.save(k + 1, _policy_state(policy.model), {"iteration": k + 1, "summary": entry}, force=True)
         ckpt.wait()
-        summary.put({"iteration": k + 1, **_evaluate(policy, setup, config), "pairs": len(with_ref),
-                     "length_ratio": ratio, **dpo_metrics,
-                     "warnings": driver.stage_warnings([os.path.join(it, s) for s in
-                                                        ("samples", "claims", "labels", "pairs", "ref_logps")]),
-                     "wall_s": round(time.time() - t_start, 1)})
+        summary.put(entry)
+        shutil.rmtree(os.path.join(it, "train", "checkpoints"), ignore_errors=True)  # superseded by the policy checkpoint
     ckpt.close()
+    hf.save_pretrained(policy.model, os.path.join(workdir, "export"), assets_from=setup.policy_path)
     if jax.process_index() == 0:
-        hf.save_pretrained(policy.model, os.path.join(workdir, "export"))
-        policy.tokenizer.save_pretrained(os.path.join(workdir, "export"))
         write_report(workdir, summary.entries, setup.prompt_report)
     return summary.entries

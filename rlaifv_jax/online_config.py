@@ -10,6 +10,7 @@ from rlaifv_jax.models import hf
 _CHOICES = {
     "source": ("toy", "files"),
     "policy.dtype": ("float32", "bfloat16"),
+    "policy.param_dtype": ("float32", "bfloat16"),
     "policy.template": ("llava_v1", "chat"),
     "labeler.template": ("llava_v1", "chat"),
     "claims.kind": ("rule", "llm"),
@@ -28,7 +29,7 @@ def _get(c: ml_collections.ConfigDict, field: str):
     return c
 
 
-def _hf_dir(field: str, path: str, errors: list[str], multimodal: bool) -> None:
+def _hf_dir(field: str, path: str, errors: list[str], multimodal: bool, trainable: bool = False) -> None:
     if not path:
         errors.append(f"{field} is empty")
         return
@@ -39,6 +40,9 @@ def _hf_dir(field: str, path: str, errors: list[str], multimodal: bool) -> None:
         return
     if multimodal and not arch.startswith("Llava"):
         errors.append(f"{field}: {arch} is not a multimodal (LLaVA) model")
+    if trainable and arch != "LlavaForConditionalGeneration":
+        errors.append(f"{field}: {arch} cannot be the policy yet (DPO trains LlavaForConditionalGeneration; "
+                      "LLaVA-NeXT works as a labeler)")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -52,6 +56,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
             errors.append(f"{field}={_get(c, field)!r} must be > 0")
     if c.sampling.temperature < 0:
         errors.append(f"sampling.temperature={c.sampling.temperature} must be >= 0")
+    for field in ("prompts.per_iteration", "sampling.top_k"):
+        if _get(c, field) < 0:
+            errors.append(f"{field}={_get(c, field)} must be >= 0 (0: off / all)")
+    for field in ("sampling.repetition_penalty", "labeler.repetition_penalty"):
+        if not _get(c, field) > 0:
+            errors.append(f"{field}={_get(c, field)} must be > 0 (1.0: off)")
     if not 0 < c.sampling.top_p <= 1:
         errors.append(f"sampling.top_p={c.sampling.top_p} must be in (0, 1]")
     r = c.pairs.length_ratio
@@ -64,10 +74,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
             errors.append("source='toy' uses claims.kind='rule' (the toy language has its rule-based splitter)")
         if c.policy.path:
             errors.append("source='toy' builds its own policy; policy.path must be empty")
+        if "chat" in (c.policy.template, c.labeler.template):
+            errors.append("source='toy' uses the llava_v1 template (the toy tokenizer has no chat template)")
     else:
         if not os.path.isfile(c.prompts.path):
             errors.append(f"prompts.path={c.prompts.path!r} is not a file")
-        _hf_dir("policy.path", c.policy.path, errors, multimodal=True)
+        _hf_dir("policy.path", c.policy.path, errors, multimodal=True, trainable=True)
         if c.claims.kind == "rule":
             errors.append("source='files' needs claims.kind='llm' (the rule-based splitter reads only the toy language)")
         else:

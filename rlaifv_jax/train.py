@@ -21,7 +21,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import tqdm
 from flax import nnx
 from jax.sharding import Mesh

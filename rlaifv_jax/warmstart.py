@@ -47,6 +47,15 @@ def toy_model_config(tokenizer, world: toy_world.WorldConfig, size: ml_collectio
                 projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
 
 
+def image_processor(world: toy_world.WorldConfig):
+    """A ``CLIPImageProcessor`` doing what ``toy_world.encode_image`` does, saved with the checkpoint so
+    transformers (and ``prompts.hf_image_encoder``) preprocess toy images identically."""
+    from transformers import CLIPImageProcessor
+    size = world.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=[toy_world.IMAGE_MEAN] * 3, image_std=[toy_world.IMAGE_STD] * 3)
+
+
 def encode_examples(records: list[dict[str, Any]], tokenizer, image_tokens: int, image_token_id: int
                     ) -> dict[str, np.ndarray]:
     """Right-padded ``tokens``, ``answer_start``, ``answer_len`` and ``pixel_values`` for SFT records."""
@@ -115,6 +124,7 @@ def warm_start(size: ml_collections.ConfigDict, opt: ml_collections.ConfigDict, 
     os.makedirs(out_dir, exist_ok=True)
     hf.save_pretrained(model, out_dir)
     tokenizer.save_pretrained(out_dir)
+    image_processor(world).save_pretrained(out_dir)
     atomic_write_text(os.path.join(out_dir, DONE), f'{{"final_loss": {losses[-1]:.4f}, "wall_s": {time.time() - t0:.1f}}}')
     logging.info("warm start %s: %d steps, loss %.3f → %.3f in %.0f s", out_dir, opt.steps, losses[0],
                  losses[-1], time.time() - t0)

@@ -1,7 +1,6 @@
 """Parity of our Flax models with transformers (float32, highest matmul precision), export round
 trips, sharded forwards, and the one-line errors for bad checkpoints and inputs."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -70,6 +70,9 @@ def test_smoke_run_contract(reference):
         assert len(samples) == default.get_config("smoke").world.n_prompts
     cfg = json.load(open(workdir / "export" / "config.json"))
     assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
+    for name in ("tokenizer.json", "preprocessor_config.json", "model.safetensors"):
+        assert (workdir / "export" / name).exists(), name
+    assert not (workdir / "iter_00" / "train" / "checkpoints").exists()  # superseded by checkpoints/1
 
 
 def _wait_and_kill(proc, path, delay):
@@ -89,8 +92,10 @@ def _wait_and_kill(proc, path, delay):
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(reference, tmp_path):
     ref_dir, _ = reference
     rng = random.Random(1234)
-    targets = ["warmstart", "iter_00/samples", "iter_00/labels", "iter_00/train", "iter_01/claims",
-               "iter_01/ref_logps", "iter_01/train"]
+    # Each target path appears at a different moment; "checkpoints/N" lands between the policy
+    # checkpoint and the summary write, the train targets inside DPO (checkpoints every 1/4 epoch).
+    targets = ["warmstart", "iter_00/samples", "iter_00/labels", "iter_00/train", "checkpoints/1",
+               "iter_01/claims", "iter_01/ref_logps", "iter_01/train", "checkpoints/2"]
     kills = 0
     for target in targets:
         proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
@@ -105,6 +110,8 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(reference, tmp_path):
     for a, b in zip(got, want):
         for key in ("chair_response", "chair_mention", "recall", "yesno_accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), key
+        for key in ("dpo_reward_accuracy", "dpo_reward_margin", "dpo_loss"):
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-5), key
     for k in range(2):
         for stage in STAGES:
             mine = records.read_stage(str(tmp_path / f"iter_{k:02d}" / stage))  # raises on duplicates

@@ -8,7 +8,6 @@ reason and named (line number + reason) in a report; nothing is dropped silently
 from __future__ import annotations
 
 import base64
-import binascii
 import collections
 import dataclasses
 import io
@@ -41,24 +40,32 @@ class PromptReport:
 
 def _decode_image(raw: dict[str, Any], base_dir: str) -> tuple[np.ndarray | None, str, str]:
     """``(rgb uint8 [H, W, 3] | None, reason, detail)``."""
-    try:
-        if raw.get("image"):
-            data = base64.b64decode(raw["image"], validate=True)
-            source = "base64 image"
-        elif raw.get("image_path"):
-            path = raw["image_path"] if os.path.isabs(raw["image_path"]) else os.path.join(base_dir, raw["image_path"])
-            if not os.path.exists(path):
-                return None, "missing_image", path
-            with open(path, "rb") as f:
+    image, path = raw.get("image"), raw.get("image_path")
+    if image:
+        if not isinstance(image, str):
+            return None, "corrupt_image", "image must be a base64 string"
+        source = "base64 image"
+        try:
+            data = base64.b64decode(image, validate=True)
+        except ValueError as e:  # binascii.Error
+            return None, "corrupt_image", f"base64: {e}"
+    elif path:
+        if not isinstance(path, str):
+            return None, "no_image_field", "image_path must be a string"
+        source = path if os.path.isabs(path) else os.path.join(base_dir, path)
+        if not os.path.exists(source):
+            return None, "missing_image", source
+        try:
+            with open(source, "rb") as f:
                 data = f.read()
-            source = path
-        else:
-            return None, "no_image_field", "needs image_path or image"
+        except OSError as e:
+            return None, "missing_image", f"{source}: {e}"
+    else:
+        return None, "no_image_field", "needs image_path or image"
+    try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB")), "", ""
-    except (binascii.Error, ValueError) as e:
-        return None, "corrupt_image", f"base64: {e}"
-    except (OSError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         return None, "corrupt_image", f"{source}: {e}"
 
 

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
-
 from rlaifv_jax import sampling
 from rlaifv_jax.data import toy_world
 from rlaifv_jax.eval import chair
 from rlaifv_jax.feedback.labeler import Labeler, accept_claim
 
 
-def evaluate(policy, tokenizer, records: list[dict[str, Any]], encode: Callable[[dict], dict], *,
+def evaluate(policy, tokenizer, labeler: Labeler, records: list[dict[str, Any]], encode: Callable[[dict], dict], *,
              world: toy_world.WorldConfig, max_new_tokens: int, batch_size: int,
              stop_token_ids: list[int]) -> dict[str, Any]:
-    """CHAIR (response, mention), recall and yes/no accuracy of ``policy`` on ``records``."""
+    """CHAIR (response, mention), recall and yes/no accuracy of ``policy`` on ``records``; ``labeler``
+    is a ``Labeler`` over ``policy`` (kept across calls so it compiles once)."""
     captions = []
     for lo in range(0, len(records), batch_size):
         chunk = records[lo:lo + batch_size]
@@ -24,13 +23,12 @@ def evaluate(policy, tokenizer, records: list[dict[str, Any]], encode: Callable[
         captions += [tokenizer.decode(o["tokens"][0], skip_special_tokens=True).strip() for o in outs]
     metrics = chair.chair_metrics([chair.toy_mentions(c, world) for c in captions],
                                   [{tuple(o) for o in r["objects"]} for r in records])
-    labeler = Labeler(policy, tokenizer, batch_size=batch_size)
     suffix = len(toy_world.LABELER_SUFFIX)
     items = [{"questions": [q[:-suffix] for q, _ in r["yesno"]], **_image(encode(r))} for r in records]
     scores = labeler.score(items)
-    truth = [a == "yes" for r in records for _, a in r["yesno"]]
     said = [accept_claim(py, pn) for per in scores for py, pn in per]
-    metrics["yesno_accuracy"] = float(np.mean(np.asarray(said) == np.asarray(truth)))
+    yesno = chair.yesno_metrics(said, [a for r in records for _, a in r["yesno"]])
+    metrics.update({"yesno_accuracy": yesno["accuracy"], "yesno_f1": yesno["f1"]})
     metrics["examples"] = captions[:3]
     return metrics
 

@@ -14,7 +14,6 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from rlaifv_jax import records, sampling
@@ -79,28 +78,32 @@ def claims_stage(stage_dir: str, samples: list[dict[str, Any]], *, extractor: Cl
     """Split every response into claims and yes/no questions (status per response)."""
 
     def fn(chunk):
-        result = []
+        outs = extractor.extract([(rec["question"], r) for rec in chunk for r in rec["responses"]])
+        result, start = [], 0
         for rec in chunk:
-            outs = extractor.extract([(rec["question"], r) for r in rec["responses"]])
-            result.append({"claims": [c.to_dict() for c in outs],
-                           "warnings": [c.status for c in outs if c.status != "ok"]})
+            mine = outs[start:start + len(rec["responses"])]
+            start += len(rec["responses"])
+            result.append({"claims": [c.to_dict() for c in mine],
+                           "warnings": [c.status for c in mine if c.status != "ok"]})
         return result
 
     return run(stage_dir, samples, fn, chunk_size=batch_size, desc="claims", progress=progress)
 
 
-def label_stage(stage_dir: str, claims: list[dict[str, Any]], *, labeler: Labeler, images: PromptEncoder,
-                batch_size: int, progress: bool) -> list[dict[str, Any]]:
-    """(p_yes, p_no) for every claim question, all of a prompt's questions against one image prefix."""
+def label_stage(stage_dir: str, claims: list[dict[str, Any]], *, labeler: Labeler,
+                images: Callable[[dict[str, Any]], tuple[Any, Any]], batch_size: int,
+                progress: bool) -> list[dict[str, Any]]:
+    """(p_yes, p_no) for every claim question, all of a prompt's questions against one image prefix.
+
+    ``images(record)`` gives the labeler's ``(pixel_values, image_sizes)`` for a claims record."""
 
     def fn(chunk):
         items, spans = [], []
         for rec in chunk:
             results = [ClaimResult.from_dict(c) for c in rec["claims"]]
             questions = [q for c in results for q in c.questions]
-            enc = images(rec)
-            items.append({"questions": questions, "pixel_values": enc.get("pixel_values"),
-                          "image_sizes": enc.get("image_sizes")})
+            pixel_values, image_sizes = images(rec)
+            items.append({"questions": questions, "pixel_values": pixel_values, "image_sizes": image_sizes})
             spans.append([len(c.questions) for c in results])
         scores = labeler.score(items)
         result = []

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import struct
 from typing import Any, Callable, Iterator
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rlaifv_jax.models.clip import CLIPVision, CLIPVisionConfig
@@ -31,6 +33,20 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
            "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Files of a checkpoint directory that are not weights or config: copied along on export.
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+               "processor_config.json", "generation_config.json")
+
+
+def parse_dtype(name: str, field: str = "dtype"):
+    """``"bfloat16"`` → ``jnp.bfloat16``, with an error naming ``field`` otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"{field}={name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
 
 ARCHITECTURES: dict[str, tuple[type, Callable[[dict], Any]]] = {
     "LlamaForCausalLM": (Llama, LlamaConfig.from_hf),
@@ -306,17 +322,30 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
     """``(transformers name, array)`` for every parameter of ``model`` (gathered to the host)."""
     n_in = _linear_inputs(model)
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        arr = np.asarray(jax.device_get(var.get_value()))
+        value = var.get_value()
+        if not value.is_fully_addressable:  # sharded across hosts: every process takes part
+            value = multihost_utils.process_allgather(value, tiled=True)
+        arr = np.asarray(jax.device_get(value))
         if dtype is not None:
             arr = arr.astype(dtype)
         yield hf_name(model, p), to_hf(p[-1], arr, n_in.get(tuple(p)))
 
 
-def save_pretrained(model: nnx.Module, path: str, *, dtype=None) -> None:
-    """Write ``model`` as a transformers checkpoint directory (``config.json`` + ``model.safetensors``)."""
-    os.makedirs(path, exist_ok=True)
+def save_pretrained(model: nnx.Module, path: str, *, dtype=None, assets_from: str | None = None) -> None:
+    """Write ``model`` as a transformers checkpoint directory (``config.json`` + ``model.safetensors``),
+    plus the tokenizer / processor files of the checkpoint directory ``assets_from``.
+
+    Call it on every process: arrays sharded across hosts are gathered, process 0 writes.
+    """
     architecture = _architecture(model)
     tensors = dict(iter_hf_tensors(model, dtype))
+    if jax.process_index() != 0:
+        return
+    os.makedirs(path, exist_ok=True)
+    if assets_from:
+        for name in ASSET_FILES:
+            if os.path.exists(os.path.join(assets_from, name)):
+                shutil.copyfile(os.path.join(assets_from, name), os.path.join(path, name))
     if architecture.startswith("Llava") or architecture == "CLIPVisionModel":
         # The pooled-output LayerNorm is unused by LLaVA; write an identity so nothing is left random.
         prefix = "" if architecture == "CLIPVisionModel" else "vision_tower."
