@@ -1,9 +1,10 @@
 """Jitted sampling: n responses per prompt from one prefill, with deconfounded PRNG streams.
 
 ``generate`` groups prompts by length bucket, left-pads a batch of prompts into the bucket, runs
-one *prefill* program (image features merged, KV cache written, cache tiled ``num_samples`` times)
-and one *decode* program (a ``lax.while_loop`` over all ``batch × num_samples`` rows, the cache
-donated and updated in place, per-row early stop). A run compiles two programs per length bucket
+one *prefill* program (image features merged, one KV cache per prompt) and one *decode* program
+(a ``lax.while_loop`` over all ``batch × num_samples`` rows; each row attends to its prompt's
+shared prefix cache, read once for all n samples, plus its own generated tokens' cache, updated in
+place; per-row early stop). A run compiles two programs per length bucket
 it meets (plus one vision program per pixel shape); ``compiled_programs()`` counts them.
 
 Decoding follows transformers' ``generate``: the repetition penalty (over prompt + generated
@@ -179,8 +180,9 @@ class _Static:
 
 
 def _prefill_fn(graphdef, state, ids, features, mask, static: _Static):
-    """Embed + prefill a left-padded batch; return the cache padded to its decode length and tiled
-    ``num_samples`` times (row ``b * n + j``), and the tiled last-position logits (float32)."""
+    """Embed + prefill a left-padded batch; return its KV cache (one copy per prompt, shared by the
+    prompt's ``num_samples`` rows during decoding) and the last-position logits tiled ``num_samples``
+    times (row ``b * n + j``, float32)."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     batch, length = ids.shape
@@ -189,27 +191,23 @@ def _prefill_fn(graphdef, state, ids, features, mask, static: _Static):
     hidden, cache = model.forward_embeds(model.embed(ids, features), positions=positions, key_mask=mask,
                                          cache=model.init_cache(batch, length), cache_index=0)
     logits = model.logits(hidden[:, -1]).astype(jnp.float32)
-    extra = static.max_new_tokens - 1
-
-    def grow(a):
-        a = jnp.repeat(jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0))), n, axis=0)
-        return _constrain(a, static.cache_spec)
-
-    return jax.tree.map(grow, cache), _constrain(jnp.repeat(logits, n, axis=0), static.rows_spec)
+    return cache, _constrain(jnp.repeat(logits, n, axis=0), static.rows_spec)
 
 
-def _decode_fn(graphdef, state, cache, logits, prompt_ids, prompt_mask, prompt_keys, active, seed,
+def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_keys, active, seed,
                stop_ids, static: _Static, cfg: SamplingConfig):
-    """Decode all rows in one ``while_loop``; returns tokens, raw log-probs, lengths (stop excluded),
-    whether each row met a stop token, and the (donated, in-place) cache."""
+    """Decode all rows in one ``while_loop``: every row attends to its prompt's shared ``prefix``
+    cache plus a cache of its own generated tokens (updated in place). Returns tokens, raw
+    log-probs, lengths (stop excluded) and whether each row met a stop token."""
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     text = getattr(model, "language_model", model)  # generated ids are plain text tokens
     n, max_new = static.num_samples, static.max_new_tokens
-    batch, length = prompt_ids.shape
+    batch = prompt_ids.shape[0]
     rows = batch * n
     vocab = logits.shape[-1]
-    row_mask = jnp.repeat(prompt_mask, n, axis=0)
+    own_slots = max(max_new - 1, 1)
+    cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), model.init_cache(rows, own_slots))
     start = jnp.repeat(prompt_mask.sum(axis=1), n).astype(jnp.int32)  # position of token 0
     keys = None if cfg.greedy else row_keys(seed, jnp.repeat(prompt_keys, n), jnp.tile(jnp.arange(n), batch))
     row_index = jnp.arange(rows)
@@ -240,16 +238,16 @@ def _decode_fn(graphdef, state, cache, logits, prompt_ids, prompt_mask, prompt_k
 
     def body(state):
         t, cache, tok, out = state
-        new_slots = jnp.broadcast_to(jnp.arange(max_new - 1) < t, (rows, max_new - 1))
-        key_mask = jnp.concatenate([row_mask, new_slots], axis=1)
+        own = jnp.broadcast_to(jnp.arange(own_slots) < t, (rows, own_slots))
         hidden, cache = model.forward_embeds(text.embed(tok[:, None]), positions=(start + t - 1)[:, None],
-                                             key_mask=key_mask, cache=cache, cache_index=length + t - 1)
+                                             key_mask=own, cache=cache, cache_index=t - 1,
+                                             prefix=(prefix, prompt_mask))
         cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), cache)
         tok, out = record(out, model.logits(hidden[:, 0]).astype(jnp.float32), t)
         return t + 1, cache, tok, out
 
-    _, cache, _, (tokens, logps, lengths, done, _) = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, out))
-    return tokens, logps, lengths, done, cache
+    _, _, _, (tokens, logps, lengths, done, _) = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, out))
+    return tokens, logps, lengths, done
 
 
 def _vision_fn(graphdef, state, pixel_values):
@@ -259,7 +257,7 @@ def _vision_fn(graphdef, state, pixel_values):
 
 
 _prefill = jax.jit(_prefill_fn, static_argnums=(0, 5))
-_decode = jax.jit(_decode_fn, static_argnums=(0, 10, 11), donate_argnums=(2,))
+_decode = jax.jit(_decode_fn, static_argnums=(0, 10, 11))
 _vision = jax.jit(_vision_fn, static_argnums=(0,))
 
 
@@ -454,7 +452,7 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
             ids_d, mask_d = put(ids, ("batch", None)), put(mask, ("batch", None))
             features_d = None if features is None else put(features, (None, None))
             cache, logits = _prefill(graphdef, state, ids_d, features_d, mask_d, static)
-            tokens, logps, lengths, done, _ = _decode(
+            tokens, logps, lengths, done = _decode(
                 graphdef, state, cache, logits, ids_d, mask_d, put(keys, ("batch",)),
                 put(active, ("batch",)), jnp.uint32(seed), stop, static, cfg)
             tokens, logps, lengths, done = map(np.asarray, (tokens, logps, lengths, done))

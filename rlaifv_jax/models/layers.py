@@ -128,3 +128,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                            prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask: jax.Array) -> jax.Array:
+    """Attention of ``R = B * n`` rows over their prompt's shared prefix plus their own keys.
+
+    q: ``[R, T, H, D]``; k, v: ``[R, S, K, D]`` (each row's own slots, ``mask [R, T, S]``);
+    prefix_k, prefix_v: ``[B, P, K, D]`` shared by rows ``b * n .. b * n + n - 1``
+    (``prefix_mask [B, P]``). One softmax over prefix and own keys: the same result as attending
+    over a cache holding n copies of the prefix, while reading the prefix once per prompt.
+    """
+    r, t, h, d = q.shape
+    b, p, kv = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
+    n, g, s = r // b, h // kv, k.shape[1]
+    q6 = q.reshape(b, n, t, kv, g, d)
+    low = jnp.finfo(jnp.float32).min
+    pre = jnp.einsum("bntkgd,bpkd->bnkgtp", q6, prefix_k).astype(jnp.float32) / math.sqrt(d)
+    pre = jnp.where(prefix_mask[:, None, None, None, None, :], pre, low)
+    own = jnp.einsum("bntkgd,bnskd->bnkgts", q6, k.reshape(b, n, s, kv, d)).astype(jnp.float32) / math.sqrt(d)
+    own = jnp.where(mask.reshape(b, n, 1, 1, t, s), own, low)
+    probs = jax.nn.softmax(jnp.concatenate([pre, own], axis=-1), axis=-1).astype(v.dtype)
+    out = (jnp.einsum("bnkgtp,bpkd->bntkgd", probs[..., :p], prefix_v)
+           + jnp.einsum("bnkgts,bnskd->bntkgd", probs[..., p:], v.reshape(b, n, s, kv, d)))
+    return out.reshape(r, t, h, d)

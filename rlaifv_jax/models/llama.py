@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlaifv_jax.models.layers import Embed, Linear, RMSNorm, activation, dot_product_attention
+from rlaifv_jax.models.layers import (Embed, Linear, RMSNorm, activation, dot_product_attention,
+                                      shared_prefix_attention)
 
 Cache = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -132,7 +133,7 @@ class Attention(nnx.Module):
                              use_bias=config.attention_bias, **kw)
         self.o_proj = Linear((h, hd), (d,), in_axes=("heads", "head_dim"), out_axes=("embed",), **kw)
 
-    def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None):
+    def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None, prefix=None):
         q = apply_rope(self.q_proj(x), positions, inv_freq)
         k = apply_rope(self.k_proj(x), positions, inv_freq)
         v = self.v_proj(x)
@@ -141,7 +142,12 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
             kv = (k, v)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        if prefix is None:
+            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        else:
+            (pk, pv), prefix_mask = prefix
+            out = shared_prefix_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, pk.astype(q.dtype),
+                                          pv.astype(q.dtype), prefix_mask)
         return self.o_proj(out), kv
 
 
@@ -170,8 +176,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, kv, cache_index)
+    def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None, prefix=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, kv, cache_index, prefix)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -219,23 +225,28 @@ class Llama(nnx.Module):
         return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers))
 
     def forward_embeds(self, x: jax.Array, *, positions: jax.Array, key_mask: jax.Array,
-                       cache: Cache | None = None, cache_index: jax.Array | int = 0
-                       ) -> tuple[jax.Array, Cache | None]:
+                       cache: Cache | None = None, cache_index: jax.Array | int = 0,
+                       prefix: tuple[Cache, jax.Array] | None = None) -> tuple[jax.Array, Cache | None]:
         """Run the decoder on embeddings ``x [B, T, D]``.
 
         ``positions [B, T]``: RoPE positions. ``key_mask [B, S]``: which key slots hold real tokens,
         where S = T without a cache, else the cache length (the new tokens' slots included).
-        Returns final-normed hidden states ``[B, T, D]`` and the updated cache.
+        ``prefix = (prefix_cache, prefix_mask [Bp, P])``: a cache of ``Bp`` prompts shared by
+        ``B / Bp`` consecutive rows each, attended before the rows' own ``cache`` (n samples of one
+        prompt read its prefix once). Returns final-normed hidden states ``[B, T, D]`` and the
+        updated cache.
         """
         window = self.config.sliding_window
-        if window is not None and key_mask.shape[1] > window:
-            raise ValueError(f"sequence of {key_mask.shape[1]} tokens exceeds the model's sliding window "
+        seen = key_mask.shape[1] + (0 if prefix is None else prefix[1].shape[1])
+        if window is not None and seen > window:
+            raise ValueError(f"sequence of {seen} tokens exceeds the model's sliding window "
                              f"({window}); sliding-window attention is not implemented")
         mask = attention_mask(key_mask, x.shape[1], cache_index)
         inv_freq = rope_inv_freq(self.config)
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index)
+            x, kv = layer(x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index,
+                          None if prefix is None else (prefix[0][i], prefix[1]))
             new_cache.append(kv)
         return self.norm(x), (None if cache is None else tuple(new_cache))
 
