@@ -289,13 +289,11 @@ def _score(graphdef, answer_ids, repetition_penalty, state, cache, prefix_len, p
     steps = jnp.arange(cb)
     positions = _tile((prefix_len + steps)[None], q)
     cont_valid = steps[None] < cont_len[:, None]
-    key_mask = jnp.concatenate([_tile((jnp.arange(pb) < prefix_len)[None], q), cont_valid], axis=1)
-    rows = []
-    for k, v in cache:
-        pad = jnp.zeros((q, cb) + k.shape[2:], k.dtype)
-        rows.append((jnp.concatenate([_tile(k, q), pad], axis=1), jnp.concatenate([_tile(v, q), pad], axis=1)))
-    hidden, _ = model.forward_embeds(x, positions=positions, key_mask=key_mask, cache=tuple(rows),
-                                     cache_index=pb)
+    # Every question row attends to the one cached prefix (read once, never copied) plus its own tokens.
+    prefix = (cache, (jnp.arange(pb) < prefix_len)[None])
+    hidden, _ = model.forward_embeds(x, positions=positions, key_mask=cont_valid,
+                                     cache=model.init_cache(q, cb, cache[0][0].dtype), cache_index=0,
+                                     prefix=prefix)
     last = hidden[jnp.arange(q), jnp.maximum(cont_len - 1, 0)]  # the answer position of each row
     logits = model.logits(last)
     prompt_ids = None
