@@ -35,6 +35,8 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from rlaifv_jax.feedback.claims import labeler_question
+
 Obj = tuple[str, str]  # (colour, shape)
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -47,7 +49,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "diamond")
 
-LABELER_SUFFIX = " Please answer yes or no."
 CAPTION_INSTRUCTIONS = (
     "describe the image .",
     "what objects are in the image ?",
@@ -126,7 +127,7 @@ def yesno_question(obj: Obj) -> str:
 
 def labeler_prompt(question: str) -> str:
     """The text the labeler (and the yes/no warm-start data) sees: question + METHOD.md §3 suffix."""
-    return question + LABELER_SUFFIX
+    return labeler_question(question)
 
 
 def caption_text(objects: list[Obj]) -> str:

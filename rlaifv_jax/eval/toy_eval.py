@@ -6,6 +6,7 @@ from typing import Any, Callable
 from rlaifv_jax import sampling
 from rlaifv_jax.data import toy_world
 from rlaifv_jax.eval import chair
+from rlaifv_jax.feedback.claims import labeler_question
 from rlaifv_jax.feedback.labeler import Labeler, accept_claim
 
 
@@ -23,8 +24,8 @@ def evaluate(policy, tokenizer, labeler: Labeler, records: list[dict[str, Any]],
         captions += [tokenizer.decode(o["tokens"][0], skip_special_tokens=True).strip() for o in outs]
     metrics = chair.chair_metrics([chair.toy_mentions(c, world) for c in captions],
                                   [{tuple(o) for o in r["objects"]} for r in records])
-    suffix = len(toy_world.LABELER_SUFFIX)
-    items = [{"questions": [q[:-suffix] for q, _ in r["yesno"]], **_image(encode(r))} for r in records]
+    suffix = labeler_question("")  # the labeler appends it itself
+    items = [{"questions": [q.removesuffix(suffix) for q, _ in r["yesno"]], **_image(encode(r))} for r in records]
     scores = labeler.score(items)
     said = [accept_claim(py, pn) for per in scores for py, pn in per]
     yesno = chair.yesno_metrics(said, [a for r in records for _, a in r["yesno"]])
