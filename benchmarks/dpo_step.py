@@ -131,7 +131,9 @@ def main():
     from rlaifv_jax import dpo
     from rlaifv_jax.models import hf
     jmodel = hf.load_pretrained(tmp)
-    step = dpo.DPOStep(jmodel, dpo.OptimConfig(learning_rate=1e-5, total_steps=1000, warmup_ratio=0.0))
+    window = int(max(batch["chosen_len"].max(), batch["rejected_len"].max()))  # LM head on answers only
+    step = dpo.DPOStep(jmodel, dpo.OptimConfig(learning_rate=1e-5, total_steps=1000, warmup_ratio=0.0),
+                       dpo.LossConfig(answer_window=window))
     state = {"s": step.init_state(0)}
 
     def jax_run():

@@ -270,7 +270,8 @@ def unflat_values(template: nnx.State, values: Mapping[str, Any]) -> nnx.State:
     return nnx.from_flat_state([(p, v.replace(values[path_key(p)])) for p, v in nnx.to_flat_state(template)])
 
 
-def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None) -> dict[str, jax.Array]:
+def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None,
+               answer_window: int | None = None) -> dict[str, jax.Array]:
     """Summed answer log-probs of the chosen and rejected responses of a pair batch.
 
     ``batch``: ``chosen_tokens``/``rejected_tokens`` ``[B, L]`` (right-padded; image placeholders
@@ -279,6 +280,9 @@ def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None) -> d
     are tiled over the chosen and the rejected rows, which run as one ``2B`` batch. The vision tower
     runs under ``stop_gradient`` (frozen); the projector is differentiable. Positions are
     ``arange(L)`` and the key mask comes from lengths (``t < answer_start + len``), never from ids.
+
+    With ``answer_window = W`` (static, ≥ every answer length) the LM head and log-softmax run only
+    on the ``W + 1`` positions from ``answer_start - 1`` on, instead of all ``L``.
 
     Returns ``{"chosen": [B], "rejected": [B], "chosen_len": [B], "rejected_len": [B]}`` (float32
     sums, int32 counts of answer tokens inside the window).
@@ -297,6 +301,10 @@ def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None) -> d
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], tokens.shape)
     key_mask = positions < (starts + lens)[:, None]
     hidden, _ = model.forward_embeds(x, positions=positions, key_mask=key_mask)
+    if answer_window is not None:  # gather the window; the answer then starts at window index 1
+        idx = jnp.clip(starts[:, None] - 1 + jnp.arange(answer_window + 1)[None], 0, length - 1)
+        hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+        tokens, starts = jnp.take_along_axis(tokens, idx, axis=1), jnp.ones_like(starts)
     sums, counts = answer_logps(model.logits(hidden), tokens, starts, lens)
     return {"chosen": sums[:b], "rejected": sums[b:], "chosen_len": counts[:b], "rejected_len": counts[b:]}
 
@@ -410,6 +418,7 @@ class LossConfig:
     sft_weight: float = 0.0
     average: bool = False
     grad_accum: int = 1  # micro-batches per optimizer step; the result equals the one big batch
+    answer_window: int | None = None  # if set, max answer tokens: the LM head runs on that window only
 
 
 def _like_params(abstract: Any, param_shardings: Mapping[str, Any], replicated: NamedSharding) -> Any:
@@ -504,8 +513,8 @@ class DPOStep:
                           unflat_values(self.frozen_template, frozen))
         if self.prepare is not None:
             self.prepare(model, rng, True)
-        lp = pair_logps(model, batch)
         c = self.loss
+        lp = pair_logps(model, batch, answer_window=c.answer_window)
         loss_sum, sums = dpo_loss_sums(
             lp["chosen"], lp["rejected"], batch["ref_chosen_logps"], batch["ref_rejected_logps"],
             weights=batch.get("weights"), beta=c.beta, loss_type=c.loss_type,
@@ -564,6 +573,11 @@ class DPOStep:
 
     def __call__(self, state: dict[str, Any], batch: Batch) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         batch = {k: v for k, v in batch.items() if k in STEP_KEYS}
+        window = self.loss.answer_window
+        if window is not None:
+            longest = max(int(np.max(batch["chosen_len"])), int(np.max(batch["rejected_len"])))
+            if longest > window:
+                raise ValueError(f"an answer of {longest} tokens exceeds loss.answer_window={window}")
         key = tuple(sorted((k, np.shape(v), str(np.asarray(v).dtype) if not isinstance(v, jax.Array) else str(v.dtype))
                            for k, v in batch.items()))
         b_sh = self.batch_shardings(batch)

@@ -65,6 +65,20 @@ def test_pair_logps_match_transformers(tiny):
     np.testing.assert_allclose(refs["ref_rejected_logps"], np.asarray(got["rejected"]), atol=1e-5)
 
 
+def test_answer_window_equals_full_head_and_checks_lengths(tiny):
+    path, _ = tiny
+    model = hf.load_pretrained(path)
+    batch = make_batch(np.random.RandomState(1))
+    window = int(max(batch["chosen_len"].max(), batch["rejected_len"].max()))
+    full = jax.jit(lambda b: dpo.pair_logps(model, b))(batch)
+    windowed = jax.jit(lambda b: dpo.pair_logps(model, b, answer_window=window))(batch)
+    for key in ("chosen", "rejected", "chosen_len", "rejected_len"):
+        np.testing.assert_allclose(np.asarray(windowed[key]), np.asarray(full[key]), atol=1e-5, rtol=0)
+    step = dpo.DPOStep(model, OPT, dpo.LossConfig(answer_window=window - 1))
+    with pytest.raises(ValueError, match=f"exceeds loss.answer_window={window - 1}"):
+        step(step.init_state(), _with_refs(model, batch))
+
+
 def _with_refs(model, batch):
     return batch | dpo.reference_logps(model, [batch])
 
