@@ -241,9 +241,11 @@ def _restore_policy(model: nnx.Module, ckpt: Checkpointer, step: int) -> dict[st
 
 
 class Summary:
-    """``workdir/summary.json``: one entry per evaluation point, rewritten atomically."""
+    """``workdir/summary.json`` (one entry per evaluation point) and ``summary.jsonl``, both rewritten
+    atomically, plus the numeric fields as TensorBoard scalars under ``workdir/tensorboard``."""
 
     def __init__(self, workdir: str):
+        self.workdir = workdir
         self.path = os.path.join(workdir, "summary.json")
         self.entries: list[dict[str, Any]] = []
         if os.path.exists(self.path):
@@ -255,6 +257,13 @@ class Summary:
         self.entries.sort(key=lambda e: e["iteration"])
         if jax.process_index() == 0:
             records.atomic_write_text(self.path, json.dumps(self.entries, indent=2))
+            records.atomic_write_text(os.path.join(self.workdir, "summary.jsonl"),
+                                      "".join(json.dumps(e) + "\n" for e in self.entries))
+            from tensorboardX import SummaryWriter
+            with SummaryWriter(os.path.join(self.workdir, "tensorboard")) as tb:
+                for key, value in entry.items():
+                    if isinstance(value, (int, float)) and key != "iteration":
+                        tb.add_scalar(f"eval/{key}", value, entry["iteration"])
 
     def has(self, iteration: int) -> bool:
         return any(e["iteration"] == iteration for e in self.entries)

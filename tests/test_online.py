@@ -63,6 +63,9 @@ def test_smoke_run_contract(reference):
         assert e["pairs"] >= 0 and e["wall_s"] > 0
     assert "RLAIF-V summary" in stdout and "CHAIR ment" in stdout
     assert (workdir / "hallucination.png").stat().st_size > 1000
+    lines = (workdir / "summary.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     for k in range(2):
         for stage in STAGES:
             assert records.stage_done(str(workdir / f"iter_{k:02d}" / stage))
