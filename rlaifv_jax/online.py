@@ -25,7 +25,8 @@ from PIL import Image
 from rlaifv_jax import dpo, records, sharding, train, warmstart
 from rlaifv_jax.checkpoint import Checkpointer
 from rlaifv_jax.data import chat, prompts as prompts_lib, toy_world
-from rlaifv_jax.data.rlaifv_dataset import PreferenceRecord, make_pair_dataset, pair_example_fn, pair_text_fn
+from rlaifv_jax.data.rlaifv_dataset import (PreferenceRecord, SkipRecord, make_pair_dataset, pair_example_fn,
+                                            pair_text_fn)
 from rlaifv_jax.eval import toy_eval
 from rlaifv_jax.feedback import driver
 from rlaifv_jax.feedback.claims import LLMClaimExtractor
@@ -145,24 +146,22 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def _preference_records(pairs: list[dict[str, Any]], images: dict[str, np.ndarray], side: Side,
-                        max_length: int) -> tuple[list[PreferenceRecord], int]:
-    """Tokenized pairs for DPO; pairs too long for ``max_length`` are dropped and counted."""
+                        max_length: int) -> list[PreferenceRecord]:
+    """Tokenized pairs for DPO; pairs too long for ``max_length`` are left out (the ref_logps stage
+    records each as a ``too_long`` warning)."""
     text_fn = pair_text_fn(side.tokenizer, image_token_count=side.model.num_image_tokens(),
                            image_token_id=side.model.config.image_token_id, max_length=max_length,
                            template=side.template)
-    out, too_long = [], 0
+    out = []
     for p in pairs:
         rec = PreferenceRecord(p["question"], p["chosen"], p["rejected"], _png(images[p["prompt_id"]]),
                                source=p["pair_id"], meta={k: p[k] for k in p if k.startswith("ref_")})
         try:
             rec.features = text_fn(rec)
-        except Exception as e:  # SkipRecord("too_long")
-            if getattr(e, "reason", None) != "too_long":
-                raise
-            too_long += 1
+        except SkipRecord:  # too long for max_length
             continue
         out.append(rec)
-    return out, too_long
+    return out
 
 
 def _example_fn(side: Side, max_length: int):
@@ -183,7 +182,7 @@ def _ref_stage(stage_dir: str, pairs: list[dict[str, Any]], images, side: Side, 
     example = _example_fn(side, config.dpo.max_length)
 
     def fn(chunk):
-        recs, _ = _preference_records(chunk, images, side, config.dpo.max_length)
+        recs = _preference_records(chunk, images, side, config.dpo.max_length)
         kept = {r.source for r in recs}
         batch = [example(r) for r in recs]
         ref = (dpo.reference_logps(side.model, [{k: np.stack([b[k] for b in batch]) for k in batch[0]}], mesh=mesh,
@@ -334,7 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         with_ref = [p for p in _ref_stage(os.path.join(it, "ref_logps"), pairs, images, policy, config, mesh)
                     if "ref_chosen_logps" in p]
         if with_ref:
-            recs, _ = _preference_records(with_ref, images, policy, config.dpo.max_length)
+            recs = _preference_records(with_ref, images, policy, config.dpo.max_length)
             batch = min(config.dpo.batch_size, len(recs))
             data = make_pair_dataset(recs, example_fn=_example_fn(policy, config.dpo.max_length), batch_size=batch,
                                      seed=seed, num_epochs=config.dpo.epochs)
