@@ -128,12 +128,12 @@ def main():
     batch = make_batch(args, n_img, np.random.default_rng(0))
 
     import jax
-    from rlaifv_jax import dpo
+    from rlaifv_jax.training import step as dpo_step
     from rlaifv_jax.models import hf
     jmodel = hf.load_pretrained(tmp)
     window = int(max(batch["chosen_len"].max(), batch["rejected_len"].max()))  # LM head on answers only
-    step = dpo.DPOStep(jmodel, dpo.OptimConfig(learning_rate=1e-5, total_steps=1000, warmup_ratio=0.0),
-                       dpo.LossConfig(answer_window=window))
+    step = dpo_step.DPOStep(jmodel, dpo_step.OptimConfig(learning_rate=1e-5, total_steps=1000, warmup_ratio=0.0),
+                       dpo_step.LossConfig(answer_window=window))
     state = {"s": step.init_state(0)}
 
     def jax_run():

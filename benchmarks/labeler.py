@@ -34,8 +34,9 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers  # noqa: E4
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from rlaifv_jax.data.chat import LLAVA_V1_SYSTEM, encode_prompt  # noqa: E402
-from rlaifv_jax.feedback.claims import labeler_question  # noqa: E402
-from rlaifv_jax.feedback.labeler import ImageQuestions, Labeler, split_prompts, yes_no_probs  # noqa: E402
+from rlaifv_jax.data.chat import labeler_question  # noqa: E402
+from rlaifv_jax.data.yesno import split_prompts  # noqa: E402
+from rlaifv_jax.engine.score import ImageQuestions, Labeler, yes_no_probs  # noqa: E402
 from rlaifv_jax.models.llava import Llava, LlavaConfig  # noqa: E402
 
 VOCAB = 32000

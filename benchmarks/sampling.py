@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from rlaifv_jax import sampling  # noqa: E402
+from rlaifv_jax.engine import generate
 
 N, NEW, TEMPERATURE, TOP_K = 10, 128, 0.7, 50
 
@@ -39,11 +39,11 @@ def main():
     prompts = [common.prompt(rng) for _ in range(args.prompts)]
     kw = dict(num_samples=N, max_new_tokens=NEW, temperature=TEMPERATURE, top_k=TOP_K, stop_token_ids=[2],
               batch_size=args.batch_size, progress=False)
-    sampling.generate(ours, warmup, **kw)  # compile
+    generate.generate(ours, warmup, **kw)  # compile
     made = []
 
     def run_ours():
-        out = sampling.generate(ours, prompts, seed=len(made), **kw)
+        out = generate.generate(ours, prompts, seed=len(made), **kw)
         made.append(sum(len(t) for o in out for t in o["tokens"]))
 
     def run_hf():
@@ -59,7 +59,7 @@ def main():
     hf_tps = args.prompts * N * NEW / t_hf
     print(f"LLaVA-shaped model, {n_params / 1e6:.1f}M params, prompt {len(prompts[0]['input_ids'])} tokens "
           f"(576 image), {N} samples x {NEW} new tokens, {args.prompts} prompts per repeat, "
-          f"median of {args.repeats}; {common.threads()}; compiled {sampling.compiled_programs()}")
+          f"median of {args.repeats}; {common.threads()}; compiled {generate.compiled_programs()}")
     print("| sampler | s per repeat | tokens/s | ratio |")
     print("|---|---|---|---|")
     print(f"| transformers generate(num_return_sequences={N}) | {t_hf:.2f} | {hf_tps:.0f} | 1.00 |")

@@ -10,7 +10,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlaifv_jax import sharding
+from rlaifv_jax.core import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output; rerun with the same one to resume.")
@@ -26,10 +26,10 @@ def main(argv: list[str]) -> None:
     sharding.initialize_distributed(_DISTRIBUTED.value)
     config = _CONFIG.value
     if config.mode == "online":
-        from rlaifv_jax import online
+        from rlaifv_jax.pipelines import online
         online.run(config, _WORKDIR.value)
     elif config.mode == "offline_dpo":
-        from rlaifv_jax import offline
+        from rlaifv_jax.pipelines import offline
         offline.run(config, _WORKDIR.value)
     else:
         raise app.UsageError(f"config.mode={config.mode!r}: expected 'online' or 'offline_dpo'")

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import tiny_hf
-from rlaifv_jax import dpo, sharding
-from rlaifv_jax.checkpoint import Checkpointer
+from rlaifv_jax.training import step as dpo_step
+from rlaifv_jax.core import sharding
+from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.models import hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +29,9 @@ def tiny(tmp_path_factory):
 def test_save_restore_across_meshes_and_retention(tiny, tmp_path):
     mesh = sharding.make_mesh(2, 2, 2)
     with jax.set_mesh(mesh):
-        model = hf.load_pretrained(tiny, mesh=mesh)
-    opt = dpo.OptimConfig(learning_rate=1e-3, total_steps=10)
-    step = dpo.DPOStep(model, opt, mesh=mesh)
+        model = hf.load_pretrained(tiny, shardings=lambda s: sharding.state_shardings(s, mesh))
+    opt = dpo_step.OptimConfig(learning_rate=1e-3, total_steps=10)
+    step = dpo_step.DPOStep(model, opt, mesh=mesh)
     state = step.init_state(3)
     ck = Checkpointer(str(tmp_path / "ck"), max_to_keep=2, save_every=2)
     assert not ck.save(1, state) and ck.should_save(4)
@@ -45,7 +46,7 @@ def test_save_restore_across_meshes_and_retention(tiny, tmp_path):
     for shape in [(1, 8, 1), (1, 1, 1)]:
         other_mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
         with jax.set_mesh(other_mesh):
-            other = dpo.DPOStep(hf.load_pretrained(tiny, mesh=other_mesh), opt, mesh=other_mesh)
+            other = dpo_step.DPOStep(hf.load_pretrained(tiny, shardings=lambda s: sharding.state_shardings(s, other_mesh)), opt, mesh=other_mesh)
         ck2 = Checkpointer(str(tmp_path / "ck"), max_to_keep=2)
         got, extra = ck2.restore(None, other.abstract_state())
         ck2.close()
@@ -59,7 +60,8 @@ WORKER = textwrap.dedent('''
     import os, signal, sys
     import numpy as np, grain, jax
     jax.config.update("jax_default_matmul_precision", "highest")
-    from rlaifv_jax import dpo, train
+    from rlaifv_jax.training import loop as train
+    from rlaifv_jax.training import step as dpo_step
     from rlaifv_jax.models import hf
 
     model_dir, workdir, out = sys.argv[1:4]
@@ -77,7 +79,7 @@ WORKER = textwrap.dedent('''
             ex[name + "_tokens"] = row
         examples.append(ex)
     ds = grain.MapDataset.source(examples).shuffle(seed=1).repeat(3).batch(2)  # 15 steps
-    cfg = train.TrainConfig(optim=dpo.OptimConfig(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
+    cfg = train.TrainConfig(optim=dpo_step.OptimConfig(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
                             save_every=3, max_to_keep=2, progress=False)
 
     def hook(step, metrics, saved):

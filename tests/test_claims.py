@@ -1,12 +1,13 @@
 """Split/convert prompts (byte for byte, METHOD.md §3), the bullet parser and the LLM claim extractor."""
 import pytest
 
+from rlaifv_jax.data.chat import labeler_question
+
 from rlaifv_jax.feedback.claims import (
     CLAIM_LLM_DECODING,
     ClaimResult,
     LLMClaimExtractor,
     convert_prompt,
-    labeler_question,
     parse_bullets,
     split_prompt,
 )

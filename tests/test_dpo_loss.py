@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlaifv_jax.dpo import answer_logps, dpo_loss, dpo_loss_sums, metrics_from_sums
+from rlaifv_jax.engine.logps import answer_logps
+from rlaifv_jax.training.loss import dpo_loss, dpo_loss_sums, metrics_from_sums
 
 
 def np_logsigmoid(x):

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import tiny_hf
-from rlaifv_jax import dpo, sharding
+from rlaifv_jax.engine import logps
+from rlaifv_jax.training import loss
+from rlaifv_jax.training import step as dpo_step
+from rlaifv_jax.core import sharding
 from rlaifv_jax.models import hf
 
 N_IMG = 4  # tiny LLaVA: 28 px / 14 px patches, CLS dropped
@@ -54,13 +57,13 @@ def test_pair_logps_match_transformers(tiny):
     path, ref = tiny
     model = hf.load_pretrained(path)
     batch = make_batch(np.random.RandomState(0))
-    got = jax.jit(lambda b: dpo.pair_logps(model, b))(batch)
+    got = jax.jit(lambda b: logps.pair_logps(model, b))(batch)
     for name in ("chosen", "rejected"):
         want = torch_answer_logps(ref, batch[f"{name}_tokens"], batch["pixel_values"], batch["answer_start"], batch[f"{name}_len"])
         np.testing.assert_allclose(np.asarray(got[name]), want, atol=1e-4, rtol=0)
         np.testing.assert_array_equal(np.asarray(got[f"{name}_len"]), batch[f"{name}_len"])
     # reference pass: same numbers, a short last batch padded and dropped
-    refs = dpo.reference_logps(model, [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}])
+    refs = logps.reference_logps(model, [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}])
     np.testing.assert_allclose(refs["ref_chosen_logps"], np.asarray(got["chosen"]), atol=1e-5)
     np.testing.assert_allclose(refs["ref_rejected_logps"], np.asarray(got["rejected"]), atol=1e-5)
 
@@ -70,27 +73,27 @@ def test_answer_window_equals_full_head_and_checks_lengths(tiny):
     model = hf.load_pretrained(path)
     batch = make_batch(np.random.RandomState(1))
     window = int(max(batch["chosen_len"].max(), batch["rejected_len"].max()))
-    full = jax.jit(lambda b: dpo.pair_logps(model, b))(batch)
-    windowed = jax.jit(lambda b: dpo.pair_logps(model, b, answer_window=window))(batch)
+    full = jax.jit(lambda b: logps.pair_logps(model, b))(batch)
+    windowed = jax.jit(lambda b: logps.pair_logps(model, b, answer_window=window))(batch)
     for key in ("chosen", "rejected", "chosen_len", "rejected_len"):
         np.testing.assert_allclose(np.asarray(windowed[key]), np.asarray(full[key]), atol=1e-5, rtol=0)
-    step = dpo.DPOStep(model, OPT, dpo.LossConfig(answer_window=window - 1))
+    step = dpo_step.DPOStep(model, OPT, dpo_step.LossConfig(answer_window=window - 1))
     with pytest.raises(ValueError, match=f"exceeds loss.answer_window={window - 1}"):
         step(step.init_state(), _with_refs(model, batch))
 
 
 def _with_refs(model, batch):
-    return batch | dpo.reference_logps(model, [batch])
+    return batch | logps.reference_logps(model, [batch])
 
 
-OPT = dpo.OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, weight_decay=0.01)
+OPT = dpo_step.OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, weight_decay=0.01)
 
 
 def test_step0_loss_is_log2_and_vision_tower_has_no_state(tiny):
     path, _ = tiny
     model = hf.load_pretrained(path)
     batch = _with_refs(model, make_batch(np.random.RandomState(1)))
-    step = dpo.DPOStep(model, OPT)
+    step = dpo_step.DPOStep(model, OPT)
     state = step.init_state(0)
     assert not any(k.startswith("vision_tower") for k in state["params"])
     assert any(k.startswith("multi_modal_projector") for k in state["params"])
@@ -111,7 +114,7 @@ def test_bf16_compute_keeps_float32_master_weights(tiny):
     path, _ = tiny
     model = hf.load_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     batch = _with_refs(model, make_batch(np.random.RandomState(1)))
-    step = dpo.DPOStep(model, OPT)
+    step = dpo_step.DPOStep(model, OPT)
     state = step.init_state(0)
     assert all(v.dtype == jnp.float32 for v in state["params"].values())
     state, m = step(state, batch)
@@ -125,12 +128,12 @@ def test_grad_accumulation_equals_full_batch(tiny):
     batch["ref_chosen_logps"] = batch["ref_chosen_logps"] + np.linspace(-3, 3, 8).astype(np.float32)  # non-trivial loss
     out = {}
     for k in (1, 4):
-        step = dpo.DPOStep(model, OPT, dpo.LossConfig(grad_accum=k))
+        step = dpo_step.DPOStep(model, OPT, dpo_step.LossConfig(grad_accum=k))
         out[k] = step.gradients(step.init_state(0), batch)
     (g1, m1), (g4, m4) = out[1], out[4]
     for key in g1:
         np.testing.assert_allclose(np.asarray(g4[key]), np.asarray(g1[key]), atol=2e-6, rtol=1e-4, err_msg=key)
-    for name in dpo.METRIC_NAMES:
+    for name in loss.METRIC_NAMES:
         np.testing.assert_allclose(float(m4[name]), float(m1[name]), rtol=1e-5, atol=1e-6, err_msg=name)
     assert abs(float(m1["loss"]) - math.log(2)) > 1e-3  # the shifted references make the loss non-trivial
 
@@ -139,11 +142,11 @@ def test_sharded_step_equals_unsharded_and_compiles_once(tiny):
     path, _ = tiny
     plain_model = hf.load_pretrained(path)
     batches = [_with_refs(plain_model, make_batch(np.random.RandomState(10 + i), batch=8)) for i in range(2)]
-    plain = dpo.DPOStep(plain_model, OPT)
+    plain = dpo_step.DPOStep(plain_model, OPT)
     mesh = sharding.make_mesh(2, 2, 2)
     with jax.set_mesh(mesh):
-        sharded_model = hf.load_pretrained(path, mesh=mesh)
-    sharded = dpo.DPOStep(sharded_model, OPT, dpo.LossConfig(grad_accum=2), mesh=mesh)
+        sharded_model = hf.load_pretrained(path, shardings=lambda s: sharding.state_shardings(s, mesh))
+    sharded = dpo_step.DPOStep(sharded_model, OPT, dpo_step.LossConfig(grad_accum=2), mesh=mesh)
     s_plain, s_sh = plain.init_state(0), sharded.init_state(0)
     kernel = s_sh["params"]["language_model/layers/0/mlp/up_proj/kernel"]
     assert len(kernel.sharding.device_set) == 8
@@ -161,16 +164,16 @@ def test_sharded_step_equals_unsharded_and_compiles_once(tiny):
 
 
 def test_lora_trains_adapters_only_and_merges(tiny):
-    from rlaifv_jax import lora
+    from rlaifv_jax.training import lora
     path, _ = tiny
     base = hf.load_pretrained(path)
     batch = make_batch(np.random.RandomState(5), batch=4)
-    base_logps = dpo.reference_logps(base, [batch])
+    base_logps = logps.reference_logps(base, [batch])
     model = lora.apply_lora(hf.load_pretrained(path), rank=4, alpha=8.0, dropout=0.1, seed=1)
     assert len(lora.lora_modules(model)) == 7 * 2
-    refs = dpo.reference_logps(model, [batch])  # B = 0: the LoRA model is the frozen base
+    refs = logps.reference_logps(model, [batch])  # B = 0: the LoRA model is the frozen base
     np.testing.assert_allclose(refs["ref_chosen_logps"], base_logps["ref_chosen_logps"], atol=1e-6)
-    step = dpo.DPOStep(model, OPT, trainable=lora.lora_trainable, prepare=lora.prepare)
+    step = dpo_step.DPOStep(model, OPT, trainable=lora.lora_trainable, prepare=lora.prepare)
     state = step.init_state(0)
     assert state["params"] and all(k.endswith(("lora_a", "lora_b")) for k in state["params"])
     batch = batch | refs
@@ -183,9 +186,9 @@ def test_lora_trains_adapters_only_and_merges(tiny):
     base_kernel = "language_model/layers/0/mlp/up_proj/base/kernel"
     np.testing.assert_array_equal(np.asarray(step.frozen[base_kernel]),
                                   np.asarray(base.language_model.layers[0].mlp.up_proj.kernel[...]))
-    want = dpo.reference_logps(trained, [batch])  # deterministic (no dropout) outside training
+    want = logps.reference_logps(trained, [batch])  # deterministic (no dropout) outside training
     merged = lora.merge_lora(trained)
     assert not lora.lora_modules(merged)
-    got = dpo.reference_logps(merged, [batch])
+    got = logps.reference_logps(merged, [batch])
     np.testing.assert_allclose(got["ref_chosen_logps"], want["ref_chosen_logps"], atol=1e-4)
     assert np.abs(got["ref_chosen_logps"] - base_logps["ref_chosen_logps"]).max() > 1e-3

@@ -8,7 +8,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from rlaifv_jax.feedback.labeler import accept_claim, yes_no_probs, yes_no_token_ids
+from rlaifv_jax.data.yesno import yes_no_token_ids
+from rlaifv_jax.engine.score import yes_no_probs
+from rlaifv_jax.feedback.verdicts import accept_claim
 
 IDS = {"yes": 3, "Yes": 7, "no": 11, "No": 2}
 

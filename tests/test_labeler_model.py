@@ -10,8 +10,9 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 import tiny_hf
 from rlaifv_jax.data.chat import LLAVA_V1_SYSTEM, encode_prompt
-from rlaifv_jax.feedback.claims import labeler_question
-from rlaifv_jax.feedback.labeler import ImageQuestions, Labeler, split_prompts
+from rlaifv_jax.data.chat import labeler_question
+from rlaifv_jax.data.yesno import split_prompts
+from rlaifv_jax.engine.score import ImageQuestions, Labeler
 from rlaifv_jax.models import anyres, hf
 
 TOL = 1e-5
@@ -148,7 +149,7 @@ def test_split_is_right_after_image_and_newline(make, template):
 def test_llava_shared_prefix_equals_full_forward(llava, tok, caplog):
     ref, model = llava
     rng = np.random.RandomState(0)
-    with caplog.at_level(logging.INFO, logger="rlaifv_jax.feedback.labeler"):
+    with caplog.at_level(logging.INFO, logger="rlaifv_jax.engine.score"):
         labeler = Labeler(model, tok, batch_size=4)
     assert "yes/no token ids" in caplog.text
     assert labeler.answer_ids == {w: tok.convert_tokens_to_ids(w) for w in ("yes", "Yes", "no", "No")}

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 import tiny_hf
-from rlaifv_jax import offline
+from rlaifv_jax.pipelines import offline
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "configs"))
 import offline_dpo  # noqa: E402

@@ -16,8 +16,9 @@ from PIL import Image
 
 import tiny_hf
 from configs import default
-from rlaifv_jax import online, records
-from rlaifv_jax.workdir import check_or_save_config
+from rlaifv_jax.pipelines import online
+from rlaifv_jax.core import records
+from rlaifv_jax.core.workdir import check_or_save_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("samples", "claims", "labels", "pairs", "ref_logps")

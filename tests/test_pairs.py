@@ -5,11 +5,11 @@ import json
 import pytest
 
 from rlaifv_jax.feedback.claims import ClaimResult
+from rlaifv_jax.feedback.verdicts import response_score
 from rlaifv_jax.feedback.pairs import (
     balance_lengths,
     build_pair_records,
     candidate_pairs,
-    response_score,
     sample_pairs,
 )
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from rlaifv_jax.records import read_marker, read_stage, run_stage, stage_done
+from rlaifv_jax.core.records import read_marker, read_stage, run_stage, stage_done
 
 INPUTS = [{"id": f"x{i:03d}", "v": i} for i in range(23)]
 

@@ -9,7 +9,9 @@ from transformers.generation.logits_process import (LogitsProcessorList, Repetit
 
 import jax.numpy as jnp
 import tiny_hf
-from rlaifv_jax import sampling, sharding
+from rlaifv_jax.engine import generate
+from rlaifv_jax.engine import logits as logits_lib
+from rlaifv_jax.core import sharding
 from rlaifv_jax.models import hf
 
 IMG = tiny_hf.IMAGE_TOKEN
@@ -69,7 +71,7 @@ def test_greedy_equals_transformers(models, name, penalty):
     prompts = _prompts(name, model, [4, 9, 15])
     first = _hf_greedy(ref, prompts[0], 10, [2], penalty)
     stop = [2] + first[3:4]  # prompt 0 stops early, after 3 tokens (or sooner)
-    got = sampling.generate(model, prompts, max_new_tokens=10, stop_token_ids=stop, batch_size=4,
+    got = generate.generate(model, prompts, max_new_tokens=10, stop_token_ids=stop, batch_size=4,
                             buckets=[64], repetition_penalty=penalty, progress=False)
     for prompt, out in zip(prompts, got):
         want = _hf_greedy(ref, prompt, 10, stop, penalty)
@@ -96,25 +98,25 @@ def test_logits_processors_equal_transformers():
         assert np.array_equal(np.isneginf(ours), np.isneginf(theirs))
         np.testing.assert_allclose(ours[np.isfinite(ours)], theirs[np.isfinite(theirs)], rtol=1e-6)
 
-    same(sampling.apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.3),
+    same(logits_lib.apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.3),
          RepetitionPenaltyLogitsProcessor(1.3)(hist, scores.clone()))
     for k in (1, 5, 50):
-        same(sampling.top_k_filter(jnp.asarray(logits), k), TopKLogitsWarper(k)(hist, scores.clone()))
+        same(logits_lib.top_k_filter(jnp.asarray(logits), k), TopKLogitsWarper(k)(hist, scores.clone()))
     for p in (0.05, 0.5, 0.9):
-        kept = sampling.top_p_filter(jnp.asarray(logits), p)
+        kept = logits_lib.top_p_filter(jnp.asarray(logits), p)
         same(kept, TopPLogitsWarper(p)(hist, scores.clone()))
         assert 1 <= np.isfinite(np.asarray(kept)).sum(axis=1).min() and np.isneginf(np.asarray(kept)).any()
     chain = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7),
                                  TopKLogitsWarper(20), TopPLogitsWarper(0.8)])
-    cfg = sampling.SamplingConfig(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.2)
-    same(sampling.process_logits(jnp.asarray(logits), jnp.asarray(seen), cfg), chain(hist, scores.clone()))
+    cfg = logits_lib.SamplingConfig(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.2)
+    same(logits_lib.process_logits(jnp.asarray(logits), jnp.asarray(seen), cfg), chain(hist, scores.clone()))
 
 
 def test_first_token_distribution_matches_filtered_softmax(models):
     ref, model, _ = models["llama"]
     prompt = _prompts("llama", model, [6])[0]
     n, temperature, top_k, top_p = 4000, 0.1, 20, 0.9
-    out = sampling.generate(model, [prompt], num_samples=n, max_new_tokens=1, temperature=temperature,
+    out = generate.generate(model, [prompt], num_samples=n, max_new_tokens=1, temperature=temperature,
                             top_k=top_k, top_p=top_p, stop_token_ids=[0], seed=3, progress=False)[0]
     ids = torch.tensor([prompt["input_ids"]])
     raw = ref(ids).logits[:, -1].float()
@@ -138,20 +140,20 @@ def test_same_seed_same_samples_whatever_the_batch(models):
         p["id"] = f"prompt-{i}"
     kw = dict(num_samples=3, max_new_tokens=6, temperature=1.0, top_k=40, stop_token_ids=[2], seed=7,
               progress=False)
-    together = sampling.generate(model, prompts, batch_size=8, buckets=[32], **kw)
-    before = sampling.compiled_programs()
-    split = sampling.generate(model, prompts[::-1], batch_size=2, buckets=[8, 32], **kw)[::-1]
-    after = sampling.compiled_programs()
+    together = generate.generate(model, prompts, batch_size=8, buckets=[32], **kw)
+    before = generate.compiled_programs()
+    split = generate.generate(model, prompts[::-1], batch_size=2, buckets=[8, 32], **kw)[::-1]
+    after = generate.compiled_programs()
     compiled = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
     assert compiled == {"prefill": 2, "decode": 2}  # 2 buckets used: one prefill + one decode each
-    again = sampling.generate(model, prompts[::-1], batch_size=2, buckets=[8, 32], **kw)[::-1]
-    assert sampling.compiled_programs() == after  # nothing new
+    again = generate.generate(model, prompts[::-1], batch_size=2, buckets=[8, 32], **kw)[::-1]
+    assert generate.compiled_programs() == after  # nothing new
     for a, b, c in zip(together, split, again):
         assert a["tokens"] == b["tokens"] == c["tokens"]
         np.testing.assert_allclose(np.concatenate(a["logprobs"]), np.concatenate(b["logprobs"]), atol=1e-5)
     for out in together:
         assert len({tuple(t) for t in out["tokens"]}) == 3  # sample indices draw different streams
-    other = sampling.generate(model, prompts, batch_size=8, buckets=[32], **{**kw, "seed": 8})
+    other = generate.generate(model, prompts, batch_size=8, buckets=[32], **{**kw, "seed": 8})
     assert [o["tokens"] for o in other] != [o["tokens"] for o in together]
 
 
@@ -159,12 +161,12 @@ def test_same_seed_same_samples_whatever_the_batch(models):
 def test_sharded_equals_unsharded(models, shape):
     _, model, path = models["llava"]
     mesh = sharding.make_mesh(*shape)
-    sharded = hf.load_pretrained(path, mesh=mesh, rules=sharding.SERVE_RULES)
+    sharded = hf.load_pretrained(path, shardings=lambda s: sharding.state_shardings(s, mesh, sharding.SERVE_RULES))
     prompts = _prompts("llava", model, [4, 9, 15, 6])
     kw = dict(num_samples=2, max_new_tokens=5, temperature=0.8, top_p=0.95, repetition_penalty=1.1,
               stop_token_ids=[2], batch_size=4, buckets=[32], progress=False)
-    want = sampling.generate(model, prompts, **kw)
-    got = sampling.generate(sharded, prompts, mesh=mesh, **kw)
+    want = generate.generate(model, prompts, **kw)
+    got = generate.generate(sharded, prompts, mesh=mesh, **kw)
     for a, b in zip(got, want):
         assert a["tokens"] == b["tokens"]
         np.testing.assert_allclose(np.concatenate(a["logprobs"]), np.concatenate(b["logprobs"]), atol=1e-5)
@@ -194,8 +196,8 @@ def test_bad_input_fails_before_compiling(models):
         (llama, [{"input_ids": [1, 5], "pixel_values": np.zeros((1, 3, 28, 28))}], {}, "text-only"),
         (llava, [{**good, "id": -1}], {}, "prompt id"),
     ]
-    before = sampling.compiled_programs()
+    before = generate.compiled_programs()
     for model, prompts, kw, match in cases:
         with pytest.raises(ValueError, match=match):
-            sampling.generate(model, prompts, **{**base, **kw})
-    assert sampling.compiled_programs() == before
+            generate.generate(model, prompts, **{**base, **kw})
+    assert generate.compiled_programs() == before

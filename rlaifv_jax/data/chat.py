@@ -212,3 +212,8 @@ def llava_image_preprocess(
     if pad_to_square:
         image = expand2square(image, background_color(mean))
     return clip_preprocess(image, size=size, mean=mean, std=std)
+
+
+def labeler_question(q: str) -> str:
+    """The labeler's user question for a converted yes/no question."""
+    return f"{q} Please answer yes or no."

@@ -3,12 +3,14 @@
 File format (the official pipeline's, METHOD.md §8): one JSON object per line with an id
 (``id`` or ``ds_question_id``; default the line number), ``question``, and the image as
 ``image_path`` (relative to the file) or ``image`` (base64). Bad lines are skipped, counted by
-reason and named (line number + reason) in a report; nothing is dropped silently.
+reason and named (line number + reason) in a report; nothing is dropped silently. Images are held
+encoded (or as a path) and decoded when a record's ``"image"`` is read.
 """
 from __future__ import annotations
 
 import base64
 import collections
+import collections.abc
 import dataclasses
 import io
 import json
@@ -38,21 +40,62 @@ class PromptReport:
         return {"path": self.path, "kept": self.kept, "skipped": dict(self.skipped), "problems": self.problems}
 
 
-def _decode_image(raw: dict[str, Any], base_dir: str) -> tuple[np.ndarray | None, str, str]:
-    """``(rgb uint8 [H, W, 3] | None, reason, detail)``."""
+def _rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+class PromptRecord(collections.abc.Mapping):
+    """A prompt ``{"id", "question", "image"}`` whose image is decoded lazily: ``record["image"]`` decodes
+    the encoded bytes (kept for base64 images) or reads and decodes the file (only its path is kept)
+    on every access, giving an RGB uint8 ``[H, W, 3]`` array; nothing decoded is kept."""
+
+    KEYS = ("id", "question", "image")
+
+    def __init__(self, pid: str, question: str, image: bytes | str, where: str):
+        self.pid, self.question, self.image, self.where = pid, question, image, where
+
+    def encoded(self) -> bytes:
+        """The image's encoded bytes (as stored in the file or the JSONL line)."""
+        if isinstance(self.image, bytes):
+            return self.image
+        with open(self.image, "rb") as f:
+            return f.read()
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "id":
+            return self.pid
+        if key == "question":
+            return self.question
+        if key == "image":
+            try:
+                return _rgb(self.encoded())
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise ValueError(f"{self.where}: cannot decode the image ({e})") from None
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter(self.KEYS)
+
+    def __len__(self) -> int:
+        return len(self.KEYS)
+
+
+def _image_source(raw: dict[str, Any], base_dir: str) -> tuple[bytes | str | None, str, str]:
+    """``(encoded bytes | file path | None, reason, detail)``; the image is checked by one full decode."""
     image, path = raw.get("image"), raw.get("image_path")
     if image:
         if not isinstance(image, str):
             return None, "corrupt_image", "image must be a base64 string"
         source = "base64 image"
         try:
-            data = base64.b64decode(image, validate=True)
+            data = keep = base64.b64decode(image, validate=True)
         except ValueError as e:  # binascii.Error
             return None, "corrupt_image", f"base64: {e}"
     elif path:
         if not isinstance(path, str):
             return None, "no_image_field", "image_path must be a string"
-        source = path if os.path.isabs(path) else os.path.join(base_dir, path)
+        source = keep = path if os.path.isabs(path) else os.path.join(base_dir, path)
         if not os.path.exists(source):
             return None, "missing_image", source
         try:
@@ -63,14 +106,15 @@ def _decode_image(raw: dict[str, Any], base_dir: str) -> tuple[np.ndarray | None
     else:
         return None, "no_image_field", "needs image_path or image"
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB")), "", ""
+        _rgb(data)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return None, "corrupt_image", f"{source}: {e}"
+    return keep, "", ""
 
 
-def read_prompt_file(path: str) -> tuple[list[dict[str, Any]], PromptReport]:
-    """Good records ``{"id", "question", "image"}`` and the report of every skipped line."""
+def read_prompt_file(path: str) -> tuple[list[PromptRecord], PromptReport]:
+    """Good records (``PromptRecord``: ``{"id", "question", "image"}``, image decoded on access) and
+    the report of every skipped line. Each image is decoded once here to check it, then dropped."""
     report = PromptReport(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -96,12 +140,12 @@ def read_prompt_file(path: str) -> tuple[list[dict[str, Any]], PromptReport]:
         if pid in seen:
             report.skip(n, "duplicate_id", pid)
             continue
-        image, reason, detail = _decode_image(raw, os.path.dirname(os.path.abspath(path)))
+        image, reason, detail = _image_source(raw, os.path.dirname(os.path.abspath(path)))
         if image is None:
             report.skip(n, reason, detail)
             continue
         seen.add(pid)
-        records.append({"id": pid, "question": question.strip(), "image": image})
+        records.append(PromptRecord(pid, question.strip(), image, f"{path} line {n}"))
     report.kept = len(records)
     if not records:
         raise ValueError(f"{path}: no usable prompt ({dict(report.skipped)})")

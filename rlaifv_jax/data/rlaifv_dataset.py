@@ -15,22 +15,29 @@ raises ``DatasetFileError`` naming the file.
 
 Records keep their encoded image (bytes, or the file path) in memory, not decoded pixels; pixels are
 produced lazily by the pipeline's ``example_fn``. Embedded parquet images therefore stay in host
-memory (as many bytes as the image column of the files read); path images are read when used.
+memory (as many bytes as the image column of the files read); path images are read when used. This
+reader is for one-off files; at dataset scale build the TFDS dataset (``data.rlaifv_tfds``), whose
+records stay on disk and are read per batch.
+
+Tokenize once: ``read_rlaifv(text_fn=pair_text_fn(...))`` or ``tokenize_records`` (any random-access
+source) stores each pair's token ids; the reference pass and every epoch reuse them.
 
 Pipeline: ``MapDataset.source(records) → shuffle(seed) → host shard → repeat(epochs) → map(example_fn)
 → batch``; each host keeps an equal share (the shuffled epoch is truncated to a multiple of the host
-count, so every host yields the same number of batches), and each epoch is reshuffled.
+count, so every host yields the same number of batches), and each epoch is reshuffled. Optionally
+length-bucketed (``make_pair_dataset(buckets=..., sort_window=...)``, see ``data.buckets``).
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import collections
+import collections.abc
 import dataclasses
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -40,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from rlaifv_jax.data import buckets as bucketing
 from rlaifv_jax.data.chat import encode_prompt_answer
 
 TEXT_FIELDS: tuple[str, ...] = ("question", "chosen", "rejected")
@@ -104,12 +112,14 @@ def _image_source(raw: dict[str, Any], base_dir: str) -> bytes | str | SkipRecor
     return SkipRecord("image_missing_file")
 
 
-def _validate(
+def validate_row(
     raw: dict[str, Any],
     source: str,
     base_dir: str,
-    text_fn: Callable[[PreferenceRecord], dict[str, Any]] | None,
+    text_fn: Callable[[PreferenceRecord], dict[str, Any]] | None = None,
 ) -> PreferenceRecord | SkipRecord:
+    """One raw row → a record with its image source (bytes or path), or the ``SkipRecord`` of the
+    first failing check (module docstring); the image is fully decoded once to check it."""
     texts = [raw.get(k) for k in TEXT_FIELDS]
     if not all(isinstance(t, str) for t in texts):
         return SkipRecord("missing_field")
@@ -137,7 +147,7 @@ def _validate(
     return record
 
 
-def _raw_rows(path: str) -> Iterator[dict[str, Any] | SkipRecord]:
+def iter_rows(path: str) -> Iterator[dict[str, Any] | SkipRecord]:
     """Rows of one parquet or JSONL file as dicts; a JSONL line that is not a JSON object is a SkipRecord."""
     try:
         if path.endswith(".parquet"):
@@ -158,24 +168,43 @@ def _raw_rows(path: str) -> Iterator[dict[str, Any] | SkipRecord]:
         raise DatasetFileError(f"cannot read data file {path}: {e}") from e
 
 
+DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl")
+
+
+def data_files(paths: str | Iterable[str]) -> list[str]:
+    """Files to read: a directory stands for its ``*.parquet`` and ``*.jsonl`` files (sorted, not
+    recursive; ``DatasetFileError`` if it has none); any other path is kept as given."""
+    out: list[str] = []
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        if not os.path.isdir(path):
+            out.append(path)
+            continue
+        found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(DATA_SUFFIXES))
+        if not found:
+            raise DatasetFileError(f"directory {path} holds no {' / '.join(DATA_SUFFIXES)} file")
+        out.extend(found)
+    return out
+
+
 def read_rlaifv(
     paths: str | Iterable[str],
     *,
     text_fn: Callable[[PreferenceRecord], dict[str, Any]] | None = None,
     verbose: bool = True,
 ) -> tuple[list[PreferenceRecord], collections.Counter]:
-    """Read parquet (``*.parquet``) and JSONL files; return valid records and skip counts by reason.
+    """Read parquet (``*.parquet``) and JSONL files, or directories of them (``data_files``); return
+    valid records and skip counts by reason.
 
     ``text_fn(record) -> features`` runs on every record that passed the text checks (e.g. tokenize
     and check the length), may raise ``SkipRecord``; its result is stored in ``record.features``.
     """
-    paths = [paths] if isinstance(paths, str) else list(paths)
+    paths = data_files(paths)
     records: list[PreferenceRecord] = []
     skipped: collections.Counter = collections.Counter()
     for path in paths:
         base_dir = os.path.dirname(os.path.abspath(path))
-        for row_index, raw in enumerate(_raw_rows(path)):
-            result = raw if isinstance(raw, SkipRecord) else _validate(
+        for row_index, raw in enumerate(iter_rows(path)):
+            result = raw if isinstance(raw, SkipRecord) else validate_row(
                 raw, f"{path}:{row_index}", base_dir, text_fn
             )
             if isinstance(result, SkipRecord):
@@ -240,8 +269,100 @@ def pair_example_fn(
     return example_fn
 
 
+class TokenizedRecords(collections.abc.Sequence):
+    """The records of a random-access ``source`` that passed ``text_fn``, with its features stored
+    once, compactly (each 1-D feature of all records concatenated, plus offsets); ``self[i]`` is
+    ``source[keep[i]]`` with ``features`` attached (views). Images stay in the source, undecoded."""
+
+    def __init__(self, source: Sequence[PreferenceRecord], keep: np.ndarray,
+                 features: dict[str, tuple[np.ndarray, np.ndarray]]):
+        self.source, self.keep, self.features = source, np.asarray(keep, np.int64), features
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        record = self.source[int(self.keep[i])]
+        record.features = {k: values[offsets[i]:offsets[i + 1]] for k, (values, offsets) in self.features.items()}
+        return record
+
+    def feature_lengths(self, key: str) -> np.ndarray:
+        return np.diff(self.features[key][1])
+
+
+def _ragged(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    return (np.concatenate(arrays) if arrays else np.zeros((0,), np.int32)), offsets
+
+
+class _TextFeatures:
+    """grain map: a record's ``text_fn`` features, or its skip reason (a class so workers can pickle it)."""
+
+    def __init__(self, text_fn: Callable[[PreferenceRecord], dict[str, Any]]):
+        self.text_fn = text_fn
+
+    def __call__(self, record: PreferenceRecord) -> dict[str, np.ndarray] | str:
+        try:
+            return self.text_fn(record)
+        except SkipRecord as skip:
+            return skip.reason
+
+
+def tokenize_records(
+    source: Sequence[PreferenceRecord],
+    text_fn: Callable[[PreferenceRecord], dict[str, Any]],
+    *,
+    num_threads: int = 4,
+    verbose: bool = True,
+) -> tuple[TokenizedRecords, collections.Counter]:
+    """Run ``text_fn`` (e.g. ``pair_text_fn``) ONCE on every record of ``source`` in a grain map
+    (``num_threads`` threads); records it skips (``SkipRecord``) are counted by reason and left out.
+    Every feature must be a 1-D array. The result feeds both the reference pass and training."""
+    ds = grain.MapDataset.source(source).map(_TextFeatures(text_fn))
+    options = grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=4 * max(num_threads, 1))
+    keep: list[int] = []
+    columns: dict[str, list[np.ndarray]] = {}
+    skipped: collections.Counter = collections.Counter()
+    for i, out in enumerate(ds.to_iter_dataset(options)):
+        if isinstance(out, str):
+            skipped[out] += 1
+            continue
+        keep.append(i)
+        for k, v in out.items():
+            v = np.asarray(v)
+            if v.ndim != 1:
+                raise ValueError(f"text_fn feature {k!r} of record {i} has shape {v.shape}; expected 1-D")
+            columns.setdefault(k, []).append(v)
+    if verbose:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+        print(f"tokenized {len(keep)} of {len(source)} pairs; skipped: {detail}")
+    return TokenizedRecords(source, np.asarray(keep, np.int64), {k: _ragged(v) for k, v in columns.items()}), skipped
+
+
+def pair_lengths(records: Sequence[PreferenceRecord]) -> np.ndarray:
+    """Tokens each pair uses, prompt + the longer answer (``pair_text_fn`` features), as int64 ``[N]``."""
+    if isinstance(records, TokenizedRecords):
+        return records.feature_lengths("prompt_ids") + np.maximum(
+            records.feature_lengths("chosen_ids"), records.feature_lengths("rejected_ids"))
+    return np.asarray([len(r.features["prompt_ids"]) + max(len(r.features["chosen_ids"]), len(r.features["rejected_ids"]))
+                       for r in records], np.int64)
+
+
+class _LoadBatch:
+    """grain map: record indices → one collated batch (images decoded here, per record)."""
+
+    def __init__(self, records, example_fn, batch_fn):
+        self.records, self.example_fn, self.batch_fn = records, example_fn, batch_fn
+
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return self.batch_fn([self.example_fn(self.records[int(i)]) for i in indices])
+
+
 def make_pair_dataset(
-    records: list[PreferenceRecord],
+    records: Sequence[PreferenceRecord],
     *,
     example_fn: Callable[[PreferenceRecord], Any],
     batch_size: int,
@@ -251,13 +372,32 @@ def make_pair_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     drop_remainder: bool = True,
+    buckets: Sequence[int] | None = None,
+    sort_window: int = 0,
+    lengths: np.ndarray | None = None,
 ) -> grain.MapDataset:
     """The per-host batched dataset (see module docstring). ``batch_size`` is per host;
-    ``num_epochs=None`` repeats forever; shard defaults to ``jax.process_index()/process_count()``."""
+    ``num_epochs=None`` repeats forever; shard defaults to ``jax.process_index()/process_count()``.
+
+    ``records``: a list, or any random-access sequence (``TokenizedRecords`` over a TFDS split).
+    ``buckets`` (e.g. ``length_buckets(max_length)``): each batch's token arrays are cut to the bucket
+    of its longest pair; ``example_fn`` still pads to ``max_length == buckets[-1]``. Same batches, same
+    results, fewer padded positions. ``sort_window > 0``: batches of similar length
+    (``buckets.sorted_batches`` over windows of that many global batches, by ``lengths``, default
+    ``pair_lengths(records)``); this changes which pairs share a batch, not which pairs an epoch holds.
+    """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    batch_fn = bucketing.collate(buckets) if buckets is not None else None
+    if sort_window:
+        if not drop_remainder:
+            raise ValueError("sort_window needs drop_remainder=True (every batch is a full global batch)")
+        plan = bucketing.sorted_batches(pair_lengths(records) if lengths is None else lengths, batch_size=batch_size,
+                                        seed=seed, num_epochs=num_epochs, window=sort_window, shuffle=shuffle,
+                                        shard_index=shard_index, shard_count=shard_count)
+        return plan.map(_LoadBatch(records, example_fn, batch_fn or bucketing.collate()))
     ds = grain.MapDataset.source(records)
     if shuffle:
         ds = ds.shuffle(seed=seed)
@@ -267,10 +407,16 @@ def make_pair_dataset(
     ds = ds[:usable][shard_index::shard_count]
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    return ds.map(example_fn).batch(batch_size, drop_remainder=drop_remainder)
+    return ds.map(example_fn).batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
 
 
-def make_iterator(ds: grain.MapDataset, *, num_threads: int = 2, prefetch: int = 8) -> grain.DatasetIterator:
-    """A checkpointable iterator (``get_state()`` / ``set_state()``) with threaded prefetch."""
+def make_iterator(ds: grain.MapDataset, *, num_threads: int = 2, prefetch: int = 8,
+                  worker_count: int = 0) -> grain.DatasetIterator:
+    """A checkpointable iterator (``get_state()`` / ``set_state()``) with threaded prefetch; with
+    ``worker_count > 0`` the maps (tokenization, image decoding) run in that many grain worker
+    processes (the caller needs a ``__main__`` guard and parsed absl flags, see STACK.md)."""
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    return iter(ds.to_iter_dataset(options))
+    it = ds.to_iter_dataset(options)
+    if worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it)

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from rlaifv_jax.feedback.claims import labeler_question
+from rlaifv_jax.data.chat import labeler_question
 
 Obj = tuple[str, str]  # (colour, shape)
 

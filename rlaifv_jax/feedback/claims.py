@@ -87,11 +87,6 @@ def convert_prompt(facts: list[str]) -> str:
     return CONVERT_TEMPLATE + "".join(f"\n- {fact}\n" for fact in facts)
 
 
-def labeler_question(q: str) -> str:
-    """The labeler's user question for a converted yes/no question."""
-    return f"{q} Please answer yes or no."
-
-
 def _content_lines(text: str) -> list[str]:
     return [line for line in text.strip().split("\n") if line.strip() and "###" not in line]
 

@@ -20,14 +20,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from rlaifv_jax.feedback.claims import ClaimResult
-from rlaifv_jax.feedback.labeler import accept_claim
+from rlaifv_jax.feedback.verdicts import accept_claim, response_score
 
 RATIO_STEPS = 50  # r in {0, 1/50, ..., 49/50} = {0, 0.02, ..., 0.98}
-
-
-def response_score(accepted: Sequence[bool]) -> int:
-    """Score of a response: minus the number of rejected claims."""
-    return -sum(1 for a in accepted if not a)
 
 
 def candidate_pairs(scores: Sequence[int | None], *, min_diff: int = 1) -> list[tuple[int, int]]:

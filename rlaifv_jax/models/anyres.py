@@ -161,18 +161,24 @@ def batch_pack_indices(
     patch_size: int,
     strategy: str = "default",
     with_newline: bool = True,
+    tiles_per_image: int | None = None,
 ) -> tuple[np.ndarray, list[int], list[int]]:
     """Pack indices for several images whose patches are concatenated along the patch axis.
 
     Returns ``(indices, patches_per_image, tokens_per_image)``; ``indices`` points into
-    ``concat(features.reshape(sum(patches_per_image) * L, D), newline[None])``, so the packed
-    images come out one after another, as transformers concatenates them.
+    ``concat(features.reshape(P * L, D), newline[None])``, so the packed images come out one after
+    another, as transformers concatenates them. ``P`` is ``sum(patches_per_image)`` (only real
+    patches, concatenated), or ``len(image_sizes) * tiles_per_image`` when every image occupies
+    ``tiles_per_image`` padded slots (transformers' ``pixel_values [images, max_tiles, ...]`` layout).
     """
     tokens = (vision_image_size // patch_size) ** 2
     patches = [num_patches(size, grid_pinpoints, vision_image_size) for size in image_sizes]
-    newline_row = sum(patches) * tokens
+    if tiles_per_image is not None and max(patches, default=0) > tiles_per_image:
+        raise ValueError(f"an image needs {max(patches)} tiles but pixel_values hold {tiles_per_image} per image")
+    strides = patches if tiles_per_image is None else [tiles_per_image] * len(patches)
+    newline_row = sum(strides) * tokens
     parts, offset = [], 0
-    for size, count in zip(image_sizes, patches):
+    for size, count, stride in zip(image_sizes, patches, strides):
         idx = pack_indices(
             size,
             grid_pinpoints=grid_pinpoints,
@@ -182,7 +188,7 @@ def batch_pack_indices(
             with_newline=with_newline,
         )
         parts.append(np.where(idx == count * tokens, newline_row, idx + offset))
-        offset += count * tokens
+        offset += stride * tokens
     return np.concatenate(parts).astype(np.int32), patches, [len(p) for p in parts]
 
 

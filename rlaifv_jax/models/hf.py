@@ -1,44 +1,71 @@
-"""Hugging Face checkpoints in and out, without torch.
+"""Hugging Face checkpoints in and out, without torch, one tensor (or one slice) at a time.
 
-``load_pretrained(dir)`` reads ``config.json`` + ``*.safetensors`` (single file or sharded index),
-builds the module abstractly and places each tensor straight onto its final sharding.
-``save_pretrained(model, dir)`` writes the layout transformers writes (and reads) for the same
-architecture. Supported: ``LlamaForCausalLM`` (and ``MistralForCausalLM``, ``Qwen2ForCausalLM``),
-``CLIPVisionModel``, ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``.
+``load_pretrained(dir, shardings=...)`` reads ``config.json`` and ``*.safetensors`` (one file or a
+``model.safetensors.index.json``), builds the module abstractly and creates every parameter with
+``jax.make_array_from_callback``: each process reads, through ``safetensors``' ``get_slice``, only
+the slices that its own devices hold, converted to our layout slice by slice. Placement is the
+caller's: ``shardings`` maps the abstract state to shardings, e.g.
+``lambda s: sharding.state_shardings(s, mesh, rules)``; ``None`` means one device.
+
+``save_pretrained(model, dir)`` writes what transformers writes for the same architecture, tensor by
+tensor: each parameter is gathered alone (across hosts when it is sharded over them) and process 0
+writes files of at most ``shard_bytes`` (plus ``model.safetensors.index.json`` when there are
+several), each atomically, the index last. Paths may be local or ``gs://``.
+
+Built in: ``LlamaForCausalLM`` (``MistralForCausalLM``, ``Qwen2ForCausalLM``), ``CLIPVisionModel``,
+``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``. A new family registers its
+class in ``ARCHITECTURES`` and defines on it:
+
+* ``HF_ARCHITECTURE: str``: the ``architectures`` entry written on export;
+* ``hf_name(self, path) -> str``: the transformers name of the parameter at ``path``;
+* optional ``hf_to_ours(self, path, tensor) -> np.ndarray | None``: ``tensor`` is a safetensors
+  slice (index it to read, ``tensor[:]`` for all of it); return the whole parameter in our layout,
+  or ``None`` for the default layout (then only the needed slices are read);
+* optional ``ours_to_hf(self, path, array) -> np.ndarray | None``: the inverse, ``None`` = default.
+
+Default layout (:class:`Layout`): ``Linear`` kernels ``[in..., out...]`` are transformers'
+``[out, in]`` with each side flattened; kernels with 3 or more input dims are patch convolutions,
+``[in, *spatial, out]`` ↔ ``[out, in, *spatial]``; biases are flattened; the rest is as is.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import math
 import os
-import shutil
-import struct
+import re
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy: safetensors' NumPy backend needs it)
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
+from rlaifv_jax.core import paths
 from rlaifv_jax.models.clip import CLIPVision, CLIPVisionConfig
+from rlaifv_jax.models.layers import Linear
 from rlaifv_jax.models.llama import Llama, LlamaConfig
 from rlaifv_jax.models.llava import Llava, LlavaConfig, LlavaNext
-from rlaifv_jax.sharding import TRAIN_RULES, Rules, state_shardings
-
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-           "BOOL": np.bool_}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+from rlaifv_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Files of a checkpoint directory that are not weights or config: copied along on export.
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
                "processor_config.json", "generation_config.json")
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
+_WEIGHT_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+# A callable from the abstract NNX state to a matching pytree of shardings (or of Variables holding them).
+Shardings = Callable[[nnx.State], Any]
 
 
 def parse_dtype(name: str, field: str = "dtype"):
@@ -55,6 +82,7 @@ ARCHITECTURES: dict[str, tuple[type, Callable[[dict], Any]]] = {
     "CLIPVisionModel": (CLIPVision, CLIPVisionConfig.from_hf),
     "LlavaForConditionalGeneration": (Llava, LlavaConfig.from_hf),
     "LlavaNextForConditionalGeneration": (LlavaNext, LlavaConfig.from_hf),
+    "Qwen2_5_VLForConditionalGeneration": (Qwen25VL, Qwen25VLConfig.from_hf),
 }
 
 # File-key prefixes other transformers versions / hub repos use → the canonical names we map to.
@@ -68,78 +96,6 @@ _LLAVA_ALIASES = (
     ("lm_head.", "language_model.lm_head."),
 )
 _CLIP_ALIASES = (("vision_model.", ""),)  # older files, and the vision half of a CLIPModel
-
-
-# ----------------------------------------------------------------------------- safetensors I/O
-class SafetensorsFile:
-    """A memory-mapped safetensors file read into NumPy (bfloat16 via ml_dtypes)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, ValueError) as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self.header = header
-        self.offset = 8 + n
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r")
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def get(self, key: str) -> np.ndarray:
-        info = self.header[key]
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        raw = self._mm[self.offset + start: self.offset + end]
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` as a safetensors file (atomically: temp file + rename)."""
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    arrays = {}
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        arrays[name] = a
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays.values():
-            f.write(a.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
-    """Map every tensor name in the checkpoint directory to the file that holds it."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = {name: SafetensorsFile(os.path.join(path, name)) for name in sorted(set(weight_map.values()))}
-        return {k: files[v] for k, v in weight_map.items()}
-    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    if not names:
-        raise FileNotFoundError(f"{path}: no *.safetensors files (torch .bin checkpoints are not read: "
-                                "convert them with transformers' save_pretrained(safe_serialization=True))")
-    out = {}
-    for name in names:
-        f = SafetensorsFile(os.path.join(path, name))
-        out.update({k: f for k in f.keys()})
-    return out
 
 
 # ----------------------------------------------------------------------------- name maps
@@ -170,73 +126,130 @@ def _leaf(name: str) -> str:
 
 def hf_name(model: nnx.Module, path: tuple) -> str:
     """The transformers state-dict name of the variable at ``path`` in ``model``."""
+    if hasattr(model, "hf_name"):
+        return model.hf_name(path)
     if isinstance(model, Llama):
         return _llama_name(path)
     if isinstance(model, CLIPVision):
         return _clip_name(path)
     head, rest = path[0], path[1:]
-    if head == "language_model":
-        return "language_model." + _llama_name(rest)
-    if head == "vision_tower":
-        return "vision_tower." + _clip_name(rest)
-    if head == "multi_modal_projector":
-        return f"multi_modal_projector.{rest[0]}.{_leaf(rest[1])}"
-    if head == "image_newline":
-        return "image_newline"
-    raise KeyError(f"no Hugging Face name for {path}")
-
-
-def to_ours(name: str, leaf: str, hf: np.ndarray, our_shape: tuple, n_in: int | None = None) -> np.ndarray:
-    """Convert a transformers tensor to our layout (kernels are ``[in..., out...]``, ``n_in`` input dims)."""
-    fits = True
-    if leaf == "kernel" and hf.ndim == 4:  # patch convolution [D, C, p, p] → [C, p, p, D]
-        out = hf.transpose(1, 2, 3, 0)
-    elif leaf == "kernel":
-        fits = hf.ndim == 2 and hf.shape[1] == math.prod(our_shape[:n_in]) and hf.size == math.prod(our_shape)
-        out = hf.T.reshape(our_shape) if fits else hf
-    else:
-        out = hf.reshape(our_shape) if hf.size == math.prod(our_shape) else hf
-    if not fits or tuple(out.shape) != tuple(our_shape):
-        raise ValueError(f"tensor {name}: shape {tuple(hf.shape)} does not fit the config (expected "
-                         f"{tuple(our_shape)} in our layout)")
-    return out
-
-
-def to_hf(leaf: str, ours: np.ndarray, n_in: int | None = None) -> np.ndarray:
-    """Inverse of ``to_ours``."""
-    if leaf == "kernel" and ours.ndim == 4 and n_in == 3:
-        return ours.transpose(3, 0, 1, 2)
-    if leaf == "kernel":
-        return ours.reshape(math.prod(ours.shape[:n_in]), -1).T
-    if leaf == "bias":
-        return ours.reshape(-1)
-    return ours
-
-
-def _linear_inputs(model: nnx.Module) -> dict[tuple, int]:
-    """Number of input dims of every ``Linear`` kernel, by kernel path."""
-    from rlaifv_jax.models.layers import Linear
-    return {tuple(p) + ("kernel",): m.n_in for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
+    if isinstance(model, Llava):
+        if head == "language_model":
+            return "language_model." + _llama_name(rest)
+        if head == "vision_tower":
+            return "vision_tower." + _clip_name(rest)
+        if head == "multi_modal_projector":
+            return f"multi_modal_projector.{rest[0]}.{_leaf(rest[1])}"
+        if head == "image_newline":
+            return "image_newline"
+    raise KeyError(f"no Hugging Face name for {path} of {type(model).__name__}")
 
 
 def _canonical(key: str, architecture: str) -> str:
     aliases = {"CLIPVisionModel": _CLIP_ALIASES}.get(architecture, _LLAVA_ALIASES if architecture.startswith("Llava") else ())
-    if aliases:
-        for alt, canon in aliases:
-            if key.startswith(alt):
-                return canon + key[len(alt):]
+    for alt, canon in aliases:
+        if key.startswith(alt):
+            return canon + key[len(alt):]
     return key
 
 
-# ----------------------------------------------------------------------------- public API
+def _architecture(model: nnx.Module) -> str:
+    if hasattr(model, "HF_ARCHITECTURE"):
+        return model.HF_ARCHITECTURE
+    if isinstance(model, LlavaNext):
+        return "LlavaNextForConditionalGeneration"
+    if isinstance(model, Llava):
+        return "LlavaForConditionalGeneration"
+    if isinstance(model, CLIPVision):
+        return "CLIPVisionModel"
+    if isinstance(model, Llama):
+        return {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+            model.config.model_type, "LlamaForCausalLM")
+    raise TypeError(f"cannot export {type(model).__name__}: no HF_ARCHITECTURE")
+
+
+# ----------------------------------------------------------------------------- layouts
+def _bounds(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` per dim of a ``make_array_from_callback`` index (unit-step slices)."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    out = []
+    for s, n in zip(index, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"strided index {s} is not supported")
+        out.append((start, stop))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where an array of ours sits in its transformers tensor: HF dim ``j`` is our dims ``groups[j]``
+    flattened (row-major, in that order). E.g. a q-projection kernel ``[embed, heads, head_dim]`` is
+    HF ``[heads * head_dim, embed]``: ``groups == ((1, 2), (0,))``."""
+    shape: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        return tuple(d for g in self.groups for d in g)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(math.prod(self.shape[d] for d in g) for g in self.groups)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        return np.transpose(ours, self.order).reshape(self.hf_shape)
+
+    def read(self, tensor: Any, index: tuple) -> np.ndarray:
+        """Our ``array[index]``, reading only the matching block of the safetensors slice ``tensor``.
+
+        For each HF dim the read covers the rows of its leading sub-dim in the slice, whole along
+        the others; slices of the others (never the case for our rules' shardings) are cut after.
+        """
+        bounds = _bounds(index, self.shape)
+        hf_index, block, inner = [], [], []
+        for g in self.groups:
+            rest = math.prod(self.shape[d] for d in g[1:])
+            a, b = bounds[g[0]]
+            hf_index.append(slice(a * rest, b * rest))
+            block += [b - a] + [self.shape[d] for d in g[1:]]
+            inner += [slice(None)] + [slice(*bounds[d]) for d in g[1:]]
+        data = read_slice(tensor, tuple(hf_index)).reshape(block)[tuple(inner)]
+        return np.transpose(data, np.argsort(self.order))
+
+
+def layout(leaf: str, shape: tuple[int, ...], n_in: int | None) -> Layout:
+    """The default :class:`Layout` of a parameter (module docstring)."""
+    nd = len(shape)
+    if leaf == "kernel":
+        n_in = 1 if n_in is None else n_in
+        ins, outs = tuple(range(n_in)), tuple(range(n_in, nd))
+        groups = tuple((d,) for d in outs + ins) if n_in >= 3 else (outs, ins)
+    elif leaf == "bias":
+        groups = (tuple(range(nd)),)
+    else:
+        groups = tuple((d,) for d in range(nd))
+    return Layout(tuple(shape), groups)
+
+
+def read_slice(tensor: Any, index: tuple) -> np.ndarray:
+    """``tensor[index]`` of a safetensors slice: every byte the loader reads goes through here."""
+    return tensor[index]
+
+
+def _linear_inputs(model: nnx.Module) -> dict[tuple, int]:
+    """Number of input dims of every ``Linear`` kernel, by kernel path."""
+    return {tuple(p) + ("kernel",): m.n_in for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
+
+
+# ----------------------------------------------------------------------------- reading
 def read_config(path: str) -> tuple[str, dict[str, Any]]:
     """``(architecture, config dict)`` from ``path/config.json``, with a clear error when unsupported."""
     cfg_path = os.path.join(path, "config.json")
+    if not paths.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: missing (expected a Hugging Face model directory)")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{cfg_path}: missing (expected a Hugging Face model directory)") from None
+        cfg = json.loads(paths.read_text(cfg_path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     archs = cfg.get("architectures") or []
@@ -248,6 +261,83 @@ def read_config(path: str) -> tuple[str, dict[str, Any]]:
     return archs[0], cfg
 
 
+def _weight_files(path: str) -> dict[str, str]:
+    """Every tensor name of the checkpoint directory → the file name that holds it."""
+    index = os.path.join(path, INDEX_FILE)
+    if paths.exists(index):
+        return dict(json.loads(paths.read_text(index))["weight_map"])
+    names = sorted(n for n in paths.listdir(path) if n.endswith(".safetensors"))
+    if not names:
+        raise FileNotFoundError(f"{path}: no *.safetensors files (torch .bin checkpoints are not read: "
+                                "convert them with transformers' save_pretrained(safe_serialization=True))")
+    out = {}
+    for name in names:
+        with _open(os.path.join(path, name)) as f:
+            out.update({k: name for k in f.keys()})
+    return out
+
+
+def _open(file: str):
+    try:
+        return safetensors.safe_open(paths.local_file(file), framework="np")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+class _Checkpoint:
+    """The tensors of a checkpoint directory, by canonical name, opened lazily (one handle per file)."""
+
+    def __init__(self, path: str, architecture: str, stack: contextlib.ExitStack):
+        self.path, self.stack = path, stack
+        self.files = {_canonical(k, architecture): (k, f) for k, f in _weight_files(path).items()}
+        self.handles: dict[str, Any] = {}
+        self.used: set[str] = set()
+
+    def tensor(self, name: str) -> tuple[Any, str]:
+        """``(safetensors slice, "file:key")`` of canonical tensor ``name``."""
+        if name not in self.files:
+            raise KeyError(f"{self.path}: tensor {name} is missing from the checkpoint")
+        key, file = self.files[name]
+        if file not in self.handles:
+            self.handles[file] = self.stack.enter_context(_open(os.path.join(self.path, file)))
+        self.used.add(name)
+        return self.handles[file].get_slice(key), f"{file}:{key}"
+
+
+def _reader(model: nnx.Module, path: tuple, tensor: Any, where: str, shape: tuple[int, ...],
+            n_in: int | None, dtype) -> Callable[[tuple], np.ndarray]:
+    """``index -> our_array[index]`` (as ``dtype``) for the parameter at ``path``, one read per index."""
+    hook = getattr(model, "hf_to_ours", None)
+    whole = hook(path, tensor) if hook else None
+    if whole is not None:
+        if tuple(whole.shape) != shape:
+            raise ValueError(f"tensor {where}: {type(model).__name__}.hf_to_ours gave shape "
+                             f"{tuple(whole.shape)}, expected {shape}")
+        read = lambda index: whole[index]  # noqa: E731
+    else:
+        lay = layout(path[-1], shape, n_in)
+        if tuple(tensor.get_shape()) != lay.hf_shape:
+            raise ValueError(f"tensor {where}: shape {tuple(tensor.get_shape())} does not fit the config "
+                             f"(expected {lay.hf_shape} for our {shape})")
+        read = functools.partial(lay.read, tensor)
+    cache: dict[tuple, np.ndarray] = {}  # replicas of one shard on several local devices: read once
+
+    def cb(index: tuple) -> np.ndarray:
+        key = _bounds(index, shape)
+        if key not in cache:
+            cache[key] = np.asarray(read(index), dtype=dtype)
+        return cache[key]
+
+    return cb
+
+
+def _flat_shardings(tree: Any) -> dict[tuple, jax.sharding.Sharding]:
+    out = {}
+    for p, v in nnx.to_flat_state(tree):
+        out[tuple(p)] = v.get_value() if isinstance(v, nnx.Variable) else v
+    return out
+
+
 def build_model(architecture: str, cfg: dict[str, Any], *, dtype=jnp.float32, param_dtype=None,
                 seed: int = 0) -> nnx.Module:
     """A randomly initialised module of ``architecture`` for a transformers config dict."""
@@ -257,12 +347,13 @@ def build_model(architecture: str, cfg: dict[str, Any], *, dtype=jnp.float32, pa
     return model
 
 
-def load_pretrained(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, param_dtype=None,
-                    rules: Rules = TRAIN_RULES) -> nnx.Module:
-    """Load a local Hugging Face checkpoint directory into an NNX module.
+def load_pretrained(path: str, *, dtype=jnp.float32, param_dtype=None,
+                    shardings: Shardings | None = None) -> nnx.Module:
+    """Load a Hugging Face checkpoint directory (local or ``gs://``) into an NNX module.
 
-    Parameters are stored in ``param_dtype`` (default ``dtype``) and placed directly on their
-    sharding under ``mesh`` (by ``rules``); computation runs in ``dtype``.
+    Parameters are stored in ``param_dtype`` (default ``dtype``); computation runs in ``dtype``.
+    ``shardings(abstract_state)`` gives each parameter's sharding (default: the first local
+    device); each process reads only the slices of its own devices' shards.
     """
     architecture, cfg = read_config(path)
     cls, parse = ARCHITECTURES[architecture]
@@ -270,26 +361,20 @@ def load_pretrained(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, p
     param_dtype = param_dtype or dtype
     abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    shardings = state_shardings(state, mesh, rules) if mesh is not None else None
-    files = _open_checkpoint(path)
-    canon = {_canonical(k, architecture): k for k in files}
+    placement = _flat_shardings(shardings(state)) if shardings is not None else {}
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     n_in = _linear_inputs(abstract)
     flat = []
-    used = set()
-    sh_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
-    for p, var in nnx.to_flat_state(state):
-        name = hf_name(abstract, p)
-        if name not in canon:
-            raise KeyError(f"{path}: tensor {name} is missing from the checkpoint")
-        key = canon[name]
-        used.add(key)
-        shape = var.get_value().shape
-        arr = to_ours(f"{os.path.basename(files[key].path)}:{key}", p[-1], files[key].get(key), shape,
-                      n_in.get(tuple(p)))
-        arr = np.asarray(arr, dtype=param_dtype)
-        sharding = sh_flat[p].get_value() if p in sh_flat else None
-        flat.append((p, var.replace(jax.device_put(arr, sharding) if sharding else jnp.asarray(arr))))
-    unused = sorted(set(files) - used)
+    with contextlib.ExitStack() as stack:
+        ckpt = _Checkpoint(path, architecture, stack)
+        for p, var in nnx.to_flat_state(state):
+            p = tuple(p)
+            shape = tuple(var.get_value().shape)
+            tensor, where = ckpt.tensor(hf_name(abstract, p))
+            cb = _reader(abstract, p, tensor, where, shape, n_in.get(p), param_dtype)
+            value = jax.make_array_from_callback(shape, placement.get(p, default), cb, dtype=param_dtype)
+            flat.append((p, var.replace(value)))
+        unused = sorted(set(ckpt.files) - ckpt.used)
     if unused:
         logging.info("%s: %d checkpoint tensors not used (e.g. %s)", path, len(unused), unused[:3])
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -297,6 +382,7 @@ def load_pretrained(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None, p
     return model
 
 
+# ----------------------------------------------------------------------------- writing
 def _merge(base: dict, new: dict) -> dict:
     """``base`` updated by ``new``, nested dicts merged (keeps e.g. the original token ids)."""
     out = dict(base)
@@ -305,59 +391,108 @@ def _merge(base: dict, new: dict) -> dict:
     return out
 
 
-def _architecture(model: nnx.Module) -> str:
-    if isinstance(model, LlavaNext):
-        return "LlavaNextForConditionalGeneration"
-    if isinstance(model, Llava):
-        return "LlavaForConditionalGeneration"
-    if isinstance(model, CLIPVision):
-        return "CLIPVisionModel"
-    if isinstance(model, Llama):
-        return {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            model.config.model_type, "LlamaForCausalLM")
-    raise TypeError(f"cannot export {type(model).__name__}")
+def _to_host(value: jax.Array) -> np.ndarray:
+    """The whole of one array on this host; every process must call it for arrays spanning hosts."""
+    if value.is_fully_replicated:
+        return np.asarray(value.addressable_data(0))
+    if not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
+
+
+def _hf_array(model: nnx.Module, path: tuple, array: np.ndarray, n_in: int | None) -> np.ndarray:
+    hook = getattr(model, "ours_to_hf", None)
+    out = hook(path, array) if hook else None
+    return layout(path[-1], array.shape, n_in).to_hf(array) if out is None else out
+
+
+def _extra_tensors(model: nnx.Module, architecture: str, dtype) -> dict[str, np.ndarray]:
+    """Tensors transformers expects that we do not keep: CLIP's pooled-output LayerNorm (unused by
+    LLaVA), written as an identity so nothing is left randomly initialised."""
+    if not (architecture.startswith("Llava") or architecture == "CLIPVisionModel"):
+        return {}
+    prefix = "" if architecture == "CLIPVisionModel" else "vision_tower."
+    width = model.config.vision.hidden_size if architecture.startswith("Llava") else model.config.hidden_size
+    return {prefix + "post_layernorm.weight": np.ones((width,), dtype),
+            prefix + "post_layernorm.bias": np.zeros((width,), dtype)}
+
+
+def _plan_files(sizes: list[int], shard_bytes: int) -> list[list[int]]:
+    """Consecutive parameter indices grouped into files of at most ``shard_bytes`` (a larger
+    tensor gets a file of its own)."""
+    files: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(sizes):
+        if files[-1] and total + size > shard_bytes:
+            files.append([])
+            total = 0
+        files[-1].append(i)
+        total += size
+    return files
+
+
+def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    # safetensors writes raw buffers: a transposed view must be made contiguous first.
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    paths.atomic_write_file(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """``(transformers name, array)`` for every parameter of ``model`` (gathered to the host)."""
+    """``(transformers name, host array)`` for every parameter of ``model``, one at a time.
+    Every process must iterate it to the end (parameters sharded across hosts are all-gathered)."""
     n_in = _linear_inputs(model)
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = var.get_value()
-        if not value.is_fully_addressable:  # sharded across hosts: every process takes part
-            value = multihost_utils.process_allgather(value, tiled=True)
-        arr = np.asarray(jax.device_get(value))
+        arr = _to_host(var.get_value())
         if dtype is not None:
             arr = arr.astype(dtype)
-        yield hf_name(model, p), to_hf(p[-1], arr, n_in.get(tuple(p)))
+        yield hf_name(model, tuple(p)), _hf_array(model, tuple(p), arr, n_in.get(tuple(p)))
 
 
-def save_pretrained(model: nnx.Module, path: str, *, dtype=None, assets_from: str | None = None) -> None:
-    """Write ``model`` as a transformers checkpoint directory (``config.json`` + ``model.safetensors``),
-    plus the tokenizer / processor files of the checkpoint directory ``assets_from``.
+def save_pretrained(model: nnx.Module, path: str, *, dtype=None, assets_from: str | None = None,
+                    shard_bytes: int = SHARD_BYTES) -> None:
+    """Write ``model`` as a transformers checkpoint directory (local or ``gs://``): ``config.json``,
+    ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
+    (files of at most ``shard_bytes``), and the tokenizer / processor files of ``assets_from``.
 
-    Call it on every process: arrays sharded across hosts are gathered, process 0 writes.
+    Call it on every process: parameters are gathered one at a time, process 0 writes. No host
+    holds more than one file's tensors. Weight files of an earlier export to ``path`` that this one
+    does not rewrite are removed at the end.
     """
     architecture = _architecture(model)
-    tensors = dict(iter_hf_tensors(model, dtype))
-    if jax.process_index() != 0:
-        return
-    os.makedirs(path, exist_ok=True)
-    if assets_from:
-        for name in ASSET_FILES:
-            if os.path.exists(os.path.join(assets_from, name)):
-                shutil.copyfile(os.path.join(assets_from, name), os.path.join(path, name))
-    if architecture.startswith("Llava") or architecture == "CLIPVisionModel":
-        # The pooled-output LayerNorm is unused by LLaVA; write an identity so nothing is left random.
-        prefix = "" if architecture == "CLIPVisionModel" else "vision_tower."
-        width = model.config.vision.hidden_size if architecture.startswith("Llava") else model.config.hidden_size
-        some = next(iter(tensors.values()))
-        tensors[prefix + "post_layernorm.weight"] = np.ones((width,), some.dtype)
-        tensors[prefix + "post_layernorm.bias"] = np.zeros((width,), some.dtype)
-    cfg = _merge(json.loads(getattr(model, "hf_config_json", "{}")), model.config.to_hf())
-    cfg["architectures"] = [architecture]
-    cfg["dtype"] = str(np.dtype(next(iter(tensors.values())).dtype))
-    write_safetensors(os.path.join(path, "model.safetensors"), tensors)
-    tmp = os.path.join(path, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(tmp, os.path.join(path, "config.json"))
+    params = [(tuple(p), v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    out_dtype = np.dtype(dtype if dtype is not None else params[0][1].dtype)
+    sizes = [math.prod(v.shape) * np.dtype(dtype if dtype is not None else v.dtype).itemsize for _, v in params]
+    files = _plan_files(sizes, shard_bytes)
+    names = (["model.safetensors"] if len(files) == 1 else
+             [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
+    writer = jax.process_index() == 0
+    if writer:
+        paths.makedirs(path)
+    tensors_iter = iter_hf_tensors(model, dtype)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for f, (name, members) in enumerate(zip(names, files)):
+        tensors = dict(next(tensors_iter) for _ in members)
+        if f == len(files) - 1:
+            tensors.update(_extra_tensors(model, architecture, out_dtype))
+        weight_map.update({k: name for k in tensors})
+        total += sum(a.nbytes for a in tensors.values())
+        if writer:
+            _write_safetensors(os.path.join(path, name), tensors)
+        del tensors
+    if writer:
+        for asset in ASSET_FILES if assets_from else ():
+            if paths.exists(os.path.join(assets_from, asset)):
+                paths.copy_file(os.path.join(assets_from, asset), os.path.join(path, asset))
+        cfg = _merge(json.loads(getattr(model, "hf_config_json", "{}")), model.config.to_hf())
+        cfg["architectures"] = [architecture]
+        cfg["dtype"] = str(out_dtype)
+        paths.atomic_write_text(os.path.join(path, "config.json"), json.dumps(cfg, indent=2))
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            paths.atomic_write_text(os.path.join(path, INDEX_FILE), json.dumps(index, indent=2))
+        for stale in paths.listdir(path):
+            if (_WEIGHT_FILE_RE.match(stale) and stale not in names) or (stale == INDEX_FILE and len(files) == 1):
+                paths.remove(os.path.join(path, stale))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_pretrained {path}")

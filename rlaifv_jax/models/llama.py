@@ -244,9 +244,14 @@ class Llama(nnx.Module):
         mask = attention_mask(key_mask, x.shape[1], cache_index)
         inv_freq = rope_inv_freq(self.config)
         new_cache = []
+        remat = getattr(self, "remat", "none")  # set by training.step.DPOStep (LossConfig.remat)
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index,
-                          None if prefix is None else (prefix[0][i], prefix[1]))
+            if remat != "none" and cache is None and prefix is None:  # teacher-forced passes only
+                policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                x, kv = nnx.remat(DecoderLayer.__call__, policy=policy)(layer, x, positions, inv_freq, mask)
+            else:
+                x, kv = layer(x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index,
+                              None if prefix is None else (prefix[0][i], prefix[1]))
             new_cache.append(kv)
         return self.norm(x), (None if cache is None else tuple(new_cache))
 

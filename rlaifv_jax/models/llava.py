@@ -126,17 +126,29 @@ class Llava(nnx.Module):
         self.multi_modal_projector = Projector(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.language_model = Llama(config.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def tile_features(self, pixel_values: jax.Array) -> jax.Array:
-        """Projected features ``[tiles, tokens_per_tile, D]`` for vision tiles ``[tiles, C, H, W]``."""
-        hidden = self.vision_tower(pixel_values.astype(self.dtype), self.config.vision_feature_layer)
+    def tile_features(self, pixel_values: jax.Array, frozen_tower: bool = False) -> jax.Array:
+        """Projected features ``[tiles, tokens_per_tile, D]`` for vision tiles ``[..., C, H, W]``
+        (leading axes flattened). ``frozen_tower``: no gradient flows into the vision tower."""
+        tiles = pixel_values.reshape((-1,) + pixel_values.shape[-3:])
+        hidden = self.vision_tower(tiles.astype(self.dtype), self.config.vision_feature_layer)
+        if frozen_tower:
+            hidden = jax.lax.stop_gradient(hidden)
         if self.config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
         return self.multi_modal_projector(hidden)
 
-    def image_features(self, pixel_values: jax.Array, image_sizes: Any = None) -> jax.Array:
-        """All images' features, flattened in placeholder order: ``[total_image_tokens, D]``."""
-        feats = self.tile_features(pixel_values)
-        return feats.reshape(-1, feats.shape[-1])
+    def pack_tile_features(self, features: jax.Array, pixel_shape: tuple[int, ...], image_sizes: Any = None) -> jax.Array:
+        """Tile features ``[tiles, L, D]`` of ``pixel_values`` of shape ``pixel_shape`` → the images'
+        features in placeholder order ``[total_image_tokens, D]``."""
+        return features.reshape(-1, features.shape[-1])
+
+    def image_features(self, pixel_values: jax.Array, image_sizes: Any = None, *, frozen_tower: bool = False) -> jax.Array:
+        """All images' features, flattened in placeholder order: ``[total_image_tokens, D]``.
+
+        The one image-feature function: sampler, labeler, DPO and evaluation all reach the tower
+        through ``tile_features`` + ``pack_tile_features`` (``engine.vision`` jits the first)."""
+        feats = self.tile_features(pixel_values, frozen_tower)
+        return self.pack_tile_features(feats, tuple(pixel_values.shape), image_sizes)
 
     def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
         """Placeholder tokens one image needs."""
@@ -196,11 +208,13 @@ class LlavaNext(Llava):
             raise ValueError("LLaVA-NeXT needs the image size (height, width) to count image tokens")
         return anyres.num_image_tokens(tuple(int(s) for s in image_size), **self.anyres_kwargs())
 
-    def image_features(self, pixel_values: jax.Array, image_sizes: Any = None) -> jax.Array:
+    def pack_tile_features(self, features: jax.Array, pixel_shape: tuple[int, ...], image_sizes: Any = None) -> jax.Array:
+        """Anyres packing of every padded tile slot of ``pixel_values [images, max_tiles, C, H, W]``
+        (padding tiles are computed, then never gathered)."""
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values")
-        sizes = [tuple(int(s) for s in hw) for hw in np.asarray(image_sizes)]
-        indices, counts, _ = anyres.batch_pack_indices(sizes, **self.anyres_kwargs())
-        tiles = jnp.concatenate([pixel_values[i, :n] for i, n in enumerate(counts)], axis=0)
-        feats = self.tile_features(tiles)
-        return anyres.pack_features(feats, self.image_newline[...].astype(feats.dtype), indices)
+        if len(pixel_shape) != 5:
+            raise ValueError(f"LLaVA-NeXT pixel_values must be [images, tiles, C, H, W], got shape {pixel_shape}")
+        sizes = [tuple(int(s) for s in hw) for hw in np.asarray(image_sizes).reshape(-1, 2)]
+        indices, _, _ = anyres.batch_pack_indices(sizes, tiles_per_image=pixel_shape[1], **self.anyres_kwargs())
+        return anyres.pack_features(features, self.image_newline[...].astype(features.dtype), indices)

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Any
 
-from rlaifv_jax.records import atomic_write_text
+from rlaifv_jax.core.records import atomic_write_text
 
 COLUMNS = (("iteration", "iter", "{}"), ("chair_response", "CHAIR resp", "{:.1%}"),
            ("chair_mention", "CHAIR ment", "{:.1%}"), ("recall", "recall", "{:.1%}"),

@@ -47,81 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlaifv_jax import sampling
 from rlaifv_jax.data import chat
-from rlaifv_jax.feedback.claims import labeler_question
-from rlaifv_jax.models import anyres
+from rlaifv_jax.data.yesno import NO_WORDS, YES_WORDS, assistant_prompt, split_prompts, yes_no_token_ids
+from rlaifv_jax.engine import vision
+from rlaifv_jax.engine.logits import apply_repetition_penalty, presence_mask
+from rlaifv_jax.engine.prefill import prefill
 from rlaifv_jax.models.llava import check_image_tokens
 
-YES_WORDS: tuple[str, ...] = ("yes", "Yes")
-NO_WORDS: tuple[str, ...] = ("no", "No")
-ANSWER_WORDS: tuple[str, ...] = YES_WORDS + NO_WORDS
-
-
-def accept_claim(p_yes: float, p_no: float) -> bool:
-    """A claim is accepted iff the labeler puts more mass on yes than on no (ties reject)."""
-    return bool(p_yes > p_no)
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def yes_no_token_ids(
-    tokenizer: Any,
-    assistant_prompt: str,
-    *,
-    word_prefix: str = "",
-    overrides: Mapping[str, int] | None = None,
-) -> dict[str, int]:
-    """Token ids of "yes", "Yes", "no", "No" as generated right after ``assistant_prompt``.
-
-    Each id is the single token by which ``encode(assistant_prompt + word_prefix + word)`` extends
-    ``encode(assistant_prompt)`` (``tokenizer.encode(text, add_special_tokens=False)``, the Hugging Face
-    tokenizer API). ``word_prefix`` is text the model emits before the word (e.g. ``" "`` after
-    ``"ASSISTANT:"``). Words in ``overrides`` take the given id and are not derived. Raises ValueError
-    when a word is not exactly one new token or maps to the unknown token.
-    """
-    overrides = dict(overrides or {})
-    unknown = set(overrides) - set(ANSWER_WORDS)
-    if unknown:
-        raise ValueError(f"yes/no override ids for unknown words {sorted(unknown)}; expected {ANSWER_WORDS}")
-    ids = {w: int(overrides[w]) for w in ANSWER_WORDS if w in overrides}
-    missing = [w for w in ANSWER_WORDS if w not in ids]
-    if not missing:
-        return ids
-    prompt_ids = _encode(tokenizer, assistant_prompt)
-    unk_id = getattr(tokenizer, "unk_token_id", None)
-    for word in missing:
-        full = _encode(tokenizer, assistant_prompt + word_prefix + word)
-        new = full[len(prompt_ids):]
-        problem = None
-        if full[: len(prompt_ids)] != prompt_ids:
-            problem = "merges with the end of the assistant prompt"
-        elif len(new) != 1:
-            problem = f"is {len(new)} tokens {new}, not one"
-        elif unk_id is not None and new[0] == unk_id:
-            problem = "is the unknown token"
-        if problem:
-            raise ValueError(
-                f"labeler answer word {word_prefix + word!r} after the assistant prompt {problem}; "
-                f"pass its token id explicitly (overrides={{{word!r}: id}}, config labeler.yes_no_token_ids) "
-                f"or set the text emitted before the word (word_prefix, config labeler.word_prefix)"
-            )
-        ids[word] = new[0]
-    return {w: ids[w] for w in ANSWER_WORDS}
-
-
-def apply_repetition_penalty(logits: jax.Array, prompt_token_ids: jax.Array, penalty: float) -> jax.Array:
-    """``RepetitionPenaltyLogitsProcessor`` for the tokens in the prompt (the sampler's penalty, applied
-    to a presence mask built from ids). ``logits`` [..., V], ``prompt_token_ids`` [..., L] with the same
-    leading shape; ids < 0 are padding."""
-    vocab = logits.shape[-1]
-    ids = jnp.where(prompt_token_ids >= 0, prompt_token_ids, vocab)
-    flat_ids = ids.reshape(-1, ids.shape[-1])
-    rows = jnp.arange(flat_ids.shape[0])[:, None]
-    present = jnp.zeros((flat_ids.shape[0], vocab), bool).at[rows, flat_ids].set(True, mode="drop")
-    return sampling.apply_repetition_penalty(logits, present.reshape(*logits.shape[:-1], vocab), penalty)
+log = logging.getLogger(__name__)
 
 
 def yes_no_probs(
@@ -141,7 +74,8 @@ def yes_no_probs(
     if repetition_penalty is not None:
         if prompt_token_ids is None:
             raise ValueError("repetition_penalty needs prompt_token_ids")
-        logits = apply_repetition_penalty(logits, jnp.asarray(prompt_token_ids), repetition_penalty)
+        seen = presence_mask(jnp.asarray(prompt_token_ids), logits.shape[-1])
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     probs = jax.nn.softmax(logits, axis=-1)
 
     def mass(words: Sequence[str]) -> jax.Array:
@@ -149,14 +83,6 @@ def yes_no_probs(
         return jnp.take(probs, token_ids, axis=-1).sum(-1)
 
     return mass(YES_WORDS), mass(NO_WORDS)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shared-prefix labeler
-# ----------------------------------------------------------------------------------------------------
-
-_SENTINEL = "\x00QUESTION\x00"
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,76 +107,6 @@ def _as_item(item: Any) -> ImageQuestions:
     raise TypeError(f"labeler items are ImageQuestions or mappings with 'questions', got {type(item)}")
 
 
-def prompt_head(tokenizer: Any, template: str, with_image: bool) -> str:
-    """The prompt text before the question: ``"{SYSTEM} USER: <image>\\n"`` for ``llava_v1``."""
-    if template == "llava_v1":
-        text = chat.llava_v1_prompt(_SENTINEL, with_image)
-    elif template == "chat":
-        text = chat.chat_template_prompt(tokenizer, _SENTINEL, with_image)
-    else:
-        raise ValueError(f"template must be one of {chat.TEMPLATES}, got {template!r}")
-    if text.count(_SENTINEL) != 1:
-        raise ValueError(f"the {template} prompt does not contain the question exactly once: {text!r}")
-    return text[: text.index(_SENTINEL)]
-
-
-def assistant_prompt(tokenizer: Any, template: str) -> tuple[str, str]:
-    """(a text-only prompt ending with the assistant turn's opening, the text emitted before the answer
-    word): ``("... ASSISTANT:", " ")`` for ``llava_v1``, the generation prompt and ``""`` for ``chat``."""
-    question = labeler_question("Is there a cat?")
-    if template == "llava_v1":
-        return chat.llava_v1_prompt(question, with_image=False), " "
-    if template == "chat":
-        return chat.chat_template_prompt(tokenizer, question), ""
-    raise ValueError(f"template must be one of {chat.TEMPLATES}, got {template!r}")
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def split_prompts(
-    tokenizer: Any,
-    questions: Sequence[str],
-    image_token_count: int,
-    *,
-    image_token_id: int | None = None,
-    template: str = "llava_v1",
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Shared prefix ids and per-question continuation ids of the labeler prompts of one image.
-
-    ``questions`` are bare yes/no questions (the labeler suffix is added here). Each full prompt is
-    ``encode_prompt(tokenizer, labeler_question(q), image_token_count, ...)`` and equals
-    ``concat(prefix, continuation)`` exactly. The prefix is the encoding of :func:`prompt_head`
-    (through ``<image>\\n``), shortened only if a tokenizer merges across that boundary; every
-    continuation keeps at least one token.
-    """
-    if not questions:
-        raise ValueError("split_prompts needs at least one question")
-    full = [chat.encode_prompt(tokenizer, labeler_question(q), image_token_count,
-                               image_token_id=image_token_id, template=template) for q in questions]
-    head = prompt_head(tokenizer, template, image_token_count > 0)
-    # The head is tokenized with the same chunk rule as encode_prompt (split at <image>, BOS for llava_v1).
-    head_ids, _ = chat.chunks_to_ids(tokenizer, head, image_token_count, image_token_id, template)
-    k = len(head_ids)
-    for ids in full:
-        k = min(k, _common_prefix(head_ids, ids), len(ids) - 1)
-    if k < len(head_ids):
-        log.debug("labeler prefix shortened from %d to %d tokens (tokenizer merges across the question "
-                  "boundary)", len(head_ids), k)
-    if k < 1:
-        raise ValueError("the labeler prompts share no prefix token; a shared prefix needs at least one "
-                         "(e.g. BOS or the system prompt)")
-    prefix = np.asarray(head_ids[:k], np.int32)
-    if image_token_count and np.sum(prefix == image_token_id) != image_token_count:
-        raise ValueError("the image placeholder block is not inside the shared labeler prefix")
-    return prefix, [np.asarray(ids[k:], np.int32) for ids in full]
-
-
 def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
@@ -270,12 +126,7 @@ def _tile(x: jax.Array, rows: int) -> jax.Array:
 
 def _prefill(graphdef, state, ids, length, features):
     """KV cache ``[1, Pb, ...]`` of the prefix ``ids [1, Pb]`` (right-padded; ``length`` real tokens)."""
-    model = nnx.merge(graphdef, state)
-    pb = ids.shape[1]
-    x = model.embed(ids, features)
-    slots = jnp.arange(pb)[None]
-    cache = model.init_cache(1, pb)
-    _, cache = model.forward_embeds(x, positions=slots, key_mask=slots < length, cache=cache, cache_index=0)
+    _, cache = prefill(nnx.merge(graphdef, state), ids, features, jnp.arange(ids.shape[1])[None] < length)
     return cache
 
 
@@ -352,8 +203,7 @@ class Labeler:
         self._prefill = jax.jit(functools.partial(_prefill, graphdef))
         self._score = jax.jit(functools.partial(
             _score, graphdef, tuple(sorted(self.answer_ids.items())), self.repetition_penalty))
-        self._tiles = jax.jit(lambda state, px: nnx.merge(graphdef, state).tile_features(px))
-        self._features = jax.jit(lambda state, px: nnx.merge(graphdef, state).image_features(px))
+        self._graphdef = graphdef
         self._programs: set[tuple] = set()
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -370,22 +220,11 @@ class Labeler:
     # -- image side --------------------------------------------------------------------------------
     def image_features(self, pixel_values: Any, image_sizes: Any = None) -> jax.Array:
         """``[image_tokens, D]`` for one image in transformers layout (see :class:`ImageQuestions`)."""
-        px = jnp.asarray(pixel_values)
-        if hasattr(self.model, "image_newline"):  # LLaVA-NeXT: jit the tower per tile count, pack on host
-            if image_sizes is None:
-                raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values")
-            if px.ndim == 4:
-                px = px[None]
-            sizes = [tuple(int(s) for s in hw) for hw in np.asarray(image_sizes).reshape(-1, 2)]
-            indices, counts, _ = anyres.batch_pack_indices(sizes, **self.model.anyres_kwargs())
-            tiles = jnp.concatenate([px[i, :n] for i, n in enumerate(counts)], axis=0)
-            self._note(("features", tuple(tiles.shape)))
-            feats = self._tiles(self._state, tiles)
-            return anyres.pack_features(feats, self.model.image_newline[...], indices)
-        if px.ndim == 3:
+        px = np.asarray(pixel_values, np.float32)
+        if px.ndim == (4 if hasattr(self.model, "image_newline") else 3):  # one image without its batch axis
             px = px[None]
         self._note(("features", tuple(px.shape)))
-        return self._features(self._state, px)
+        return vision.image_features(self._graphdef, self._state, px, image_sizes)
 
     def _image_token_count(self, image_sizes: Any) -> int:
         size = None if image_sizes is None else tuple(int(s) for s in np.asarray(image_sizes).reshape(-1, 2)[0])
@@ -454,3 +293,34 @@ class Labeler:
                     scores[int(i)] = (float(y[r]), float(nn[r]))
             out.append(scores)
         return out
+
+
+# ----------------------------------------------------------------------------- ahead-of-time lowering
+def make_programs(graphdef: nnx.GraphDef, answer_ids: Mapping[str, int], repetition_penalty: float | None):
+    """The labeler's jitted ``(prefill, score)`` programs for a model's ``graphdef``."""
+    return (jax.jit(functools.partial(_prefill, graphdef)),
+            jax.jit(functools.partial(_score, graphdef, tuple(sorted(answer_ids.items())), repetition_penalty)))
+
+
+def lower_programs(model: nnx.Module, state: nnx.State, mesh: Any, *, prefix_bucket: int, rows: int,
+                   continuation_bucket: int, with_image: bool, answer_ids: Mapping[str, int] | None = None,
+                   repetition_penalty: float | None = None) -> dict[str, Any]:
+    """The prefix-prefill and question-scoring programs :class:`Labeler` runs for one image prefix of
+    ``prefix_bucket`` slots and ``rows`` questions of ``continuation_bucket`` tokens, compiled from
+    abstract arguments (``state``: ``jax.ShapeDtypeStruct``s with shardings; ``mesh`` may hold
+    compile-only TPU devices). Token ids do not change the programs' shapes: ``answer_ids`` defaults
+    to four distinct ids. Returns ``{"prefill", "score"}``."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    answer_ids = answer_ids or {w: i for i, w in enumerate(YES_WORDS + NO_WORDS)}
+    prefill_fn, score_fn = make_programs(nnx.graphdef(model), answer_ids, repetition_penalty)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def arg(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+    features = arg((prefix_bucket, model.config.text.hidden_size), model.dtype) if with_image else None
+    with jax.set_mesh(mesh):
+        prefill = prefill_fn.lower(state, arg((1, prefix_bucket), jnp.int32), arg((), jnp.int32), features).compile()
+        score = score_fn.lower(state, prefill.out_info, arg((), jnp.int32), arg((prefix_bucket,), jnp.int32),
+                               arg((rows, continuation_bucket), jnp.int32), arg((rows,), jnp.int32)).compile()
+    return {"prefill": prefill, "score": score}

@@ -23,11 +23,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
+from rlaifv_jax.core import paths
+from rlaifv_jax.core.paths import atomic_write_text  # noqa: F401  (re-exported: stages write through it)
+
 KEY = "key"
 WARNINGS = "warnings"
 _PART_RE = re.compile(r"^part-(\d{5})-(\d{6})\.jsonl$")
 _MARKER_RE = re.compile(r"^_DONE\.(\d{5})$")
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = paths.TMP_PREFIX
 
 Record = dict[str, Any]
 
@@ -41,37 +44,17 @@ def marker_name(process_index: int) -> str:
     return f"_DONE.{process_index:05d}"
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsynced hidden temp file in the same directory and ``os.replace``."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f"{_TMP_PREFIX}{name}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(directory or ".")
-
-
 def _read_jsonl(path: str) -> list[Record]:
-    with open(path, encoding="utf-8") as f:
+    with paths.open_file(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def _parts(stage_dir: str) -> list[tuple[int, int, str]]:
     """(process, chunk, path) of every finished shard, sorted."""
-    if not os.path.isdir(stage_dir):
+    if not paths.isdir(stage_dir):
         return []
     found = []
-    for name in os.listdir(stage_dir):
+    for name in paths.listdir(stage_dir):
         m = _PART_RE.match(name)
         if m:
             found.append((int(m.group(1)), int(m.group(2)), os.path.join(stage_dir, name)))
@@ -84,16 +67,16 @@ class StageWriter:
     def __init__(self, stage_dir: str, process_index: int = 0):
         self.stage_dir = stage_dir
         self.process_index = process_index
-        os.makedirs(stage_dir, exist_ok=True)
+        paths.makedirs(stage_dir)
         own = [chunk for proc, chunk, _ in _parts(stage_dir) if proc == process_index]
         self.next_chunk = max(own) + 1 if own else 0
 
     def clean_temp_files(self) -> list[str]:
         """Remove this process's leftover temp files (from an interrupted write); returns their names."""
         prefixes = (f"{_TMP_PREFIX}part-{self.process_index:05d}-", f"{_TMP_PREFIX}{marker_name(self.process_index)}")
-        removed = [n for n in os.listdir(self.stage_dir) if n.startswith(prefixes)]
+        removed = [n for n in paths.listdir(self.stage_dir) if n.startswith(prefixes)]
         for name in removed:
-            os.remove(os.path.join(self.stage_dir, name))
+            paths.remove(os.path.join(self.stage_dir, name))
         return removed
 
     def write_chunk(self, records: Sequence[Record]) -> str:
@@ -129,17 +112,17 @@ def warning_counts(records: Iterable[Record]) -> dict[str, int]:
 def read_marker(stage_dir: str, process_index: int = 0) -> Record | None:
     """Process ``process_index``'s marker content, or None when it has not finished."""
     path = os.path.join(stage_dir, marker_name(process_index))
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
+    with paths.open_file(path) as f:
         return json.load(f)
 
 
 def stage_done(stage_dir: str) -> bool:
     """Whether every process of the stage has written its marker (counts taken from the markers)."""
-    if not os.path.isdir(stage_dir):
+    if not paths.isdir(stage_dir):
         return False
-    present = {int(m.group(1)) for m in map(_MARKER_RE.match, os.listdir(stage_dir)) if m}
+    present = {int(m.group(1)) for m in map(_MARKER_RE.match, paths.listdir(stage_dir)) if m}
     if not present:
         return False
     counts = {read_marker(stage_dir, p)["process_count"] for p in present}

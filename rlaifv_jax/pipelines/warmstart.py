@@ -20,9 +20,9 @@ from flax import nnx
 from tqdm import tqdm
 
 from rlaifv_jax.data import chat, toy_world
-from rlaifv_jax.dpo import answer_logps
+from rlaifv_jax.engine.logps import answer_logps
 from rlaifv_jax.models import hf
-from rlaifv_jax.records import atomic_write_text
+from rlaifv_jax.core.records import atomic_write_text
 
 DONE = "_DONE"
 

@@ -1,8 +1,8 @@
 """The DPO training loop shell shared by offline DPO and the online RLAIF-V loop.
 
-``train(model, dataset, cfg, workdir)`` runs ``len(dataset)`` optimizer steps of ``dpo.DPOStep``
+``train(model, dataset, cfg, workdir)`` runs ``len(dataset)`` optimizer steps of ``dpo_step.DPOStep``
 over a grain ``MapDataset`` of pair batches that already carry reference log-probs
-(``ref_chosen_logps`` / ``ref_rejected_logps``; see ``dpo.reference_logps``), with a progress bar,
+(``ref_chosen_logps`` / ``ref_rejected_logps``; see ``logps.reference_logps``), with a progress bar,
 metrics (TRL names + ``grad_norm`` + ``learning_rate``) to TensorBoard (``workdir/tensorboard``)
 and JSON lines (``workdir/metrics.jsonl``), and Orbax checkpoints (``workdir/checkpoints``) of
 params, optimizer state, step, RNG and the data-iterator state every ``save_every`` steps and at the
@@ -25,16 +25,17 @@ import tqdm
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlaifv_jax import dpo
-from rlaifv_jax import sharding as shd
-from rlaifv_jax.checkpoint import Checkpointer
+from rlaifv_jax.engine import logps
+from rlaifv_jax.training import step as dpo_step
+from rlaifv_jax.core import sharding as shd
+from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.data.rlaifv_dataset import make_iterator
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    optim: dpo.OptimConfig = dpo.OptimConfig()  # total_steps <= 0: set to len(dataset)
-    loss: dpo.LossConfig = dpo.LossConfig()
+    optim: dpo_step.OptimConfig = dpo_step.OptimConfig()  # total_steps <= 0: set to len(dataset)
+    loss: dpo_step.LossConfig = dpo_step.LossConfig()
     seed: int = 0  # RNG of the step (LoRA dropout); saved in checkpoints
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     max_to_keep: int | None = 3  # checkpoints kept (None: all)
@@ -88,7 +89,7 @@ class MetricWriter:
 
 def train(model: nnx.Module, dataset: grain.MapDataset, cfg: TrainConfig, workdir: str, *,
           mesh: Mesh | None = None, rules: shd.Rules = shd.TRAIN_RULES,
-          trainable: Callable = dpo.default_trainable, prepare: Callable | None = None,
+          trainable: Callable = dpo_step.default_trainable, prepare: Callable | None = None,
           checkpointer: Checkpointer | None = None,
           hook: Callable[[int, dict[str, Any], bool], None] | None = None,
           desc: str = "dpo") -> TrainResult:
@@ -101,7 +102,7 @@ def train(model: nnx.Module, dataset: grain.MapDataset, cfg: TrainConfig, workdi
     """
     total = len(dataset)
     optim = cfg.optim if cfg.optim.total_steps > 0 else dataclasses.replace(cfg.optim, total_steps=total)
-    step_fn = dpo.DPOStep(model, optim, cfg.loss, mesh=mesh, rules=rules, trainable=trainable, prepare=prepare)
+    step_fn = dpo_step.DPOStep(model, optim, cfg.loss, mesh=mesh, rules=rules, trainable=trainable, prepare=prepare)
     own_ckpt = checkpointer is None
     ckpt = checkpointer or Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
                                         save_every=cfg.save_every, async_save=cfg.async_checkpoint)

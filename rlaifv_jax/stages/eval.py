@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from rlaifv_jax import sampling
+from rlaifv_jax.engine import generate
 from rlaifv_jax.data import toy_world
 from rlaifv_jax.eval import chair
-from rlaifv_jax.feedback.claims import labeler_question
-from rlaifv_jax.feedback.labeler import Labeler, accept_claim
+from rlaifv_jax.data.chat import labeler_question
+from rlaifv_jax.engine.score import Labeler
+from rlaifv_jax.feedback.verdicts import accept_claim
 
 
 def evaluate(policy, tokenizer, labeler: Labeler, records: list[dict[str, Any]], encode: Callable[[dict], dict], *,
@@ -18,7 +19,7 @@ def evaluate(policy, tokenizer, labeler: Labeler, records: list[dict[str, Any]],
     captions = []
     for lo in range(0, len(records), batch_size):
         chunk = records[lo:lo + batch_size]
-        outs = sampling.generate(policy, [encode(r) for r in chunk], num_samples=1,
+        outs = generate.generate(policy, [encode(r) for r in chunk], num_samples=1,
                                  max_new_tokens=max_new_tokens, temperature=0.0,
                                  stop_token_ids=stop_token_ids, batch_size=batch_size, progress=False)
         captions += [tokenizer.decode(o["tokens"][0], skip_special_tokens=True).strip() for o in outs]

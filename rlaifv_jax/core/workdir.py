@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from rlaifv_jax.records import atomic_write_text
+from rlaifv_jax.core import paths
 
 # Fields that may change between runs of one workdir without changing any result.
 RESUMABLE_FIELDS = ("progress",)
@@ -27,14 +27,13 @@ def check_or_save_config(config: ml_collections.ConfigDict, workdir: str) -> Non
 
     The error names every field that differs, with both values.
     """
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json())
-    if not os.path.exists(path):
-        atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+    if not paths.exists(path):
+        paths.atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
     a, b = _flatten(saved), _flatten(current)
     diff = [k for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k.split(".")[0] not in RESUMABLE_FIELDS]

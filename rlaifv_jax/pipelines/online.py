@@ -22,19 +22,25 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from rlaifv_jax import dpo, records, sharding, train, warmstart
-from rlaifv_jax.checkpoint import Checkpointer
+from rlaifv_jax.core import tree
+from rlaifv_jax.engine import logps
+from rlaifv_jax.training import step as dpo_step
+from rlaifv_jax.core import records
+from rlaifv_jax.core import sharding
+from rlaifv_jax.training import loop as train
+from rlaifv_jax.pipelines import warmstart
+from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.data import chat, prompts as prompts_lib, toy_world
 from rlaifv_jax.data.rlaifv_dataset import (PreferenceRecord, SkipRecord, make_pair_dataset, pair_example_fn,
                                             pair_text_fn)
-from rlaifv_jax.eval import toy_eval
-from rlaifv_jax.feedback import driver
+from rlaifv_jax.stages import eval as toy_eval
+from rlaifv_jax.stages import driver
 from rlaifv_jax.feedback.claims import LLMClaimExtractor
-from rlaifv_jax.feedback.labeler import Labeler
+from rlaifv_jax.engine.score import Labeler
 from rlaifv_jax.feedback.toy_claims import RuleClaimExtractor
 from rlaifv_jax.models import hf
-from rlaifv_jax.online_config import validate
-from rlaifv_jax.report import write_report
+from rlaifv_jax.pipelines.validate import validate
+from rlaifv_jax.pipelines.report import write_report
 
 
 @dataclasses.dataclass
@@ -116,7 +122,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 def _extractor(config: ml_collections.ConfigDict, world, mesh):
     if config.claims.kind == "rule":
         return RuleClaimExtractor(world or toy_world.WorldConfig())
-    from rlaifv_jax import sampling
+    from rlaifv_jax.engine import generate
     from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING as dec
 
     def llm(path: str) -> Callable[[list[str]], list[str]]:
@@ -127,7 +133,7 @@ def _extractor(config: ml_collections.ConfigDict, world, mesh):
         def generate_text(messages: list[str]) -> list[str]:
             batch = [{"id": zlib.crc32(m.encode()), "input_ids": chat.encode_prompt(tok, m, 0, template="chat").tolist(),
                       "pixel_values": None, "image_sizes": None} for m in messages]
-            outs = sampling.generate(model, batch, num_samples=1, max_new_tokens=dec.max_new_tokens,
+            outs = generate.generate(model, batch, num_samples=1, max_new_tokens=dec.max_new_tokens,
                                      temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p, stop_token_ids=stop,
                                      seed=config.seed, progress=False)
             return [tok.decode(o["tokens"][0], skip_special_tokens=True) for o in outs]
@@ -185,7 +191,7 @@ def _ref_stage(stage_dir: str, pairs: list[dict[str, Any]], images, side: Side, 
         recs = _preference_records(chunk, images, side, config.dpo.max_length)
         kept = {r.source for r in recs}
         batch = [example(r) for r in recs]
-        ref = (dpo.reference_logps(side.model, [{k: np.stack([b[k] for b in batch]) for k in batch[0]}], mesh=mesh,
+        ref = (logps.reference_logps(side.model, [{k: np.stack([b[k] for b in batch]) for k in batch[0]}], mesh=mesh,
                                    batch_size=config.dpo.batch_size)
                if batch else {"ref_chosen_logps": [], "ref_rejected_logps": []})
         vals = iter(zip(ref["ref_chosen_logps"], ref["ref_rejected_logps"]))
@@ -205,16 +211,16 @@ def _ref_stage(stage_dir: str, pairs: list[dict[str, Any]], images, side: Side, 
 def _train_config(config, steps: int) -> train.TrainConfig:
     """DPO settings; a checkpoint every quarter epoch so a crash mid-DPO resumes, not restarts."""
     d = config.dpo
-    optim = dpo.OptimConfig(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
+    optim = dpo_step.OptimConfig(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
                             max_grad_norm=d.max_grad_norm, total_steps=steps)
-    loss = dpo.LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+    loss = dpo_step.LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                           grad_accum=d.grad_accum)
     return train.TrainConfig(optim=optim, loss=loss, seed=config.seed, progress=config.progress,
                              save_every=max(1, steps // (4 * d.epochs)), max_to_keep=1, async_checkpoint=False)
 
 
 def _policy_state(model: nnx.Module) -> dict[str, jax.Array]:
-    return dpo.flat_values(nnx.state(model, nnx.Param))
+    return tree.flat_values(nnx.state(model, nnx.Param))
 
 
 def _dpo_summary(train_dir: str) -> dict[str, float]:
@@ -233,9 +239,9 @@ def _dpo_summary(train_dir: str) -> dict[str, float]:
 
 def _restore_policy(model: nnx.Module, ckpt: Checkpointer, step: int) -> dict[str, Any]:
     state = nnx.state(model, nnx.Param)
-    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in dpo.flat_values(state).items()}
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in tree.flat_values(state).items()}
     values, extra = ckpt.restore(step, target)
-    nnx.update(model, dpo.unflat_values(state, values))
+    nnx.update(model, tree.unflat_values(state, values))
     return extra
 
 
@@ -280,7 +286,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     """Run (or resume) the whole online loop; returns the summary entries."""
     t_start = time.time()
     validate(config)
-    from rlaifv_jax.workdir import check_or_save_config
+    from rlaifv_jax.core.workdir import check_or_save_config
     check_or_save_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     setup = _setup(config, workdir)

@@ -16,10 +16,11 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.experimental import multihost_utils
 
-from rlaifv_jax import records, sampling
+from rlaifv_jax.core import records
+from rlaifv_jax.engine import generate
 from rlaifv_jax.feedback import pairs as pairs_lib
 from rlaifv_jax.feedback.claims import ClaimExtractor, ClaimResult
-from rlaifv_jax.feedback.labeler import Labeler
+from rlaifv_jax.engine.score import Labeler
 
 PromptEncoder = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -55,7 +56,7 @@ def sample_stage(stage_dir: str, prompts: list[dict[str, Any]], *, model, tokeni
     """n responses per prompt from the policy; empty responses are kept and counted."""
 
     def fn(chunk):
-        outs = sampling.generate(model, [encode(p) for p in chunk], num_samples=settings.num_samples,
+        outs = generate.generate(model, [encode(p) for p in chunk], num_samples=settings.num_samples,
                                  max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                  top_k=settings.top_k, top_p=settings.top_p,
                                  repetition_penalty=settings.repetition_penalty,

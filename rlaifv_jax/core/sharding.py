@@ -1,4 +1,4 @@
-"""Device mesh, the logical-axis → mesh-axis rules, and multi-host start-up.
+"""Device mesh and the logical-axis → mesh-axis rules (multi-host start-up: ``core.distributed``).
 
 Every parameter carries logical axis names (``Param(..., axes=("embed", "mlp"))``); one rules
 table maps them onto the mesh axes ``('data', 'fsdp', 'tensor')``. ``TRAIN_RULES`` shards weights
@@ -7,9 +7,7 @@ over ``fsdp`` and ``tensor``; ``SERVE_RULES`` (sampling, labeling) keeps weights
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -117,15 +115,4 @@ def shard_module(model: nnx.Module, mesh: Mesh, rules: Rules = TRAIN_RULES) -> n
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSharding:
     """Sharding for a batch-major array: the leading axis over the batch mesh axes."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
-
-
-def initialize_distributed(enabled: bool | None = None) -> None:
-    """``jax.distributed.initialize()`` when asked (flag, or ``RLAIFV_DISTRIBUTED=1``), else nothing."""
-    if enabled is None:
-        enabled = os.environ.get("RLAIFV_DISTRIBUTED", "0") == "1"
-    if enabled:
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                     jax.process_index(), jax.process_count(), jax.local_device_count(),
-                     jax.device_count())
 

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import math
 import time
 from typing import Any, Sequence
 
@@ -46,8 +45,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from rlaifv_jax import sharding
-from rlaifv_jax.models import anyres
+from rlaifv_jax.core import sharding
+from rlaifv_jax.engine import vision
+from rlaifv_jax.engine.logits import SamplingConfig, choose_tokens, presence_mask, row_keys
+from rlaifv_jax.engine.prefill import prefill
 from rlaifv_jax.models.llava import Llava, LlavaNext, check_image_tokens
 
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
@@ -57,111 +58,7 @@ _TRACES: collections.Counter = collections.Counter()
 
 def compiled_programs() -> dict[str, int]:
     """Programs the sampler has compiled in this process so far, by kind (prefill, decode, vision)."""
-    return dict(_TRACES)
-
-
-# ----------------------------------------------------------------------------- options
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """Decoding options (static: compiled into the decode program)."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-
-    def __post_init__(self):
-        t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 or None, got {k!r}")
-        if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
-        if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 or None, got {r!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def penalizes(self) -> bool:
-        return self.repetition_penalty is not None and self.repetition_penalty != 1.0
-
-
-# ----------------------------------------------------------------------------- pure logits math
-def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
-    """transformers' ``RepetitionPenaltyLogitsProcessor``: seen tokens' logits ×penalty if < 0, else ÷penalty."""
-    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
-    return jnp.where(seen, penalized, logits)
-
-
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """transformers' ``TopKLogitsWarper`` on ``[R, V]``: logits below the k-th largest become -inf."""
-    # min, not [..., -1]: XLA:CPU rewrites a slice of TopK into a full sort (100x slower).
-    kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0].min(axis=-1, keepdims=True)
-    return jnp.where(logits < kth, -jnp.inf, logits)
-
-
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-    """transformers' ``TopPLogitsWarper`` on ``[R, V]``: drop tokens whose ascending cumulative
-    probability is ``<= 1 - p``, always keeping the most likely one."""
-    order = jnp.argsort(logits, axis=-1)
-    ascending = jnp.take_along_axis(logits, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    remove_sorted = (cumulative <= 1 - p).at[..., -1].set(False)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
-    return jnp.where(remove, -jnp.inf, logits)
-
-
-def top_k_top_p_filter(logits: jax.Array, k: int, p: float) -> jax.Array:
-    """``top_p_filter(top_k_filter(logits, k), p)`` computed on the k candidates only (no sort of
-    the vocabulary); equal to it except for exact ties at a cut-off."""
-    values = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0]
-    ascending = jnp.sort(values, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    remove = (cumulative <= 1 - p).at[..., -1].set(False)
-    lowest_kept = jnp.min(jnp.where(remove, jnp.inf, ascending), axis=-1, keepdims=True)
-    return jnp.where(logits < lowest_kept, -jnp.inf, logits)
-
-
-def process_logits(logits: jax.Array, seen: jax.Array | None, cfg: SamplingConfig) -> jax.Array:
-    """The scores tokens are chosen from, in transformers' order: penalty; then (sampling only)
-    temperature, top-k, top-p."""
-    if cfg.penalizes:
-        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    if cfg.greedy:
-        return logits
-    if cfg.temperature != 1.0:
-        logits = logits / cfg.temperature
-    top_p = cfg.top_p is not None and cfg.top_p < 1.0
-    if cfg.top_k is not None and top_p:
-        return top_k_top_p_filter(logits, cfg.top_k, cfg.top_p)
-    if cfg.top_k is not None:
-        return top_k_filter(logits, cfg.top_k)
-    return top_p_filter(logits, cfg.top_p) if top_p else logits
-
-
-def row_keys(seed: jax.Array, prompt_ids: jax.Array, sample_ids: jax.Array) -> jax.Array:
-    """One key per row: ``fold_in(fold_in(key(seed), prompt_id), sample_index)``."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda p, j: jax.random.fold_in(jax.random.fold_in(base, p), j))(prompt_ids, sample_ids)
-
-
-def choose_tokens(logits: jax.Array, seen: jax.Array | None, keys: jax.Array | None, step: jax.Array,
-                  cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """Next tokens ``[R]`` (argmax, or a categorical draw with each row's key folded with ``step``)
-    and their raw-model log-probs ``[R]``."""
-    scores = process_logits(logits, seen, cfg)
-    if cfg.greedy:
-        tokens = jnp.argmax(scores, axis=-1)
-    else:
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
-        tokens = jax.vmap(jax.random.categorical)(step_keys, scores)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens.astype(jnp.int32), logp
+    return {**_TRACES, **vision.TRACES}
 
 
 # ----------------------------------------------------------------------------- jitted programs
@@ -185,11 +82,8 @@ def _prefill_fn(graphdef, state, ids, features, mask, static: _Static):
     times (row ``b * n + j``, float32)."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
-    batch, length = ids.shape
     n = static.num_samples
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    hidden, cache = model.forward_embeds(model.embed(ids, features), positions=positions, key_mask=mask,
-                                         cache=model.init_cache(batch, length), cache_index=0)
+    hidden, cache = prefill(model, ids, features, mask)
     logits = model.logits(hidden[:, -1]).astype(jnp.float32)
     return cache, _constrain(jnp.repeat(logits, n, axis=0), static.rows_spec)
 
@@ -213,9 +107,7 @@ def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_
     row_index = jnp.arange(rows)
     seen = None
     if cfg.penalizes:
-        ids = jnp.where(prompt_mask, prompt_ids, vocab)
-        seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].set(True, mode="drop")
-        seen = jnp.repeat(seen, n, axis=0)
+        seen = jnp.repeat(presence_mask(jnp.where(prompt_mask, prompt_ids, -1), vocab), n, axis=0)
 
     def record(carry, logits, t):
         tokens, logps, lengths, done, seen = carry
@@ -250,15 +142,8 @@ def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_
     return tokens, logps, lengths, done
 
 
-def _vision_fn(graphdef, state, pixel_values):
-    """Projected features of vision tiles ``[tiles, C, H, W]`` → ``[tiles, tokens, D]``."""
-    _TRACES["vision"] += 1
-    return nnx.merge(graphdef, state).tile_features(pixel_values)
-
-
 _prefill = jax.jit(_prefill_fn, static_argnums=(0, 5))
 _decode = jax.jit(_decode_fn, static_argnums=(0, 10, 11))
-_vision = jax.jit(_vision_fn, static_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------- host side
@@ -302,19 +187,7 @@ def _image_features(model: nnx.Module, graphdef, state, prompt: dict) -> np.ndar
     px = prompt.get("pixel_values")
     if px is None:
         return None
-    px = np.asarray(px, np.float32)
-    if not isinstance(model, LlavaNext):
-        feats = np.asarray(_vision(graphdef, state, px))
-        return feats.reshape(-1, feats.shape[-1])
-    # Anyres: every padded tile goes through one fixed-shape program; packing is host-side indexing.
-    tiles = np.asarray(_vision(graphdef, state, px.reshape(-1, *px.shape[2:])))
-    tiles = tiles.reshape(px.shape[0], px.shape[1], -1, tiles.shape[-1])
-    indices, counts, _ = anyres.batch_pack_indices(
-        [tuple(int(s) for s in hw) for hw in np.asarray(prompt["image_sizes"])], **model.anyres_kwargs())
-    newline = np.asarray(model.image_newline[...]).astype(tiles.dtype)
-    flat = np.concatenate([tiles[i, :n].reshape(-1, tiles.shape[-1]) for i, n in enumerate(counts)]
-                          + [newline[None]])
-    return flat[indices]
+    return np.asarray(vision.image_features(graphdef, state, px, prompt.get("image_sizes")))
 
 
 def _check_options(num_samples: int, max_new_tokens: int, stop_token_ids: Sequence[int], seed: int,
@@ -471,3 +344,42 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
                  len(prompts), n, time.perf_counter() - start_time, total_tokens, sum(new.values()), new,
                  len(set(chosen)))
     return results
+
+
+# ----------------------------------------------------------------------------- ahead-of-time lowering
+def batch_static(mesh: Mesh | None, model: nnx.Module, *, rows: int, cache_len: int, num_samples: int,
+                 max_new_tokens: int) -> _Static:
+    """The static arguments of one batch's prefill and decode programs (``rows = batch × num_samples``)."""
+    tc = _text_config(model)
+    return _Static(num_samples=num_samples, max_new_tokens=max_new_tokens,
+                   cache_spec=_spec(mesh, ("batch", None, "kv_heads", "head_dim"),
+                                    (rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
+                   rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)))
+
+
+def lower_programs(model: nnx.Module, state: nnx.State, mesh: Mesh, *, batch: int, length: int, num_samples: int,
+                   max_new_tokens: int, sampling: SamplingConfig, num_stop_ids: int = 1) -> dict[str, Any]:
+    """The prefill and decode programs ``generate`` runs for one batch of ``batch`` prompts padded to
+    ``length`` tokens, compiled from abstract arguments (``state``: ``jax.ShapeDtypeStruct``s with
+    shardings, e.g. of an ``nnx.eval_shape`` model; ``mesh`` may hold compile-only TPU devices).
+    Returns ``{"prefill", "decode"}`` compiled programs (the decode input is the prefill's output)."""
+    graphdef = nnx.graphdef(model)
+    rows = batch * num_samples
+    static = batch_static(mesh, model, rows=rows, cache_len=length + max_new_tokens - 1, num_samples=num_samples,
+                          max_new_tokens=max_new_tokens)
+
+    def arg(shape, dtype, axes):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, _spec(mesh, axes, shape)))
+
+    ids, mask = arg((batch, length), jnp.int32, ("batch", None)), arg((batch, length), jnp.bool_, ("batch", None))
+    features = None
+    if isinstance(model, Llava):
+        features = arg((batch * length, _text_config(model).hidden_size), model.dtype, (None, None))
+    with jax.set_mesh(mesh):
+        prefill_program = _prefill.lower(graphdef, state, ids, features, mask, static).compile()
+        cache, logits = prefill_program.out_info
+        decode_program = _decode.lower(
+            graphdef, state, cache, logits, ids, mask, arg((batch,), jnp.uint32, ("batch",)),
+            arg((batch,), jnp.bool_, ("batch",)), arg((), jnp.uint32, ()), arg((num_stop_ids,), jnp.int32, (None,)),
+            static, sampling).compile()
+    return {"prefill": prefill_program, "decode": decode_program}

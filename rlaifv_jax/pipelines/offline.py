@@ -24,12 +24,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlaifv_jax import dpo, sharding, train
+from rlaifv_jax.engine import logps
+from rlaifv_jax.training import step as dpo_step
+from rlaifv_jax.core import sharding
+from rlaifv_jax.training import loop as train
 from rlaifv_jax.data.chat import llava_image_preprocess
 from rlaifv_jax.data.rlaifv_dataset import make_pair_dataset, pair_example_fn, pair_text_fn, read_rlaifv
 from rlaifv_jax.models import hf
 from rlaifv_jax.models.llava import Llava, LlavaNext
-from rlaifv_jax.workdir import check_or_save_config
+from rlaifv_jax.core.workdir import check_or_save_config
 
 
 
@@ -75,7 +78,7 @@ def _ref_logps(model, records, example_fn, batch_size, path, mesh) -> None:
                 yield {k: np.stack([e[k] for e in exs]) for k in exs[0]}
 
         print(f"reference log-probs: {len(todo)} pairs ({len(records) - len(todo)} cached)")
-        out = dpo.reference_logps(model, batches(), mesh=mesh)
+        out = logps.reference_logps(model, batches(), mesh=mesh)
         for r, c, rj in zip(todo, out["ref_chosen_logps"], out["ref_rejected_logps"]):
             cached[r.source] = (float(c), float(rj))
         if jax.process_index() == 0:
@@ -121,7 +124,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     pairs_fn = pair_example_fn(image_fn, max_length=config.data.max_length, pad_id=pad_id)
 
     if config.lora.enabled:
-        from rlaifv_jax import lora
+        from rlaifv_jax.training import lora
         lora.apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                         seed=config.seed, mesh=mesh)
 
@@ -138,10 +141,10 @@ def run(config, workdir: str) -> dict[str, Any]:
     steps_per_epoch = len(ds) // t.num_epochs
     save_every = max(1, steps_per_epoch // max(t.checkpoints_per_epoch, 1))
     tcfg = train.TrainConfig(
-        optim=dpo.OptimConfig(learning_rate=t.learning_rate, total_steps=len(ds), warmup_ratio=t.warmup_ratio,
+        optim=dpo_step.OptimConfig(learning_rate=t.learning_rate, total_steps=len(ds), warmup_ratio=t.warmup_ratio,
                               weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, b1=t.adam_b1,
                               b2=t.adam_b2, eps=t.adam_eps, schedule=t.schedule),
-        loss=dpo.LossConfig(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
+        loss=dpo_step.LossConfig(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                             label_smoothing=config.dpo.label_smoothing, sft_weight=config.dpo.sft_weight,
                             average=config.dpo.average, grad_accum=t.grad_accum),
         seed=config.seed, save_every=save_every, max_to_keep=t.max_to_keep or None, log_every=t.log_every)

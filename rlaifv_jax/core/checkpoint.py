@@ -18,17 +18,18 @@ Call ``close()`` (or use as a context manager) to wait for the last write.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from rlaifv_jax.core import paths
+
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int | None = 3, save_every: int | None = None,
                  async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.abspath(directory)
         self.save_every = save_every or 0
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save,

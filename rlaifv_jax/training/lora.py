@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlaifv_jax import sharding as shd
+from rlaifv_jax.core import sharding as shd
 from rlaifv_jax.models.layers import Linear
 
 TARGETS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))

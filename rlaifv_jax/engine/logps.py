@@ -1,0 +1,144 @@
+"""Answer log-probabilities: the teacher-forced pass that DPO, the reference pass and best-of-N share.
+
+A "log-prob" of a response is the SUM over its answer tokens (the assistant answer including the
+end-of-turn token) of ``log p(token_t | tokens_<t)``; prompt and image positions never count.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from rlaifv_jax.core import sharding as shd
+from rlaifv_jax.data.buckets import WINDOW_KEY, with_answer_window
+
+Batch = Mapping[str, Any]
+
+def answer_logps(
+    logits: jax.Array, tokens: jax.Array, answer_start: jax.Array, answer_len: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of answer-token log-probs per row, and the number of answer tokens.
+
+    Args:
+      logits: ``[B, T, V]``, any float dtype; ``logits[:, t]`` is the model output at position ``t``
+        and predicts ``tokens[:, t + 1]``.
+      tokens: ``[B, T]`` int, the full input sequence (prompt, image tokens, answer, padding).
+      answer_start: ``[B]`` int, index in ``tokens`` of the first answer token (≥ 1).
+      answer_len: ``[B]`` int, number of answer tokens (including the end-of-turn token).
+
+    Returns:
+      ``(sum_logps [B] float32, count [B] int32)``. The mask comes from ``answer_start``/``answer_len``
+      only (never from token ids, so an EOS equal to the pad id counts). Each term is
+      ``logits[target] − logsumexp(logits)`` in float32: the target logit is gathered first and the
+      logsumexp is a reduction whose float32 up-cast XLA fuses into it, so no ``[B, T, V]`` float32
+      log-softmax is materialised. Answer tokens beyond position ``T − 1`` are not counted.
+    """
+    pred = logits[:, :-1]  # [B, T-1, V] predicts tokens[:, 1:]
+    targets = tokens[:, 1:].astype(jnp.int32)
+    target_logit = jnp.take_along_axis(pred, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    row_max = jax.lax.stop_gradient(jnp.max(pred, axis=-1).astype(jnp.float32))
+    lse = row_max + jnp.log(jnp.sum(jnp.exp(pred.astype(jnp.float32) - row_max[..., None]), axis=-1))
+    positions = jnp.arange(1, tokens.shape[1], dtype=jnp.int32)[None, :]
+    start = answer_start.astype(jnp.int32)[:, None]
+    mask = (positions >= start) & (positions < start + answer_len.astype(jnp.int32)[:, None])
+    token_logps = jnp.where(mask, target_logit - lse, 0.0)
+    return jnp.sum(token_logps, axis=-1), jnp.sum(mask, axis=-1, dtype=jnp.int32)
+
+
+def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None,
+               answer_window: int | None = None) -> dict[str, jax.Array]:
+    """Summed answer log-probs of the chosen and rejected responses of a pair batch.
+
+    ``batch``: ``chosen_tokens``/``rejected_tokens`` ``[B, L]`` (right-padded; image placeholders
+    expanded), ``answer_start``, ``chosen_len``, ``rejected_len`` ``[B]`` and, for a multimodal model,
+    ``pixel_values`` ``[B, C, H, W]`` (one image per pair). Each image is encoded ONCE: its features
+    are tiled over the chosen and the rejected rows, which run as one ``2B`` batch. The vision tower
+    runs under ``stop_gradient`` (frozen); the projector is differentiable. Positions are
+    ``arange(L)`` and the key mask comes from lengths (``t < answer_start + len``), never from ids.
+
+    With ``answer_window = W`` (static, ≥ every answer length) the LM head and log-softmax run only
+    on the ``W + 1`` positions from ``answer_start - 1`` on, instead of all ``L``; a batch carrying
+    ``window_positions`` ``[B, W + 1]`` (``data.buckets.with_answer_window``: the automatic window,
+    the batch's longest answer bucketed) runs the head on those positions. Both are exact.
+
+    Returns ``{"chosen": [B], "rejected": [B], "chosen_len": [B], "rejected_len": [B]}`` (float32
+    sums, int32 counts of answer tokens inside the window).
+    """
+    chosen, rejected = jnp.asarray(batch["chosen_tokens"]), jnp.asarray(batch["rejected_tokens"])
+    b, length = chosen.shape
+    tokens = jnp.concatenate([chosen, rejected], axis=0)
+    start = jnp.asarray(batch["answer_start"], jnp.int32)
+    lens = jnp.concatenate([jnp.asarray(batch["chosen_len"], jnp.int32), jnp.asarray(batch["rejected_len"], jnp.int32)])
+    starts = jnp.concatenate([start, start])
+    feats = None
+    if batch.get("pixel_values") is not None:
+        feats = model.image_features(jnp.asarray(batch["pixel_values"]), image_sizes, frozen_tower=True)
+        feats = jnp.concatenate([feats, feats], axis=0)  # rows: chosen pairs, then rejected pairs
+    x = model.embed(tokens, feats)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], tokens.shape)
+    key_mask = positions < (starts + lens)[:, None]
+    hidden, _ = model.forward_embeds(x, positions=positions, key_mask=key_mask)
+    window = batch.get(WINDOW_KEY)
+    if answer_window is not None and window is not None:
+        raise ValueError(f"give answer_window ({answer_window}) or a batch with {WINDOW_KEY}, not both")
+    if answer_window is not None:
+        window = jnp.clip(start[:, None] - 1 + jnp.arange(answer_window + 1)[None], 0, length - 1)
+    if window is not None:  # gather the window; the answer then starts at window index 1
+        window = jnp.asarray(window, jnp.int32)
+        idx = jnp.concatenate([window, window], axis=0)
+        hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+        tokens, starts = jnp.take_along_axis(tokens, idx, axis=1), jnp.ones_like(starts)
+    sums, counts = answer_logps(model.logits(hidden), tokens, starts, lens)
+    return {"chosen": sums[:b], "rejected": sums[b:], "chosen_len": counts[:b], "rejected_len": counts[b:]}
+
+
+def _pad_batch(batch: Batch, size: int) -> dict[str, np.ndarray]:
+    n = len(next(iter(batch.values())))
+    if n == size:
+        return dict(batch)
+    return {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[:1], size - n, axis=0)]) for k, v in batch.items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pair_logps_jit(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch) -> dict[str, jax.Array]:
+    # Module-level so the compiled forward is reused across calls (keyed by graphdef and shapes).
+    return pair_logps(nnx.merge(graphdef, state), batch)
+
+
+def reference_logps(model: nnx.Module, batches: Iterable[Batch], *, mesh: Mesh | None = None,
+                    rules: shd.Rules = shd.TRAIN_RULES, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Reference log-probs of the frozen policy ``model`` in one pass over ``batches``.
+
+    Returns host arrays ``{"ref_chosen_logps": [N], "ref_rejected_logps": [N]}`` in batch order
+    (N = total rows). Every batch is padded to ``batch_size`` (default: the first batch's size) and
+    the padding rows dropped, so repeated calls with one ``batch_size`` reuse one compiled forward
+    per sequence length and automatic answer window (``data.buckets.with_answer_window``, exact).
+    ``model`` is not modified. Store the result beside the pairs and feed it to the train step as
+    batch keys ``ref_chosen_logps`` / ``ref_rejected_logps``.
+    """
+    graphdef, state = nnx.split(model)
+    out: dict[str, list[np.ndarray]] = {"ref_chosen_logps": [], "ref_rejected_logps": []}
+    size = batch_size
+    for batch in batches:
+        batch = with_answer_window({k: np.asarray(v) for k, v in batch.items() if k in MODEL_KEYS})
+        n = len(batch["chosen_tokens"])
+        size = size or n
+        if n > size:
+            raise ValueError(f"a batch of {n} pairs exceeds batch_size={size}")
+        padded = _pad_batch(batch, size)
+        if mesh is not None:
+            padded = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim, rules)) for k, v in padded.items()}
+        res = jax.device_get(_pair_logps_jit(graphdef, state, padded))
+        out["ref_chosen_logps"].append(np.asarray(res["chosen"])[:n])
+        out["ref_rejected_logps"].append(np.asarray(res["rejected"])[:n])
+    return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}
+
+
+MODEL_KEYS = ("pixel_values", "chosen_tokens", "rejected_tokens", "answer_start", "chosen_len", "rejected_len",
+              WINDOW_KEY)

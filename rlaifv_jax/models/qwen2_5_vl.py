@@ -1,0 +1,272 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): the vision tower of ``qwen_vision`` and the
+Qwen2.5 decoder (``llama.Llama`` with qkv bias) under multimodal rotary positions (M-RoPE).
+
+**M-RoPE.** Every token has three positions (temporal, row, column); text tokens repeat one
+position three times, image tokens get (t, y, x) offset by the text before them, and the text after
+an image continues at ``max(h, w) / merge`` past it (transformers' ``get_rope_index``, here
+``rope_index`` on the host in NumPy). The rotary frequencies are split into ``mrope_section``
+chunks, chunk i rotating by position i. ``forward_embeds`` takes ``positions [3, B, T]``, or
+``[B, T]`` for text-only rows (the same position in every section).
+
+**Driving it** (sampler, labeler, trainer): prefill with ``positions, rope_deltas =
+model.position_ids(input_ids, attention_mask, image_grid_thw)``; decode the token at cache slot
+``s`` with the 1D position ``(real tokens before it) + rope_deltas`` (a ``[B, T]`` array), exactly
+as transformers' ``generate`` does. Images: ``vision_inputs(pixel_values, image_grid_thw)`` on the
+host (bucket-padded, see ``qwen_vision``), ``tile_features`` under jit, then
+``pack_tile_features`` keeps the real tokens.
+
+The shared model interface (``image_features``, ``embed``, ``forward_embeds``, ``logits``,
+``init_cache``, ``num_image_tokens``) is the one of ``llava.Llava``; ``image_sizes`` is replaced
+by ``image_grid_thw [images, 3]`` (the image processor's patch grid, one (t, h, w) row per image).
+Hugging Face import/export (``models.hf``): ``HF_ARCHITECTURE`` and ``hf_name`` (hub layout:
+``visual.*``, ``model.*``, ``lm_head.weight``); every tensor, the Conv3d patch kernel included, has
+``hf``'s default layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlaifv_jax.models import qwen_vision
+from rlaifv_jax.models.llama import Cache, Llama, LlamaConfig, attention_mask, rope_inv_freq
+from rlaifv_jax.models.llava import check_image_tokens, merge_image_features
+from rlaifv_jax.models.qwen_vision import QwenVision, QwenVisionConfig
+
+# Text-config fields and defaults of transformers' ``Qwen2_5_VLTextConfig`` (used when a file omits them).
+_TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "hidden_act": "silu"}
+_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+    """The fields of a transformers ``qwen2_5_vl`` config this module uses."""
+
+    text: LlamaConfig
+    vision: QwenVisionConfig
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any]) -> "Qwen25VLConfig":
+        """From a transformers config dict: v5 (nested ``text_config``) or the hub's flat layout
+        (text fields at the root, ``rope_scaling = {"type": "mrope", "mrope_section": ...}``)."""
+        if cfg.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
+            raise ValueError(f"unsupported multimodal model_type {cfg.get('model_type')!r} (qwen2_5_vl)")
+        text = dict(cfg.get("text_config") or cfg)
+        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):
+            raise ValueError(f"text rope type {rope_type!r} is not supported (default / mrope)")
+        sections = tuple(int(s) for s in rope.get("mrope_section") or ())
+        heads = text["num_attention_heads"]
+        half = text["hidden_size"] // heads // 2
+        if len(sections) != 3 or sum(sections) != half:
+            raise ValueError(f"rope mrope_section {list(sections)} must be 3 sizes summing to head_dim / 2 = {half}")
+        if text.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true: sliding-window attention is not implemented")
+        llama = {k: text[k] for k in _TEXT_FIELDS if k in text}
+        llama = {**_TEXT_DEFAULTS, **llama, "model_type": "qwen2", "attention_bias": True, "use_sliding_window": False,
+                 "rope_parameters": {"rope_type": "default",
+                                     "rope_theta": rope.get("rope_theta", text.get("rope_theta", 1e6))}}
+        tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        token = {f.name: int(cfg.get(f.name, f.default)) for f in dataclasses.fields(cls) if f.name.endswith("token_id")}
+        return cls(text=LlamaConfig.from_hf(llama, tie_word_embeddings=bool(tie)),
+                   vision=QwenVisionConfig.from_hf(cfg["vision_config"]), mrope_section=sections, **token)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers v5 config dict; the text fields also at the root, as hub files have them."""
+        t = self.text
+        fields = {k: getattr(t, k) for k in _TEXT_FIELDS}
+        rope = {"rope_type": "default", "mrope_section": list(self.mrope_section), "rope_theta": t.rope_theta}
+        text = {"model_type": "qwen2_5_vl_text", **fields, "rope_parameters": rope, "use_sliding_window": False,
+                "sliding_window": None, "tie_word_embeddings": t.tie_word_embeddings}
+        tokens = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("token_id")}
+        return {"model_type": "qwen2_5_vl", **fields, "rope_theta": t.rope_theta,
+                "rope_scaling": {"type": "mrope", "mrope_section": list(self.mrope_section)},
+                "tie_word_embeddings": t.tie_word_embeddings, "text_config": text,
+                "vision_config": self.vision.to_hf(), **tokens}
+
+
+def rope_index(input_ids: Any, attention_mask: Any, image_grid_thw: Any, *, image_token_id: int,
+               spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' ``get_rope_index`` for images, in NumPy: ``(positions [3, B, T], rope_deltas [B])``.
+
+    Padding (``attention_mask == 0``) gets position 0; each run of image tokens takes the next
+    ``image_grid_thw`` row (rows in batch order) and must hold ``t·h·w / merge²`` tokens.
+    ``rope_deltas = max position + 1 - real tokens``: add it to 1D positions when decoding.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    grids = iter(()) if image_grid_thw is None else iter(np.asarray(image_grid_thw, np.int64).reshape(-1, 3))
+    m = spatial_merge_size
+    positions = np.zeros((3,) + ids.shape, np.int64)
+    deltas = np.zeros(ids.shape[0], np.int64)
+    used = 0
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b]]
+        parts, current = [], 0
+        for is_image, run in itertools.groupby(row == image_token_id):
+            n = len(list(run))
+            if not is_image:
+                parts.append(np.broadcast_to(np.arange(n) + current, (3, n)))
+                current += n
+                continue
+            grid = next(grids, None)
+            if grid is None:
+                raise ValueError(f"row {b}: more image-token runs than image_grid_thw rows ({used})")
+            t, h, w = (int(v) for v in grid)
+            if n != t * (h // m) * (w // m):
+                raise ValueError(f"row {b}: image run of {n} tokens, but image_grid_thw row {used} {[t, h, w]} "
+                                 f"gives {t * (h // m) * (w // m)}")
+            tt, yy, xx = np.meshgrid(np.arange(t), np.arange(h // m), np.arange(w // m), indexing="ij")
+            parts.append(np.stack([tt, yy, xx]).reshape(3, -1) + current)
+            current += max(h, w) // m
+            used += 1
+        if parts:
+            llm = np.concatenate(parts, axis=1)
+            positions[:, b, mask[b]] = llm
+            deltas[b] = llm.max() + 1 - len(row)
+    if next(grids, None) is not None:
+        raise ValueError(f"image_grid_thw has more rows than the {used} image-token runs in input_ids")
+    return positions, deltas
+
+
+def mrope_angles(positions: jax.Array, inv_freq: jax.Array, sections: Sequence[int]) -> jax.Array:
+    """Rotary angles ``[B, T, head_dim/2]`` of ``positions [3, B, T]``: frequency j of chunk i of
+    ``sections`` turns by position i (transformers' ``recomposition_frequencies``)."""
+    which = np.repeat(np.arange(len(sections)) % 3, sections)
+    pos = jnp.moveaxis(positions, 0, -1).astype(jnp.float32)  # [B, T, 3]
+    return pos[..., which] * inv_freq
+
+
+class Qwen25VL(nnx.Module):
+    """``Qwen2_5_VLForConditionalGeneration`` (images; videos are not supported)."""
+
+    HF_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+
+    def __init__(self, config: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.visual = QwenVision(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.language_model = Llama(config.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    # ------------------------------------------------------------------ images
+    def vision_inputs(self, pixel_values: Any, image_grid_thw: Any,
+                      buckets: Sequence[int] = qwen_vision.WINDOW_BUCKETS) -> dict[str, Any]:
+        """Host-side, bucket-padded tower inputs (see ``qwen_vision.vision_inputs``)."""
+        return qwen_vision.vision_inputs(pixel_values, image_grid_thw, self.config.vision, buckets)
+
+    def tile_features(self, inputs: Mapping[str, Any], frozen_tower: bool = False) -> jax.Array:
+        """Merged features ``[S / merge², D]`` of ``vision_inputs``, placeholder order, padding last
+        (static shapes: jit this). ``frozen_tower``: no gradient flows into the tower."""
+        feats = self.visual(inputs)
+        return jax.lax.stop_gradient(feats) if frozen_tower else feats
+
+    def pack_tile_features(self, features: jax.Array, pixel_shape: Any = None, image_grid_thw: Any = None) -> jax.Array:
+        """The images' ``[image_tokens, D]`` rows of ``tile_features`` output."""
+        if image_grid_thw is None:
+            raise ValueError("Qwen2.5-VL needs image_grid_thw to pack image features")
+        return features[: self.num_image_tokens(image_grid_thw)]
+
+    def image_features(self, pixel_values: Any, image_grid_thw: Any = None, *, frozen_tower: bool = False) -> jax.Array:
+        """``[image_tokens, D]`` features of processor output ``pixel_values [patches, patch_dim]``
+        with ``image_grid_thw``; or, given ``vision_inputs`` arrays (inside jit), the padded
+        ``tile_features`` (``embed`` reads only as many rows as there are image tokens)."""
+        if isinstance(pixel_values, Mapping):
+            feats = self.tile_features(pixel_values, frozen_tower)
+            return feats if image_grid_thw is None else self.pack_tile_features(feats, None, image_grid_thw)
+        if image_grid_thw is None:
+            raise ValueError("Qwen2.5-VL needs image_grid_thw with pixel_values")
+        feats = self.tile_features(self.vision_inputs(pixel_values, image_grid_thw), frozen_tower)
+        return self.pack_tile_features(feats, None, image_grid_thw)
+
+    def num_image_tokens(self, image_size: Any = None) -> int:
+        """Placeholder tokens of the image(s) with patch grid ``image_size`` = (t, h, w) rows of
+        ``image_grid_thw`` (``t·h·w / merge²`` each)."""
+        if image_size is None or np.shape(image_size)[-1:] != (3,):
+            raise ValueError(f"Qwen2.5-VL counts image tokens from image_grid_thw (t, h, w) rows, got {image_size!r}")
+        return qwen_vision.num_image_tokens(image_size, self.config.vision)
+
+    def position_ids(self, input_ids: Any, attention_mask: Any = None,
+                     image_grid_thw: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions [3, B, T], rope_deltas [B])`` of left-padded ``input_ids`` (see ``rope_index``)."""
+        return rope_index(input_ids, attention_mask, image_grid_thw, image_token_id=self.config.image_token_id,
+                          spatial_merge_size=self.config.vision.spatial_merge_size)
+
+    # ------------------------------------------------------------------ text
+    def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
+        """Text embeddings with image features written at the image-token positions, in order."""
+        ids = jnp.asarray(input_ids)
+        token = self.config.image_token_id
+        text = self.language_model.embed(jnp.where(ids == token, 0, ids))
+        if image_features is None:
+            if not isinstance(input_ids, jax.core.Tracer) and np.any(np.asarray(input_ids) == token):
+                raise ValueError("input_ids hold image tokens but no pixel_values were given")
+            return text
+        check_image_tokens(input_ids, token, image_features.shape[0])
+        return merge_image_features(text, ids, image_features, token)
+
+    def forward_embeds(self, x: jax.Array, *, positions: jax.Array, key_mask: jax.Array,
+                       cache: Cache | None = None, cache_index: jax.Array | int = 0,
+                       prefix: tuple[Cache, jax.Array] | None = None) -> tuple[jax.Array, Cache | None]:
+        """The decoder on embeddings ``x [B, T, D]`` (arguments as ``Llama.forward_embeds``), with
+        ``positions [3, B, T]`` (M-RoPE) or ``[B, T]`` (one position for all three sections)."""
+        lm = self.language_model
+        positions = jnp.asarray(positions)
+        if positions.ndim == 2:
+            positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
+        angles = mrope_angles(positions, rope_inv_freq(lm.config), self.config.mrope_section)
+        # Llama's layers rotate by ``positions[..., None] * inv_freq``: unit positions, angle table.
+        unit = jnp.ones(x.shape[:2], jnp.float32)
+        mask = attention_mask(key_mask, x.shape[1], cache_index)
+        new_cache = []
+        for i, layer in enumerate(lm.layers):
+            x, kv = layer(x, unit, angles, mask, None if cache is None else cache[i], cache_index,
+                          None if prefix is None else (prefix[0][i], prefix[1]))
+            new_cache.append(kv)
+        return lm.norm(x), (None if cache is None else tuple(new_cache))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return self.language_model.logits(hidden)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
+        return self.language_model.init_cache(batch, length, dtype)
+
+    def __call__(self, input_ids: jax.Array, *, pixel_values: Any = None, image_grid_thw: Any = None,
+                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """Logits ``[B, T, V]`` for left-padded ``input_ids`` holding the expanded image tokens.
+
+        ``positions`` default to ``position_ids`` (host-side: pass them when jitting)."""
+        feats = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)
+        x = self.embed(input_ids, feats)
+        key_mask = jnp.ones(x.shape[:2], bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+        if positions is None:
+            positions, _ = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        hidden, _ = self.forward_embeds(x, positions=positions, key_mask=key_mask)
+        return self.logits(hidden)
+
+    # ------------------------------------------------------------------ Hugging Face names
+    def hf_name(self, path: tuple) -> str:
+        """The transformers (hub layout) tensor name of the variable at ``path``."""
+        head, rest = path[0], [str(p) for p in path[1:]]
+        rest[-1] = "weight" if rest[-1] in ("kernel", "embedding") else rest[-1]
+        if head == "visual":
+            if rest[:2] in (["merger", "linear_1"], ["merger", "linear_2"]):
+                rest[1:2] = ["mlp", "0" if rest[1] == "linear_1" else "2"]
+            return "visual." + ".".join(rest)
+        if head == "language_model":
+            return "lm_head.weight" if rest[0] == "lm_head" else "model." + ".".join(rest)
+        raise KeyError(f"no Hugging Face name for {path}")

@@ -1,0 +1,307 @@
+"""Qwen2.5-VL vision tower (``Qwen2_5_VisionTransformerPretrainedModel``) with static shapes.
+
+Arithmetic follows transformers exactly: Conv3d patch embedding (patch 14, temporal patch 2; an
+image is two identical frames) written as a ``Linear`` over the flattened patch; ViT blocks with
+RMSNorm, fused biased qkv, 2D rotary embeddings and a biased SwiGLU MLP; window attention on every
+block except ``fullatt_block_indexes``; the 2×2 patch merger.
+
+**Layout.** transformers permutes the merged 2×2 units into attention windows
+(``window_size`` px = ``window_units`` merged units a side, 4×4 = 64 patches at 112 px), runs
+each window as its own ``cu_seqlens`` chunk, and restores the order after the merger. Here the
+permutation is the same, but every window gets a fixed ``window_slots`` slots (its units in
+transformers' order, then padding), so window attention is one batched ``[windows, slots, slots]``
+block attention and full attention is one segment mask (same frame ↔ attend): no per-window loops,
+and only the number of windows decides the shapes. ``vision_inputs`` computes the layout on the
+host from ``image_grid_thw``.
+
+**Buckets and compilations.** The window count is padded up to the next entry of
+``WINDOW_BUCKETS`` (powers of two and their 1.5×: 1, 2, 3, 4, 6, 8, 12, …), so the tower compiles
+once per bucket used, never per image size: at most 14 programs for images up to 128 windows
+(RLAIF-V's ``max_pixels = 1280·28·28`` gives ≤ 1280 merged tokens, ~80–100 windows), usually 2–3
+for a dataset resized near ``max_pixels``. Padding costs ≤ 1.5× in the window blocks and ≤ 2.25×
+in the (few) full-attention blocks. Padding slots attend only to padding and are never gathered.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlaifv_jax.models.layers import Linear, RMSNorm, activation, dot_product_attention
+from rlaifv_jax.models.llama import MLP, apply_rope
+
+WINDOW_BUCKETS: tuple[int, ...] = tuple(sorted({b for k in range(11) for b in (2 ** k, 3 * 2 ** k // 2)}))
+_EPS = 1e-6  # transformers hard-codes the vision RMSNorm epsilon
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVisionConfig:
+    """The fields of a transformers ``qwen2_5_vl_vision`` config this module uses."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    tokens_per_second: int = 2
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any]) -> "QwenVisionConfig":
+        """From a transformers vision config dict (hub files spell ``in_channels`` as ``in_chans``)."""
+        rope = cfg.get("rope_parameters") or {}
+        if rope.get("rope_type", "axial") != "axial":
+            raise ValueError(f"vision rope_type {rope.get('rope_type')!r} is not supported (axial)")
+        out = cls(
+            depth=cfg["depth"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+            num_heads=cfg["num_heads"], out_hidden_size=cfg["out_hidden_size"],
+            patch_size=cfg.get("patch_size", 14), temporal_patch_size=cfg.get("temporal_patch_size", 2),
+            spatial_merge_size=cfg.get("spatial_merge_size", 2),
+            in_channels=cfg.get("in_channels", cfg.get("in_chans", 3)), window_size=cfg.get("window_size", 112),
+            fullatt_block_indexes=tuple(cfg.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            hidden_act=cfg.get("hidden_act", "silu"), rope_theta=float(rope.get("rope_theta", 10000.0)),
+            tokens_per_second=cfg.get("tokens_per_second", 2))
+        if out.window_units < 1:
+            raise ValueError(f"vision window_size {out.window_size} is smaller than one merged unit "
+                             f"({out.spatial_merge_size} x {out.patch_size} px)")
+        if out.hidden_size % out.num_heads or (out.hidden_size // out.num_heads) % 4:
+            raise ValueError(f"vision hidden_size {out.hidden_size} / num_heads {out.num_heads} must be a "
+                             "head_dim divisible by 4 (2D rotary)")
+        return out
+
+    def to_hf(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rope_theta"}
+        out["fullatt_block_indexes"] = list(self.fullatt_block_indexes)
+        out["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.rope_theta}
+        return {"model_type": "qwen2_5_vl_vision", **out}
+
+    mlp_bias = True  # read by llama.MLP, which the vision blocks reuse
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch row of ``pixel_values`` (C · T · p · p = 1176)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def window_units(self) -> int:
+        """Merged units per window side (transformers' ``vit_merger_window_size``)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    @property
+    def window_slots(self) -> int:
+        """Patch slots per window: ``window_units² · merge²``."""
+        return self.window_units ** 2 * self.spatial_merge_size ** 2
+
+
+# ----------------------------------------------------------------------------- host-side layout
+def _grid(image_grid_thw: Any) -> np.ndarray:
+    grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    if grid.size == 0 or np.any(grid < 1):
+        raise ValueError(f"image_grid_thw must be positive (t, h, w) rows, got {grid.tolist()}")
+    return grid
+
+
+def num_windows(image_grid_thw: Any, config: QwenVisionConfig) -> int:
+    """Attention windows of the images ``image_grid_thw [images, 3]``."""
+    m, u = config.spatial_merge_size, config.window_units
+    return int(sum(t * -(-(h // m) // u) * -(-(w // m) // u) for t, h, w in _grid(image_grid_thw)))
+
+
+def bucket(windows: int, buckets: Sequence[int] = WINDOW_BUCKETS) -> int:
+    """The smallest bucket ≥ ``windows`` (beyond the largest: the next multiple of it)."""
+    for b in sorted(buckets):
+        if b >= windows:
+            return b
+    top = max(buckets)
+    return -(-windows // top) * top
+
+
+def vision_inputs(pixel_values: Any, image_grid_thw: Any, config: QwenVisionConfig,
+                  buckets: Sequence[int] = WINDOW_BUCKETS) -> dict[str, Any]:
+    """The tower's bucket-padded inputs for processor output ``pixel_values [patches, patch_dim]``
+    and ``image_grid_thw [images, 3]`` (several images: rows concatenated in placeholder order).
+
+    Returns arrays of ``S = bucket(windows) · window_slots`` slots: ``pixel_values [S, patch_dim]``
+    (the rows, zero-padded; NumPy or jax as given), ``slots [S]`` (the row each slot reads),
+    ``positions [S, 2]`` (the patch's (row, col) for the 2D rotary), ``segments [S]`` (frame id,
+    -1 for padding) and ``order [S / merge²]`` (the merged slot of each image token, in placeholder
+    order, then padding). Windows and their unit order are transformers' ``get_vision_window_index``.
+    """
+    grid = _grid(image_grid_thw)
+    m, u = config.spatial_merge_size, config.window_units
+    unit = m * m
+    rows = int(np.sum(np.prod(grid, axis=1)))
+    if tuple(np.shape(pixel_values)) != (rows, config.patch_dim):
+        raise ValueError(f"pixel_values of shape {tuple(np.shape(pixel_values))} do not match image_grid_thw "
+                         f"{grid.tolist()}: expected [{rows}, {config.patch_dim}] (the Qwen2-VL image processor's "
+                         "flattened patches)")
+    windows, coords, frames = [], [], []
+    merged = frame = 0
+    for t, h, w in grid:
+        hm, wm = h // m, w // m
+        nh, nw = -(-hm // u), -(-wm // u)
+        index = np.full((t, nh * u, nw * u), -1, np.int64)
+        index[:, :hm, :wm] = merged + np.arange(t * hm * wm).reshape(t, hm, wm)
+        blocks = index.reshape(t, nh, u, nw, u).transpose(0, 1, 3, 2, 4).reshape(-1, u * u)
+        windows.append(np.take_along_axis(blocks, np.argsort(blocks < 0, axis=1, kind="stable"), axis=1))
+        tt, yy, xx = np.meshgrid(np.arange(t), np.arange(hm), np.arange(wm), indexing="ij")
+        coords.append(np.stack([yy, xx], -1).reshape(-1, 2))
+        frames.append(frame + tt.reshape(-1))
+        merged, frame = merged + t * hm * wm, frame + t
+    units = np.concatenate(windows)  # [windows, u*u] global merged unit (-1: padding)
+    total = bucket(len(units), buckets)
+    units = np.concatenate([units, np.full((total - len(units), u * u), -1, np.int64)]).reshape(-1)
+    coords, frames = np.concatenate(coords), np.concatenate(frames)
+    real = units >= 0
+    safe = np.where(real, units, 0)
+    sub = np.stack(np.meshgrid(np.arange(m), np.arange(m), indexing="ij"), -1).reshape(unit, 2)
+    positions = coords[safe][:, None, :] * m + sub[None]  # [units, merge², 2]
+    order = np.zeros(len(units), np.int32)
+    order[units[real]] = np.flatnonzero(real)
+    pad = total * config.window_slots - rows
+    if isinstance(pixel_values, jax.Array):
+        px = jnp.pad(pixel_values, ((0, pad), (0, 0)))
+    else:
+        px = np.pad(np.asarray(pixel_values, np.float32), ((0, pad), (0, 0)))
+    return {
+        "pixel_values": px,
+        "slots": (safe[:, None] * unit + np.arange(unit)[None]).reshape(-1).astype(np.int32),
+        "positions": positions.reshape(-1, 2).astype(np.int32),
+        "segments": np.repeat(np.where(real, frames[safe], -1), unit).astype(np.int32),
+        "order": order,
+    }
+
+
+# ----------------------------------------------------------------------------- modules
+def rotate(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotary embedding of ``x [B, T, H, D]`` by per-token angles ``angles [B, T, D/2]``.
+
+    ``llama.apply_rope`` computes ``positions[..., None] * inv_freq``: unit positions and the
+    angle table as ``inv_freq`` give exactly ``angles`` (a product by 1.0), then its rotate-half.
+    """
+    return apply_rope(x, jnp.ones(x.shape[:2], jnp.float32), angles)
+
+
+class PatchEmbed(nnx.Module):
+    """Conv3d with stride = kernel = (T, p, p), no bias: a linear map of each flattened patch."""
+
+    def __init__(self, config: QwenVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c, t, p = config.in_channels, config.temporal_patch_size, config.patch_size
+        self.shape = (c, t, p, p)
+        self.proj = Linear(self.shape, (config.hidden_size,), in_axes=("channels", "patch", "patch", "patch"),
+                           out_axes=("embed",), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        return self.proj(patches.reshape(patches.shape[:-1] + self.shape))
+
+
+class VisionAttention(nnx.Module):
+    """Fused-qkv self-attention with 2D rotary (applied in float32, as transformers does)."""
+
+    def __init__(self, config: QwenVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, h, hd = config.hidden_size, config.num_heads, config.head_dim
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = Linear((d,), (3, h, hd), in_axes=("embed",), out_axes=(None, "heads", "head_dim"), **kw)
+        self.proj = Linear((h, hd), (d,), in_axes=("heads", "head_dim"), out_axes=("embed",), **kw)
+
+    def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
+        """``x [B, T, D]`` (B windows of T slots, or 1 × all slots), ``angles [B, T, hd/2]``, ``mask [B, T, T]``."""
+        qkv = self.qkv(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = rotate(q.astype(jnp.float32), angles).astype(v.dtype)
+        k = rotate(k.astype(jnp.float32), angles).astype(v.dtype)
+        return self.proj(dot_product_attention(q, k, v, mask))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, config: QwenVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(eps=_EPS, dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = RMSNorm(config.hidden_size, **norm)
+        self.attn = VisionAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = RMSNorm(config.hidden_size, **norm)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, angles, mask):
+        x = x + self.attn(self.norm1(x), angles, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then each 2×2 unit's four patches concatenated → Linear → GELU → Linear."""
+
+    def __init__(self, config: QwenVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, unit = config.hidden_size, config.spatial_merge_size ** 2
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.unit = unit
+        self.ln_q = RMSNorm(d, eps=_EPS, dtype=dtype, param_dtype=param_dtype)
+        self.linear_1 = Linear((unit, d), (unit * d,), in_axes=(None, "embed"), out_axes=("mlp",), **kw)
+        self.linear_2 = Linear((unit * d,), (config.out_hidden_size,), in_axes=("mlp",), out_axes=("embed",), **kw)
+        self.act = activation("gelu")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x)
+        return self.linear_2(self.act(self.linear_1(x.reshape(-1, self.unit, x.shape[-1]))))
+
+
+class QwenVision(nnx.Module):
+    """The tower: ``vision_inputs`` arrays → merged features ``[S / merge², out_hidden_size]`` in
+    placeholder order (the first ``Σ t·h·w / merge²`` rows are the images' tokens)."""
+
+    def __init__(self, config: QwenVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(config, **kw)
+        self.blocks = nnx.List([VisionBlock(config, **kw) for _ in range(config.depth)])
+        self.merger = PatchMerger(config, **kw)
+
+    def rope_angles(self, positions: jax.Array) -> jax.Array:
+        """``[S, head_dim/2]`` angles: row frequencies then column frequencies (axial 2D rotary)."""
+        half = self.config.head_dim // 2
+        inv_freq = 1.0 / (self.config.rope_theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [S, 2, head_dim/4]
+        return freqs.reshape(freqs.shape[0], -1)
+
+    def __call__(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
+        c = self.config
+        slots = jnp.asarray(inputs["slots"])
+        n, win = slots.shape[0], c.window_slots
+        x = self.patch_embed(jnp.take(jnp.asarray(inputs["pixel_values"]), slots, axis=0).astype(self.dtype))
+        angles = self.rope_angles(jnp.asarray(inputs["positions"]))
+        seg = jnp.asarray(inputs["segments"])
+        full_mask = (seg[:, None] == seg[None, :])[None]
+        seg_w = seg.reshape(-1, win)
+        window_mask = seg_w[:, :, None] == seg_w[:, None, :]
+        for i, block in enumerate(self.blocks):
+            if i in c.fullatt_block_indexes:
+                x = block(x[None], angles[None], full_mask)[0]
+            else:
+                x = block(x.reshape(-1, win, x.shape[-1]), angles.reshape(-1, win, angles.shape[-1]),
+                          window_mask).reshape(n, -1)
+        return jnp.take(self.merger(x), jnp.asarray(inputs["order"]), axis=0)
+
+
+def num_image_tokens(image_grid_thw: Any, config: QwenVisionConfig) -> int:
+    """Placeholder tokens of the images ``image_grid_thw [images, 3]``: ``Σ t·h·w / merge²``."""
+    return int(np.sum(np.prod(_grid(image_grid_thw), axis=1))) // config.spatial_merge_size ** 2
+
+
+__all__ = ["QwenVision", "QwenVisionConfig", "WINDOW_BUCKETS", "bucket", "num_image_tokens", "num_windows",
+           "vision_inputs"]

@@ -1,0 +1,111 @@
+"""One way to load a model for a stage: weights (a Hugging Face directory, optionally overlaid with
+an Orbax policy checkpoint), tokenizer, chat template and image encoder, freed when the stage ends."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import zlib
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rlaifv_jax.core import sharding
+from rlaifv_jax.core.checkpoint import Checkpointer
+from rlaifv_jax.core.tree import flat_values, unflat_values
+from rlaifv_jax.data import chat, prompts as prompts_lib
+from rlaifv_jax.models import hf
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where a stage's model comes from and how it runs."""
+
+    path: str  # Hugging Face directory: config.json, safetensors, tokenizer, image processor
+    template: str = "llava_v1"  # chat format: llava_v1 or chat (the tokenizer's template)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str | None = None  # stored weights (default: dtype)
+    toy: bool = False  # toy-world pixels instead of the checkpoint's image processor
+    checkpoint: str | None = None  # Orbax directory of policy checkpoints overlaid on the weights
+    step: int | None = None  # which checkpoint (None or 0: the Hugging Face weights as they are)
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A loaded model with what it needs to read prompts."""
+
+    spec: ModelSpec
+    model: nnx.Module
+    tokenizer: Any
+    encode_image: prompts_lib.ImageEncoder
+
+    @property
+    def template(self) -> str:
+        return self.spec.template
+
+    def prompt(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Sampler/labeler input for a prompt record: ids with the image placeholder expanded."""
+        pixel_values, image_sizes = self.encode_image(record["image"])
+        size = None if image_sizes is None else tuple(np.asarray(image_sizes)[0])
+        ids = chat.encode_prompt(self.tokenizer, record["question"], self.model.num_image_tokens(size),
+                                 image_token_id=self.model.config.image_token_id, template=self.template)
+        return {"id": zlib.crc32(str(record["id"]).encode()), "input_ids": ids.tolist(),
+                "pixel_values": pixel_values, "image_sizes": image_sizes}
+
+    def stop_ids(self) -> list[int]:
+        return [chat.end_of_turn_id(self.tokenizer, self.template)]
+
+    def free(self) -> None:
+        """Delete the model's device arrays now (peak memory is then one stage's models)."""
+        for leaf in jax.tree.leaves(nnx.state(self.model)):
+            if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                leaf.delete()
+
+
+def tokenizer(path: str):
+    """The checkpoint's tokenizer, from local files only."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def image_encoder(spec: ModelSpec) -> prompts_lib.ImageEncoder:
+    """The image encoder of ``spec``'s model (toy pixels, or the checkpoint's processor)."""
+    if spec.toy:
+        return prompts_lib.toy_image_encoder
+    architecture, _ = hf.read_config(spec.path)
+    return prompts_lib.hf_image_encoder(spec.path, architecture)
+
+
+def restore_params(model: nnx.Module, directory: str, step: int) -> dict[str, Any]:
+    """Overlay ``model``'s parameters with Orbax checkpoint ``step`` of ``directory`` (same sharding);
+    returns the checkpoint's JSON side-car."""
+    state = nnx.state(model, nnx.Param)
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flat_values(state).items()}
+    with Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
+        values, extra = ckpt.restore(step, target)
+    nnx.update(model, unflat_values(state, values))
+    return extra
+
+
+def load(spec: ModelSpec, mesh, rules: sharding.Rules = sharding.TRAIN_RULES) -> Bundle:
+    """Load ``spec`` onto ``mesh`` (placed by ``rules``)."""
+    dtype = hf.parse_dtype(spec.dtype)
+    model = hf.load_pretrained(spec.path, dtype=dtype, param_dtype=hf.parse_dtype(spec.param_dtype or spec.dtype),
+                               mesh=mesh, rules=rules)
+    if spec.checkpoint and spec.step:
+        restore_params(model, spec.checkpoint, spec.step)
+    return Bundle(spec, model, tokenizer(spec.path), image_encoder(spec))
+
+
+@contextlib.contextmanager
+def loaded(spec: ModelSpec, mesh, rules: sharding.Rules = sharding.TRAIN_RULES) -> Iterator[Bundle]:
+    """``load`` for the duration of a ``with`` block, freed on exit."""
+    bundle = load(spec, mesh, rules)
+    try:
+        yield bundle
+    finally:
+        bundle.free()

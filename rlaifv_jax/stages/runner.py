@@ -1,0 +1,54 @@
+"""How every record stage runs: this host's share through ``core.records``, models loaded only
+when work remains, then a barrier across hosts and all of the stage's records."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+from typing import Any, Callable, ContextManager, Sequence
+
+import jax
+from jax.experimental import multihost_utils
+
+from rlaifv_jax.core import records
+
+log = logging.getLogger(__name__)
+ChunkFn = Callable[[list[Any]], list[dict[str, Any]]]
+
+
+def run(stage_dir: str, inputs: Sequence[Any], open_fn: Callable[[], ContextManager[ChunkFn]], *,
+        chunk_size: int, desc: str, progress: bool, key_fn: Callable[[Any], str] = lambda r: r["key"]
+        ) -> list[dict[str, Any]]:
+    """Run one stage over this host's missing share and return all of its records.
+
+    ``open_fn()`` is entered only when this host has work left (so a finished stage loads no model);
+    it yields the function that maps a chunk of inputs to one record each, and frees what it loaded
+    on exit. Every host then waits at a barrier named after the stage.
+    """
+    if records.read_marker(stage_dir, jax.process_index()) is None:
+        with open_fn() as fn:
+            summary = records.run_stage(stage_dir, inputs, fn, key_fn=key_fn, chunk_size=chunk_size,
+                                        process_index=jax.process_index(), process_count=jax.process_count(),
+                                        desc=desc, progress=progress)
+        if summary.get("warnings"):
+            log.warning("%s: %s", desc, summary["warnings"])
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(stage_dir)
+    return records.read_stage(stage_dir)
+
+
+def plain(fn: ChunkFn) -> Callable[[], ContextManager[ChunkFn]]:
+    """``open_fn`` for a stage that loads nothing."""
+    return lambda: contextlib.nullcontext(fn)
+
+
+def stage_warnings(stage_dirs: Sequence[str]) -> dict[str, dict[str, int]]:
+    """The warning counts of every finished stage, by stage name."""
+    out = {}
+    for d in stage_dirs:
+        counts: collections.Counter = collections.Counter()
+        if os.path.isdir(d):
+            counts.update(records.warning_counts(records.read_stage(d)))
+        out[os.path.basename(d)] = dict(counts)
+    return out
