@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="RLAIF-V in JAX/Flax: online AI-feedback alignment of multimodal LLMs",
     packages=find_packages(include=["rlaifv_jax", "rlaifv_jax.*"]),
+    package_data={"rlaifv_jax.eval": ["data/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
@@ -17,6 +18,7 @@ setup(
         "tensorflow-datasets>=4.9",
         "grain>=0.2.18",
         "safetensors",
+        "etils[epath]",
         "ml_collections",
         "absl-py",
         "pillow",
@@ -26,9 +28,12 @@ setup(
         "pyarrow",
         "tensorboardX",
         "matplotlib",
+        "lemminflect",
     ],
     extras_require={
         # torch is the numerical reference in tests only; pinned exactly so pip takes the local CPU wheel.
         "test": ["pytest", "torch==2.13.0"],
+        # gs:// workdirs and checkpoints (core/paths.py: etils.epath's Cloud Storage backend).
+        "gcs": ["gcsfs"],
     },
 )

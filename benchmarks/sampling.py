@@ -63,7 +63,7 @@ def main():
     print("| sampler | s per repeat | tokens/s | ratio |")
     print("|---|---|---|---|")
     print(f"| transformers generate(num_return_sequences={N}) | {t_hf:.2f} | {hf_tps:.0f} | 1.00 |")
-    print(f"| rlaifv_jax.sampling.generate (batch {args.batch_size}) | {t_ours:.2f} | {ours_tps:.0f} | "
+    print(f"| rlaifv_jax.engine.generate (batch {args.batch_size}) | {t_ours:.2f} | {ours_tps:.0f} | "
           f"{ours_tps / hf_tps:.2f} |")
 
 

@@ -15,7 +15,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.path = ""  # parquet/JSONL file(s): comma-separated, globs allowed (RLAIF-V-Dataset schema)
     c.data.max_length = 2048  # prompt (image tokens included) + longer answer; longer pairs are skipped
     c.data.template = "llava_v1"  # chat format: "llava_v1" (LLaVA-1.5) or "chat" (tokenizer's template)
-    c.data.pad_to_square = True  # LLaVA-1.5 image_aspect_ratio="pad": pad to square with the mean colour
 
     c.policy = ml_collections.ConfigDict()
     c.policy.path = ""  # local Hugging Face LLaVA directory (config.json, safetensors, tokenizer, processor)

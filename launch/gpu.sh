@@ -3,7 +3,7 @@
 set -euo pipefail
 CONFIG=$1; WORKDIR=$2; shift 2
 cd "$(dirname "$0")/.."
-[ -d .venv ] || { python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[cuda12]'; }
+launch/ensure_venv.sh cuda12
 . .venv/bin/activate
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 python -m rlaifv_jax.main --config "$CONFIG" --workdir "$WORKDIR" "$@"

@@ -58,7 +58,7 @@ def test_beam_search_equals_transformers(models, name):
     cases = [(3, [2, extra], {}), (3, [2], {"length_penalty": 0.5}),
              (3, [2, extra], {"length_penalty": 2.0, "early_stopping": True})]
     if name == "llama":
-        cases += [(1, [2, extra], {}), (2, [2, extra], {"length_penalty": 0.5})]
+        cases += [(1, [2, extra], {})]  # one beam: transformers' greedy search
     finished_early = 0
     for k, stop, kw in cases:
         got = beam.beam_search(model, prompts, num_beams=k, max_new_tokens=max_new, stop_token_ids=stop,

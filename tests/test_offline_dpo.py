@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 import tiny_hf
+from rlaifv_jax.core import records
 from rlaifv_jax.pipelines import offline
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "configs"))
@@ -78,7 +79,7 @@ def test_offline_dpo_end_to_end(setup, tmp_path):
     summary = offline.run(config, str(tmp_path))
     assert summary["pairs"] == 24 and summary["skipped"] == {"chosen_equals_rejected": 1}
     assert summary["steps"] == 12 and summary["checkpoint_every"] == 3
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "train" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert abs(rows[0]["loss"] - np.log(2)) < 1e-5  # policy == reference at step 0
     first, last = rows[:3], rows[-3:]
@@ -86,7 +87,7 @@ def test_offline_dpo_end_to_end(setup, tmp_path):
     assert mean(last, "loss") < mean(first, "loss") - 0.05, rows
     assert mean(last, "rewards/accuracies") > mean(first, "rewards/accuracies") + 0.3, rows
     assert all(k in rows[0] for k in ("grad_norm", "learning_rate", "logps/ref_chosen", "rewards/margins"))
-    assert (tmp_path / "tensorboard").is_dir() and (tmp_path / "ref_logps.npz").exists()
+    assert (tmp_path / "train" / "tensorboard").is_dir() and records.stage_done(str(tmp_path / "ref_logps"))
 
     export = tmp_path / "export"
     back = LlavaForConditionalGeneration.from_pretrained(str(export))

@@ -1,5 +1,6 @@
 """Qwen2.5-VL parity with transformers (float32, highest matmul precision) on a tiny random model:
 logits, vision features, M-RoPE positions, cached greedy decoding, bucket padding, export."""
+import functools
 import json
 import os
 
@@ -12,11 +13,13 @@ from flax import nnx
 from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
+from rlaifv_jax.core import sharding
 from rlaifv_jax.models import hf, qwen_vision
 from rlaifv_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 
 TOL = 1e-4
 IMAGE, START, END = 110, 111, 112
+TRACES = []
 ARCH_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "arch")
 # 56 px windows = 2 x 2 merged units: the test images span 6 and 8 windows, some partial; block 1 of 3
 # attends fully, blocks 0 and 2 by window.
@@ -80,6 +83,25 @@ def _hf(ref, ids, mask, px, grid):
                    mm_token_type_ids=t((ids == IMAGE).astype(np.int64))).logits.numpy()
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _tile(graphdef, state, inputs):
+    TRACES.append(1)
+    return nnx.merge(graphdef, state).tile_features(inputs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids, inputs, positions, mask):
+    """The engine's way: vision_inputs arrays and host positions into one jitted forward."""
+    return nnx.merge(graphdef, state)(ids, pixel_values=inputs, positions=positions, attention_mask=mask)
+
+
+def _call(model, ids, mask, px, grid):
+    """``model(ids, pixel_values=..., image_grid_thw=...)`` (host-side positions) compiled as one program."""
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, p: nnx.merge(graphdef, s)(ids, pixel_values=p, image_grid_thw=grid, attention_mask=mask))
+    return np.asarray(fn(state, jnp.asarray(px)))
+
+
 def _diff(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
@@ -92,8 +114,9 @@ def test_one_image_logits_features_positions(models, images):
     ids, mask = _batch([_row(np.random.RandomState(1), [grid[0]])])
     with torch.no_grad():
         want_feats = ref.model.get_image_features(torch.tensor(px), torch.tensor(grid)).pooler_output[0].numpy()
-    assert _diff(model.image_features(px, grid), want_feats) <= TOL
-    assert _diff(model(jnp.asarray(ids), pixel_values=px, image_grid_thw=grid), _hf(ref, ids, mask, px, grid)) <= TOL
+    feats = _tile(*nnx.split(model), model.vision_inputs(px, grid))
+    assert _diff(model.pack_tile_features(feats, None, grid), want_feats) <= TOL
+    assert _diff(_call(model, ids, mask, px, grid), _hf(ref, ids, mask, px, grid)) <= TOL
 
 
 def test_two_images_of_different_sizes_in_a_left_padded_batch(models, images):
@@ -108,7 +131,8 @@ def test_two_images_of_different_sizes_in_a_left_padded_batch(models, images):
     pos, delta = model.position_ids(ids, mask, grid)
     np.testing.assert_array_equal(pos, want_pos.numpy())
     np.testing.assert_array_equal(delta, want_delta.numpy()[:, 0])
-    got = np.asarray(model(jnp.asarray(ids), pixel_values=px, image_grid_thw=grid, attention_mask=jnp.asarray(mask)))
+    inputs = model.vision_inputs(px, grid)
+    got = np.asarray(_logits(*nnx.split(model), jnp.asarray(ids), inputs, pos, jnp.asarray(mask)))
     real = mask.astype(bool)
     assert _diff(got[real], _hf(ref, ids, mask, px, grid)[real]) <= TOL
 
@@ -116,7 +140,7 @@ def test_two_images_of_different_sizes_in_a_left_padded_batch(models, images):
 def test_cached_greedy_decode_with_rope_deltas_matches_generate(models, images):
     """Prefill at ``position_ids``; decode at ``real tokens before + rope_deltas``: HF's greedy tokens."""
     ref, model = models
-    px, grid = images[1]
+    px, grid = images[0]
     ids, mask = _batch([_row(np.random.RandomState(3), [grid[0]])])
     steps, t = 5, torch.tensor
     with torch.no_grad():
@@ -124,40 +148,71 @@ def test_cached_greedy_decode_with_rope_deltas_matches_generate(models, images):
                             mm_token_type_ids=t((ids == IMAGE).astype(np.int64)), max_new_tokens=steps,
                             do_sample=False)[0, ids.shape[1]:].numpy()
     n = ids.shape[1]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, x, positions, key_mask, cache, index):
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m.forward_embeds(x, positions=positions, key_mask=key_mask, cache=cache, cache_index=index)
+        return jnp.argmax(m.logits(hidden[:, -1]), axis=-1), cache
+
     positions, deltas = model.position_ids(ids, mask, grid)
     key_mask = jnp.zeros((1, n + steps), bool).at[:, :n].set(True)
-    x = model.embed(jnp.asarray(ids), model.image_features(px, grid))
-    hidden, cache = model.forward_embeds(x, positions=positions, key_mask=key_mask, cache=model.init_cache(1, n + steps))
-    tokens = [int(jnp.argmax(model.logits(hidden[:, -1])))]
-    for i in range(steps - 1):
-        slot = n + i
+    feats = model.pack_tile_features(_tile(graphdef, state, model.vision_inputs(px, grid)), None, grid)
+    cache = model.init_cache(1, n + steps)
+    token, cache = step(state, model.embed(jnp.asarray(ids), feats), positions, key_mask, cache, 0)
+    tokens = [int(token[0])]
+    for slot in range(n, n + steps - 1):
         key_mask = key_mask.at[:, slot].set(True)
-        pos = jnp.asarray([[slot + deltas[0]]])
-        hidden, cache = model.forward_embeds(model.embed(jnp.asarray([[tokens[-1]]])), positions=pos,
-                                             key_mask=key_mask, cache=cache, cache_index=slot)
-        tokens.append(int(jnp.argmax(model.logits(hidden[:, -1]))))
+        position = jnp.asarray([[slot + deltas[0]]])  # real tokens before the slot + rope delta
+        token, cache = step(state, model.embed(token[:, None]), position, key_mask, cache, slot)
+        tokens.append(int(token[0]))
     np.testing.assert_array_equal(tokens, want)
+
+
+def test_shared_prefix_rows_continue_at_rope_deltas(models, images):
+    """The labeler's way: rows attend to one cached image prompt (``prefix=``) and continue at
+    ``prompt length + step + rope_deltas``; equal to transformers on the concatenated sequences."""
+    ref, model = models
+    px, grid = images[0]
+    prompt = _row(np.random.RandomState(6), [grid[0]])
+    conts = np.array([[7, 8, 9], [10, 11, 12]])
+    n, (rows, c) = len(prompt), conts.shape
+    positions, deltas = model.position_ids(np.array([prompt]), None, grid)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def score(state, x, positions, cont_positions):
+        m = nnx.merge(graphdef, state)
+        _, cache = m.forward_embeds(x, positions=positions, key_mask=jnp.ones((1, n), bool), cache=m.init_cache(1, n))
+        hidden, _ = m.forward_embeds(m.embed(jnp.asarray(conts)), positions=cont_positions,
+                                     key_mask=jnp.ones((rows, c), bool), cache=m.init_cache(rows, c),
+                                     prefix=(cache, jnp.ones((1, n), bool)))
+        return m.logits(hidden)
+
+    feats = model.pack_tile_features(_tile(graphdef, state, model.vision_inputs(px, grid)), None, grid)
+    cont_positions = np.broadcast_to(n + np.arange(c) + deltas[0], (rows, c))
+    got = score(state, model.embed(jnp.asarray([prompt]), feats), positions, cont_positions)
+    full = np.array([prompt + list(r) for r in conts])
+    want = _hf(ref, full, np.ones_like(full), np.concatenate([px, px]), np.concatenate([grid, grid]))[:, n:]
+    assert _diff(got, want) <= TOL
 
 
 def test_bucket_padding_is_invisible_and_compiles_once_per_bucket(models, images):
     _, model = models
     graphdef, state = nnx.split(model)
-    traces = []
-
-    @jax.jit
-    def tile(state, inputs):
-        traces.append(1)
-        return nnx.merge(graphdef, state).tile_features(inputs)
-
+    cfg = model.config.vision
     feats = {}
-    for (px, grid), buckets in ((images[0], (8,)), (images[1], (8,)), (images[0], (2, 64))):
+    before = len(TRACES)
+    for i, buckets in ((0, (8,)), (1, (8,)), (0, qwen_vision.WINDOW_BUCKETS)):
+        px, grid = images[i]
         inputs = model.vision_inputs(px, grid, buckets)
-        assert inputs["slots"].shape[0] == qwen_vision.bucket(qwen_vision.num_windows(grid, model.config.vision),
-                                                              buckets) * model.config.vision.window_slots
-        feats[grid.tobytes(), buckets] = model.pack_tile_features(tile(state, inputs), None, grid)
-    assert len(traces) == 2  # 6 and 8 windows share the 8-window program; 64 windows is another
-    assert _diff(feats[images[0][1].tobytes(), (8,)], feats[images[0][1].tobytes(), (2, 64)]) <= 1e-6
-    assert _diff(feats[images[0][1].tobytes(), (8,)], model.image_features(*images[0])) <= 1e-6
+        windows = qwen_vision.bucket(qwen_vision.num_windows(grid, cfg), buckets)
+        assert inputs["slots"].shape == (windows * cfg.window_slots,) and windows == (8 if len(buckets) == 1 else 6)
+        feats[i, len(buckets)] = model.pack_tile_features(_tile(graphdef, state, inputs), None, grid)
+        assert feats[i, len(buckets)].shape == (model.num_image_tokens(grid), cfg.out_hidden_size)
+    assert len(TRACES) - before <= 2  # images of 6 and 8 windows share the 8-window program
+    assert _diff(feats[0, 1], feats[0, len(qwen_vision.WINDOW_BUCKETS)]) <= 1e-6
 
 
 def test_export_round_trip_tied_embeddings(tmp_path, images):
@@ -170,7 +225,7 @@ def test_export_round_trip_tied_embeddings(tmp_path, images):
     ids, mask = _batch([_row(np.random.RandomState(4), [grid[0]])])
     want = _hf(ref, ids, mask, px, grid)
     assert _diff(_hf(back, ids, mask, px, grid), want) <= 1e-6
-    assert _diff(model(jnp.asarray(ids), pixel_values=px, image_grid_thw=grid), want) <= TOL
+    assert _diff(_call(model, ids, mask, px, grid), want) <= TOL
 
 
 @pytest.mark.parametrize("size, layers, tied", [("7b", 28, False), ("3b", 36, True)])
@@ -187,6 +242,16 @@ def test_hub_architecture_configs(size, layers, tied):
     assert (v.window_units, v.window_slots, v.patch_dim, v.out_hidden_size) == (4, 64, 1176, t.hidden_size)
     assert v.fullatt_block_indexes == tuple(ref.vision_config.fullatt_block_indexes) == (7, 15, 23, 31)
     assert Qwen25VLConfig.from_hf(config.to_hf()) == config
+    # Every parameter has logical axes that shard on a mesh, and the count equals transformers' (two
+    # layers of each stack keep it quick; the full 7B / 3B give 8,292,166,656 / 3,754,622,976 on both sides).
+    short = {**cfg, "num_hidden_layers": 2, "vision_config": {**cfg["vision_config"], "depth": 2}}
+    params = nnx.state(nnx.eval_shape(lambda: Qwen25VL(Qwen25VLConfig.from_hf(short), rngs=nnx.Rngs(0))), nnx.Param)
+    flat = [v for _, v in nnx.to_flat_state(params)]
+    assert all(len(v.axes) == v.get_value().ndim for v in flat)
+    sharding.state_shardings(params, sharding.make_mesh(fsdp=4, tensor=2))
+    with torch.device("meta"):
+        ref_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**short))
+    assert sum(v.get_value().size for v in flat) == sum(p.numel() for p in ref_model.parameters())
 
 
 def test_bad_inputs_name_the_problem(models, images):

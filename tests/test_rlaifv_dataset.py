@@ -1,4 +1,5 @@
-"""RLAIF-V-Dataset reader (parquet + JSONL, bad records counted) and the grain pipeline (sharding, resume)."""
+"""RLAIF-V-Dataset reader (parquet + JSONL, bad records counted), tokenize-once, the grain pipeline (sharding,
+resume), and the lazy prompt-file reader."""
 import base64
 import collections
 import io
@@ -18,9 +19,12 @@ from rlaifv_jax.data.rlaifv_dataset import (
     make_iterator,
     make_pair_dataset,
     pair_example_fn,
+    pair_lengths,
     pair_text_fn,
     read_rlaifv,
+    tokenize_records,
 )
+from rlaifv_jax.data.prompts import read_prompt_file
 
 WORDS = "what is in the image ? a red blue circle square cat dog there yes no and".split()
 IMAGE_ID = 3
@@ -171,3 +175,59 @@ def test_sharding_epochs_and_resume(tmp_path, tokenizer):
     assert [next(resumed)["idx"].tolist() for _ in range(9)] == expected
     fresh = make_iterator(ds)
     assert [next(fresh)["idx"].tolist() for _ in range(13)][4:] == expected
+
+
+def test_directory_of_shards(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.Table.from_pylist([row(i, image_bytes=png_bytes(i)) for i in range(3)]), shards / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([row(i, image_bytes=png_bytes(i)) for i in range(3, 5)]), shards / "b.parquet")
+    (shards / "notes.txt").write_text("ignored")
+    records, skipped = read_rlaifv(str(shards), verbose=False)
+    assert [r.meta["idx"] for r in records] == [0, 1, 2, 3, 4] and not skipped
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetFileError, match="holds no .parquet / .jsonl file"):
+        read_rlaifv(str(tmp_path / "empty"), verbose=False)
+
+
+def test_tokenize_records_calls_text_fn_once_per_record(files, tokenizer):
+    records, _ = read_rlaifv(files, verbose=False)
+    text_fn = pair_text_fn(tokenizer, image_token_count=4, image_token_id=IMAGE_ID, max_length=64)
+    calls = collections.Counter()
+
+    def counted(record):
+        calls[record.source] += 1
+        return text_fn(record)
+
+    pairs, skipped = tokenize_records(records, counted, num_threads=2, verbose=False)
+    assert set(calls.values()) == {1} and len(calls) == len(records)
+    assert skipped == {"too_long": 1} and len(pairs) == len(records) - 1
+    kept = [r for r in records if r.meta["idx"] != 8]
+    for r in kept:
+        r.features = text_fn(r)
+    np.testing.assert_array_equal(pair_lengths(pairs), pair_lengths(kept))  # the compact store vs per-record
+    for got, want in zip(pairs, kept):
+        assert got.source == want.source
+        for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            np.testing.assert_array_equal(got.features[k], want.features[k])
+    with pytest.raises(IndexError):
+        pairs[len(pairs)]
+
+
+def test_prompt_file_decodes_images_on_access(tmp_path):
+    Image.fromarray(np.full((4, 5, 3), 10, np.uint8)).save(tmp_path / "a.png")
+    lines = [json.dumps({"id": "p", "image_path": "a.png", "question": " what ? "}),
+             json.dumps({"id": "b", "image": base64.b64encode(png_bytes(3)).decode(), "question": "why ?"}),
+             json.dumps({"id": "c", "image_path": "a.png", "question": ""})]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    recs, report = read_prompt_file(str(tmp_path / "prompts.jsonl"))
+    assert report.kept == 2 and report.skipped == {"empty_question": 1}
+    assert dict(recs[0])["question"] == "what ?" and recs[0]["id"] == "p"
+    np.testing.assert_array_equal(recs[1]["image"], np.asarray(Image.open(io.BytesIO(png_bytes(3))).convert("RGB")))
+    assert recs[0]["image"].dtype == np.uint8 and recs[0]["image"].shape == (4, 5, 3)
+    # nothing decoded is kept: the file is read again on every access
+    Image.fromarray(np.full((2, 3, 3), 99, np.uint8)).save(tmp_path / "a.png")
+    assert recs[0]["image"].shape == (2, 3, 3) and recs[0].encoded() == (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(b"broken later")
+    with pytest.raises(ValueError, match="prompts.jsonl line 1: cannot decode the image"):
+        recs[0]["image"]

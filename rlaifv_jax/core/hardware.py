@@ -125,5 +125,6 @@ def devices(topology: Slice) -> list:
     if importlib.util.find_spec("libtpu") is None:
         raise MissingLibtpu(f"topology {topology.name}: {INSTALL_HINT}")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server on a machine without TPUs
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no claim on /tmp/libtpu_lockfile
     from jax.experimental import topologies
     return list(topologies.get_topology_desc(**topology.topology_kwargs()).devices)

@@ -284,7 +284,7 @@ class TokenizedRecords(collections.abc.Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        record = self.source[int(self.keep[i])]
+        record = self.source[int(self.keep[i])]  # keep[i] raises IndexError past the end
         record.features = {k: values[offsets[i]:offsets[i + 1]] for k, (values, offsets) in self.features.items()}
         return record
 

@@ -182,7 +182,10 @@ class TfdsRecords(collections.abc.Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        ex = self.source[i]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record {i} out of range for {n} records")
+        ex = self.source[i % n]
         text = {k: ex[k].decode("utf-8") for k in TEXT_FEATURES}
         return PreferenceRecord(text["question"], text["chosen"], text["rejected"], ex["image"], text["source"],
                                 meta={k: text[k] for k in META_FIELDS})
@@ -192,9 +195,8 @@ def load_split(data_dir: str, split: str = "train", *, config: str = "default") 
     """Split ``split`` of the dataset built by ``prepare`` (``tfds.data_source``, images undecoded)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    try:
-        source = tfds.data_source(f"{NAME}/{config}", split=split, data_dir=data_dir, download=False,
-                                  decoders={"image": tfds.decode.SkipDecoding()})
-    except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError) as e:
-        raise DatasetFileError(f"no {NAME}/{config} dataset in {data_dir}; build it with prepare(): {e}") from e
-    return TfdsRecords(source)
+    built = os.path.join(data_dir, NAME, config, str(RlaifvDataset.VERSION), "dataset_info.json")
+    if not os.path.exists(built):
+        raise DatasetFileError(f"no {NAME}/{config} dataset in {data_dir} (missing {built}); build it with prepare()")
+    return TfdsRecords(tfds.data_source(f"{NAME}/{config}", split=split, data_dir=data_dir, download=False,
+                                        decoders={"image": tfds.decode.SkipDecoding()}))

@@ -97,20 +97,29 @@ class LayerNorm(nnx.Module):
         return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
+def _gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Module-level functions (never fresh lambdas): they are static attributes of the modules, so two
+# loads of one checkpoint have equal graph definitions and share every compiled program.
+_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": _gelu, "gelu_pytorch_tanh": _gelu_tanh,
+                "gelu_new": _gelu_tanh, "quick_gelu": _quick_gelu, "relu": jax.nn.relu}
+
+
 def activation(name: str):
     """The activation functions transformers configs name (exact, not tanh-approximated, GELU)."""
-    fns = {
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-        "relu": jax.nn.relu,
-    }
-    if name not in fns:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(fns)}")
-    return fns[name]
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:

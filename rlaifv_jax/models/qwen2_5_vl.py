@@ -79,7 +79,8 @@ class Qwen25VLConfig:
                  "rope_parameters": {"rope_type": "default",
                                      "rope_theta": rope.get("rope_theta", text.get("rope_theta", 1e6))}}
         tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        token = {f.name: int(cfg.get(f.name, f.default)) for f in dataclasses.fields(cls) if f.name.endswith("token_id")}
+        token = {f.name: int(cfg.get(f.name, f.default))
+                 for f in dataclasses.fields(cls) if f.name.endswith("token_id")}
         return cls(text=LlamaConfig.from_hf(llama, tie_word_embeddings=bool(tie)),
                    vision=QwenVisionConfig.from_hf(cfg["vision_config"]), mrope_section=sections, **token)
 

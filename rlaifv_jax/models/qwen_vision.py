@@ -24,7 +24,6 @@ in the (few) full-attention blocks. Padding slots attend only to padding and are
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import jax

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import zlib
 from typing import Any, Iterator
 
@@ -72,12 +73,26 @@ def tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def pad_id(tok) -> int:
+    """The id that pads token rows: the tokenizer's pad token, else EOS, else 0."""
+    for candidate in (tok.pad_token_id, tok.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def image_encoder(spec: ModelSpec) -> prompts_lib.ImageEncoder:
     """The image encoder of ``spec``'s model (toy pixels, or the checkpoint's processor)."""
     if spec.toy:
         return prompts_lib.toy_image_encoder
     architecture, _ = hf.read_config(spec.path)
     return prompts_lib.hf_image_encoder(spec.path, architecture)
+
+
+def abstract_model(path: str) -> nnx.Module:
+    """The model of a Hugging Face directory built abstractly (shapes only; no weights are read)."""
+    architecture, cfg = hf.read_config(path)
+    return nnx.eval_shape(lambda: hf.build_model(architecture, cfg))
 
 
 def restore_params(model: nnx.Module, directory: str, step: int) -> dict[str, Any]:
@@ -91,11 +106,26 @@ def restore_params(model: nnx.Module, directory: str, step: int) -> dict[str, An
     return extra
 
 
+def save_params(model: nnx.Module, directory: str, step: int, extra: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s parameters as Orbax checkpoint ``step`` of ``directory`` (every process
+    calls it; Orbax writes collectively), waiting until it is complete."""
+    with Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
+        ckpt.save(step, flat_values(nnx.state(model, nnx.Param)), extra or {}, force=True)
+
+
+def saved_steps(directory: str) -> list[int]:
+    """Complete checkpoints of ``directory`` (none if it does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    with Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
+        return ckpt.all_steps()
+
+
 def load(spec: ModelSpec, mesh, rules: sharding.Rules = sharding.TRAIN_RULES) -> Bundle:
     """Load ``spec`` onto ``mesh`` (placed by ``rules``)."""
     dtype = hf.parse_dtype(spec.dtype)
     model = hf.load_pretrained(spec.path, dtype=dtype, param_dtype=hf.parse_dtype(spec.param_dtype or spec.dtype),
-                               mesh=mesh, rules=rules)
+                               shardings=lambda state: sharding.state_shardings(state, mesh, rules))
     if spec.checkpoint and spec.step:
         restore_params(model, spec.checkpoint, spec.step)
     return Bundle(spec, model, tokenizer(spec.path), image_encoder(spec))

@@ -1,0 +1,133 @@
+"""Answering benchmark questions with a local model through the shared engine.
+
+``Policy`` loads a Hugging Face LLaVA directory (weights with ``models.hf.load_pretrained``, its
+tokenizer, its image preprocessing), turns questions into sampler prompts (``data.chat.encode_prompt``,
+``llava_v1`` by default) and answers them greedily (``engine.generate``) or by beam search
+(``engine.beam``), in chunks so that only a chunk's images are decoded at a time. ``best_of_n``
+samples N answers per question and keeps the one with the highest implicit reward
+(``engine.reward``) against a reference model.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from rlaifv_jax.data import chat, prompts as prompts_lib
+from rlaifv_jax.engine import beam, generate, reward
+from rlaifv_jax.eval.questions import Question, load_image
+from rlaifv_jax.models import hf
+from rlaifv_jax.models.llava import Llava
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's own tokenizer, never downloaded."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+class Policy:
+    """A multimodal model that answers benchmark questions."""
+
+    def __init__(self, path: str, *, dtype: str = "bfloat16", template: str = "llava_v1"):
+        if template not in chat.TEMPLATES:
+            raise ValueError(f"template must be one of {chat.TEMPLATES}, got {template!r}")
+        architecture, _ = hf.read_config(path)
+        self.path, self.template = path, template
+        self.model = hf.load_pretrained(path, dtype=hf.parse_dtype(dtype))
+        if not isinstance(self.model, Llava):
+            raise ValueError(f"{path}: {architecture} is text-only; the suites need a multimodal (LLaVA) model")
+        self.tokenizer = load_tokenizer(path)
+        self.encode_image = prompts_lib.hf_image_encoder(path, architecture)
+
+    def stop_ids(self) -> list[int]:
+        """The end-of-turn token of the chat format."""
+        return [chat.end_of_turn_id(self.tokenizer, self.template)]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+
+    def prompt(self, q: Question, image: np.ndarray, suffix: str = "") -> dict[str, Any]:
+        """The sampler input for a question (image placeholder expanded)."""
+        pixel_values, image_sizes = self.encode_image(image)
+        size = None if image_sizes is None else tuple(np.asarray(image_sizes)[0])
+        ids = chat.encode_prompt(self.tokenizer, q.question + suffix, self.model.num_image_tokens(size),
+                                 image_token_id=self.model.config.image_token_id, template=self.template)
+        return {"id": q.id, "input_ids": ids.tolist(), "pixel_values": pixel_values, "image_sizes": image_sizes}
+
+    def chunks(self, questions: Sequence[Question], size: int, suffix: str = "") -> Iterator[list[dict]]:
+        """Sampler prompts ``size`` questions at a time (a shared image is decoded once per chunk)."""
+        for lo in range(0, len(questions), size):
+            images: dict[Any, np.ndarray] = {}
+            out = []
+            for q in questions[lo:lo + size]:
+                key = q.image if not q.image_is_base64 else id(q)
+                if key not in images:
+                    images[key] = load_image(q)
+                out.append(self.prompt(q, images[key], suffix))
+            yield out
+
+    def answer(self, questions: Sequence[Question], *, num_beams: int, max_new_tokens: int, batch_size: int = 8,
+               suffix: str = "", progress: bool = True) -> list[str]:
+        """One answer per question: greedy (``num_beams=1``) or beam search."""
+        texts: list[str] = []
+        bar = tqdm(total=len(questions), unit="question", disable=not progress,
+                   desc="greedy" if num_beams == 1 else f"beam search ({num_beams})")
+        for prompts in self.chunks(questions, 4 * batch_size, suffix):
+            if num_beams == 1:
+                outs = generate.generate(self.model, prompts, max_new_tokens=max_new_tokens,
+                                         stop_token_ids=self.stop_ids(), batch_size=batch_size, progress=False)
+            else:
+                outs = beam.beam_search(self.model, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                        stop_token_ids=self.stop_ids(), batch_size=batch_size, progress=False)
+            texts += [self.decode(o["tokens"][0]) for o in outs]
+            bar.update(len(prompts))
+        bar.close()
+        return texts
+
+
+def load_reference(path: str, policy: Policy, dtype: str = "bfloat16") -> nnx.Module:
+    """The pre-alignment model; it must read the policy's prompts (same architecture and vocabulary)."""
+    model = hf.load_pretrained(path, dtype=hf.parse_dtype(dtype))
+    if type(model) is not type(policy.model) or model.config.text.vocab_size != policy.model.config.text.vocab_size:
+        raise ValueError(f"--reference {path} is not the same kind of model as --model {policy.path} "
+                         "(architecture and vocabulary must match)")
+    return model
+
+
+def best_of_n(policy: Policy, reference: nnx.Module, questions: Sequence[Question], *, n: int, beta: float,
+              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+              seed: int = 0, batch_size: int = 8, suffix: str = "", progress: bool = True) -> list[dict[str, Any]]:
+    """For each question, ``n`` sampled answers scored by the implicit reward (``engine.reward``);
+    returns ``{"answer": best, "samples": [{"answer", "reward", "logp", "ref_logp", "tokens"}]}``
+    (ties: the first sample)."""
+    eot = policy.stop_ids()[0]
+    out: list[dict[str, Any]] = []
+    bar = tqdm(total=len(questions), unit="question", disable=not progress, desc=f"best of {n}")
+    for prompts in policy.chunks(questions, batch_size, suffix):
+        samples = generate.generate(policy.model, prompts, num_samples=n, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    stop_token_ids=policy.stop_ids(), seed=seed, batch_size=batch_size,
+                                    progress=False)
+        for prompt, sample in zip(prompts, samples):
+            answers = [toks + [eot] if stopped else toks for toks, stopped in zip(sample["tokens"], sample["stopped"])]
+            logp, count = reward.sequence_logps(policy.model, prompt, answers, batch_size=batch_size)
+            ref_logp, _ = reward.sequence_logps(reference, prompt, answers, batch_size=batch_size)
+            rewards = reward.implicit_reward(logp, ref_logp, count, beta)
+            texts = [policy.decode(t) for t in sample["tokens"]]
+            best = int(np.argmax(rewards))
+            out.append({"answer": texts[best], "samples": [
+                {"answer": t, "reward": float(r), "logp": float(lp), "ref_logp": float(rl), "tokens": int(c)}
+                for t, r, lp, rl, c in zip(texts, rewards, logp, ref_logp, count)]})
+        bar.update(len(prompts))
+    bar.close()
+    logging.info("best of %d: mean best reward %.4f", n, float(np.mean([max(s["reward"] for s in o["samples"])
+                                                                        for o in out])) if out else 0.0)
+    return out

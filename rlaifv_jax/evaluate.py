@@ -1,0 +1,180 @@
+"""Hallucination benchmarks for any checkpoint or any system's answers, with no API keys.
+
+    python -m rlaifv_jax.evaluate --suite object_halbench|mmhal|amber|pope --data PATH \\
+        (--model HF_DIR | --answers ANSWERS.jsonl) --out OUT.json [--judge HF_DIR] [--images DIR] \\
+        [--best_of N --reference HF_DIR]
+
+``--model`` answers every question with our engine using the suite's official decoding (greedy,
+or beam search with 3 beams for Object HalBench and MMHal-Bench; ``--num_beams`` and
+``--max_new_tokens`` override it). ``--answers`` scores a JSONL of ``{"id", "answer"}`` from any
+system. ``--judge`` is a local chat LLM: required for MMHal-Bench, optional for Object HalBench
+(the official extraction prompt instead of the CHAIR rule path). ``--best_of N --reference DIR``
+samples N answers per question and keeps the one with the highest length-normalised implicit
+reward against the pre-alignment model (METHOD.md §6), writing every score beside its answer.
+
+Writes OUT.json atomically (metrics, the answers-file report, and per question: answer and the
+suite's details) and prints a table. Bad input ends with one line on stderr and exit code 2.
+See docs/EVALUATION.md for each suite's files and how the numbers can differ from the official
+scorers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from absl import flags
+
+from rlaifv_jax.core import paths
+from rlaifv_jax.data.chat import TEMPLATES
+from rlaifv_jax.eval import suites
+from rlaifv_jax.eval.answers import read_answers
+
+_SUITE = flags.DEFINE_enum("suite", None, list(suites.NAMES), "Benchmark to run.")
+_DATA = flags.DEFINE_string("data", None, "The suite's official files (see docs/EVALUATION.md).")
+_MODEL = flags.DEFINE_string("model", None, "Hugging Face LLaVA directory to generate answers with.")
+_ANSWERS = flags.DEFINE_string("answers", None, 'JSONL of {"id": question id, "answer": text} to score.')
+_OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.")
+_JUDGE = flags.DEFINE_string("judge", None, "Hugging Face chat-LLM directory used as the judge.")
+_IMAGES = flags.DEFINE_string("images", None, "Image directory (POPE, AMBER; MMHal-Bench default: beside --data).")
+_BEST_OF = flags.DEFINE_integer("best_of", 1, "Sample N answers per question and keep the best by implicit reward.")
+_REFERENCE = flags.DEFINE_string("reference", None, "The pre-alignment model (π_ref) for --best_of.")
+_BETA = flags.DEFINE_float("beta", 0.1, "β of the implicit reward.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature for --best_of.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Top-p for --best_of sampling.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Top-k for --best_of sampling.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed for --best_of.")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "Override the suite's number of beams (1 = greedy).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Override the suite's answer length limit.")
+_JUDGE_MAX_NEW = flags.DEFINE_integer("judge_max_new_tokens", 512, "Length limit of the judge's replies.")
+_TEMPLATE = flags.DEFINE_enum("template", "llava_v1", list(TEMPLATES), "Prompt format of --model.")
+_PROMPT_SUFFIX = flags.DEFINE_string("prompt_suffix", "", "Text appended to every question when generating.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Compute dtype of the models.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N questions (0 = all).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def _check_flags() -> None:
+    for name, flag in (("--suite", _SUITE), ("--data", _DATA), ("--out", _OUT)):
+        if not flag.value:
+            raise ValueError(f"{name} is required")
+    if bool(_MODEL.value) == bool(_ANSWERS.value):
+        raise ValueError("give exactly one of --model (generate answers) or --answers (score a JSONL file)")
+    if _BEST_OF.value < 1:
+        raise ValueError(f"--best_of must be >= 1, got {_BEST_OF.value}")
+    if _BEST_OF.value > 1 and not (_MODEL.value and _REFERENCE.value):
+        raise ValueError("--best_of N > 1 needs --model (the aligned model) and --reference (its base)")
+    for name, flag in (("--num_beams", _NUM_BEAMS), ("--max_new_tokens", _MAX_NEW), ("--limit", _LIMIT),
+                       ("--batch_size", _BATCH)):
+        if flag.value is not None and flag.value < (0 if name == "--limit" else 1):
+            raise ValueError(f"{name} must be >= {0 if name == '--limit' else 1}, got {flag.value}")
+    for name, flag in (("--model", _MODEL), ("--judge", _JUDGE), ("--reference", _REFERENCE)):
+        if flag.value and not os.path.isfile(os.path.join(flag.value, "config.json")):
+            raise ValueError(f"{name} {flag.value}: not a Hugging Face model directory (no config.json)")
+
+
+def _generate(bench: suites.Benchmark, questions: list, decoding: dict[str, int]) -> tuple[dict[str, str], dict]:
+    """Answers from ``--model`` (and, with ``--best_of``, every sample with its reward)."""
+    from rlaifv_jax.eval import policy as policy_lib
+    policy = policy_lib.Policy(_MODEL.value, dtype=_DTYPE.value, template=_TEMPLATE.value)
+    common = dict(max_new_tokens=decoding["max_new_tokens"], batch_size=_BATCH.value, suffix=_PROMPT_SUFFIX.value,
+                  progress=_PROGRESS.value)
+    if _BEST_OF.value == 1:
+        texts = policy.answer(questions, num_beams=decoding["num_beams"], **common)
+        return {q.id: t for q, t in zip(questions, texts)}, {}
+    reference = policy_lib.load_reference(_REFERENCE.value, policy, _DTYPE.value)
+    best = policy_lib.best_of_n(policy, reference, questions, n=_BEST_OF.value, beta=_BETA.value,
+                                temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                                seed=_SEED.value, **common)
+    return ({q.id: b["answer"] for q, b in zip(questions, best)},
+            {q.id: {"samples": b["samples"]} for q, b in zip(questions, best)})
+
+
+def run() -> dict[str, Any]:
+    """Evaluate as the flags say; returns what is written to ``--out``."""
+    _check_flags()
+    bench = suites.load(_SUITE.value, _DATA.value, _IMAGES.value)
+    if bench.judge == "required" and not _JUDGE.value:
+        raise ValueError(f"{bench.name} is scored by a judge LLM: pass --judge HF_DIR")
+    if bench.judge == "unused" and _JUDGE.value:
+        logging.warning("%s does not use a judge; ignoring --judge", bench.name)
+    questions = bench.questions[:_LIMIT.value] if _LIMIT.value else bench.questions
+    decoding = {"num_beams": _NUM_BEAMS.value or bench.decoding["num_beams"],
+                "max_new_tokens": _MAX_NEW.value or bench.decoding["max_new_tokens"]}
+    result: dict[str, Any] = {"suite": bench.name, "data": _DATA.value, "n_questions": len(questions)}
+    extra: dict[str, dict] = {}
+    if _ANSWERS.value:
+        answers, report = read_answers(_ANSWERS.value, [q.id for q in questions])
+        result["answers"] = _ANSWERS.value
+        result["answers_report"] = report.to_dict()
+        if report.missing or report.duplicate or report.unknown or report.malformed:
+            logging.warning("%s", report.summary())
+    else:
+        answers, extra = _generate(bench, questions, decoding)
+        result["model"] = _MODEL.value
+        result["decoding"] = (decoding if _BEST_OF.value == 1 else
+                              {"best_of": _BEST_OF.value, "reference": _REFERENCE.value, "beta": _BETA.value,
+                               "temperature": _TEMPERATURE.value, "top_k": _TOP_K.value, "top_p": _TOP_P.value,
+                               "seed": _SEED.value, "max_new_tokens": decoding["max_new_tokens"]})
+        result["template"], result["prompt_suffix"] = _TEMPLATE.value, _PROMPT_SUFFIX.value
+    judge = None
+    if _JUDGE.value and bench.judge != "unused":
+        from rlaifv_jax.eval.judge import Judge
+        judge = Judge(_JUDGE.value, dtype=_DTYPE.value, max_new_tokens=_JUDGE_MAX_NEW.value,
+                      batch_size=_BATCH.value, progress=_PROGRESS.value)
+        result["judge"] = _JUDGE.value
+    metrics, items = bench.score(answers, judge)
+    result["metrics"] = metrics
+    result["items"] = [{"id": q.id, "question": q.question, "answer": answers[q.id], **items.get(q.id, {}),
+                        **extra.get(q.id, {})} for q in questions if q.id in answers]
+    paths.makedirs(os.path.dirname(os.path.abspath(_OUT.value)))
+    paths.atomic_write_text(_OUT.value, json.dumps(result, indent=1, ensure_ascii=False))
+    return result
+
+
+def _rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _rows(value, name + "/")
+        elif isinstance(value, list):
+            rows.append((name, f"{len(value)} listed in the JSON" if value else "none"))
+        elif isinstance(value, float):
+            rows.append((name, f"{value:.4f}"))
+        else:
+            rows.append((name, str(value)))
+    return rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The metrics as an aligned two-column table."""
+    rows = _rows(result["metrics"])
+    width = max([len(k) for k, _ in rows] + [6])
+    head = f"{result['suite']}: {result['n_questions']} questions"
+    return "\n".join([head, "-" * len(head)] + [f"{k.ljust(width)}  {v}" for k, v in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (2 for bad input, with one line on stderr)."""
+    argv = sys.argv if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if flags.FLAGS.is_parsed():  # main() may run several times in one process (tests)
+            flags.FLAGS.unparse_flags()
+        flags.FLAGS(argv)
+        result = run()
+    except (flags.Error, ValueError, FileNotFoundError, NotADirectoryError, KeyError) as e:
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"evaluate: error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(f"wrote {_OUT.value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Stage 2, divide: split every response into atomic claims and turn each into a yes/no question,
+with the paper's split/convert prompts through local chat LLMs, or the rule twin of the toy world."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import zlib
+from typing import Any, Callable, Iterator
+
+from rlaifv_jax.data import chat, toy_world
+from rlaifv_jax.engine.generate import generate
+from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING as DECODING, ClaimExtractor, LLMClaimExtractor
+from rlaifv_jax.feedback.toy_claims import RuleClaimExtractor
+from rlaifv_jax.stages import bundle, runner
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimSettings:
+    kind: str  # "rule" (toy language) or "llm"
+    split_path: str = ""  # HF dir of the split LLM (kind="llm")
+    convert_path: str = ""  # HF dir of the convert LLM ("" = the split LLM)
+    dtype: str = "float32"
+    batch_size: int = 16  # prompts per shard; all their responses go to the LLM in one call
+
+
+def _llm(path: str, dtype: str, mesh, seed: int, stack: contextlib.ExitStack) -> Callable[[list[str]], list[str]]:
+    b = stack.enter_context(bundle.loaded(bundle.ModelSpec(path, template="chat", dtype=dtype), mesh))
+    stop = sorted({chat.end_of_turn_id(b.tokenizer, "chat"), int(b.tokenizer.eos_token_id)})
+
+    def generate_text(messages: list[str]) -> list[str]:
+        batch = [{"id": zlib.crc32(m.encode()), "pixel_values": None, "image_sizes": None,
+                  "input_ids": chat.encode_prompt(b.tokenizer, m, 0, template="chat").tolist()} for m in messages]
+        outs = generate(b.model, batch, num_samples=1, max_new_tokens=DECODING.max_new_tokens,
+                        temperature=DECODING.temperature, top_k=DECODING.top_k, top_p=DECODING.top_p,
+                        stop_token_ids=stop, seed=seed, progress=False)
+        return [b.tokenizer.decode(o["tokens"][0], skip_special_tokens=True) for o in outs]
+
+    return generate_text
+
+
+@contextlib.contextmanager
+def extractor(settings: ClaimSettings, world: toy_world.WorldConfig | None, mesh, seed: int) -> Iterator[ClaimExtractor]:
+    """The configured claim extractor, its LLMs loaded for the ``with`` block only."""
+    if settings.kind == "rule":
+        yield RuleClaimExtractor(world or toy_world.WorldConfig())
+        return
+    with contextlib.ExitStack() as stack:
+        split = _llm(settings.split_path, settings.dtype, mesh, seed, stack)
+        convert = _llm(settings.convert_path, settings.dtype, mesh, seed, stack) if settings.convert_path else None
+        yield LLMClaimExtractor(split, convert)
+
+
+def run(stage_dir: str, samples: list[dict[str, Any]], settings: ClaimSettings, *, world, mesh, seed: int,
+        progress: bool) -> list[dict[str, Any]]:
+    """``{"key", "claims": [ClaimResult dict per response]}`` per prompt (status per response)."""
+
+    @contextlib.contextmanager
+    def open_fn():
+        with extractor(settings, world, mesh, seed) as ex:
+            def fn(chunk):
+                outs = ex.extract([(rec["question"], r) for rec in chunk for r in rec["responses"]])
+                result, start = [], 0
+                for rec in chunk:
+                    mine = outs[start:start + len(rec["responses"])]
+                    start += len(rec["responses"])
+                    result.append({"claims": [c.to_dict() for c in mine],
+                                   "warnings": [c.status for c in mine if c.status != "ok"]})
+                return result
+            yield fn
+
+    return runner.run(stage_dir, samples, open_fn, chunk_size=settings.batch_size, desc="claims", progress=progress)

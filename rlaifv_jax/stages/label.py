@@ -1,0 +1,53 @@
+"""Stage 3, conquer: the labeler MLLM answers every claim's yes/no question about the image; all of a
+prompt's questions are scored against one cached image prefix (``engine.score``)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from rlaifv_jax.engine.score import Labeler
+from rlaifv_jax.feedback.claims import ClaimResult
+from rlaifv_jax.stages import bundle, runner
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSettings:
+    repetition_penalty: float | None = None  # on the yes/no logits, as the official code (None = off)
+    batch_size: int = 64  # questions per scoring batch against one cached prefix
+    chunk_size: int = 32  # prompts per record shard
+
+
+def run(stage_dir: str, claims: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
+        labeler: bundle.ModelSpec, settings: LabelSettings, *, mesh, progress: bool) -> list[dict[str, Any]]:
+    """``{"key", "labels": [[[p_yes, p_no] per question] per response]}`` per prompt.
+
+    ``image_of(key)`` is the RGB image of the prompt whose claims record has that key."""
+
+    @contextlib.contextmanager
+    def open_fn():
+        with bundle.loaded(labeler, mesh) as b:
+            scorer = Labeler(b.model, b.tokenizer, template=b.template,
+                             repetition_penalty=settings.repetition_penalty, batch_size=settings.batch_size)
+
+            def fn(chunk):
+                items, spans = [], []
+                for rec in chunk:
+                    results = [ClaimResult.from_dict(c) for c in rec["claims"]]
+                    pixel_values, image_sizes = b.encode_image(image_of(rec["key"]))
+                    items.append({"questions": [q for c in results for q in c.questions],
+                                  "pixel_values": pixel_values, "image_sizes": image_sizes})
+                    spans.append([len(c.questions) for c in results])
+                out = []
+                for per_prompt, counts in zip(scorer.score(items), spans):
+                    labels, start = [], 0
+                    for n in counts:
+                        labels.append([[float(py), float(pn)] for py, pn in per_prompt[start:start + n]])
+                        start += n
+                    out.append({"labels": labels})
+                return out
+            yield fn
+
+    return runner.run(stage_dir, claims, open_fn, chunk_size=settings.chunk_size, desc="labels", progress=progress)

@@ -1,0 +1,161 @@
+"""``python -m rlaifv_jax.plan``: topology names, abstract DPO steps, plans on the local CPU mesh and
+on a compile-only TPU slice, and the "does not fit" verdict."""
+import dataclasses
+import importlib.util
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from rlaifv_jax import plan
+from rlaifv_jax.core import aot, hardware, sharding
+from rlaifv_jax.models import hf
+from rlaifv_jax.training import step as dpo
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+def smoke():
+    return default.get_config("smoke")
+
+
+@pytest.mark.parametrize("name,chips,xla", [
+    ("v4-8", 4, "v4:2x2x1"), ("v4-32", 16, "v4:2x2x4"), ("v5p-8", 4, "v5:2x2x1"), ("v5p-16", 8, "v5:2x2x2"),
+    ("v5p-64", 32, "v5:2x4x4"), ("v5p-128", 64, "v5:4x4x4"), ("v5litepod-1", 1, "v5e:1x1"),
+    ("v5litepod-4", 4, "v5e:2x2"), ("v5litepod-8", 8, "v5e:2x4"), ("v5litepod-256", 256, "v5e:16x16"),
+    ("v6e-8", 8, "v6e:2x4"), ("v6e-16", 16, "v6e:4x4"), ("v6e-32", 32, "v6e:4x8")])
+def test_topology_names(name, chips, xla):
+    t = hardware.parse_topology(name)
+    assert (t.chips, t.xla_topology) == (chips, xla)
+
+
+@pytest.mark.parametrize("bad", ["v5p-7", "v5p-2", "v5e-8", "tpu", "v6e-12"])
+def test_bad_topology_names_are_refused(bad):
+    with pytest.raises(ValueError, match="topology"):
+        hardware.parse_topology(bad)
+
+
+def test_named_topology_without_libtpu_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else object())
+    assert plan.main(["plan", "--config", "configs/default.py:smoke", "--topology", "v5p-8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs libtpu" in err[0] and "pip install" in err[0]
+
+
+def _real_batch(policy, config, rng):
+    b, length, v = config.dpo.batch_size, config.dpo.max_length, policy.config
+    vocab = v.text.vocab_size
+    return {"pixel_values": rng.randn(b, 3, v.vision.image_size, v.vision.image_size).astype(np.float32),
+            "chosen_tokens": rng.randint(0, vocab, (b, length)).astype(np.int32),
+            "rejected_tokens": rng.randint(0, vocab, (b, length)).astype(np.int32),
+            "answer_start": np.full((b,), 40, np.int32), "chosen_len": rng.randint(1, 60, b).astype(np.int32),
+            "rejected_len": rng.randint(1, 60, b).astype(np.int32),
+            "ref_chosen_logps": rng.randn(b).astype(np.float32), "ref_rejected_logps": rng.randn(b).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def local_plan():
+    return plan.plan(smoke(), "local", only=("dpo_step",), variants=False)
+
+
+def test_local_plan_dpo_bytes_equal_the_real_step(local_plan):
+    """The planned DPO step (abstract model) reports the memory of the step a real run compiles."""
+    config = smoke()
+    (stage,) = [s for s in local_plan["stages"] if s["name"] == "dpo_step"]
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    with jax.set_mesh(mesh):
+        policy = hf.build_model(*plan.architecture(config, "policy"))
+    optim, loss = plan.dpo_configs(config, local_plan["counts"]["dpo_steps"])
+    step = dpo.DPOStep(policy, optim, loss, mesh=mesh)
+    fn, b_sh = step.program(batch := _real_batch(policy, config, np.random.RandomState(0)))
+    compiled = fn.lower(step.init_state(), step.frozen, jax.device_put(batch, b_sh)).compile()
+    assert stage["bytes_per_chip"] == aot.peak_bytes(compiled) > 0
+    assert local_plan["chips"] == 8 and local_plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def _dpo_flops_ratio(report, config) -> float:
+    (stage,) = [s for s in report["stages"] if s["name"] == "dpo_step"]
+    policy = plan.abstract_model(plan.architecture(config, "policy"), config.policy.dtype, config.policy.param_dtype)
+    trainable = sum(math.prod(x.shape) for p, x in nnx.to_flat_state(nnx.state(policy, nnx.Param))
+                    if p[0] != "vision_tower")
+    return stage["flops_per_chip"] * report["chips"] / (6 * trainable * stage["tokens_per_step"])
+
+
+def test_local_dpo_flops_near_6_params_tokens(local_plan):
+    assert 0.5 <= _dpo_flops_ratio(local_plan, smoke()) <= 2.0
+
+
+@needs_libtpu
+def test_smoke_plan_on_a_tpu_slice(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert plan.main(["plan", "--config", "configs/default.py:smoke", "--topology", "v5litepod-4",
+                      "--novariants", "--json", str(out)]) == 0
+    import json
+    r = json.loads(out.read_text())
+    assert (r["topology"], r["chips"], r["hbm_per_chip"], r["fits"]) == ("v5litepod-4", 4, 16 * 2**30, True)
+    names = [s["name"] for s in r["stages"]]
+    for part in ("sample", "label", "ref_logps", "dpo_step"):
+        assert any(part in n for n in names), part
+    for s in r["stages"]:
+        assert s["bytes_per_chip"] > 0 and s["flops_per_chip"] > 0 and s["seconds"] > 0 and 0 < s["mfu"] <= 1, s
+    assert 0.5 <= _dpo_flops_ratio(r, smoke()) <= 2.0
+    assert r["iteration_total_seconds"] > 0 and "estimated wall time per online iteration" in capsys.readouterr().out
+
+
+@needs_libtpu
+def test_7b_with_float32_master_weights_does_not_fit_v5litepod_4(capsys):
+    rc = plan.main(["plan", "--config", "configs/llava15_7b_self.py", "--config.policy.path=configs/arch/llava-1.5-7b",
+                    "--topology", "v5litepod-4", "--stages", "dpo_step", "--novariants"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "does not fit: stage dpo_step needs" in err and "v5litepod-4 has 16 GiB" in err
+    for knob in ("fsdp", "tensor", "bf16 master weights", "remat", "grad_accum", "LoRA"):
+        assert knob in err, knob
+
+
+def test_remat_and_bf16_optimizer_state_keep_the_step_exact():
+    """remat recomputes the same gradients; a bf16-stored Adam state gives the float32 first step."""
+    config = smoke()
+    mesh = sharding.make_mesh(1, -1, 1)
+    with jax.set_mesh(mesh):
+        policy = hf.build_model(*plan.architecture(config, "policy"))
+    batch = {k: v[:8] for k, v in _real_batch(policy, config, np.random.RandomState(1)).items()}
+    optim = dpo.OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0)
+    base = dpo.DPOStep(policy, optim, mesh=mesh)
+    grads, _ = base.gradients(base.init_state(), batch)
+    remat = dpo.DPOStep(policy, optim, dpo.LossConfig(remat="full"), mesh=mesh)
+    assert not hasattr(policy.language_model, "remat")  # the caller's model is untouched
+    for k, g in remat.gradients(remat.init_state(), batch)[0].items():
+        np.testing.assert_allclose(np.asarray(g), np.asarray(grads[k]), atol=1e-6, err_msg=k)
+    bf16 = dpo.DPOStep(policy, dataclasses.replace(optim, state_dtype="bfloat16"), mesh=mesh)
+    state, _ = bf16(bf16.init_state(), batch)
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.bfloat16}
+    ref, _ = base(base.init_state(), batch)
+    for k, p in state["params"].items():
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(ref["params"][k]), err_msg=k)
+    with pytest.raises(ValueError, match="remat"):
+        dpo.LossConfig(remat="some")
+
+
+def test_abstract_step_state_bytes_follow_the_dtype_options():
+    """Built from an abstract model: float32 master + Adam = 12 bytes per trainable parameter,
+    bf16 optimizer state 8, bf16 master weights and state 6."""
+    config = smoke()
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    policy = plan.abstract_model(plan.architecture(config, "policy"), "float32", "float32")
+    n = sum(math.prod(x.shape) for p, x in nnx.to_flat_state(nnx.state(policy, nnx.Param)) if p[0] != "vision_tower")
+    got = {}
+    for master, state in (("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")):
+        step = dpo.DPOStep(policy, dpo.OptimConfig(master_dtype=master, state_dtype=state), mesh=mesh)
+        assert step.is_abstract
+        got[master, state] = aot.per_chip_bytes({k: v for k, v in step.abstract_state().items() if k != "rng"})
+    overhead = got["float32", "float32"] - 12 * n  # step counters
+    assert 0 <= overhead < 64
+    assert got["float32", "bfloat16"] - overhead == 8 * n and got["bfloat16", "bfloat16"] - overhead == 6 * n
+    with pytest.raises(ValueError, match="abstract model"):
+        step.init_state()
