@@ -12,7 +12,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.iterations = 3  # online iterations (the paper runs 4)
     c.progress = True  # progress bars (may differ between runs of one workdir)
 
-    c.mesh = ml_collections.ConfigDict()
+    # Logging; like progress and mesh, these may change between runs of one workdir.
+    c.log = ml_collections.ConfigDict()
+    c.log.wandb = False  # also log DPO metrics to Weights & Biases (pip install 'rlaifv_jax[wandb]')
+    c.log.wandb_project = "rlaifv_jax"  # the W&B project (one W&B run per workdir and DPO stage)
+
+    c.mesh = ml_collections.ConfigDict()  # device layout of DPO training (may change on resume)
     c.mesh.data = 1  # data-parallel mesh axis size
     c.mesh.fsdp = -1  # FSDP axis size (-1: all remaining devices)
     c.mesh.tensor = 1  # tensor-parallel axis size
@@ -104,6 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.batch_size = 16  # pairs per optimizer step
     c.dpo.grad_accum = 1  # micro-batches per step
     c.dpo.epochs = 2
+    c.dpo.max_steps = 0  # cap on optimizer steps per iteration, for quick trials (0: all epochs)
     c.dpo.max_length = 128  # tokens per sequence (prompt + image + answer)
 
     c.eval = ml_collections.ConfigDict()

@@ -1,7 +1,7 @@
 """Offline DPO on RLAIF-V-Dataset files (METHOD.md §5 hyper-parameters for LLaVA-1.5-7B).
 
 python -m rlaifv_jax.main --config configs/offline_dpo.py --workdir DIR \\
-    --config.data.path=/data/RLAIF-V-Dataset/*.parquet --config.policy.path=/models/llava-1.5-7b-hf
+    --config.data.path=/data/RLAIF-V-Dataset --config.policy.path=/models/llava-1.5-7b-hf
 """
 import ml_collections
 
@@ -12,7 +12,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0  # data-shuffle seed and train-step RNG (LoRA dropout)
 
     c.data = ml_collections.ConfigDict()
-    c.data.path = ""  # parquet/JSONL file(s): comma-separated, globs allowed (RLAIF-V-Dataset schema)
+    c.data.path = ""  # parquet/JSONL files or directories of them: comma-separated, globs allowed
+    # (RLAIF-V-Dataset schema; a directory stands for every *.parquet / *.jsonl file in it)
+    c.data.max_pairs = 0  # use only the first N usable pairs, for quick trials (0: all)
     c.data.max_length = 2048  # prompt (image tokens included) + longer answer; longer pairs are skipped
     c.data.template = "llava_v1"  # chat format: "llava_v1" (LLaVA-1.5) or "chat" (tokenizer's template)
 
@@ -41,7 +43,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.grad_accum = 1  # micro-batches per step (exact: same result as the full batch)
     c.train.num_epochs = 4  # passes over the data (each reshuffled)
     c.train.checkpoints_per_epoch = 4  # a checkpoint every 1/4 epoch (and at the end)
-    c.train.max_to_keep = 0  # checkpoints kept (0 = all: the official run picks the best 1/4 epoch)
+    c.train.max_to_keep = 2  # latest train-state checkpoints kept, besides the best one (0 = all)
+    c.train.best_metric = "loss"  # also keep the checkpoint with the best mean of this metric since the
+    # previous checkpoint ("" = none): loss, rewards/accuracies, rewards/margins, ...
+    c.train.best_mode = "min"  # "min" or "max" of best_metric
+    c.train.max_steps = 0  # stop after this many optimizer steps, for quick trials (0: all epochs)
     c.train.log_every = 1  # write metrics every N steps
     c.train.ref_batch_size = 8  # pairs per forward in the reference log-prob pass
 
@@ -58,4 +64,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.export = ml_collections.ConfigDict()
     c.export.dtype = "bfloat16"  # dtype of the exported Hugging Face weights ("" = master dtype)
+    # Which train checkpoints become Hugging Face exports: "last" (export/ = the final step), "best"
+    # (export/ = the kept checkpoint with the best train.best_metric), "all" (export/ = the final step,
+    # and export/step_N/ for every other kept checkpoint).
+    c.export.checkpoints = "last"
+
+    c.log = ml_collections.ConfigDict()  # may change between runs of one workdir
+    c.log.wandb = False  # also log DPO metrics to Weights & Biases (pip install 'rlaifv_jax[wandb]')
+    c.log.wandb_project = "rlaifv_jax"  # the W&B project
     return c

@@ -1,19 +1,36 @@
 """Entry point: ``python -m rlaifv_jax.main --config configs/<name>.py[:arg] --workdir DIR``.
 
-``--config.field=value`` overrides any field; unknown fields are refused by ml_collections.
+``--config.field=value`` overrides any field (an unknown field is refused with a suggestion).
 The config's ``mode`` picks the job: ``online`` (the RLAIF-V loop) or ``offline_dpo``.
 Multi-host: ``--distributed`` (Cloud TPU, Slurm auto-detection), or explicit
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (any machines, also several
 processes on one machine); every process runs the same command.
+
+The console: our own log lines at INFO, every library at WARNING, progress bars. ``--verbosity``
+(absl) is honoured: ``-1`` hides our INFO lines, ``1`` adds our DEBUG lines and library INFO lines,
+``2`` library DEBUG lines. Mistakes in the command, config or inputs end with a one-line message
+and exit code 2 (``core.errors``); ``--debug`` or ``--verbosity>=1`` shows their traceback.
 """
 from __future__ import annotations
 
-import logging
+import os
 
-from absl import app, flags
-from ml_collections import config_flags
+# Before any library is imported: no "PyTorch was not found"-style advice from transformers (its
+# warnings stay on), no TensorFlow C++ INFO lines (tfds), no gRPC chatter from multi-host start-up.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from rlaifv_jax.core import distributed
+import difflib  # noqa: E402
+import logging  # noqa: E402
+import runpy  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from typing import Any  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from absl.logging import converter  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output; rerun with the same one to resume.")
@@ -22,24 +39,167 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed with clu
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (explicit multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of configuration and input errors.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+OURS = "rlaifv_jax"
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _debug_requested(argv: list[str]) -> bool:
+    for a in argv:
+        if a in ("--debug", "--debug=true", "--debug=True", "--debug=1"):
+            return True
+        for prefix in ("--verbosity=", "-v="):
+            if a.startswith(prefix) and a[len(prefix):].lstrip("-").isdigit() and int(a[len(prefix):]) >= 1:
+                return True
+    return False
+
+
+def _fail(message: str, exit_code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(exit_code)
+
+
+def _flatten(d: Any, prefix: str = "") -> list[str]:
+    if hasattr(d, "items"):
+        return [k for key, v in d.items() for k in _flatten(v, f"{prefix}{key}.")]
+    return [prefix[:-1]]
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Refuse ``--config.FIELD`` overrides naming no field of the config, in one line with the
+    closest field names (ml_collections would raise an AttributeError deep in flag parsing)."""
+    spec = _config_arg(argv)
+    names = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if not spec or not names:
+        return
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        _fail(f"--config={spec}: {path} is not a file")
+    try:
+        get_config = runpy.run_path(path)["get_config"]
+        config = get_config(arg) if arg else get_config()
+    except Exception:  # noqa: BLE001 - the config file's own error surfaces in absl's parsing below
+        return
+    fields = _flatten(config.to_dict())
+    groups = {f.rsplit(".", i)[0] for f in fields for i in range(1, f.count(".") + 1)}
+    for name in names:
+        if name in fields:
+            continue
+        if name in groups:
+            _fail(f"--config.{name}: {name} is a group of fields, set one of them (e.g. --config."
+                  f"{next(f for f in fields if f.startswith(name + '.'))}=...)")
+        close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+        tail = difflib.get_close_matches(name.rsplit(".", 1)[-1], [f.rsplit(".", 1)[-1] for f in fields], n=1)
+        close = close or [f for f in fields if tail and f.endswith("." + tail[0])][:3]
+        hint = f"; did you mean {' or '.join('--config.' + c for c in close)}?" if close else ""
+        _fail(f"--config.{name}: {path} has no field {name!r}{hint}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors (unknown config fields, values of the wrong type)."""
+    debug = _debug_requested(argv)
+    if not debug:
+        check_overrides(argv)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if debug:
+            raise
+        _fail(f"{e} (python -m rlaifv_jax.main --helpfull lists every flag)")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised inside config overrides
+        if debug:
+            raise
+        _fail(f"bad --config override: {str(e).strip(chr(39))}")
+    return []
+
+
+# ----------------------------------------------------------------------------------------- logging
+class _ConsoleHandler(logging.Handler):
+    """Our log lines above any progress bar (``tqdm.write``): INFO plain, others with the level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import tqdm
+        try:
+            text = self.format(record)
+            if record.levelno != logging.INFO:
+                text = f"{record.levelname}: {text}"
+            tqdm.tqdm.write(text, file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """Our logger at INFO, every library at WARNING; an explicit ``--verbosity`` moves both."""
+    verbosity = flags.FLAGS["verbosity"]
+    explicit = verbosity.present
+    v = verbosity.value if explicit else 0
+    ours = converter.absl_to_standard(min(v, 1)) if explicit else logging.INFO
+    libraries = logging.WARNING if v <= 0 else logging.INFO if v == 1 else logging.DEBUG
+    logging.getLogger().setLevel(libraries)
+    logger = logging.getLogger(OURS)
+    logger.setLevel(ours)
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.propagate = False
+    logging.captureWarnings(True)  # Python warnings go through logging (shown at WARNING, once each)
+    try:
+        import transformers
+        transformers.logging.set_verbosity(libraries)
+    except ImportError:
+        pass
+
+
+# -------------------------------------------------------------------------------------------- main
+def run(config, workdir: str) -> None:
+    """Start multi-host (if asked) and run the config's job."""
+    from rlaifv_jax.core import distributed, paths
+    from rlaifv_jax.core.errors import ConfigError, InputError
+    try:
+        workdir = paths.check_workdir(workdir)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if paths.exists(workdir) and not paths.isdir(workdir):
+        raise InputError(f"--workdir={workdir} is a file, not a directory")
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value)
+    except ValueError as e:
+        raise ConfigError(str(e), header="bad multi-host flags") from None
+    if config.mode == "online":
+        from rlaifv_jax.pipelines import online
+        online.run(config, workdir)
+    elif config.mode == "offline_dpo":
+        from rlaifv_jax.pipelines import offline
+        offline.run(config, workdir)
+    else:
+        raise ConfigError(f"mode={config.mode!r} must be one of 'online', 'offline_dpo'")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value)
-    config = _CONFIG.value
-    if config.mode == "online":
-        from rlaifv_jax.pipelines import online
-        online.run(config, _WORKDIR.value)
-    elif config.mode == "offline_dpo":
-        from rlaifv_jax.pipelines import offline
-        offline.run(config, _WORKDIR.value)
-    else:
-        raise app.UsageError(f"config.mode={config.mode!r}: expected 'online' or 'offline_dpo'")
+    configure_logging()
+    from rlaifv_jax.core.errors import UserError
+    debug = _DEBUG.value or flags.FLAGS["verbosity"].value >= 1
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume (finished stages are kept)", 130)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

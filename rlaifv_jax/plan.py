@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,29 +57,6 @@ class Assumptions:
     claims_prompt_tokens: int = 160  # split/convert instructions, question; the answer adds its tokens
 
 
-@dataclasses.dataclass
-class Stage:
-    """One compiled program's figures, per chip."""
-
-    name: str
-    kind: str  # "serve" | "train": which knobs help
-    bytes_per_chip: int | None = None
-    resident_bytes: int = 0  # weights (+ optimizer state) among the arguments
-    flops_per_chip: float | None = None
-    seconds: float | None = None  # compiler's estimate for one call (one decode step for decode)
-    bytes_accessed: float | None = None
-    tokens_per_step: int = 0
-    calls: float = 0  # per online iteration (decode: steps)
-    fits: bool = True
-    variant: bool = False  # an alternative setting shown for comparison, not part of the run
-    note: str = ""
-    mfu: float | None = None
-    hbm_roofline: float | None = None
-
-    def public(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 # ----------------------------------------------------------------------------- models
 def architecture(config: ml_collections.ConfigDict, role: str) -> tuple[str, dict[str, Any]]:
     """``(architecture, config.json dict)`` of ``role``: policy, labeler, claims_split, claims_convert."""
@@ -105,57 +82,6 @@ def abstract_model(arch: tuple[str, dict], dtype: str, param_dtype: str) -> nnx.
                                                  param_dtype=hf.parse_dtype(param_dtype)))
 
 
-def sharded_state(model: nnx.Module, mesh, rules) -> nnx.State:
-    state = nnx.state(model)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                        shd.state_shardings(state, mesh, rules))
-
-
-# ----------------------------------------------------------------------------- measuring
-def measure(stage: Stage, compiled, topo: hardware.Slice, *, loop_trips: int = 1) -> Stage:
-    """Fill ``stage`` from a compiled program. ``loop_trips``: XLA's cost analysis counts a loop body
-    once, so a program whose work is a ``loop_trips``-times loop (grad accumulation) is scaled."""
-    flops, stage.bytes_accessed, secs = aot.costs(compiled)
-    stage.bytes_per_chip = aot.peak_bytes(compiled)
-    stage.flops_per_chip = flops * loop_trips
-    stage.seconds = None if secs is None else secs * loop_trips
-    chip = topo.chip
-    if chip is not None and stage.seconds:
-        stage.mfu = stage.flops_per_chip / stage.seconds / chip.peak_bf16_flops
-        if stage.name.endswith("decode") and stage.bytes_accessed:
-            stage.hbm_roofline = stage.bytes_accessed / chip.hbm_bytes_per_s / stage.seconds
-    return stage
-
-
-def run_stage(stages: list[Stage], topo: hardware.Slice, template: Stage, build: Callable[[], dict[str, Any]],
-              args: Any, names: tuple[str, ...], extra: dict[str, dict] | None = None, loop_trips: int = 1) -> None:
-    """Compile ``build()`` (a dict of compiled programs named like ``names``) unless its arguments
-    alone exceed HBM, and append one :class:`Stage` per program (an XLA out-of-HBM error is a result)."""
-    hbm = topo.hbm_bytes
-    started = time.perf_counter()
-    arg_bytes = aot.per_chip_bytes(args)
-    out = [dataclasses.replace(template, name=f"{template.name}/{n}" if len(names) > 1 else template.name,
-                               **(extra or {}).get(n, {})) for n in names]
-    if hbm is not None and arg_bytes > hbm:
-        for s in out:
-            s.bytes_per_chip, s.fits, s.note = arg_bytes, False, "arguments alone exceed HBM (not compiled)"
-    else:
-        try:
-            programs = build()
-        except Exception as e:  # noqa: BLE001 — only XLA's out-of-HBM verdict is a result
-            overflow = aot.hbm_overflow(str(e))
-            if overflow is None:
-                raise
-            for s in out:
-                s.bytes_per_chip, s.fits, s.note = overflow[0], False, "XLA: out of HBM"
-        else:
-            for s, n in zip(out, names):
-                measure(s, programs[n], topo, loop_trips=loop_trips if n == names[-1] else 1)
-                s.fits = hbm is None or s.bytes_per_chip <= hbm
-    print(f"  compiled {template.name} in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
-    stages.extend(out)
-
-
 # ----------------------------------------------------------------------------- stages
 def _bucket(tokens: int) -> int:
     return next((b for b in generate.DEFAULT_BUCKETS if b >= tokens), -(-tokens // 512) * 512)
@@ -170,40 +96,8 @@ def _image(model: nnx.Module, assume: Assumptions) -> tuple[tuple[int, ...], int
     return (1, v.num_channels, v.image_size, v.image_size), model.num_image_tokens()
 
 
-def _vision(stages, topo, mesh, name, model, state, assume, calls) -> int:
-    shape, tokens = _image(model, assume)
-    px = aot.replicated(mesh, shape, jnp.float32)
-
-    def build():
-        with jax.set_mesh(mesh):
-            return {"vision": vision._tile_features.lower(nnx.graphdef(model), state, px).compile()}
-
-    run_stage(stages, topo, Stage(name, "serve", resident_bytes=aot.per_chip_bytes(state), tokens_per_step=tokens,
-                                  calls=calls), build, state, ("vision",))
-    return tokens
-
-
-def _generation(stages, topo, mesh, name, model, state, *, batch, length, num_samples, max_new, sampling, calls):
-    extra = {"prefill": dict(tokens_per_step=batch * length, calls=calls),
-             "decode": dict(tokens_per_step=batch * num_samples, calls=calls * max_new,
-                            note="one step; calls = steps at max_new_tokens")}
-    run_stage(stages, topo, Stage(name, "serve", resident_bytes=aot.per_chip_bytes(state)),
-              lambda: generate.lower_programs(model, state, mesh, batch=batch, length=length, num_samples=num_samples,
-                                              max_new_tokens=max_new, sampling=sampling),
-              state, ("prefill", "decode"), extra)
-
-
-def _pair_batch(mesh, model: Llava, batch: int, length: int, with_ref: bool) -> dict[str, jax.ShapeDtypeStruct]:
-    v = model.config.vision
-    shapes = {"pixel_values": ((batch, v.num_channels, v.image_size, v.image_size), jnp.float32),
-              "chosen_tokens": ((batch, length), jnp.int32), "rejected_tokens": ((batch, length), jnp.int32),
-              **{k: ((batch,), jnp.int32) for k in ("answer_start", "chosen_len", "rejected_len")},
-              **({k: ((batch,), jnp.float32) for k in ("ref_chosen_logps", "ref_rejected_logps")} if with_ref else {})}
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}
-
-
 def dpo_configs(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.OptimConfig, dpo.LossConfig]:
-    """The train step's settings as the online loop builds them (plus remat / dtype options)."""
+    """The train step's settings as the online loop builds them (plus the remat / dtype options)."""
     d = config.dpo
     optim = dpo.OptimConfig(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
                             max_grad_norm=d.max_grad_norm, total_steps=max(steps, 1),
@@ -212,14 +106,6 @@ def dpo_configs(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.Opti
     loss = dpo.LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                           grad_accum=d.grad_accum, remat=d.get("remat", "none"))
     return optim, loss
-
-
-def _dpo_stage(stages, topo, mesh, name, policy, batch, optim, loss, calls, variant=False) -> None:
-    step = dpo.DPOStep(policy, optim, loss, mesh=mesh)
-    args = (step.abstract_state(), step.frozen, batch)
-    run_stage(stages, topo, Stage(name, "train", resident_bytes=aot.per_chip_bytes(args[:2]), variant=variant,
-                                  tokens_per_step=2 * math.prod(batch["chosen_tokens"].shape), calls=calls),
-              lambda: {"step": step.lower(batch).compile()}, args, ("step",), loop_trips=loss.grad_accum)
 
 
 def iteration_counts(config: ml_collections.ConfigDict, assume: Assumptions) -> dict[str, int]:
@@ -237,95 +123,163 @@ def iteration_counts(config: ml_collections.ConfigDict, assume: Assumptions) -> 
             "dpo_steps": math.ceil(pairs / config.dpo.batch_size) * config.dpo.epochs}
 
 
+@dataclasses.dataclass
+class Planner:
+    """Compiles one config's stages for one mesh and collects their :class:`aot.Stage` rows."""
+
+    config: ml_collections.ConfigDict
+    topo: hardware.Slice
+    mesh: Any
+    assume: Assumptions
+    counts: dict[str, int]
+    stages: list[aot.Stage] = dataclasses.field(default_factory=list)
+
+    def vision(self, name: str, model: nnx.Module, state: Any) -> int:
+        shape, tokens = _image(model, self.assume)
+        px = aot.replicated(self.mesh, shape, jnp.float32)
+
+        def build():
+            with jax.set_mesh(self.mesh):
+                return {"vision": vision._tile_features.lower(nnx.graphdef(model), state, px).compile()}
+
+        aot.run_stage(self.stages, self.topo, aot.Stage(name, "serve", resident_bytes=aot.per_chip_bytes(state),
+                                                tokens_per_step=tokens, calls=self.counts["prompts"]),
+                  build, state, ("vision",))
+        return tokens
+
+    def generation(self, name: str, model: nnx.Module, *, batch: int, length: int, num_samples: int, max_new: int,
+                   sampling: SamplingConfig, calls: int) -> None:
+        state = aot.sharded(nnx.state(model), self.mesh, shd.SERVE_RULES)
+        extra = {"prefill": dict(tokens_per_step=batch * length, calls=calls),
+                 "decode": dict(tokens_per_step=batch * num_samples, calls=calls * max_new,
+                                note="one step; calls = steps at max_new_tokens")}
+        aot.run_stage(self.stages, self.topo, aot.Stage(name, "serve", resident_bytes=aot.per_chip_bytes(state)),
+                  lambda: generate.lower_programs(model, state, self.mesh, batch=batch, length=length,
+                                                  num_samples=num_samples, max_new_tokens=max_new, sampling=sampling),
+                  state, ("prefill", "decode"), extra)
+
+    def sample(self, policy: nnx.Module) -> None:
+        s = self.config.sampling
+        tokens = self.vision("sample/vision", policy, aot.sharded(nnx.state(policy), self.mesh, shd.SERVE_RULES))
+        sampling = SamplingConfig(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None,
+                                  repetition_penalty=s.repetition_penalty if s.repetition_penalty != 1 else None)
+        self.generation("sample", policy, batch=s.batch_size, length=_bucket(tokens + self.assume.prompt_text_tokens),
+                        num_samples=s.num_samples, max_new=s.max_new_tokens, sampling=sampling,
+                        calls=math.ceil(self.counts["prompts"] / s.batch_size))
+
+    def claims(self, models: dict[str, nnx.Module]) -> None:
+        """Split and convert calls of the claims LLM(s): each response goes through both."""
+        c, dec, batch = self.config, CLAIM_LLM_DECODING, 8  # generate()'s default batch, as the claims stage calls it
+        archs = {"claims/split": architecture(c, "claims_split")}
+        if c.claims.convert_path:
+            archs["claims/convert"] = architecture(c, "claims_convert")
+        calls = math.ceil(self.counts["responses"] / batch)
+        if len(archs) == 1 or archs["claims/convert"] == archs["claims/split"]:
+            archs, calls = {"claims": archs["claims/split"]}, 2 * calls  # one model answers both calls
+        for name, arch in archs.items():
+            llm = models[name] = abstract_model(arch, c.policy.dtype, c.policy.dtype)
+            self.generation(name, llm, batch=batch, num_samples=1, max_new=dec.max_new_tokens, calls=calls,
+                            length=_bucket(self.assume.claims_prompt_tokens + min(c.sampling.max_new_tokens, 400)),
+                            sampling=SamplingConfig(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p))
+
+    def label(self, labeler: nnx.Module) -> None:
+        c, a, questions = self.config, self.assume, self.counts["questions_per_prompt"]
+        state = aot.sharded(nnx.state(labeler), self.mesh, shd.SERVE_RULES)
+        tokens = self.vision("label/vision", labeler, state)
+        rows = min(c.labeler.batch_size, score._row_bucket(questions))
+        pb, cb = score._round_up(tokens + a.prefix_text_tokens, 64), score._round_up(a.question_tokens, 16)
+        rep = None if c.labeler.repetition_penalty == 1.0 else c.labeler.repetition_penalty
+        aot.run_stage(self.stages, self.topo, aot.Stage("label", "serve", resident_bytes=aot.per_chip_bytes(state)),
+                  lambda: score.lower_programs(labeler, state, self.mesh, prefix_bucket=pb, rows=rows,
+                                               continuation_bucket=cb, with_image=True, repetition_penalty=rep),
+                  state, ("prefill", "score"),
+                  {"prefill": dict(tokens_per_step=pb, calls=self.counts["prompts"]),
+                   "score": dict(tokens_per_step=rows * cb,
+                                 calls=self.counts["prompts"] * math.ceil(questions / rows))})
+
+    def pair_batch(self, model: Llava, with_ref: bool) -> dict[str, jax.ShapeDtypeStruct]:
+        b, length, v = self.config.dpo.batch_size, self.config.dpo.max_length, model.config.vision
+        shapes = {"pixel_values": ((b, v.num_channels, v.image_size, v.image_size), jnp.float32),
+                  "chosen_tokens": ((b, length), jnp.int32), "rejected_tokens": ((b, length), jnp.int32),
+                  **{k: ((b,), jnp.int32) for k in ("answer_start", "chosen_len", "rejected_len")},
+                  **({k: ((b,), jnp.float32) for k in ("ref_chosen_logps", "ref_rejected_logps")} if with_ref else {})}
+        return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(self.mesh, len(s))) for k, (s, d) in shapes.items()}
+
+    def ref_logps(self, policy: nnx.Module) -> None:
+        state, batch = aot.sharded(nnx.state(policy), self.mesh, shd.TRAIN_RULES), self.pair_batch(policy, False)
+
+        def build():
+            with jax.set_mesh(self.mesh):
+                return {"ref": logps._pair_logps_jit.lower(nnx.graphdef(policy), state, batch).compile()}
+
+        aot.run_stage(self.stages, self.topo, aot.Stage(
+            "ref_logps", "serve", resident_bytes=aot.per_chip_bytes(state),
+            tokens_per_step=2 * math.prod(batch["chosen_tokens"].shape),
+            calls=math.ceil(self.counts["pairs"] / self.config.dpo.batch_size)), build, (state, batch), ("ref",))
+
+    def dpo_step(self, policy: nnx.Module, variants: bool) -> None:
+        """The train step as configured and, with ``variants``, with remat / bf16 optimizer state /
+        bf16 master weights to show what each saves."""
+        optim, loss = dpo_configs(self.config, self.counts["dpo_steps"])
+        runs = [("dpo_step", optim, loss)]
+        if variants and loss.remat == "none":
+            runs.append(("dpo_step[remat=full]", optim, dataclasses.replace(loss, remat="full")))
+        if variants and optim.state_dtype == "float32":
+            runs.append(("dpo_step[opt_state=bf16]", dataclasses.replace(optim, state_dtype="bfloat16"), loss))
+        if variants and optim.master_dtype == "float32":
+            runs.append(("dpo_step[master+opt_state=bf16]",
+                         dataclasses.replace(optim, master_dtype="bfloat16", state_dtype="bfloat16"), loss))
+        batch = self.pair_batch(policy, True)
+        for i, (name, o, l) in enumerate(runs):
+            step = dpo.DPOStep(policy, o, l, mesh=self.mesh)
+            args = (step.abstract_state(), step.frozen, batch)
+            aot.run_stage(self.stages, self.topo, aot.Stage(
+                name, "train", resident_bytes=aot.per_chip_bytes(args[:2]), variant=i > 0,
+                tokens_per_step=2 * math.prod(batch["chosen_tokens"].shape), calls=self.counts["dpo_steps"]),
+                lambda: {"step": step.lower(batch).compile()}, args, ("step",), loop_trips=l.grad_accum)
+
+
 def plan(config: ml_collections.ConfigDict, topology: str, *, only: tuple[str, ...] = (), variants: bool = True,
          assume: Assumptions = Assumptions()) -> dict[str, Any]:
-    """Compile every stage of ``config`` for ``topology``; the report (see the module docstring)."""
+    """Compile every stage of ``config`` (or those named in ``only``) for ``topology``; the report."""
     topo = hardware.parse_topology(topology)
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=hardware.devices(topo))
-    counts = iteration_counts(config, assume)
+    p = Planner(config, topo, mesh, assume, iteration_counts(config, assume))
     wanted = lambda name: not only or any(name.startswith(o) for o in only)  # noqa: E731
-    stages: list[Stage] = []
-    c, s = config, config.sampling
+    c = config
     policy = abstract_model(architecture(c, "policy"), c.policy.dtype, c.policy.param_dtype)
     models = {"policy": policy}
     if wanted("sample"):
-        state = sharded_state(policy, mesh, shd.SERVE_RULES)
-        tokens = _vision(stages, topo, mesh, "sample/vision", policy, state, assume, counts["prompts"])
-        sampling = SamplingConfig(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None,
-                                  repetition_penalty=s.repetition_penalty if s.repetition_penalty != 1 else None)
-        _generation(stages, topo, mesh, "sample", policy, state, batch=s.batch_size,
-                    length=_bucket(tokens + assume.prompt_text_tokens), num_samples=s.num_samples,
-                    max_new=s.max_new_tokens, sampling=sampling, calls=math.ceil(counts["prompts"] / s.batch_size))
+        p.sample(policy)
     if c.claims.kind == "llm" and wanted("claims"):
-        roles = ["claims_split"] + (["claims_convert"] if c.claims.convert_path else [])
-        archs = {r: architecture(c, r) for r in roles}
-        if len(roles) == 2 and archs["claims_convert"] == archs["claims_split"]:
-            roles = roles[:1]  # one architecture: one plan, both calls
-        dec, batch = CLAIM_LLM_DECODING, 8  # generate()'s default batch, as the claims stage calls it
-        for role in roles:
-            llm = models[role] = abstract_model(archs[role], c.policy.dtype, c.policy.dtype)
-            _generation(stages, topo, mesh, role.replace("claims_", "claims/") if len(roles) > 1 else "claims", llm,
-                        sharded_state(llm, mesh, shd.SERVE_RULES), batch=batch, num_samples=1,
-                        length=_bucket(assume.claims_prompt_tokens + min(s.max_new_tokens, 400)),
-                        max_new=dec.max_new_tokens, sampling=SamplingConfig(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p),
-                        calls=math.ceil(counts["responses"] / batch) * (3 - len(roles)))
-    if wanted("label"):
-        labeler = models["labeler"] = abstract_model(architecture(c, "labeler" if c.labeler.kind != "self" else "policy"),
-                                                     c.policy.dtype, c.policy.dtype)
-        state = sharded_state(labeler, mesh, shd.SERVE_RULES)
-        tokens = _vision(stages, topo, mesh, "label/vision", labeler, state, assume, counts["prompts"])
-        rows = min(c.labeler.batch_size, score._row_bucket(counts["questions_per_prompt"]))
-        pb, cb = score._round_up(tokens + assume.prefix_text_tokens, 64), score._round_up(assume.question_tokens, 16)
-        rep = c.labeler.repetition_penalty
-        run_stage(stages, topo, Stage("label", "serve", resident_bytes=aot.per_chip_bytes(state)),
-                  lambda: score.lower_programs(labeler, state, mesh, prefix_bucket=pb, rows=rows, continuation_bucket=cb,
-                                               with_image=True, repetition_penalty=None if rep == 1.0 else rep),
-                  state, ("prefill", "score"),
-                  {"prefill": dict(tokens_per_step=pb, calls=counts["prompts"]),
-                   "score": dict(tokens_per_step=rows * cb,
-                                 calls=counts["prompts"] * math.ceil(counts["questions_per_prompt"] / rows))})
-    batch_size, length = c.dpo.batch_size, c.dpo.max_length
+        p.claims(models)
+    if wanted("label"):  # a separate load in the compute dtype, also for self-feedback
+        models["labeler"] = abstract_model(architecture(c, "policy" if c.labeler.kind == "self" else "labeler"),
+                                           c.policy.dtype, c.policy.dtype)
+        p.label(models["labeler"])
     if wanted("ref_logps"):
-        state, batch = sharded_state(policy, mesh, shd.TRAIN_RULES), _pair_batch(mesh, policy, batch_size, length, False)
-
-        def build():
-            with jax.set_mesh(mesh):
-                return {"ref": logps._pair_logps_jit.lower(nnx.graphdef(policy), state, batch).compile()}
-
-        run_stage(stages, topo, Stage("ref_logps", "serve", resident_bytes=aot.per_chip_bytes(state),
-                                      tokens_per_step=2 * batch_size * length,
-                                      calls=math.ceil(counts["pairs"] / batch_size)), build, (state, batch), ("ref",))
+        p.ref_logps(policy)
     if wanted("dpo_step"):
-        batch = _pair_batch(mesh, policy, batch_size, length, True)
-        optim, loss = dpo_configs(c, counts["dpo_steps"])
-        _dpo_stage(stages, topo, mesh, "dpo_step", policy, batch, optim, loss, counts["dpo_steps"])
-        alternatives = []
-        if variants and loss.remat == "none":
-            alternatives.append(("remat=full", optim, dataclasses.replace(loss, remat="full")))
-        if variants and optim.state_dtype == "float32":
-            alternatives.append(("opt_state=bf16", dataclasses.replace(optim, state_dtype="bfloat16"), loss))
-        if variants and optim.master_dtype == "float32":
-            alternatives.append(("master+opt_state=bf16", dataclasses.replace(
-                optim, master_dtype="bfloat16", state_dtype="bfloat16"), loss))
-        for label, o, l in alternatives:
-            _dpo_stage(stages, topo, mesh, f"dpo_step[{label}]", policy, batch, o, l, counts["dpo_steps"], variant=True)
-    return report(topo, mesh, stages, counts, models)
+        p.dpo_step(policy, variants)
+    return report(p, models)
 
 
-def report(topo: hardware.Slice, mesh, stages: list[Stage], counts: dict[str, int], models: dict) -> dict[str, Any]:
-    run = [s for s in stages if not s.variant]
+def report(p: Planner, models: dict[str, nnx.Module]) -> dict[str, Any]:
+    """The JSON-able plan: slice, mesh, stages, counts, time per iteration (None when unknown)."""
+    run = [s for s in p.stages if not s.variant]
     times: dict[str, float | None] = {}
     for s in run:
         group = s.name.split("/")[0]
-        t = None if s.seconds is None or times.get(group, 0.0) is None else times.get(group, 0.0) + s.seconds * s.calls
-        times[group] = t
-    total = None if any(t is None for t in times.values()) or not times else sum(times.values())
-    return {"topology": topo.name, "xla_topology": topo.xla_topology, "chips": topo.chips,
-            "hbm_per_chip": topo.hbm_bytes, "device_kind": str(mesh.devices.flat[0].device_kind),
-            "mesh": dict(mesh.shape), "fits": all(s.fits for s in run),
-            "stages": [s.public() for s in stages], "counts": counts, "iteration_seconds": times,
-            "iteration_total_seconds": total,
-            "models_resident_bytes": {k: aot.per_chip_bytes(sharded_state(m, mesh, shd.TRAIN_RULES)) for k, m in models.items()}}
+        known = s.seconds is not None and times.get(group, 0.0) is not None
+        times[group] = times.get(group, 0.0) + s.seconds * s.calls if known else None
+    total = None if not times or None in times.values() else sum(times.values())
+    return {"topology": p.topo.name, "xla_topology": p.topo.xla_topology, "chips": p.topo.chips,
+            "hbm_per_chip": p.topo.hbm_bytes, "device_kind": str(p.mesh.devices.flat[0].device_kind),
+            "mesh": dict(p.mesh.shape), "fits": all(s.fits for s in run), "stages": [s.public() for s in p.stages],
+            "counts": p.counts, "iteration_seconds": times, "iteration_total_seconds": total,
+            "weights_per_chip_train_layout": {k: aot.per_chip_bytes(aot.sharded(nnx.state(m, nnx.Param), p.mesh,
+                                                                                shd.TRAIN_RULES))
+                                              for k, m in models.items()}}
 
 
 # ----------------------------------------------------------------------------- output
@@ -367,11 +321,12 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"estimated wall time per online iteration: {_duration(r['iteration_total_seconds'])} ({parts}; "
                      "compiler estimates, no host time, every response max_new_tokens long)")
     elif times:
-        lines.append("no time estimate: the compiler gives none for this platform")
+        lines.append("no time estimate: " + ("a stage does not fit" if not r["fits"] else
+                                             "the compiler gives no time estimate on this platform"))
     c = r["counts"]
     lines.append(f"per iteration: {c['prompts']} prompts, {c['responses']} responses, "
                  f"{c['questions_per_prompt']} questions per prompt, ≤ {c['pairs']} pairs, {c['dpo_steps']} DPO steps")
-    held = r["models_resident_bytes"]
+    held = r["weights_per_chip_train_layout"]
     lines.append("weights per chip (train layout): " + ", ".join(f"{k} {_fmt(v, GIB)} GiB" for k, v in held.items()))
     return "\n".join(lines)
 
@@ -404,6 +359,11 @@ def main(argv: list[str]) -> int:
     variants = flags.DEFINE_bool("variants", True, "Also compile the DPO step with remat / bf16 optimizer state "
                                                    "/ bf16 master weights to show their effect.", flag_values=fv)
     fv(argv)
+    progress = logging.getLogger(aot.__name__)  # one line per compiled stage, on stderr
+    if not progress.handlers:
+        progress.addHandler(logging.StreamHandler(sys.stderr))
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
     if not config_flag.value or not topology.value:
         print("error: --config and --topology are required", file=sys.stderr)
         return 2

@@ -112,3 +112,17 @@ def test_duplicates_and_bad_fn_outputs_raise(tmp_path):
         run(tmp_path / "e", lambda b: square(b)[:1])
     with pytest.raises(ValueError, match="record key"):
         run(tmp_path / "f", lambda b: [{"key": "other"} for _ in b])
+
+
+def test_resume_under_another_process_count_ignores_stale_markers(tmp_path):
+    stage = tmp_path / "s"
+    run(stage, square, process_index=0, process_count=2)  # process 1 of 2 never finished
+    assert not stage_done(stage)
+    seen = []
+    s = run(stage, lambda b: seen.extend(x["v"] for x in b) or square(b), process_index=0, process_count=1)
+    assert seen == list(range(1, 23, 2))  # exactly the missing share: nothing lost, nothing twice
+    assert s["process_count"] == 1 and stage_done(stage) and read_stage(stage) == expected_records()
+    # Back to 2 processes: the 1-process marker covers neither share, but every key is written.
+    for p in (0, 1):
+        assert run(stage, lambda b: pytest.fail("all keys exist"), process_index=p, process_count=2)["processed_this_run"] == 0
+    assert stage_done(stage) and read_stage(stage) == expected_records()

@@ -1,5 +1,6 @@
 """Figures of ahead-of-time compiled programs: per-device bytes of sharded abstract arguments, peak
-HBM, FLOPs and the compiler's time estimate, and XLA:TPU's out-of-HBM verdict.
+HBM, FLOPs and the compiler's time estimate, XLA:TPU's out-of-HBM verdict, and :class:`Stage`, one
+program's row in ``rlaifv_jax.plan``.
 
 Measured with jax 0.10.2 / libtpu (see STACK.md): ``memory_analysis()`` and ``cost_analysis()``
 describe ONE device's SPMD program, and the cost analysis counts the body of a loop (``while``,
@@ -7,13 +8,21 @@ describe ONE device's SPMD program, and the cost analysis counts the body of a l
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import re
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rlaifv_jax.core.hardware import Slice
+from rlaifv_jax.core.sharding import Rules, state_shardings
+
+log = logging.getLogger(__name__)
 
 
 def per_chip_bytes(tree: Any) -> int:
@@ -53,3 +62,76 @@ def hbm_overflow(message: str) -> tuple[int, int] | None:
     if not m:
         return None
     return int(float(m.group(1)) * _UNIT[m.group(2)]), int(float(m.group(3)) * _UNIT[m.group(4)])
+
+
+def sharded(state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """An (abstract or concrete) NNX state as ``jax.ShapeDtypeStruct``s carrying their shardings under ``rules``."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                        state_shardings(state, mesh, rules))
+
+
+@dataclasses.dataclass
+class Stage:
+    """One compiled program's figures, per chip."""
+
+    name: str
+    kind: str  # "serve" | "train": which knobs help
+    bytes_per_chip: int | None = None
+    resident_bytes: int = 0  # weights (+ optimizer state) among the arguments
+    flops_per_chip: float | None = None
+    seconds: float | None = None  # compiler's estimate for one call (one decode step for decode)
+    bytes_accessed: float | None = None
+    tokens_per_step: int = 0
+    calls: float = 0  # per online iteration (decode: steps)
+    fits: bool = True
+    variant: bool = False  # an alternative setting shown for comparison, not part of the run
+    note: str = ""
+    mfu: float | None = None
+    hbm_roofline: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def measure(stage: Stage, compiled, topo: Slice, *, loop_trips: int = 1) -> Stage:
+    """Fill ``stage`` from a compiled program. ``loop_trips``: XLA's cost analysis counts a loop body
+    once, so a program whose work is a ``loop_trips``-times loop (grad accumulation) is scaled."""
+    flops, stage.bytes_accessed, secs = costs(compiled)
+    stage.bytes_per_chip = peak_bytes(compiled)
+    stage.flops_per_chip = flops * loop_trips
+    stage.seconds = None if secs is None else secs * loop_trips
+    chip = topo.chip
+    if chip is not None and stage.seconds:
+        stage.mfu = stage.flops_per_chip / stage.seconds / chip.peak_bf16_flops
+        if stage.name.endswith("decode") and stage.bytes_accessed:
+            stage.hbm_roofline = stage.bytes_accessed / chip.hbm_bytes_per_s / stage.seconds
+    return stage
+
+
+def run_stage(stages: list[Stage], topo: Slice, template: Stage, build: Callable[[], dict[str, Any]],
+              args: Any, names: tuple[str, ...], extra: dict[str, dict] | None = None, loop_trips: int = 1) -> None:
+    """Compile ``build()`` (a dict of compiled programs named like ``names``) unless its arguments
+    alone exceed HBM, and append one :class:`Stage` per program (an XLA out-of-HBM error is a result)."""
+    hbm = topo.hbm_bytes
+    started = time.perf_counter()
+    arg_bytes = per_chip_bytes(args)
+    out = [dataclasses.replace(template, name=f"{template.name}/{n}" if len(names) > 1 else template.name,
+                               **(extra or {}).get(n, {})) for n in names]
+    if hbm is not None and arg_bytes > hbm:
+        for s in out:
+            s.bytes_per_chip, s.fits, s.note = arg_bytes, False, "arguments alone exceed HBM (not compiled)"
+    else:
+        try:
+            programs = build()
+        except Exception as e:  # noqa: BLE001 — only XLA's out-of-HBM verdict is a result
+            overflow = hbm_overflow(str(e))
+            if overflow is None:
+                raise
+            for s in out:
+                s.bytes_per_chip, s.fits, s.note = overflow[0], False, "XLA: out of HBM"
+        else:
+            for s, n in zip(out, names):
+                measure(s, programs[n], topo, loop_trips=loop_trips)
+                s.fits = hbm is None or s.bytes_per_chip <= hbm
+    log.info("%s: %.0f s", template.name, time.perf_counter() - started)
+    stages.extend(out)

@@ -52,3 +52,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                  jax.process_index(), jax.process_count(), jax.default_backend(),
                  jax.local_device_count(), jax.device_count())
     return True
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op in a one-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def writer_first(fn, name: str):
+    """``fn()`` on process 0 (the one writer), a barrier, then ``fn()`` on the others, which find
+    process 0's output in place (e.g. a finished warm start) and only read it."""
+    out = fn() if jax.process_index() == 0 else None
+    barrier(name)
+    return out if jax.process_index() == 0 else fn()

@@ -7,7 +7,9 @@ place, so a shard is either complete or absent. :func:`run_stage` gives process 
 inputs ``p, p + n, p + 2n, ...``, skips inputs whose key is already in any shard (so an interrupted run
 resumes without losing or duplicating records, even with another process count), runs ``fn`` on the
 rest in chunks, and writes the marker when its share is complete; with the marker present it returns at
-once. The stage is complete when all ``n`` markers exist (:func:`stage_done`).
+once. The stage is complete when all ``n`` markers exist (:func:`stage_done`). A marker records its run's
+process count and only counts for a run with that count, so a stage interrupted under one process count
+resumes correctly under another.
 
 Warnings: a record may carry ``"warnings": [name, ...]``; the marker stores their counts over the
 records of the process's share (e.g. ``{"empty_response": 3, "count_mismatch": 1}``).
@@ -29,7 +31,6 @@ from rlaifv_jax.core.paths import atomic_write_text  # noqa: F401  (re-exported:
 KEY = "key"
 WARNINGS = "warnings"
 _PART_RE = re.compile(r"^part-(\d{5})-(\d{6})\.jsonl$")
-_MARKER_RE = re.compile(r"^_DONE\.(\d{5})$")
 _TMP_PREFIX = paths.TMP_PREFIX
 
 Record = dict[str, Any]
@@ -118,17 +119,21 @@ def read_marker(stage_dir: str, process_index: int = 0) -> Record | None:
         return json.load(f)
 
 
+def finished(stage_dir: str, process_index: int, process_count: int) -> bool:
+    """Whether process ``process_index`` of a ``process_count``-process run has finished its share (a
+    marker left by a run with another process count covers another share: it does not count)."""
+    marker = read_marker(stage_dir, process_index)
+    return marker is not None and marker["process_count"] == process_count
+
+
 def stage_done(stage_dir: str) -> bool:
-    """Whether every process of the stage has written its marker (counts taken from the markers)."""
-    if not paths.isdir(stage_dir):
+    """Whether every process of the stage's last run has written its marker. The process count is
+    process 0's (every run has a process 0); markers of other counts are leftovers of an earlier
+    run with another process count and are ignored."""
+    first = read_marker(stage_dir, 0) if paths.isdir(stage_dir) else None
+    if first is None:
         return False
-    present = {int(m.group(1)) for m in map(_MARKER_RE.match, paths.listdir(stage_dir)) if m}
-    if not present:
-        return False
-    counts = {read_marker(stage_dir, p)["process_count"] for p in present}
-    if len(counts) != 1:
-        raise ValueError(f"{stage_dir}: markers disagree on the process count: {sorted(counts)}")
-    return present >= set(range(counts.pop()))
+    return all(finished(stage_dir, p, first["process_count"]) for p in range(first["process_count"]))
 
 
 def run_stage(
@@ -154,9 +159,8 @@ def run_stage(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     writer = StageWriter(stage_dir, process_index)
-    done = read_marker(stage_dir, process_index)
-    if done is not None:
-        return done
+    if finished(stage_dir, process_index, process_count):
+        return read_marker(stage_dir, process_index)
     writer.clean_temp_files()
     keys = [key_fn(x) for x in inputs]
     if len(set(keys)) != len(keys):

@@ -55,6 +55,13 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
                          devices=devices)
 
 
+def serve_mesh(tensor: int = 1) -> Mesh:
+    """This process's own devices as a mesh for the inference stages (sampling, labeling, reference
+    pass, evaluation): with ``SERVE_RULES`` weights are replicated over ``data`` (no per-token fsdp
+    all-gathers) and split over ``tensor``; each host serves its own share of records alone."""
+    return make_mesh(-1, 1, tensor, devices=jax.local_devices())
+
+
 def _mesh_axes(name: str | None, rules: Rules) -> tuple[str, ...]:
     if name is None:
         return ()

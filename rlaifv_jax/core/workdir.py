@@ -1,16 +1,38 @@
-"""The workdir's resolved ``config.json``: written on the first run, compared on every rerun."""
+"""The workdir's resolved ``config.json``: written on the first run, compared on every rerun.
+
+Fields split in two. Fields that change results (model, data, seeds, hyper-parameters, ...) must
+match the saved config: a rerun that changes one is refused with a field-by-field diff. Fields that
+only change how the run executes (``RUN_FIELDS``: mesh, per-call batch sizes of the inference
+stages, progress bars, logging) may change between runs of one workdir: the rerun is accepted,
+``config.json`` is updated to the new values and ``config_history.jsonl`` gets one line per start
+with the run fields that changed.
+"""
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
-from rlaifv_jax.core import paths
+from rlaifv_jax.core import jsonl, paths
+from rlaifv_jax.core.errors import ConfigError, InputError
 
-# Fields that may change between runs of one workdir without changing any result.
-RESUMABLE_FIELDS = ("progress",)
+log = logging.getLogger(__name__)
+
+# Field prefixes that may change between runs of one workdir without changing any result.
+RUN_FIELDS = (
+    "progress",  # progress bars
+    "log",  # logging, TensorBoard / Weights & Biases
+    "mesh",  # device layout (sharded and unsharded results agree to float rounding)
+    "sampling.batch_size", "claims.batch_size", "labeler.batch_size", "eval.batch_size",  # per-call batches
+    "train.ref_batch_size", "train.log_every",  # offline: reference-pass batch, metric interval
+    "train.max_to_keep", "export.checkpoints",  # which checkpoints are kept / exported
+)
+HISTORY = "config_history.jsonl"
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -22,22 +44,46 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def check_or_save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Save ``config`` as ``workdir/config.json``, or refuse a workdir started with another config.
+def is_run_field(field: str) -> bool:
+    """Whether ``field`` (dotted) only changes how a run executes, never its results."""
+    return any(field == p or field.startswith(p + ".") for p in RUN_FIELDS)
 
-    The error names every field that differs, with both values.
-    """
-    paths.makedirs(workdir)
-    path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json())
-    if not paths.exists(path):
-        paths.atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
-        return
-    saved = json.loads(paths.read_text(path))
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, current value)}`` of every differing leaf field (dotted names)."""
     a, b = _flatten(saved), _flatten(current)
-    diff = [k for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k.split(".")[0] not in RESUMABLE_FIELDS]
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_or_save_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
+    """Save ``config`` as ``workdir/config.json`` or check it against the saved one.
+
+    Returns the run fields that changed (``{field: (old, new)}``); raises ``ConfigError`` naming
+    every result field that differs, with both values. Every start appends a line to
+    ``config_history.jsonl``.
+    """
+    path = os.path.join(workdir, "config.json")
+    if paths.exists(workdir) and not paths.isdir(workdir):
+        raise InputError(f"workdir {workdir} is a file, not a directory")
+    current = json.loads(config.to_json())
+    saved = json.loads(paths.read_text(path)) if paths.exists(path) else None
+    diff = config_diff(saved, current) if saved is not None else {}
+    refused = {k: v for k, v in diff.items() if not is_run_field(k)}
+    if refused:
+        raise ConfigError([f"{k}: workdir has {a!r}, this run has {b!r}" for k, (a, b) in refused.items()],
+                          header=f"{workdir} was started with a different config (use a new --workdir or "
+                                 "the original values)")
+    paths.makedirs(workdir)
+    if saved is None or diff:
+        paths.atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
     if diff:
-        details = "; ".join(f"{k}: workdir has {a.get(k)!r}, this run has {b.get(k)!r}" for k in diff)
-        raise ValueError(f"{workdir} was started with a different config ({details}); use a new --workdir "
-                         "or the original settings")
+        log.info("resuming %s with changed run settings: %s", workdir,
+                 ", ".join(f"{k}={b!r} (was {a!r})" for k, (a, b) in diff.items()))
+    if jax.process_index() != 0:
+        return diff
+    history = os.path.join(workdir, HISTORY)
+    jsonl.read(history, repair=True)
+    jsonl.append(history, {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                           "event": "start" if saved is None else "resume",
+                           "changed": {k: {"was": a, "now": b} for k, (a, b) in diff.items()}})
+    return diff

@@ -59,8 +59,9 @@ def yes_no_token_ids(
         if problem:
             raise ValueError(
                 f"labeler answer word {word_prefix + word!r} after the assistant prompt {problem}; "
-                f"pass its token id explicitly (overrides={{{word!r}: id}}, config labeler.yes_no_token_ids) "
-                f"or set the text emitted before the word (word_prefix, config labeler.word_prefix)"
+                f"pass its token id explicitly (overrides={{{word!r}: id}}, engine.score.Labeler(yes_no_ids=...)) "
+                f"or the text emitted before the word (word_prefix=..., Labeler(word_prefix=...)); no config "
+                f"field sets either"
             )
         ids[word] = new[0]
     return {w: ids[w] for w in ANSWER_WORDS}

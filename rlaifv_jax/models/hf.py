@@ -12,26 +12,12 @@ tensor: each parameter is gathered alone (across hosts when it is sharded over t
 writes files of at most ``shard_bytes`` (plus ``model.safetensors.index.json`` when there are
 several), each atomically, the index last. Paths may be local or ``gs://``.
 
-Built in: ``LlamaForCausalLM`` (``MistralForCausalLM``, ``Qwen2ForCausalLM``), ``CLIPVisionModel``,
-``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``. A new family registers its
-class in ``ARCHITECTURES`` and defines on it:
-
-* ``HF_ARCHITECTURE: str``: the ``architectures`` entry written on export;
-* ``hf_name(self, path) -> str``: the transformers name of the parameter at ``path``;
-* optional ``hf_to_ours(self, path, tensor) -> np.ndarray | None``: ``tensor`` is a safetensors
-  slice (index it to read, ``tensor[:]`` for all of it); return the whole parameter in our layout,
-  or ``None`` for the default layout (then only the needed slices are read);
-* optional ``ours_to_hf(self, path, array) -> np.ndarray | None``: the inverse, ``None`` = default.
-
-Default layout (:class:`Layout`): ``Linear`` kernels ``[in..., out...]`` are transformers'
-``[out, in]`` with each side flattened; kernels with 3 or more input dims are patch convolutions,
-``[in, *spatial, out]`` ↔ ``[out, in, *spatial]``; biases are flattened; the rest is as is.
+Names and layouts, and the hooks a new model family defines, are in ``models/hf_map.py``; a new
+family also registers its class in ``ARCHITECTURES``.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import json
 import logging
 import math
@@ -49,8 +35,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from rlaifv_jax.core import paths
+from rlaifv_jax.models import hf_map
 from rlaifv_jax.models.clip import CLIPVision, CLIPVisionConfig
-from rlaifv_jax.models.layers import Linear
 from rlaifv_jax.models.llama import Llama, LlamaConfig
 from rlaifv_jax.models.llava import Llava, LlavaConfig, LlavaNext
 from rlaifv_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
@@ -85,161 +71,10 @@ ARCHITECTURES: dict[str, tuple[type, Callable[[dict], Any]]] = {
     "Qwen2_5_VLForConditionalGeneration": (Qwen25VL, Qwen25VLConfig.from_hf),
 }
 
-# File-key prefixes other transformers versions / hub repos use → the canonical names we map to.
-_LLAVA_ALIASES = (
-    ("model.vision_tower.vision_model.", "vision_tower."),
-    ("model.vision_tower.", "vision_tower."),
-    ("vision_tower.vision_model.", "vision_tower."),
-    ("model.language_model.", "language_model.model."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("model.image_newline", "image_newline"),
-    ("lm_head.", "language_model.lm_head."),
-)
-_CLIP_ALIASES = (("vision_model.", ""),)  # older files, and the vision half of a CLIPModel
-
-
-# ----------------------------------------------------------------------------- name maps
-def _clip_name(path: tuple) -> str:
-    head = path[0]
-    if head == "patch_embedding":
-        return "embeddings.patch_embedding.weight"
-    if head == "class_embedding":
-        return "embeddings.class_embedding"
-    if head == "position_embedding":
-        return "embeddings.position_embedding.weight"
-    if head == "layers":
-        i, mod, leaf = path[1], path[2], path[3]
-        group = "self_attn." if mod in ("q_proj", "k_proj", "v_proj", "out_proj") else "mlp." if mod in ("fc1", "fc2") else ""
-        return f"encoder.layers.{i}.{group}{mod}.{_leaf(leaf)}"
-    return f"{head}.{_leaf(path[1])}"  # pre_layrnorm
-
-
-def _llama_name(path: tuple) -> str:
-    if path[0] == "lm_head":
-        return "lm_head.weight"
-    return "model." + ".".join(str(p) for p in path[:-1]) + "." + _leaf(path[-1])
-
-
-def _leaf(name: str) -> str:
-    return "weight" if name in ("kernel", "embedding") else name
-
-
-def hf_name(model: nnx.Module, path: tuple) -> str:
-    """The transformers state-dict name of the variable at ``path`` in ``model``."""
-    if hasattr(model, "hf_name"):
-        return model.hf_name(path)
-    if isinstance(model, Llama):
-        return _llama_name(path)
-    if isinstance(model, CLIPVision):
-        return _clip_name(path)
-    head, rest = path[0], path[1:]
-    if isinstance(model, Llava):
-        if head == "language_model":
-            return "language_model." + _llama_name(rest)
-        if head == "vision_tower":
-            return "vision_tower." + _clip_name(rest)
-        if head == "multi_modal_projector":
-            return f"multi_modal_projector.{rest[0]}.{_leaf(rest[1])}"
-        if head == "image_newline":
-            return "image_newline"
-    raise KeyError(f"no Hugging Face name for {path} of {type(model).__name__}")
-
-
-def _canonical(key: str, architecture: str) -> str:
-    aliases = {"CLIPVisionModel": _CLIP_ALIASES}.get(architecture, _LLAVA_ALIASES if architecture.startswith("Llava") else ())
-    for alt, canon in aliases:
-        if key.startswith(alt):
-            return canon + key[len(alt):]
-    return key
-
-
-def _architecture(model: nnx.Module) -> str:
-    if hasattr(model, "HF_ARCHITECTURE"):
-        return model.HF_ARCHITECTURE
-    if isinstance(model, LlavaNext):
-        return "LlavaNextForConditionalGeneration"
-    if isinstance(model, Llava):
-        return "LlavaForConditionalGeneration"
-    if isinstance(model, CLIPVision):
-        return "CLIPVisionModel"
-    if isinstance(model, Llama):
-        return {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            model.config.model_type, "LlamaForCausalLM")
-    raise TypeError(f"cannot export {type(model).__name__}: no HF_ARCHITECTURE")
-
-
-# ----------------------------------------------------------------------------- layouts
-def _bounds(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """``(start, stop)`` per dim of a ``make_array_from_callback`` index (unit-step slices)."""
-    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    out = []
-    for s, n in zip(index, shape):
-        start, stop, step = s.indices(n)
-        if step != 1:
-            raise ValueError(f"strided index {s} is not supported")
-        out.append((start, stop))
-    return tuple(out)
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where an array of ours sits in its transformers tensor: HF dim ``j`` is our dims ``groups[j]``
-    flattened (row-major, in that order). E.g. a q-projection kernel ``[embed, heads, head_dim]`` is
-    HF ``[heads * head_dim, embed]``: ``groups == ((1, 2), (0,))``."""
-    shape: tuple[int, ...]
-    groups: tuple[tuple[int, ...], ...]
-
-    @property
-    def order(self) -> tuple[int, ...]:
-        return tuple(d for g in self.groups for d in g)
-
-    @property
-    def hf_shape(self) -> tuple[int, ...]:
-        return tuple(math.prod(self.shape[d] for d in g) for g in self.groups)
-
-    def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        return np.transpose(ours, self.order).reshape(self.hf_shape)
-
-    def read(self, tensor: Any, index: tuple) -> np.ndarray:
-        """Our ``array[index]``, reading only the matching block of the safetensors slice ``tensor``.
-
-        For each HF dim the read covers the rows of its leading sub-dim in the slice, whole along
-        the others; slices of the others (never the case for our rules' shardings) are cut after.
-        """
-        bounds = _bounds(index, self.shape)
-        hf_index, block, inner = [], [], []
-        for g in self.groups:
-            rest = math.prod(self.shape[d] for d in g[1:])
-            a, b = bounds[g[0]]
-            hf_index.append(slice(a * rest, b * rest))
-            block += [b - a] + [self.shape[d] for d in g[1:]]
-            inner += [slice(None)] + [slice(*bounds[d]) for d in g[1:]]
-        data = read_slice(tensor, tuple(hf_index)).reshape(block)[tuple(inner)]
-        return np.transpose(data, np.argsort(self.order))
-
-
-def layout(leaf: str, shape: tuple[int, ...], n_in: int | None) -> Layout:
-    """The default :class:`Layout` of a parameter (module docstring)."""
-    nd = len(shape)
-    if leaf == "kernel":
-        n_in = 1 if n_in is None else n_in
-        ins, outs = tuple(range(n_in)), tuple(range(n_in, nd))
-        groups = tuple((d,) for d in outs + ins) if n_in >= 3 else (outs, ins)
-    elif leaf == "bias":
-        groups = (tuple(range(nd)),)
-    else:
-        groups = tuple((d,) for d in range(nd))
-    return Layout(tuple(shape), groups)
-
 
 def read_slice(tensor: Any, index: tuple) -> np.ndarray:
     """``tensor[index]`` of a safetensors slice: every byte the loader reads goes through here."""
     return tensor[index]
-
-
-def _linear_inputs(model: nnx.Module) -> dict[tuple, int]:
-    """Number of input dims of every ``Linear`` kernel, by kernel path."""
-    return {tuple(p) + ("kernel",): m.n_in for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -289,7 +124,7 @@ class _Checkpoint:
 
     def __init__(self, path: str, architecture: str, stack: contextlib.ExitStack):
         self.path, self.stack = path, stack
-        self.files = {_canonical(k, architecture): (k, f) for k, f in _weight_files(path).items()}
+        self.files = {hf_map.canonical(k, architecture): (k, f) for k, f in _weight_files(path).items()}
         self.handles: dict[str, Any] = {}
         self.used: set[str] = set()
 
@@ -315,15 +150,15 @@ def _reader(model: nnx.Module, path: tuple, tensor: Any, where: str, shape: tupl
                              f"{tuple(whole.shape)}, expected {shape}")
         read = lambda index: whole[index]  # noqa: E731
     else:
-        lay = layout(path[-1], shape, n_in)
+        lay = hf_map.layout(path[-1], shape, n_in)
         if tuple(tensor.get_shape()) != lay.hf_shape:
             raise ValueError(f"tensor {where}: shape {tuple(tensor.get_shape())} does not fit the config "
                              f"(expected {lay.hf_shape} for our {shape})")
-        read = functools.partial(lay.read, tensor)
+        read = lambda index: lay.from_hf_block(read_slice(tensor, lay.hf_index(index)), index)  # noqa: E731
     cache: dict[tuple, np.ndarray] = {}  # replicas of one shard on several local devices: read once
 
     def cb(index: tuple) -> np.ndarray:
-        key = _bounds(index, shape)
+        key = hf_map.bounds(index, shape)
         if key not in cache:
             cache[key] = np.asarray(read(index), dtype=dtype)
         return cache[key]
@@ -363,14 +198,14 @@ def load_pretrained(path: str, *, dtype=jnp.float32, param_dtype=None,
     graphdef, state = nnx.split(abstract)
     placement = _flat_shardings(shardings(state)) if shardings is not None else {}
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    n_in = _linear_inputs(abstract)
+    n_in = hf_map.linear_inputs(abstract)
     flat = []
     with contextlib.ExitStack() as stack:
         ckpt = _Checkpoint(path, architecture, stack)
         for p, var in nnx.to_flat_state(state):
             p = tuple(p)
             shape = tuple(var.get_value().shape)
-            tensor, where = ckpt.tensor(hf_name(abstract, p))
+            tensor, where = ckpt.tensor(hf_map.hf_name(abstract, p))
             cb = _reader(abstract, p, tensor, where, shape, n_in.get(p), param_dtype)
             value = jax.make_array_from_callback(shape, placement.get(p, default), cb, dtype=param_dtype)
             flat.append((p, var.replace(value)))
@@ -400,23 +235,6 @@ def _to_host(value: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(value))
 
 
-def _hf_array(model: nnx.Module, path: tuple, array: np.ndarray, n_in: int | None) -> np.ndarray:
-    hook = getattr(model, "ours_to_hf", None)
-    out = hook(path, array) if hook else None
-    return layout(path[-1], array.shape, n_in).to_hf(array) if out is None else out
-
-
-def _extra_tensors(model: nnx.Module, architecture: str, dtype) -> dict[str, np.ndarray]:
-    """Tensors transformers expects that we do not keep: CLIP's pooled-output LayerNorm (unused by
-    LLaVA), written as an identity so nothing is left randomly initialised."""
-    if not (architecture.startswith("Llava") or architecture == "CLIPVisionModel"):
-        return {}
-    prefix = "" if architecture == "CLIPVisionModel" else "vision_tower."
-    width = model.config.vision.hidden_size if architecture.startswith("Llava") else model.config.hidden_size
-    return {prefix + "post_layernorm.weight": np.ones((width,), dtype),
-            prefix + "post_layernorm.bias": np.zeros((width,), dtype)}
-
-
 def _plan_files(sizes: list[int], shard_bytes: int) -> list[list[int]]:
     """Consecutive parameter indices grouped into files of at most ``shard_bytes`` (a larger
     tensor gets a file of its own)."""
@@ -440,12 +258,12 @@ def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
 def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """``(transformers name, host array)`` for every parameter of ``model``, one at a time.
     Every process must iterate it to the end (parameters sharded across hosts are all-gathered)."""
-    n_in = _linear_inputs(model)
+    n_in = hf_map.linear_inputs(model)
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         arr = _to_host(var.get_value())
         if dtype is not None:
             arr = arr.astype(dtype)
-        yield hf_name(model, tuple(p)), _hf_array(model, tuple(p), arr, n_in.get(tuple(p)))
+        yield hf_map.hf_name(model, tuple(p)), hf_map.to_hf(model, tuple(p), arr, n_in.get(tuple(p)))
 
 
 def save_pretrained(model: nnx.Module, path: str, *, dtype=None, assets_from: str | None = None,
@@ -454,18 +272,22 @@ def save_pretrained(model: nnx.Module, path: str, *, dtype=None, assets_from: st
     ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
     (files of at most ``shard_bytes``), and the tokenizer / processor files of ``assets_from``.
 
-    Call it on every process: parameters are gathered one at a time, process 0 writes. No host
+    Call it on every process for a model sharded over hosts: parameters are gathered one at a time,
+    process 0 writes. A model held by one process's devices is written by that process alone. No host
     holds more than one file's tensors. Weight files of an earlier export to ``path`` that this one
     does not rewrite are removed at the end.
     """
-    architecture = _architecture(model)
+    architecture = hf_map.architecture(model)
     params = [(tuple(p), v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     out_dtype = np.dtype(dtype if dtype is not None else params[0][1].dtype)
     sizes = [math.prod(v.shape) * np.dtype(dtype if dtype is not None else v.dtype).itemsize for _, v in params]
     files = _plan_files(sizes, shard_bytes)
     names = (["model.safetensors"] if len(files) == 1 else
              [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
-    writer = jax.process_index() == 0
+    # A model on this process's devices only (e.g. a toy warm start on host 0) is written by this
+    # process alone; a model sharded over hosts is gathered collectively and written by process 0.
+    local = all(v.is_fully_addressable for _, v in params)
+    writer = local or jax.process_index() == 0
     if writer:
         paths.makedirs(path)
     tensors_iter = iter_hf_tensors(model, dtype)
@@ -474,7 +296,7 @@ def save_pretrained(model: nnx.Module, path: str, *, dtype=None, assets_from: st
     for f, (name, members) in enumerate(zip(names, files)):
         tensors = dict(next(tensors_iter) for _ in members)
         if f == len(files) - 1:
-            tensors.update(_extra_tensors(model, architecture, out_dtype))
+            tensors.update(hf_map.extra_tensors(model, architecture, out_dtype))
         weight_map.update({k: name for k in tensors})
         total += sum(a.nbytes for a in tensors.values())
         if writer:
@@ -494,5 +316,5 @@ def save_pretrained(model: nnx.Module, path: str, *, dtype=None, assets_from: st
         for stale in paths.listdir(path):
             if (_WEIGHT_FILE_RE.match(stale) and stale not in names) or (stale == INDEX_FILE and len(files) == 1):
                 paths.remove(os.path.join(path, stale))
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not local:
         multihost_utils.sync_global_devices(f"save_pretrained {path}")

@@ -248,7 +248,9 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             if remat != "none" and cache is None and prefix is None:  # teacher-forced passes only
                 policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                x, kv = nnx.remat(DecoderLayer.__call__, policy=policy)(layer, x, positions, inv_freq, mask)
+                layer_def, layer_state = nnx.split(layer)
+                x, kv = jax.checkpoint(lambda st, *a: nnx.merge(layer_def, st)(*a), policy=policy)(
+                    layer_state, x, positions, inv_freq, mask)
             else:
                 x, kv = layer(x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index,
                               None if prefix is None else (prefix[0][i], prefix[1]))

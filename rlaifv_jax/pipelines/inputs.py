@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Callable
 
 import ml_collections
 
+from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.data import prompts as prompts_lib, toy_world
 from rlaifv_jax.pipelines import warmstart
 
@@ -40,10 +42,28 @@ def toy(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     return Inputs(prompts_for, toy_world.eval_split(world, config.world.n_eval, config.seed), world, None)
 
 
+@functools.lru_cache(maxsize=4)
+def _read_prompts(path: str, mtime_ns: int, size: int):
+    return prompts_lib.read_prompt_file(path)
+
+
+def read_prompts(path: str) -> tuple[list[prompts_lib.PromptRecord], prompts_lib.PromptReport]:
+    """The prompt file's usable records and report, read once per file version (validation reads it
+    before the workdir is touched; the run then reuses it). ``InputError`` if it cannot be used."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"prompts.path={path!r}: {e.strerror}") from None
+    try:
+        return _read_prompts(path, st.st_mtime_ns, st.st_size)
+    except ValueError as e:
+        raise InputError(f"prompts.path: {e}") from None
+
+
 def prompt_file(config: ml_collections.ConfigDict) -> Inputs:
     """A prompt JSONL (bad lines skipped and reported); ``prompts.per_iteration`` prompts per
     iteration, taken in turn."""
-    good, report = prompts_lib.read_prompt_file(config.prompts.path)
+    good, report = read_prompts(config.prompts.path)
     log.info("prompts: kept %d, skipped %s", report.kept, dict(report.skipped))
     for line in report.problems:
         log.warning("prompt file %s", line)

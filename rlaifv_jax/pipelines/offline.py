@@ -2,12 +2,14 @@
 read → ``encoded`` (tokenized once) → ``ref_logps`` (chunked, resumable) → ``train`` (DPO with
 checkpoints every 1/N epoch) → ``export`` (Hugging Face format with tokenizer and processor).
 
-Pairs are keyed by their content (image bytes, question, chosen, rejected), never by file position,
-so editing the data between runs can never attach one pair's reference log-probs to another.
+Pairs are keyed by their content (image bytes, question, chosen, rejected, reference model identity),
+never by file position, so editing the data between runs can never attach one pair's reference
+log-probs to another. Every input is checked before the workdir is touched; skipped rows are
+counted and named (``file:row: reason``) in ``data_report.json``.
 """
 from __future__ import annotations
 
-import glob
+import collections
 import hashlib
 import json
 import logging
@@ -16,18 +18,37 @@ from typing import Any
 
 import numpy as np
 
-from rlaifv_jax.core import sharding
+from rlaifv_jax.core import paths, sharding
+from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.core.workdir import check_or_save_config
-from rlaifv_jax.data.rlaifv_dataset import PreferenceRecord, open_image, read_rlaifv
+from rlaifv_jax.data.rlaifv_dataset import (DatasetFileError, PreferenceRecord, SkipRecord, data_files, iter_rows,
+                                            open_image, validate_row)
 from rlaifv_jax.models import hf
+from rlaifv_jax.pipelines import export
 from rlaifv_jax.pipelines.validate import offline_spec
 from rlaifv_jax.stages import dpo, encode, ref
 
 log = logging.getLogger(__name__)
+SHOWN_SKIPS = 10  # skipped rows named on the console (all of them go to data_report.json)
+
+
+def reference_identity(path: str) -> str:
+    """The reference model's identity: its absolute path, ``config.json`` and the names, sizes and
+    modification times of its weight files (replaced weights give new keys, never stale log-probs)."""
+    h = hashlib.sha256(os.path.abspath(path).encode())
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name == "config.json":
+            with open(full, "rb") as f:
+                h.update(f.read())
+        elif name.endswith((".safetensors", ".safetensors.index.json")):
+            st = os.stat(full)
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 def content_key(record: PreferenceRecord, reference: str) -> str:
-    """A pair's identity: sha256 of its image bytes, texts and the reference model's path."""
+    """A pair's identity: sha256 of its image bytes, texts and the reference model's identity."""
     h = hashlib.sha256()
     if isinstance(record.image, bytes):
         image = record.image
@@ -39,54 +60,93 @@ def content_key(record: PreferenceRecord, reference: str) -> str:
     return h.hexdigest()[:32]
 
 
-def data_paths(spec: str) -> list[str]:
-    """Comma-separated files, directories or globs → paths (an unmatched glob is an error)."""
-    out: list[str] = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        matches = sorted(glob.glob(part)) if any(ch in part for ch in "*?[") else [part]
-        if not matches:
-            raise FileNotFoundError(f"config.data.path: {part!r} matches no file")
-        out.extend(matches)
-    return out
+def read_pairs(data: list[str], max_pairs: int = 0) -> tuple[list[PreferenceRecord], collections.Counter, list[str]]:
+    """Usable pairs of the data files (directories read whole), the skip counts by reason and one
+    ``"file:row: reason"`` line per skipped row; ``max_pairs`` > 0 keeps only the first N pairs.
+    ``InputError`` when a file cannot be read or no pair is usable."""
+    records: list[PreferenceRecord] = []
+    skipped: collections.Counter = collections.Counter()
+    named: list[str] = []
+    try:
+        files = data_files(data)
+        for path in files:
+            base_dir = os.path.dirname(os.path.abspath(path))
+            for row, raw in enumerate(iter_rows(path)):
+                source = f"{path}:{row}"
+                result = raw if isinstance(raw, SkipRecord) else validate_row(raw, source, base_dir)
+                if not isinstance(result, SkipRecord) and not result.question.strip():
+                    result = SkipRecord("empty_question")
+                if isinstance(result, SkipRecord):
+                    skipped[result.reason] += 1
+                    named.append(f"{source}: {result.reason}")
+                    continue
+                records.append(result)
+                if max_pairs and len(records) >= max_pairs:
+                    break
+            if max_pairs and len(records) >= max_pairs:
+                break
+    except DatasetFileError as e:
+        raise InputError(f"data.path: {e}") from None
+    if not records:
+        raise InputError(f"data.path: no usable pair in {len(files)} file(s) (skipped: {dict(skipped)})")
+    log.info("data: %d pairs from %d file(s)%s", len(records), len(files),
+             f"; skipped {sum(skipped.values())} rows {dict(skipped)}" if skipped else "")
+    for line in named[:SHOWN_SKIPS]:
+        log.warning("skipped %s", line)
+    if len(named) > SHOWN_SKIPS:
+        log.warning("... and %d more skipped rows (all listed in data_report.json)", len(named) - SHOWN_SKIPS)
+    return records, skipped, named
 
 
 def run(config, workdir: str) -> dict[str, Any]:
     """Offline DPO (see module docstring). Returns a summary dict (also printed)."""
-    spec = offline_spec(config)
-    records, skipped = read_rlaifv(data_paths(spec.data_path))
+    spec = offline_spec(config)  # every field, path and checkpoint config checked: nothing written yet
+    records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs)
     check_or_save_config(config, workdir)
     mesh = sharding.make_mesh(*spec.mesh)
+    reference = reference_identity(spec.policy.path)
     keyed: dict[str, PreferenceRecord] = {}
     for r in records:
-        key = content_key(r, os.path.abspath(spec.policy.path))
+        key = content_key(r, reference)
         if key in keyed:
             skipped["duplicate_pair"] += 1
-            log.warning("%s: the same pair as %s; skipped", r.source, keyed[key].source)
+            named.append(f"{r.source}: duplicate_pair (same as {keyed[key].source})")
             continue
         keyed[key] = r
+    paths.atomic_write_text(os.path.join(workdir, "data_report.json"), json.dumps(
+        {"pairs": len(keyed), "skipped": dict(skipped), "skipped_rows": named}, indent=1))
+    progress = spec.progress
     encoded = encode.run(os.path.join(workdir, "encoded"), [
         {"key": k, "image_key": k, "question": r.question, "chosen": r.chosen, "rejected": r.rejected}
-        for k, r in keyed.items()], spec.policy, max_length=spec.dpo.max_length, progress=True)
+        for k, r in keyed.items()], spec.policy, max_length=spec.dpo.max_length, progress=progress)
     usable = [e for e in encoded if "prompt_ids" in e]
+    if not usable:
+        raise InputError(f"data.path: none of the {len(encoded)} pairs fits data.max_length={spec.dpo.max_length} "
+                         "tokens (prompt + image + the longer answer); raise data.max_length")
     image = lambda key: np.asarray(open_image(keyed[key].image))  # noqa: E731
     refs = {r["key"]: r for r in ref.run(os.path.join(workdir, "ref_logps"), usable, image, spec.policy,
                                          batch_size=spec.ref_batch_size, max_length=spec.dpo.max_length,
-                                         mesh=mesh, progress=True)}
+                                         mesh=sharding.serve_mesh(), progress=progress)}
     examples = [{**e, **refs[e["key"]]} for e in usable]
     export_dir = os.path.join(workdir, "export")
     dtype = np.dtype(hf.parse_dtype(spec.export_dtype, "export.dtype")) if spec.export_dtype else None
+
+    def save(model, directory=export_dir):
+        export.save(model, directory, dtype=dtype, assets_from=spec.policy.path)
+
     result = dpo.run(os.path.join(workdir, "train"), examples, image, spec.policy, spec.dpo, seed=spec.seed,
-                     mesh=mesh, desc="dpo",
-                     save=lambda m: hf.save_pretrained(m, export_dir, dtype=dtype, assets_from=spec.policy.path))
+                     mesh=mesh, desc="dpo", save=save,
+                     save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")))
     too_long = sum("too_long" in e.get("warnings", ()) for e in encoded)
     history = result["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
     summary = {"pairs": len(examples), "skipped": {**dict(skipped), **({"too_long": too_long} if too_long else {})},
                "steps": result["steps"], "steps_per_epoch": result.get("steps_per_epoch"),
                "checkpoint_every": result.get("checkpoint_every"), "resumed_from": result["resumed_from"],
+               "kept_checkpoints": result.get("kept_steps"), "best_checkpoint": result.get("best_step"),
+               "exported_step": result.get("exported_step"),
                "first": {k: first.get(k) for k in ("loss", "rewards/accuracies", "rewards/margins")},
                "last": {k: last.get(k) for k in ("loss", "rewards/accuracies", "rewards/margins")},
                "export": export_dir}
-    print(json.dumps(summary, indent=2))
-    log.info("offline DPO done: %s", summary)
+    print(json.dumps(summary, indent=2, allow_nan=False))
     return summary

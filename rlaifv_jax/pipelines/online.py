@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from rlaifv_jax.core import sharding
+from rlaifv_jax.core import distributed, sharding
 from rlaifv_jax.core.workdir import check_or_save_config
 from rlaifv_jax.models import hf
 from rlaifv_jax.pipelines import inputs as inputs_lib
@@ -29,9 +29,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     """Run (or resume) the whole online loop; returns the summary entries."""
     t_start = time.time()
     spec = online_spec(config, workdir)
-    check_or_save_config(config, workdir)
-    mesh = sharding.make_mesh(*spec.mesh)
-    inputs = inputs_lib.toy(config, workdir) if spec.toy else inputs_lib.prompt_file(config)
+    distributed.writer_first(lambda: check_or_save_config(config, workdir), "config")
+    mesh = sharding.make_mesh(*spec.mesh)  # training (DPO) over every device of every host
+    serve = sharding.serve_mesh()  # inference stages: each host its own devices, its own share
+    inputs = distributed.writer_first(
+        lambda: inputs_lib.toy(config, workdir) if spec.toy else inputs_lib.prompt_file(config), "inputs")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     summary = Summary(workdir)
 
@@ -40,7 +42,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
     def evaluate(k: int) -> dict[str, Any]:
         return eval_stage.run(os.path.join(workdir, "eval", f"{k:02d}"), policy_at(k), inputs.eval_records,
-                              inputs.world, spec.eval, mesh=mesh)
+                              inputs.world, spec.eval, mesh=serve)
 
     if not summary.has(0):
         summary.put({"iteration": 0, **evaluate(0), "pairs": 0, "wall_s": round(time.time() - t_start, 1)})
@@ -53,11 +55,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         image_of = {str(p["id"]): p for p in prompts}
         image = lambda key: image_of[key]["image"]  # noqa: E731
         progress = spec.progress
-        samples = sample.run(os.path.join(it, "samples"), prompts, policy_at(k), spec.sample, seed=seed, mesh=mesh,
+        samples = sample.run(os.path.join(it, "samples"), prompts, policy_at(k), spec.sample, seed=seed, mesh=serve,
                              progress=progress)
-        claim_recs = claims.run(os.path.join(it, "claims"), samples, spec.claims, world=inputs.world, mesh=mesh,
+        claim_recs = claims.run(os.path.join(it, "claims"), samples, spec.claims, world=inputs.world, mesh=serve,
                                 seed=spec.seed, progress=progress)
-        labels = label.run(os.path.join(it, "labels"), claim_recs, image, spec.labeler, spec.label, mesh=mesh,
+        labels = label.run(os.path.join(it, "labels"), claim_recs, image, spec.labeler, spec.label, mesh=serve,
                            progress=progress)
         pair_recs = pairs.run(os.path.join(it, "pairs"), samples, claim_recs, labels, spec.pairs, seed=seed,
                               progress=progress)
@@ -70,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         usable = [by_key[p["pair_id"]] for p in chosen if p["pair_id"] in by_key]
         refs = {r["key"]: r for r in ref.run(os.path.join(it, "ref_logps"), usable, image, policy_at(k),
                                              batch_size=spec.dpo.batch_size, max_length=spec.dpo.max_length,
-                                             mesh=mesh, progress=progress)}
+                                             mesh=serve, progress=progress)}
         examples = [{**e, **refs[key]} for key, e in sorted(by_key.items())]
         train_dir = os.path.join(it, "train")
         if k + 1 not in bundle.saved_steps(ckpt_dir):

@@ -1,13 +1,28 @@
-"""Configs in, typed stage settings out, in one place: every bad or contradictory field is named
-at start-up, then ``online_spec`` / ``offline_spec`` turn config subtrees into the dataclasses the
-stages take (stages never read a ConfigDict)."""
+"""Configs in, typed stage settings out, in one place.
+
+``validate(config, mode)`` runs before anything touches the workdir and names every problem on one
+line (field, bad value, allowed values): enums, types, ranges, paths that must exist (the prompt
+file is read, checkpoint configs are loaded), the mesh against the device count, batch sizes
+against the data-parallel size and ``max_length`` against the policy's image tokens. Then
+``online_spec`` / ``offline_spec`` turn config subtrees into the dataclasses the stages take
+(stages never read a ConfigDict).
+"""
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
+import math
+import numbers
 import os
+from typing import Any
 
+import jax
 import ml_collections
 
+from rlaifv_jax.core.errors import ConfigError, UserError
+from rlaifv_jax.data import toy_world
+from rlaifv_jax.data.rlaifv_dataset import DATA_SUFFIXES
 from rlaifv_jax.models import hf
 from rlaifv_jax.stages.bundle import ModelSpec
 from rlaifv_jax.stages.claims import ClaimSettings
@@ -17,100 +32,308 @@ from rlaifv_jax.stages.label import LabelSettings
 from rlaifv_jax.stages.pairs import PairSettings
 from rlaifv_jax.stages.sample import SampleSettings
 from rlaifv_jax.training.loop import TrainConfig
+from rlaifv_jax.training.loss import LOSS_TYPES, METRIC_NAMES
 from rlaifv_jax.training.step import LossConfig, OptimConfig
 
-_CHOICES = {
+MODES = ("online", "offline_dpo")
+TEMPLATES = ("llava_v1", "chat")
+EXPORT_CHOICES = ("last", "best", "all")
+_MISSING = object()
+
+_ONLINE_CHOICES = {
     "source": ("toy", "files"),
     "policy.dtype": ("float32", "bfloat16"),
     "policy.param_dtype": ("float32", "bfloat16"),
-    "policy.template": ("llava_v1", "chat"),
-    "labeler.template": ("llava_v1", "chat"),
+    "policy.template": TEMPLATES,
+    "labeler.template": TEMPLATES,
     "claims.kind": ("rule", "llm"),
     "labeler.kind": ("self", "model", "toy"),
-    "dpo.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
+    "dpo.loss_type": LOSS_TYPES,
 }
-_POSITIVE = ("iterations", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size",
-             "claims.batch_size", "labeler.batch_size", "pairs.per_prompt", "pairs.min_score_gap",
-             "dpo.batch_size", "dpo.grad_accum", "dpo.epochs", "dpo.max_length", "eval.max_new_tokens",
-             "eval.batch_size", "dpo.beta", "dpo.learning_rate")
+_ONLINE_POSITIVE = ("iterations", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size",
+                    "claims.batch_size", "labeler.batch_size", "pairs.per_prompt", "pairs.min_score_gap",
+                    "dpo.batch_size", "dpo.grad_accum", "dpo.epochs", "dpo.max_length", "eval.max_new_tokens",
+                    "eval.batch_size", "dpo.beta", "dpo.learning_rate", "world.n_warmstart", "world.n_prompts",
+                    "world.n_eval", "warmstart.steps", "warmstart.batch_size", "warmstart.learning_rate")
+_ONLINE_NONNEG = ("prompts.per_iteration", "sampling.top_k", "sampling.temperature", "dpo.max_steps",
+                  "dpo.label_smoothing", "dpo.weight_decay", "dpo.warmup_ratio")
+
+_OFFLINE_CHOICES = {
+    "policy.compute_dtype": tuple(sorted(hf.DTYPES)),
+    "policy.param_dtype": tuple(sorted(hf.DTYPES)),
+    "dpo.loss_type": LOSS_TYPES,
+    "data.template": TEMPLATES,
+    "train.schedule": ("cosine", "constant"),
+    "train.best_mode": ("min", "max"),
+    "train.best_metric": ("",) + METRIC_NAMES + ("grad_norm",),
+    "export.checkpoints": EXPORT_CHOICES,
+}
+_OFFLINE_POSITIVE = ("train.global_batch_size", "train.grad_accum", "train.num_epochs", "train.ref_batch_size",
+                     "train.checkpoints_per_epoch", "train.log_every", "data.max_length", "dpo.beta",
+                     "train.learning_rate")
+_OFFLINE_NONNEG = ("train.max_to_keep", "train.max_steps", "data.max_pairs", "train.warmup_ratio",
+                   "train.weight_decay", "dpo.label_smoothing", "dpo.sft_weight")
 
 
-def _get(c: ml_collections.ConfigDict, field: str):
+def _get(c: ml_collections.ConfigDict, field: str, default: Any = _MISSING) -> Any:
     for part in field.split("."):
+        if not isinstance(c, (ml_collections.ConfigDict, dict)) or part not in c:
+            if default is _MISSING:
+                raise KeyError(field)
+            return default
         c = c[part]
     return c
 
 
-def _hf_dir(field: str, path: str, errors: list[str], multimodal: bool, trainable: bool = False) -> None:
-    if not path:
-        errors.append(f"{field} is empty")
-        return
+class Problems:
+    """Collects one line per invalid field of config ``c``; fields the config lacks are skipped."""
+
+    def __init__(self, c: ml_collections.ConfigDict):
+        self.c = c
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def value(self, field: str) -> Any:
+        return _get(self.c, field, _MISSING)
+
+    def number(self, field: str) -> float | None:
+        """The field's value if it is a number (else a problem line and None)."""
+        v = self.value(field)
+        if v is _MISSING:
+            return None
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            self.add(f"{field}={v!r} must be a number")
+            return None
+        return v
+
+    def choice(self, field: str, choices: tuple) -> None:
+        v = self.value(field)
+        if v is not _MISSING and v not in choices:
+            self.add(f"{field}={v!r} must be one of {', '.join(map(repr, choices))}")
+
+    def positive(self, *fields: str) -> None:
+        for field in fields:
+            v = self.number(field)
+            if v is not None and not v > 0:
+                self.add(f"{field}={v!r} must be > 0")
+
+    def nonneg(self, *fields: str) -> None:
+        for field in fields:
+            v = self.number(field)
+            if v is not None and v < 0:
+                self.add(f"{field}={v!r} must be >= 0")
+
+    def hf_dir(self, field: str, multimodal: bool, trainable: bool = False, assets: bool = False) -> str | None:
+        """Check a Hugging Face directory (its config is loaded); returns its architecture."""
+        path = self.value(field)
+        if not path:
+            self.add(f"{field} is empty: give a local Hugging Face checkpoint directory")
+            return None
+        if not os.path.isdir(path):
+            self.add(f"{field}={path!r} is not a directory")
+            return None
+        try:
+            arch, _ = hf.read_config(path)
+        except (OSError, ValueError, KeyError) as e:
+            self.add(f"{field}={path!r}: {e}")
+            return None
+        if multimodal and not arch.startswith(("Llava", "Qwen")):
+            self.add(f"{field}={path!r}: {arch} is not a multimodal model")
+        if trainable and arch != "LlavaForConditionalGeneration":
+            self.add(f"{field}={path!r}: {arch} cannot be the policy yet (DPO trains "
+                     "LlavaForConditionalGeneration; LLaVA-NeXT works as a labeler)")
+        if assets:
+            if not any(os.path.exists(os.path.join(path, f)) for f in
+                       ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+                self.add(f"{field}={path!r} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+            if multimodal and not os.path.exists(os.path.join(path, "preprocessor_config.json")):
+                self.add(f"{field}={path!r} has no image processor (preprocessor_config.json)")
+        return arch
+
+
+def _image_tokens(problems: Problems, path: str) -> int | None:
+    """Image tokens per prompt of the Hugging Face LLaVA model at ``path`` (shapes only)."""
+    from rlaifv_jax.stages.bundle import abstract_model
     try:
-        arch, _ = hf.read_config(path)
-    except (OSError, ValueError) as e:
-        errors.append(f"{field}: {e}")
+        return int(abstract_model(path).num_image_tokens())
+    except Exception as e:  # noqa: BLE001 - an unreadable/unsupported config is already reported
+        problems.add(f"cannot build the model of {path!r} from its config.json ({type(e).__name__}: {e})")
+        return None
+
+
+def _max_length(problems: Problems, field: str, image_tokens: int | None) -> None:
+    n = problems.number(field)
+    if image_tokens is not None and n is not None and n <= image_tokens + 8:
+        problems.add(f"{field}={n} leaves no room for text: the policy's image alone takes {image_tokens} "
+                     f"tokens (use > {image_tokens + 8})")
+
+
+def _mesh(problems: Problems, batch_fields: tuple[str, ...], accum_field: str) -> None:
+    """The mesh against the device count; DPO batch sizes against the data-parallel size."""
+    sizes = [problems.number(f"mesh.{a}") for a in ("data", "fsdp", "tensor")]
+    if any(s is None for s in sizes):
         return
-    if multimodal and not arch.startswith("Llava"):
-        errors.append(f"{field}: {arch} is not a multimodal (LLaVA) model")
-    if trainable and arch != "LlavaForConditionalGeneration":
-        errors.append(f"{field}: {arch} cannot be the policy yet (DPO trains LlavaForConditionalGeneration; "
-                      "LLaVA-NeXT works as a labeler)")
+    if any(s != -1 and s < 1 for s in sizes) or sizes.count(-1) > 1 or any(s != int(s) for s in sizes):
+        problems.add(f"mesh (data, fsdp, tensor)={tuple(sizes)}: each must be a positive integer, or -1 for "
+                     "one axis (all remaining devices)")
+        return
+    devices = jax.device_count()
+    known = math.prod(s for s in sizes if s != -1)
+    if (-1 in sizes and devices % known) or (-1 not in sizes and known != devices):
+        problems.add(f"mesh (data, fsdp, tensor)={tuple(sizes)} does not fit the {devices} devices "
+                     "(the product must equal the device count; -1 fills one axis)")
+        return
+    resolved = [devices // known if s == -1 else s for s in sizes]
+    dp = resolved[0] * resolved[1]
+    accum = problems.number(accum_field) or 1
+    for field in batch_fields:
+        b = problems.number(field)
+        if b and b % (dp * accum):
+            problems.add(f"{field}={b} must be a multiple of the data-parallel size {dp} (mesh.data × mesh.fsdp)"
+                         + (f" × {accum_field}={accum}" if accum > 1 else ""))
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Raise ``ValueError`` listing every invalid field of an online config."""
-    errors = []
-    for field, choices in _CHOICES.items():
-        if _get(c, field) not in choices:
-            errors.append(f"{field}={_get(c, field)!r} must be one of {choices}")
-    for field in _POSITIVE:
-        if not _get(c, field) > 0:
-            errors.append(f"{field}={_get(c, field)!r} must be > 0")
-    if c.sampling.temperature < 0:
-        errors.append(f"sampling.temperature={c.sampling.temperature} must be >= 0")
-    for field in ("prompts.per_iteration", "sampling.top_k"):
-        if _get(c, field) < 0:
-            errors.append(f"{field}={_get(c, field)} must be >= 0 (0: off / all)")
+def _wandb(problems: Problems) -> None:
+    if problems.value("log.wandb") is True and importlib.util.find_spec("wandb") is None:
+        problems.add("log.wandb=True but the wandb package is not installed (pip install 'rlaifv_jax[wandb]')")
+
+
+def _online(p: Problems) -> None:
+    c = p.c
+    for field, choices in _ONLINE_CHOICES.items():
+        p.choice(field, choices)
+    p.positive(*_ONLINE_POSITIVE)
+    p.nonneg(*_ONLINE_NONNEG)
     for field in ("sampling.repetition_penalty", "labeler.repetition_penalty"):
-        if not _get(c, field) > 0:
-            errors.append(f"{field}={_get(c, field)} must be > 0 (1.0: off)")
-    if not 0 < c.sampling.top_p <= 1:
-        errors.append(f"sampling.top_p={c.sampling.top_p} must be in (0, 1]")
-    r = c.pairs.length_ratio
-    if r != -1 and not (0 <= r < 1 and abs(r * 50 - round(r * 50)) < 1e-6):
-        errors.append(f"pairs.length_ratio={r} must be -1 (search) or one of 0, 0.02, ..., 0.98")
-    if c.sampling.num_samples < 2:
-        errors.append("sampling.num_samples must be >= 2: pairs come from a prompt's different responses")
+        v = p.number(field)
+        if v is not None and not v > 0:
+            p.add(f"{field}={v} must be > 0 (1.0: off)")
+    top_p = p.number("sampling.top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        p.add(f"sampling.top_p={top_p} must be in (0, 1]")
+    r = p.number("pairs.length_ratio")
+    if r is not None and r != -1 and not (0 <= r < 1 and abs(r * 50 - round(r * 50)) < 1e-6):
+        p.add(f"pairs.length_ratio={r} must be -1 (search) or one of 0, 0.02, ..., 0.98")
+    n = p.number("sampling.num_samples")
+    if n is not None and n < 2:
+        p.add(f"sampling.num_samples={n} must be >= 2: pairs come from a prompt's different responses")
+    _mesh(p, ("dpo.batch_size",), "dpo.grad_accum")
+    _wandb(p)
     if c.source == "toy":
         if c.claims.kind != "rule":
-            errors.append("source='toy' uses claims.kind='rule' (the toy language has its rule-based splitter)")
+            p.add(f"claims.kind={c.claims.kind!r}: source='toy' uses 'rule' (the toy language has its rule-based "
+                  "splitter)")
         if c.policy.path:
-            errors.append("source='toy' builds its own policy; policy.path must be empty")
+            p.add(f"policy.path={c.policy.path!r}: source='toy' builds its own policy; leave it empty")
         if "chat" in (c.policy.template, c.labeler.template):
-            errors.append("source='toy' uses the llava_v1 template (the toy tokenizer has no chat template)")
-    else:
-        if not os.path.isfile(c.prompts.path):
-            errors.append(f"prompts.path={c.prompts.path!r} is not a file")
-        _hf_dir("policy.path", c.policy.path, errors, multimodal=True, trainable=True)
-        if c.claims.kind == "rule":
-            errors.append("source='files' needs claims.kind='llm' (the rule-based splitter reads only the toy language)")
+            p.add("policy.template / labeler.template: source='toy' uses 'llava_v1' (the toy tokenizer has no "
+                  "chat template)")
+        patch = p.number("model.patch")
+        if patch:
+            size = toy_world.WorldConfig().image_size
+            if size % patch:
+                p.add(f"model.patch={patch} must divide the toy image size {size}")
+            else:
+                _max_length(p, "dpo.max_length", (size // patch) ** 2)
+    elif c.source == "files":
+        path = c.prompts.path
+        if not path:
+            p.add("prompts.path is empty: source='files' reads prompts from a JSONL file")
+        elif not os.path.isfile(path):
+            p.add(f"prompts.path={path!r} is not a file")
         else:
-            _hf_dir("claims.split_path", c.claims.split_path, errors, multimodal=False)
+            from rlaifv_jax.pipelines import inputs
+            try:
+                inputs.read_prompts(path)  # reads every line now; the run reuses the result
+            except UserError as e:
+                p.add(str(e))
+        if p.hf_dir("policy.path", multimodal=True, trainable=True, assets=True):
+            _max_length(p, "dpo.max_length", _image_tokens(p, c.policy.path))
+        if c.claims.kind == "rule":
+            p.add("claims.kind='rule': source='files' needs 'llm' (the rule-based splitter reads only the toy "
+                  "language)")
+        elif c.claims.kind == "llm":
+            p.hf_dir("claims.split_path", multimodal=False)
             if c.claims.convert_path:
-                _hf_dir("claims.convert_path", c.claims.convert_path, errors, multimodal=False)
+                p.hf_dir("claims.convert_path", multimodal=False)
     if c.labeler.kind == "model":
-        _hf_dir("labeler.path", c.labeler.path, errors, multimodal=True)
+        p.hf_dir("labeler.path", multimodal=True, assets=True)
     elif c.labeler.path:
-        errors.append(f"labeler.kind={c.labeler.kind!r} builds its labeler; labeler.path must be empty")
+        p.add(f"labeler.path={c.labeler.path!r}: labeler.kind={c.labeler.kind!r} builds its labeler; leave it empty")
     if c.labeler.kind == "toy" and c.source != "toy":
-        errors.append("labeler.kind='toy' (a larger toy labeler) needs source='toy'")
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        p.add("labeler.kind='toy' (a larger toy labeler) needs source='toy'")
+
+
+def data_paths(spec: str) -> list[str]:
+    """``data.path`` (comma-separated files, directories or globs) → paths; ``ConfigError`` when a
+    part matches nothing, names a missing file, or a directory with no data file."""
+    out: list[str] = []
+    problems = []
+    for part in [q.strip() for q in str(spec).split(",") if q.strip()]:
+        matches = sorted(glob.glob(part)) if any(ch in part for ch in "*?[") else [part]
+        if not matches:
+            problems.append(f"data.path: {part!r} matches no file")
+        for m in matches:
+            if os.path.isdir(m):
+                if not any(f.endswith(DATA_SUFFIXES) for f in os.listdir(m)):
+                    problems.append(f"data.path: directory {m!r} holds no {' / '.join(DATA_SUFFIXES)} file")
+            elif not os.path.isfile(m):
+                problems.append(f"data.path: {m!r} does not exist")
+            elif not m.endswith(DATA_SUFFIXES):
+                problems.append(f"data.path: {m!r} is not a {' / '.join(DATA_SUFFIXES)} file")
+        out.extend(matches)
+    if problems:
+        raise ConfigError(problems)
+    if not out:
+        raise ConfigError("data.path is empty: give RLAIF-V-Dataset parquet/JSONL files or a directory of them")
+    return out
+
+
+def _offline(p: Problems) -> None:
+    c = p.c
+    for field, choices in _OFFLINE_CHOICES.items():
+        p.choice(field, choices)
+    if c.export.dtype:
+        p.choice("export.dtype", tuple(sorted(hf.DTYPES)))
+    p.positive(*_OFFLINE_POSITIVE)
+    p.nonneg(*_OFFLINE_NONNEG)
+    _mesh(p, ("train.global_batch_size",), "train.grad_accum")
+    ref = p.number("train.ref_batch_size")
+    local = jax.local_device_count()
+    if ref and ref % local:
+        p.add(f"train.ref_batch_size={ref} must be a multiple of this host's {local} devices (the reference "
+              "pass splits each batch over them)")
+    _wandb(p)
+    try:
+        data_paths(c.data.path)
+    except ConfigError as e:
+        p.lines.extend(e.problems)
+    if p.hf_dir("policy.path", multimodal=True, trainable=True, assets=True):
+        _max_length(p, "data.max_length", _image_tokens(p, c.policy.path))
+
+
+def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
+    """Raise ``ConfigError`` listing every invalid field of ``c`` for ``mode`` (default ``c.mode``)."""
+    mode = mode or _get(c, "mode", "online")
+    p = Problems(c)
+    if c.get("mode", mode) != mode or mode not in MODES:
+        p.add(f"mode={c.get('mode')!r} must be {mode!r} here" if mode in MODES else
+              f"mode={mode!r} must be one of {', '.join(map(repr, MODES))}")
+        raise ConfigError(p.lines)
+    (_online if mode == "online" else _offline)(p)
+    if p.lines:
+        raise ConfigError(p.lines)
 
 
 def _off(value, off):
     """A config value whose ``off`` sentinel means "not used" → None."""
     return None if value == off else value
+
+
+def _wandb_project(c: ml_collections.ConfigDict) -> str:
+    return _get(c, "log.wandb_project", "rlaifv_jax") if _get(c, "log.wandb", False) else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +357,7 @@ class OnlineSpec:
 
 def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
     """Validate ``c`` (``validate``) and build the run's typed settings."""
-    validate(c)
+    validate(c, "online")
     toy = c.source == "toy"
     policy_path = os.path.join(workdir, "warmstart") if toy else c.policy.path
     labeler_path = {"self": policy_path, "model": c.labeler.path,
@@ -160,7 +383,8 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
                                   weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, total_steps=0),
                 loss=LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                                 grad_accum=d.grad_accum),
-                seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False),
+                seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
+                max_steps=_get(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
             batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length),
         eval=EvalSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size))
 
@@ -170,40 +394,23 @@ class OfflineSpec:
     seed: int
     mesh: tuple[int, int, int]
     policy: ModelSpec
-    data_path: str
+    data_paths: list[str]  # the data files and directories (``data.path`` resolved)
+    max_pairs: int  # use only the first N usable pairs (0: all)
     ref_batch_size: int
+    progress: bool
     dpo: DPOSettings
     export_dtype: str  # "" = the master dtype
 
 
 def offline_spec(c: ml_collections.ConfigDict) -> OfflineSpec:
     """Validate an offline-DPO config and build its typed settings."""
-    errors = []
-    if c.mode != "offline_dpo":
-        errors.append(f"mode={c.mode!r} must be 'offline_dpo'")
-    if not c.data.path:
-        errors.append("data.path is empty: give the RLAIF-V-Dataset parquet/JSONL file(s) or a directory of them")
-    _hf_dir("policy.path", c.policy.path, errors, multimodal=True, trainable=True)
-    for field in ("policy.compute_dtype", "policy.param_dtype") + (("export.dtype",) if c.export.dtype else ()):
-        if _get(c, field) not in hf.DTYPES:
-            errors.append(f"{field}={_get(c, field)!r} must be one of {sorted(hf.DTYPES)}")
-    if c.dpo.loss_type not in _CHOICES["dpo.loss_type"]:
-        errors.append(f"dpo.loss_type={c.dpo.loss_type!r} must be one of {_CHOICES['dpo.loss_type']}")
-    if c.data.template not in ("llava_v1", "chat"):
-        errors.append(f"data.template={c.data.template!r} must be one of ('llava_v1', 'chat')")
+    validate(c, "offline_dpo")
     t = c.train
-    for field in ("train.global_batch_size", "train.grad_accum", "train.num_epochs", "train.ref_batch_size",
-                  "data.max_length", "dpo.beta", "train.learning_rate"):
-        if not _get(c, field) > 0:
-            errors.append(f"{field}={_get(c, field)!r} must be > 0")
-    if t.grad_accum > 0 and t.global_batch_size % t.grad_accum:
-        errors.append(f"train.global_batch_size={t.global_batch_size} must be a multiple of train.grad_accum={t.grad_accum}")
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
     return OfflineSpec(
         seed=c.seed, mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
         policy=ModelSpec(c.policy.path, c.data.template, c.policy.compute_dtype, c.policy.param_dtype),
-        data_path=c.data.path, ref_batch_size=t.ref_batch_size,
+        data_paths=data_paths(c.data.path), max_pairs=_get(c, "data.max_pairs", 0), ref_batch_size=t.ref_batch_size,
+        progress=_get(c, "progress", True),
         dpo=DPOSettings(
             train=TrainConfig(
                 optim=OptimConfig(learning_rate=t.learning_rate, total_steps=0, warmup_ratio=t.warmup_ratio,
@@ -211,8 +418,12 @@ def offline_spec(c: ml_collections.ConfigDict) -> OfflineSpec:
                                   b2=t.adam_b2, eps=t.adam_eps, schedule=t.schedule),
                 loss=LossConfig(beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
                                 sft_weight=c.dpo.sft_weight, average=c.dpo.average, grad_accum=t.grad_accum),
-                seed=c.seed, max_to_keep=t.max_to_keep or None, log_every=t.log_every),
+                seed=c.seed, max_to_keep=t.max_to_keep or None, log_every=t.log_every,
+                best_metric=_get(c, "train.best_metric", ""), best_mode=_get(c, "train.best_mode", "min"),
+                max_steps=_get(c, "train.max_steps", 0), progress=_get(c, "progress", True),
+                wandb_project=_wandb_project(c)),
             batch_size=t.global_batch_size, epochs=t.num_epochs, max_length=c.data.max_length,
             checkpoints_per_epoch=t.checkpoints_per_epoch,
-            lora=LoraSettings(c.lora.rank, c.lora.alpha, c.lora.dropout) if c.lora.enabled else None),
+            lora=LoraSettings(c.lora.rank, c.lora.alpha, c.lora.dropout) if c.lora.enabled else None,
+            export=_get(c, "export.checkpoints", "last")),
         export_dtype=c.export.dtype)

@@ -22,9 +22,11 @@ from tqdm import tqdm
 from rlaifv_jax.data import chat, toy_world
 from rlaifv_jax.engine.logps import answer_logps
 from rlaifv_jax.models import hf
+from rlaifv_jax.core.errors import NonFiniteError
 from rlaifv_jax.core.records import atomic_write_text
 
 DONE = "_DONE"
+log = logging.getLogger(__name__)
 
 
 def toy_model_config(tokenizer, world: toy_world.WorldConfig, size: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -93,16 +95,23 @@ def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int,
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: sft_loss(nnx.merge(graphdef, p), batch))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, (loss, optax.global_norm(grads))
 
     rng = np.random.default_rng(seed)
     n = len(examples["tokens"])
-    losses = []
-    bar = tqdm(range(steps), desc="warm start", disable=not progress)
+    losses: list[float] = []
+    recent: list[tuple[int, Any]] = []  # (step, device (loss, grad norm)) since the last check
+    bar = tqdm(range(steps), desc="warm start", unit="step", disable=not progress, dynamic_ncols=True)
     for i in bar:
         idx = rng.choice(n, batch_size, replace=False)
-        params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in examples.items()})
+        params, opt_state, out = step(params, opt_state, {k: v[idx] for k, v in examples.items()})
+        recent.append((i + 1, out))
         if i % 50 == 0 or i == steps - 1:
+            for s, (loss, norm) in jax.device_get(recent):  # every step checked, one sync per 50
+                if not (np.isfinite(loss) and np.isfinite(norm)):
+                    raise NonFiniteError(f"warm start: non-finite loss={float(loss)} / grad norm={float(norm)} at "
+                                         f"step {s} of {steps}; nothing was saved. Lower warmstart.learning_rate")
+            recent.clear()
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     nnx.update(model, params)
@@ -126,6 +135,6 @@ def warm_start(size: ml_collections.ConfigDict, opt: ml_collections.ConfigDict, 
     tokenizer.save_pretrained(out_dir)
     image_processor(world).save_pretrained(out_dir)
     atomic_write_text(os.path.join(out_dir, DONE), f'{{"final_loss": {losses[-1]:.4f}, "wall_s": {time.time() - t0:.1f}}}')
-    logging.info("warm start %s: %d steps, loss %.3f → %.3f in %.0f s", out_dir, opt.steps, losses[0],
-                 losses[-1], time.time() - t0)
+    log.info("warm start %s: %d steps, loss %.3f → %.3f in %.0f s", out_dir, opt.steps, losses[0],
+             losses[-1], time.time() - t0)
     return out_dir

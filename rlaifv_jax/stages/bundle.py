@@ -97,12 +97,31 @@ def abstract_model(path: str) -> nnx.Module:
 
 def restore_params(model: nnx.Module, directory: str, step: int) -> dict[str, Any]:
     """Overlay ``model``'s parameters with Orbax checkpoint ``step`` of ``directory`` (same sharding);
-    returns the checkpoint's JSON side-car."""
+    returns the checkpoint's JSON side-car.
+
+    A model on this process's own devices (an inference stage) is restored by this process alone,
+    read-only, with no cross-host synchronisation (a host with no work loads nothing); a model
+    sharded over every host is restored collectively."""
     state = nnx.state(model, nnx.Param)
-    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flat_values(state).items()}
-    with Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
-        values, extra = ckpt.restore(step, target)
-    nnx.update(model, unflat_values(state, values))
+    values = flat_values(state)
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in values.items()}
+    local = all(v.is_fully_addressable for v in values.values())
+    if local and jax.process_count() > 1:
+        import orbax.checkpoint as ocp
+        me = jax.process_index()
+        options = ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}))
+        manager = ocp.CheckpointManager(directory, options=options)
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                extra=ocp.args.JsonRestore()))
+        finally:
+            manager.close()
+        restored, extra = out["state"], dict(out["extra"] or {})
+    else:
+        with Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
+            restored, extra = ckpt.restore(step, target)
+    nnx.update(model, unflat_values(state, restored))
     return extra
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import zlib
 from typing import Any, Callable, Iterator
 
+from rlaifv_jax.core import sharding
 from rlaifv_jax.data import chat, toy_world
 from rlaifv_jax.engine.generate import generate
 from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING as DECODING, ClaimExtractor, LLMClaimExtractor
@@ -24,7 +25,8 @@ class ClaimSettings:
 
 
 def _llm(path: str, dtype: str, mesh, seed: int, stack: contextlib.ExitStack) -> Callable[[list[str]], list[str]]:
-    b = stack.enter_context(bundle.loaded(bundle.ModelSpec(path, template="chat", dtype=dtype), mesh))
+    b = stack.enter_context(bundle.loaded(bundle.ModelSpec(path, template="chat", dtype=dtype), mesh,
+                                          sharding.SERVE_RULES))
     stop = sorted({chat.end_of_turn_id(b.tokenizer, "chat"), int(b.tokenizer.eos_token_id)})
 
     def generate_text(messages: list[str]) -> list[str]:
@@ -32,7 +34,7 @@ def _llm(path: str, dtype: str, mesh, seed: int, stack: contextlib.ExitStack) ->
                   "input_ids": chat.encode_prompt(b.tokenizer, m, 0, template="chat").tolist()} for m in messages]
         outs = generate(b.model, batch, num_samples=1, max_new_tokens=DECODING.max_new_tokens,
                         temperature=DECODING.temperature, top_k=DECODING.top_k, top_p=DECODING.top_p,
-                        stop_token_ids=stop, seed=seed, progress=False)
+                        stop_token_ids=stop, seed=seed, mesh=mesh, progress=False)
         return [b.tokenizer.decode(o["tokens"][0], skip_special_tokens=True) for o in outs]
 
     return generate_text

@@ -3,6 +3,7 @@ its own checkpoints; the trained policy is handed to ``save`` before the stage f
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rlaifv_jax.core import jsonl, paths
+from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.data.rlaifv_dataset import make_pair_dataset
 from rlaifv_jax.stages import bundle, encode
 from rlaifv_jax.training import lora as lora_lib
@@ -35,20 +38,29 @@ class DPOSettings:
     max_length: int  # tokens per sequence (prompt + image + answer)
     checkpoints_per_epoch: int = 4  # a resumable train checkpoint every 1/N epoch (and at the end)
     lora: LoraSettings | None = None  # train LoRA adapters instead of the full language model
+    export: str = "last"  # what ``save`` gets: "last" (final step), "best" (best kept checkpoint by
+    # train.best_metric), "all" (the final step, and every other kept checkpoint through ``save_step``)
 
 
 def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
         policy: bundle.ModelSpec, settings: DPOSettings, *, seed: int, mesh, desc: str,
-        save: Callable[[nnx.Module], None]) -> dict[str, Any]:
+        save: Callable[[nnx.Module], None], save_step: Callable[[nnx.Module, int], None] | None = None
+        ) -> dict[str, Any]:
     """Train ``policy`` on ``examples`` (encoded pairs carrying ``ref_*_logps``), call ``save`` with
-    the trained model (LoRA merged), free it; returns ``{"steps", "resumed_from", "history"}``.
-    With no examples the policy is saved unchanged."""
+    the trained model (LoRA merged; ``settings.export`` says which step) and, for ``export="all"``,
+    ``save_step(model, step)`` with every other kept checkpoint; free it. Returns ``{"steps",
+    "resumed_from", "history", "exported_step", "kept_steps", "best_step", ...}``. With no examples
+    the policy is saved unchanged."""
     with bundle.loaded(policy, mesh) as b:
         if not examples:
             log.warning("%s: no preference pairs; the policy is unchanged", desc)
             save(b.model)
             return {"steps": 0, "resumed_from": None, "history": []}
-        batch = min(settings.batch_size, len(examples)) // jax.process_count()
+        check_data(train_dir, examples, settings)
+        if len(examples) < settings.batch_size:  # one step on fewer pairs: zero-weight padding rows (exact)
+            examples = examples + [dict(examples[i % len(examples)], weight=0.0)
+                                   for i in range(settings.batch_size - len(examples))]
+        batch = settings.batch_size // jax.process_count()
         data = make_pair_dataset(examples, example_fn=encode.example_fn(image_of, b, settings.max_length),
                                  batch_size=batch, seed=seed, num_epochs=settings.epochs)
         per_epoch = len(data) // settings.epochs
@@ -59,19 +71,51 @@ def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str]
                                 dropout=settings.lora.dropout, seed=settings.train.seed, mesh=mesh)
             extra = dict(trainable=lora_lib.lora_trainable, prepare=lora_lib.prepare)
         result = train(b.model, data, cfg, train_dir, mesh=mesh, desc=desc, **extra)
-        save(lora_lib.merge_lora(result.model) if settings.lora is not None else result.model)
+
+        def merged(model: nnx.Module) -> nnx.Module:
+            return lora_lib.merge_lora(model) if settings.lora is not None else model
+
+        exported = result.step
+        if settings.export == "best" and result.best_step not in (None, result.step):
+            exported = result.best_step
+            log.info("%s: exporting the best checkpoint, step %d of %d (%s)", desc, exported, result.step,
+                     settings.train.best_metric)
+            save(merged(result.model_at(exported)))
+        else:
+            save(merged(result.model))
+        if settings.export == "all" and save_step is not None:
+            for s in result.kept_steps:
+                if s != result.step:
+                    save_step(merged(result.model_at(s)), s)
         return {"steps": result.step, "resumed_from": result.resumed_from, "history": result.history,
-                "steps_per_epoch": per_epoch, "checkpoint_every": cfg.save_every}
+                "steps_per_epoch": per_epoch, "checkpoint_every": cfg.save_every, "exported_step": exported,
+                "kept_steps": result.kept_steps, "best_step": result.best_step}
+
+
+def check_data(train_dir: str, examples: list[dict[str, Any]], settings: DPOSettings) -> None:
+    """Refuse to resume training on other pairs than it started with (``data.json`` in ``train_dir``
+    holds a hash of the pair keys and batch settings): a restored data iterator over changed data
+    would silently train on another set in another order."""
+    h = hashlib.sha256(json.dumps([sorted(e["key"] for e in examples), settings.batch_size, settings.epochs]).encode())
+    fingerprint = {"pairs": len(examples), "sha256": h.hexdigest()}
+    path = os.path.join(train_dir, "data.json")
+    if paths.exists(path):
+        saved = json.loads(paths.read_text(path))
+        if saved != fingerprint:
+            raise InputError(f"{train_dir}: training started on other pairs ({saved['pairs']}) than this run has "
+                             f"({len(examples)}): the data changed since; use a new --workdir or the original data")
+        return
+    if jax.process_index() == 0:
+        paths.makedirs(train_dir)
+        paths.atomic_write_text(path, json.dumps(fingerprint))
 
 
 def summary(train_dir: str) -> dict[str, float]:
     """Reward accuracy, margin and loss over the last quarter of the DPO steps (from
     ``metrics.jsonl``, which a resumed run keeps exact)."""
-    path = os.path.join(train_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    rows = jsonl.read(os.path.join(train_dir, "metrics.jsonl"))
+    if not rows:
         return {}
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     last = rows[-max(1, len(rows) // 4):]
     return {f"dpo_{name}": float(np.mean([r[key] for r in last]))
             for name, key in (("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins"),

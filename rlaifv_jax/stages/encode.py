@@ -47,7 +47,8 @@ def run(stage_dir: str, pairs: list[dict[str, Any]], policy: bundle.ModelSpec, *
 def example(record: dict[str, Any], pixel_values: np.ndarray, *, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
     """Fixed-shape arrays of one encoded pair: ``pixel_values``, ``chosen_tokens``/``rejected_tokens``
     ``[max_length]`` (prompt + answer, then ``pad_id``), ``answer_start``, ``chosen_len``,
-    ``rejected_len`` (the inputs of ``engine.logps.pair_logps``), plus any ``ref_*`` log-probs."""
+    ``rejected_len`` (the inputs of ``engine.logps.pair_logps``), ``weights`` (1, or 0 for a padding
+    row), plus any ``ref_*`` log-probs."""
     out: dict[str, np.ndarray] = {"pixel_values": pixel_values}
     prompt = record["prompt_ids"]
     for name in ("chosen", "rejected"):
@@ -57,6 +58,7 @@ def example(record: dict[str, Any], pixel_values: np.ndarray, *, max_length: int
         out[f"{name}_tokens"] = tokens
         out[f"{name}_len"] = np.int32(len(record[f"{name}_ids"]))
     out["answer_start"] = np.int32(len(prompt))
+    out["weights"] = np.float32(record.get("weight", 1.0))  # 0 for padding rows
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in record:
             out[key] = np.float32(record[key])

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 from typing import Any
 
+from rlaifv_jax.core import sharding
 from rlaifv_jax.data import toy_world
 from rlaifv_jax.data.chat import labeler_question
 from rlaifv_jax.engine.generate import generate
@@ -24,13 +25,13 @@ class EvalSettings:
 
 
 def evaluate(b: bundle.Bundle, records: list[dict[str, Any]], world: toy_world.WorldConfig,
-             settings: EvalSettings) -> dict[str, Any]:
+             settings: EvalSettings, mesh=None) -> dict[str, Any]:
     """CHAIR (response, mention), recall and yes/no accuracy of the bundle's model on ``records``."""
     captions = []
     for lo in range(0, len(records), settings.batch_size):
         outs = generate(b.model, [b.prompt(r) for r in records[lo:lo + settings.batch_size]], num_samples=1,
                         max_new_tokens=settings.max_new_tokens, temperature=0.0, stop_token_ids=b.stop_ids(),
-                        batch_size=settings.batch_size, progress=False)
+                        batch_size=settings.batch_size, mesh=mesh, progress=False)
         captions += [b.tokenizer.decode(o["tokens"][0], skip_special_tokens=True).strip() for o in outs]
     metrics = chair.chair_metrics([chair.toy_mentions(c, world) for c in captions],
                                   [{tuple(o) for o in r["objects"]} for r in records])
@@ -58,8 +59,8 @@ def run(stage_dir: str, policy: bundle.ModelSpec, records: list[dict[str, Any]],
         if world is None:
             yield lambda chunk: [dict(NO_GROUND_TRUTH)]
             return
-        with bundle.loaded(policy, mesh) as b:
-            yield lambda chunk: [evaluate(b, records, world, settings)]
+        with bundle.loaded(policy, mesh, sharding.SERVE_RULES) as b:
+            yield lambda chunk: [evaluate(b, records, world, settings, mesh)]
 
     out = runner.run(stage_dir, [{"key": "eval"}], open_fn, chunk_size=1, desc="eval", progress=False)
     return {k: v for k, v in out[0].items() if k != "key"}

@@ -22,20 +22,27 @@ def run(stage_dir: str, inputs: Sequence[Any], open_fn: Callable[[], ContextMana
         ) -> list[dict[str, Any]]:
     """Run one stage over this host's missing share and return all of its records.
 
-    ``open_fn()`` is entered only when this host has work left (so a finished stage loads no model);
+    ``open_fn()`` is entered only when this host's share has work left (so a finished stage, or a
+    host with an empty share, loads no model);
     it yields the function that maps a chunk of inputs to one record each, and frees what it loaded
     on exit. Every host then waits at a barrier named after the stage.
     """
-    if records.read_marker(stage_dir, jax.process_index()) is None:
-        with open_fn() as fn:
+    index, count = jax.process_index(), jax.process_count()
+    if not records.finished(stage_dir, index, count):
+        share = {key_fn(x) for x in inputs[index::count]}
+        missing = share - records.existing_keys(stage_dir)
+        with (open_fn() if missing else contextlib.nullcontext(_nothing)) as fn:
             summary = records.run_stage(stage_dir, inputs, fn, key_fn=key_fn, chunk_size=chunk_size,
-                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                        desc=desc, progress=progress)
+                                        process_index=index, process_count=count, desc=desc, progress=progress)
         if summary.get("warnings"):
             log.warning("%s: %s", desc, summary["warnings"])
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(stage_dir)
     return records.read_stage(stage_dir)
+
+
+def _nothing(chunk: list[Any]) -> list[dict[str, Any]]:
+    raise AssertionError("called with work although this host's share is complete")
 
 
 def plain(fn: ChunkFn) -> Callable[[], ContextManager[ChunkFn]]:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 from typing import Any
 
+from rlaifv_jax.core import sharding
 from rlaifv_jax.engine.generate import generate
 from rlaifv_jax.stages import bundle, runner
 
@@ -29,13 +30,13 @@ def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSpec,
 
     @contextlib.contextmanager
     def open_fn():
-        with bundle.loaded(policy, mesh) as b:
+        with bundle.loaded(policy, mesh, sharding.SERVE_RULES) as b:
             def fn(chunk):
                 outs = generate(b.model, [b.prompt(p) for p in chunk], num_samples=settings.num_samples,
                                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                 top_k=settings.top_k, top_p=settings.top_p,
                                 repetition_penalty=settings.repetition_penalty, stop_token_ids=b.stop_ids(),
-                                seed=seed, batch_size=settings.batch_size, progress=False)
+                                seed=seed, batch_size=settings.batch_size, mesh=mesh, progress=False)
                 result = []
                 for p, out in zip(chunk, outs):
                     texts = [b.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out["tokens"]]

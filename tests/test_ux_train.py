@@ -1,0 +1,183 @@
+"""The train loop under bad input and interruptions: a non-finite step stops before anything of it is
+saved, retention keeps the last K + the best checkpoint, a torn metrics line and another mesh are
+fine on resume, and SIGTERM saves and resumes to identical results (in a subprocess)."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+import tiny_hf
+from rlaifv_jax.core import jsonl, sharding
+from rlaifv_jax.core.checkpoint import Checkpointer
+from rlaifv_jax.core.errors import InputError, NonFiniteError
+from rlaifv_jax.models import hf
+from rlaifv_jax.training import loop, step as dpo_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+EXAMPLES = '''
+def examples(n=12, length=20):
+    rng = np.random.RandomState(0)
+    out = []
+    for i in range(n):
+        start, n_c, n_r = 9, rng.randint(2, 8), rng.randint(2, 8)
+        prompt = [1, 5, 6, *[96] * 4, 7, 8]
+        ex = {"pixel_values": rng.randn(3, 28, 28).astype(np.float32), "answer_start": np.int32(start),
+              "chosen_len": np.int32(n_c), "rejected_len": np.int32(n_r),
+              "ref_chosen_logps": np.float32(-4.0 * n_c + rng.randn()), "ref_rejected_logps": np.float32(-4.0 * n_r)}
+        for name, k in (("chosen", n_c), ("rejected", n_r)):
+            row = np.zeros(length, np.int32)
+            row[: start + k] = prompt + list(rng.randint(10, 90, k - 1)) + [2]
+            ex[name + "_tokens"] = row
+        out.append(ex)
+    return out
+'''
+exec(EXAMPLES)  # the same pairs here and in the subprocess worker
+
+
+def dataset(exs, batch=2):
+    return grain.MapDataset.source(exs).batch(batch)  # no shuffle: step i sees pairs 2i-2, 2i-1
+
+
+def config(**kw):
+    base = dict(optim=dpo_step.OptimConfig(learning_rate=1e-3, total_steps=0, warmup_ratio=0.0), save_every=1,
+                max_to_keep=2, progress=False, async_checkpoint=False)
+    return loop.TrainConfig(**{**base, **kw})
+
+
+def one_device():
+    return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llava")
+    tiny_hf.llava(path)
+    return str(path)
+
+
+def test_non_finite_step_stops_before_saving_it(tiny, tmp_path):
+    exs = examples()
+    for ex in exs[4:6]:  # the pairs of step 3
+        ex["ref_chosen_logps"] = np.float32("nan")
+    with pytest.raises(NonFiniteError, match=r"non-finite loss=nan.* at step 3 of 6.*last good checkpoint: step 2"):
+        loop.train(hf.load_pretrained(tiny), dataset(exs), config(), str(tmp_path), mesh=one_device())
+    with Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=None) as ck:
+        assert ck.all_steps() == [1, 2]
+    rows = jsonl.read(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_retention_keeps_last_k_and_best(tiny, tmp_path):
+    exs = examples()
+    for ex in exs[2:4]:  # step 2: a very low reference for the chosen answers -> by far the lowest loss
+        ex["ref_chosen_logps"] = np.float32(-200.0)
+    res = loop.train(hf.load_pretrained(tiny), dataset(exs), config(best_metric="loss", best_mode="min"),
+                     str(tmp_path), mesh=one_device())
+    losses = {r["step"]: r["loss"] for r in res.history}
+    assert min(losses, key=losses.get) == 2
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "5", "6"]
+    assert res.kept_steps == [2, 5, 6] and res.best_step == 2
+    best = res.model_at(2)  # the state of step 2 as a model (for export.checkpoints=best)
+    with Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=None) as ck:
+        assert ck.manager.metrics(2) == {"loss": pytest.approx(losses[2])}
+    kernel = "language_model/layers/0/mlp/up_proj/kernel"
+    final = np.asarray(res.state["params"][kernel])
+    assert not np.array_equal(np.asarray(best.language_model.layers[0].mlp.up_proj.kernel[...]), final)
+
+
+def test_resume_on_another_mesh_after_a_torn_metrics_line(tiny, tmp_path, caplog):
+    def crash(step, metrics, saved):
+        if step == 3:
+            raise KeyboardInterrupt  # a crash right after step 3's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(hf.load_pretrained(tiny), dataset(examples()), config(), str(tmp_path), mesh=one_device(),
+                   hook=crash)
+    metrics = tmp_path / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 4, "loss": 0.6')  # a write cut by the kill
+    mesh = sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2])  # data-parallel over 2 devices now
+    with jax.set_mesh(mesh):
+        model = hf.load_pretrained(tiny, shardings=lambda s: sharding.state_shardings(s, mesh))
+    with caplog.at_level(logging.WARNING, logger="rlaifv_jax"):
+        res = loop.train(model, dataset(examples()), config(), str(tmp_path), mesh=mesh)
+    assert res.resumed_from == 3 and res.step == 6
+    assert any("metrics.jsonl" in r.getMessage() and "torn" in r.getMessage() for r in caplog.records)
+    assert [r["step"] for r in jsonl.read(str(metrics))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_corrupt_middle_line_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(InputError, match=r"metrics.jsonl line 2"):
+        jsonl.read(str(path))
+
+
+WORKER = textwrap.dedent('''
+    import os, sys, time
+    import numpy as np, grain, jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from rlaifv_jax.core.errors import Preempted
+    from rlaifv_jax.models import hf
+    from rlaifv_jax.training import loop, step as dpo_step
+    ''') + EXAMPLES + textwrap.dedent('''
+    model_dir, workdir, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    ds = grain.MapDataset.source(examples()).shuffle(seed=1).repeat(2).batch(2)  # 12 steps
+    cfg = loop.TrainConfig(optim=dpo_step.OptimConfig(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
+                           save_every=4, max_to_keep=2, progress=False)
+    try:
+        res = loop.train(hf.load_pretrained(model_dir), ds, cfg, workdir, hook=lambda *a: time.sleep(delay))
+    except Preempted as e:
+        print(e, flush=True)
+        sys.exit(e.exit_code)
+    np.savez(out, **{k: np.asarray(v) for k, v in res.state["params"].items()})
+''')
+
+
+def _worker(script, tiny, workdir, out, delay=0.0):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.Popen([sys.executable, str(script), tiny, str(workdir), str(out), str(delay)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_saves_then_resumes_to_identical_results(tiny, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    full = _worker(script, tiny, tmp_path / "full", tmp_path / "full.npz")
+    out, err = full.communicate(timeout=240)
+    assert full.returncode == 0, err[-3000:]
+
+    work = tmp_path / "stopped"
+    proc = _worker(script, tiny, work, tmp_path / "stopped.npz", delay=0.5)
+    deadline = time.time() + 240
+    while not (work / "metrics.jsonl").exists() or len((work / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # mid-run: the current step finishes, is saved, the run stops
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM after step" in out and "Rerun the same command to resume" in out
+    stopped_at = int(out.split("after step ")[1].split()[0])
+    assert 2 <= stopped_at < 12
+    saved = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
+    assert saved[-1] == stopped_at  # saved off the every-4-steps schedule
+
+    again = _worker(script, tiny, work, tmp_path / "stopped.npz")
+    out, err = again.communicate(timeout=240)
+    assert again.returncode == 0, err[-3000:]
+    a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "stopped.npz")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    rows = lambda d: [json.loads(line) for line in open(d / "metrics.jsonl")]  # noqa: E731
+    assert rows(work) == rows(tmp_path / "full")  # every metric of every step, bit for bit
