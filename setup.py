@@ -37,5 +37,7 @@ setup(
         "tpu": ["jax[tpu]==0.10.2"],
         # gs:// workdirs and checkpoints (core/paths.py: etils.epath's Cloud Storage backend).
         "gcs": ["gcsfs"],
+        # Weights & Biases logging of DPO metrics (--config.log.wandb=True).
+        "wandb": ["wandb"],
     },
 )

@@ -129,5 +129,6 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     c.warmstart.steps = 60
     c.sampling.num_samples = 4
     c.sampling.batch_size = 8
-    c.dpo.epochs = 1
-    c.dpo.batch_size = 8
+    c.dpo.epochs = 2
+    c.dpo.batch_size = 8  # a multiple of 8 devices (tests run 8 fake CPU devices, also as 2 hosts x 4)
+    c.dpo.warmup_ratio = 0.0  # with 2 steps an iteration, warm-up would leave one step at learning rate 0

@@ -10,6 +10,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "offline_dpo"  # dispatch key for rlaifv_jax.main
     c.seed = 0  # data-shuffle seed and train-step RNG (LoRA dropout)
+    c.progress = True  # progress bars (may change between runs of one workdir)
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # parquet/JSONL files or directories of them: comma-separated, globs allowed

@@ -76,21 +76,30 @@ def _config_arg(argv: list[str]) -> str | None:
     return None
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Refuse ``--config.FIELD`` overrides naming no field of the config, in one line with the
-    closest field names (ml_collections would raise an AttributeError deep in flag parsing)."""
+def _load_config(argv: list[str]) -> tuple[str, Any] | None:
+    """``(path, config)`` of the ``--config`` file, loaded as ml_collections will (None if it fails:
+    absl's parsing then reports the config file's own error)."""
     spec = _config_arg(argv)
-    names = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    if not spec or not names:
-        return
+    if not spec:
+        return None
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         _fail(f"--config={spec}: {path} is not a file")
     try:
         get_config = runpy.run_path(path)["get_config"]
-        config = get_config(arg) if arg else get_config()
-    except Exception:  # noqa: BLE001 - the config file's own error surfaces in absl's parsing below
+        return path, (get_config(arg) if arg else get_config())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Refuse ``--config.FIELD`` overrides naming no field of the config, in one line with the
+    closest field names (ml_collections would raise an AttributeError deep in flag parsing)."""
+    names = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    loaded = _load_config(argv) if names else None
+    if loaded is None:
         return
+    path, config = loaded
     fields = _flatten(config.to_dict())
     groups = {f.rsplit(".", i)[0] for f in fields for i in range(1, f.count(".") + 1)}
     for name in names:
@@ -106,6 +115,24 @@ def check_overrides(argv: list[str]) -> None:
         _fail(f"--config.{name}: {path} has no field {name!r}{hint}")
 
 
+def _expected_type(argv: list[str], message: str) -> str:
+    """``"; dpo.beta takes a float (e.g. 0.1)"`` for a bad ``--config.dpo.beta`` value, else ""."""
+    if not message.startswith("flag --config."):
+        return ""
+    field = message[len("flag --config."):].split("=", 1)[0]
+    loaded = _load_config(argv)
+    if loaded is None:
+        return ""
+    value: Any = loaded[1]
+    for part in field.split("."):
+        value = value.get(part) if hasattr(value, "get") else None
+    if value is None:
+        return ""
+    kind = {bool: "True or False", int: "an integer", float: "a float", str: "a string"}.get(type(value),
+                                                                                           type(value).__name__)
+    return f"; {field} takes {kind} (e.g. {value!r})"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors (unknown config fields, values of the wrong type)."""
     debug = _debug_requested(argv)
@@ -116,7 +143,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         if debug:
             raise
-        _fail(f"{e} (python -m rlaifv_jax.main --helpfull lists every flag)")
+        _fail(f"{e}{_expected_type(argv, str(e))}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised inside config overrides
         if debug:
             raise
@@ -156,8 +183,34 @@ def configure_logging() -> None:
     try:
         import transformers
         transformers.logging.set_verbosity(libraries)
+        for handler in logging.getLogger("transformers").handlers:  # its own handler (it does not propagate)
+            handler.addFilter(_drop_torchvision_notice)
     except ImportError:
         pass
+
+
+def _drop_torchvision_notice(record: logging.LogRecord) -> bool:
+    """transformers 5 says once per image processor class that torchvision is missing and it uses the
+    PIL backend; that is this project's setup (torchvision does not work with CPU torch), not news."""
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def skip_absent_tpu() -> None:
+    """With libtpu installed (the ``tpu`` extra, also used for ahead-of-time planning) JAX tries the
+    TPU backend first, and on a machine without TPU chips libtpu prints C++ errors to stderr before
+    falling back. When ``JAX_PLATFORMS`` is unset and neither a TPU chip nor an NVIDIA GPU is on this
+    machine (JAX's own PCI / device-file checks, which load nothing), use the CPU directly."""
+    if os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME"):
+        return
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    import jax
+    from jax._src import hardware_utils  # no public API for "is a TPU attached"
+    if jax.config.jax_platforms or hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0 \
+            or hardware_utils.has_visible_nvidia_gpu():
+        return
+    jax.config.update("jax_platforms", "cpu")
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -189,6 +242,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_logging()
+    skip_absent_tpu()
     from rlaifv_jax.core.errors import UserError
     debug = _DEBUG.value or flags.FLAGS["verbosity"].value >= 1
     try:

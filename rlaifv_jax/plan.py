@@ -264,18 +264,26 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, only: tuple[str, .
     return report(p, models)
 
 
+def iteration_times(stages: list[dict[str, Any]]) -> tuple[dict[str, float | None], float | None]:
+    """Seconds per online iteration by stage group (sample, claims, label, ...) and in all, from the
+    compiler's per-call estimates × calls; None where a program has no estimate (or does not fit)."""
+    times: dict[str, float | None] = {}
+    for s in stages:
+        if s["variant"]:
+            continue
+        group = s["name"].split("/")[0]
+        known = s["seconds"] is not None and times.get(group, 0.0) is not None
+        times[group] = times.get(group, 0.0) + s["seconds"] * s["calls"] if known else None
+    return times, (None if not times or None in times.values() else sum(times.values()))
+
+
 def report(p: Planner, models: dict[str, nnx.Module]) -> dict[str, Any]:
     """The JSON-able plan: slice, mesh, stages, counts, time per iteration (None when unknown)."""
-    run = [s for s in p.stages if not s.variant]
-    times: dict[str, float | None] = {}
-    for s in run:
-        group = s.name.split("/")[0]
-        known = s.seconds is not None and times.get(group, 0.0) is not None
-        times[group] = times.get(group, 0.0) + s.seconds * s.calls if known else None
-    total = None if not times or None in times.values() else sum(times.values())
+    stages = [s.public() for s in p.stages]
+    times, total = iteration_times(stages)
     return {"topology": p.topo.name, "xla_topology": p.topo.xla_topology, "chips": p.topo.chips,
             "hbm_per_chip": p.topo.hbm_bytes, "device_kind": str(p.mesh.devices.flat[0].device_kind),
-            "mesh": dict(p.mesh.shape), "fits": all(s.fits for s in run), "stages": [s.public() for s in p.stages],
+            "mesh": dict(p.mesh.shape), "fits": all(s["fits"] for s in stages if not s["variant"]), "stages": stages,
             "counts": p.counts, "iteration_seconds": times, "iteration_total_seconds": total,
             "weights_per_chip_train_layout": {k: aot.per_chip_bytes(aot.sharded(nnx.state(m, nnx.Param), p.mesh,
                                                                                 shd.TRAIN_RULES))
@@ -337,8 +345,10 @@ def verdicts(r: dict[str, Any]) -> list[str]:
     for s in r["stages"]:
         if s["fits"] or s["variant"]:
             continue
-        out.append(f"does not fit: stage {s['name']} needs {_fmt(s['bytes_per_chip'], GIB)} GiB per chip, "
-                   f"{r['topology']} has {_fmt(r['hbm_per_chip'], GIB)} GiB. Knobs that help: "
+        hbm = _fmt(r["hbm_per_chip"], GIB)
+        need = f"more than {hbm}" if s["bytes_per_chip"] is None else _fmt(s["bytes_per_chip"], GIB)
+        out.append(f"does not fit: stage {s['name']} needs {need} GiB per chip, {r['topology']} has {hbm} GiB. "
+                   "Knobs that help: "
                    + "; ".join(KNOBS[s["kind"]]))
     return out
 

@@ -2,6 +2,7 @@
 on a compile-only TPU slice, and the "does not fit" verdict."""
 import dataclasses
 import importlib.util
+import json
 import math
 
 import jax
@@ -93,18 +94,21 @@ def test_local_dpo_flops_near_6_params_tokens(local_plan):
 @needs_libtpu
 def test_smoke_plan_on_a_tpu_slice(tmp_path, capsys):
     out = tmp_path / "plan.json"
+    """The serving stages (the DPO step's TPU compile is the slowest; its plan is checked locally)."""
     assert plan.main(["plan", "--config", "configs/default.py:smoke", "--topology", "v5litepod-4",
-                      "--novariants", "--json", str(out)]) == 0
-    import json
+                      "--stages", "sample,label,ref_logps", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert (r["topology"], r["chips"], r["hbm_per_chip"], r["fits"]) == ("v5litepod-4", 4, 16 * 2**30, True)
     names = [s["name"] for s in r["stages"]]
-    for part in ("sample", "label", "ref_logps", "dpo_step"):
-        assert any(part in n for n in names), part
+    assert names == ["sample/vision", "sample/prefill", "sample/decode", "label/vision", "label/prefill",
+                     "label/score", "ref_logps"]
     for s in r["stages"]:
-        assert s["bytes_per_chip"] > 0 and s["flops_per_chip"] > 0 and s["seconds"] > 0 and 0 < s["mfu"] <= 1, s
-    assert 0.5 <= _dpo_flops_ratio(r, smoke()) <= 2.0
-    assert r["iteration_total_seconds"] > 0 and "estimated wall time per online iteration" in capsys.readouterr().out
+        assert 0 < s["bytes_per_chip"] < 2**30 and s["flops_per_chip"] > 0 and s["seconds"] > 0, s
+        assert 0 < s["mfu"] <= 1 and s["resident_bytes"] > 0, s
+    (decode,) = [s for s in r["stages"] if s["name"] == "sample/decode"]
+    assert 0 < decode["hbm_roofline"] <= 1.01 and decode["calls"] == 3 * smoke().sampling.max_new_tokens
+    assert r["iteration_total_seconds"] == pytest.approx(sum(s["seconds"] * s["calls"] for s in r["stages"]))
+    assert "estimated wall time per online iteration" in capsys.readouterr().out
 
 
 @needs_libtpu
@@ -133,7 +137,7 @@ def test_remat_recomputes_the_same_gradients(remat):
     got = nnx.grad(loss)(model)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), got, want)
     graphdef, state = nnx.split(model)
-    assert "checkpoint" in str(jax.make_jaxpr(lambda st: loss(nnx.merge(graphdef, st)))(state))
+    assert "remat2" in str(jax.make_jaxpr(lambda st: loss(nnx.merge(graphdef, st)))(state))
 
 
 def test_dpo_step_remat_option_reaches_the_decoder_only_of_its_own_copy():

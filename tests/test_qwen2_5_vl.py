@@ -204,15 +204,17 @@ def test_bucket_padding_is_invisible_and_compiles_once_per_bucket(models, images
     cfg = model.config.vision
     feats = {}
     before = len(TRACES)
-    for i, buckets in ((0, (8,)), (1, (8,)), (0, qwen_vision.WINDOW_BUCKETS)):
+    for i, buckets in ((0, (8,)), (1, (8,)), (0, qwen_vision.CHUNK_BUCKETS)):
         px, grid = images[i]
         inputs = model.vision_inputs(px, grid, buckets)
-        windows = qwen_vision.bucket(qwen_vision.num_windows(grid, cfg), buckets)
-        assert inputs["slots"].shape == (windows * cfg.window_slots,) and windows == (8 if len(buckets) == 1 else 6)
+        chunks = qwen_vision.bucket(qwen_vision.num_chunks(grid, cfg), buckets)
+        assert inputs["slots"].shape == (chunks * cfg.window_slots,) and chunks == (8 if len(buckets) == 1 else 6)
         feats[i, len(buckets)] = model.pack_tile_features(_tile(graphdef, state, inputs), None, grid)
         assert feats[i, len(buckets)].shape == (model.num_image_tokens(grid), cfg.out_hidden_size)
-    assert len(TRACES) - before <= 2  # images of 6 and 8 windows share the 8-window program
-    assert _diff(feats[0, 1], feats[0, len(qwen_vision.WINDOW_BUCKETS)]) <= 1e-6
+    assert len(TRACES) - before <= 2  # images of 5 and 6 chunks share the 8-chunk program
+    assert _diff(feats[0, 1], feats[0, len(qwen_vision.CHUNK_BUCKETS)]) <= 1e-6
+    with pytest.raises(ValueError, match="need 5 chunks of 16 slots; only 4 were given"):
+        model.vision_inputs(*images[0], chunks=4)
 
 
 def test_export_round_trip_tied_embeddings(tmp_path, images):

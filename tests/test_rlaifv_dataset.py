@@ -231,3 +231,12 @@ def test_prompt_file_decodes_images_on_access(tmp_path):
     (tmp_path / "a.png").write_bytes(b"broken later")
     with pytest.raises(ValueError, match="prompts.jsonl line 1: cannot decode the image"):
         recs[0]["image"]
+
+
+def test_image_token_count_per_record(files, tokenizer):
+    records, _ = read_rlaifv(files, verbose=False)
+    text_fn = pair_text_fn(tokenizer, image_token_count=lambda r: 2 + r.meta["idx"] % 3, image_token_id=IMAGE_ID,
+                           max_length=64)
+    for r in records:
+        if r.meta["idx"] != 8:  # too long
+            assert (text_fn(r)["prompt_ids"] == IMAGE_ID).sum() == 2 + r.meta["idx"] % 3

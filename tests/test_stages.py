@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tiny_hf
-from rlaifv_jax.core import records
+from rlaifv_jax.core import memory, records
 from rlaifv_jax.engine import vision
 from rlaifv_jax.models import hf
 from rlaifv_jax.stages import bundle, runner
@@ -40,10 +40,14 @@ def test_bundle_frees_device_arrays(tmp_path):
                             unk_token="<unk>").save_pretrained(str(tmp_path / "m"))
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(str(tmp_path / "m"))
     mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+    before = sum(memory.resident_bytes().values())
     with bundle.loaded(bundle.ModelSpec(str(tmp_path / "m")), mesh) as b:
         leaves = [x for x in jax.tree.leaves(b.model) if isinstance(x, jax.Array)]
         assert leaves and not any(x.is_deleted() for x in leaves)
+        weights = sum(x.nbytes for x in leaves)
+        assert sum(memory.resident_bytes().values()) - before >= weights  # every byte of the model is counted
     assert all(x.is_deleted() for x in leaves)
+    assert sum(memory.resident_bytes().values()) - before < weights / 10  # the stage's model is gone
 
 
 @pytest.mark.parametrize("sizes", [[(28, 56)], [(56, 28), (28, 28)]])

@@ -51,17 +51,25 @@ def costs(compiled: Any) -> tuple[float, float | None, float | None]:
     return float(cost.get("flops", 0.0)), cost.get("bytes accessed"), (seconds if seconds and seconds > 0 else None)
 
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
 _UNIT = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_NUM = r"\(?([\d.]+)([KMGT])i?B?\)?"
+# XLA:TPU's out-of-HBM compile errors (libtpu 0.0.42): the program's need, or its temporaries' alone.
+_USED = re.compile(rf"Used {_NUM} of {_NUM} hbm")
+_TEMPS = re.compile(rf"required for HLO temporaries {_NUM} exceeds available HBM {_NUM}")
 
 
-def hbm_overflow(message: str) -> tuple[int, int] | None:
-    """``(needed, available)`` bytes from XLA:TPU's "Ran out of memory in memory space hbm. Used X of
-    Y hbm" compile error, else None."""
-    m = _OOM.search(message)
-    if not m:
-        return None
-    return int(float(m.group(1)) * _UNIT[m.group(2)]), int(float(m.group(3)) * _UNIT[m.group(4)])
+def hbm_overflow(message: str, argument_bytes: int = 0) -> tuple[int | None, int | None] | None:
+    """``(needed, available)`` bytes from an XLA:TPU out-of-HBM compile error ("... Used X of Y hbm",
+    or "... required for HLO temporaries (X) exceeds available HBM (Y)", where the need is X plus the
+    ``argument_bytes``), ``(None, None)`` for another RESOURCE_EXHAUSTED error, else None."""
+    def size(value, unit):
+        return int(float(value) * _UNIT[unit])
+
+    if m := _USED.search(message):
+        return size(*m.group(1, 2)), size(*m.group(3, 4))
+    if m := _TEMPS.search(message):
+        return size(*m.group(1, 2)) + argument_bytes, size(*m.group(3, 4))
+    return (None, None) if "RESOURCE_EXHAUSTED" in message else None
 
 
 def sharded(state: Any, mesh: Mesh, rules: Rules) -> Any:
@@ -124,11 +132,12 @@ def run_stage(stages: list[Stage], topo: Slice, template: Stage, build: Callable
         try:
             programs = build()
         except Exception as e:  # noqa: BLE001 — only XLA's out-of-HBM verdict is a result
-            overflow = hbm_overflow(str(e))
+            overflow = hbm_overflow(str(e), arg_bytes)
             if overflow is None:
                 raise
             for s in out:
-                s.bytes_per_chip, s.fits, s.note = overflow[0], False, "XLA: out of HBM"
+                s.bytes_per_chip, s.fits = overflow[0], False
+                s.note = "XLA: out of HBM" if overflow[0] else f"XLA: {str(e).splitlines()[0][:160]}"
         else:
             for s, n in zip(out, names):
                 measure(s, programs[n], topo, loop_trips=loop_trips)

@@ -17,6 +17,11 @@ import grain
 import numpy as np
 
 TOKEN_KEYS: tuple[str, ...] = ("chosen_tokens", "rejected_tokens")
+# LLaVA-NeXT pairs: for the pair's k-th image token, the row of its tile features that anyres packing
+# puts there (``anyres.pack_indices``; see ``engine.logps.pair_logps``); PACK_NEWLINE marks the
+# image_newline row, PACK_PAD fills the array to the token length.
+IMAGE_PACK_KEY = "image_pack"
+PACK_NEWLINE, PACK_PAD = -1, -2
 MIN_WINDOW = 64  # smallest automatic answer window (the LM head on 65 positions is cheap)
 
 
@@ -30,7 +35,7 @@ def length_buckets(max_length: int, *, min_length: int = 64) -> tuple[int, ...]:
         raise ValueError(f"max_length ({max_length}) and min_length ({min_length}) must be >= 1")
     out, k = set(), 1
     while k < max_length:
-        out.update(b for b in (k, k * 3 // 2) if min_length <= b < max_length and b >= 1)
+        out.update(b for b in (k, k * 3 // 2) if min_length <= b < max_length)
         k *= 2
     return tuple(sorted(out)) + (max_length,)
 
@@ -58,17 +63,18 @@ def sequence_lengths(batch: Mapping[str, Any]) -> np.ndarray:
 
 
 def pad_tokens(batch: Mapping[str, Any], length: int, pad_id: int = 0) -> dict[str, Any]:
-    """``batch`` with its token arrays cut or right-padded to ``length`` columns (no used token may be cut)."""
+    """``batch`` with its token arrays (and ``image_pack``) cut or right-padded to ``length`` columns
+    (no used token may be cut)."""
     used = int(np.max(sequence_lengths(batch), initial=0))
     if used > length:
         raise ValueError(f"cannot pad a batch using {used} tokens to {length}")
     out = dict(batch)
-    for key in TOKEN_KEYS:
+    for key, value in [(k, pad_id) for k in TOKEN_KEYS] + [(IMAGE_PACK_KEY, PACK_PAD)] * (IMAGE_PACK_KEY in batch):
         tokens = np.asarray(batch[key])
         if tokens.shape[1] >= length:
             out[key] = tokens[:, :length]
         else:
-            out[key] = np.pad(tokens, ((0, 0), (0, length - tokens.shape[1])), constant_values=pad_id)
+            out[key] = np.pad(tokens, ((0, 0), (0, length - tokens.shape[1])), constant_values=value)
     return out
 
 

@@ -18,7 +18,10 @@ code strips its outputs.
 Chat-template models (e.g. Llama-3-Instruct): ``template="chat"`` renders one user message, no system
 message, with ``add_generation_prompt=True`` through ``tokenizer.apply_chat_template``; the answer
 is the tokens of ``{answer}`` after that prompt followed by the template's own end-of-turn token
-(read off the template, e.g. ``<|eot_id|>``), unless ``eos_id`` is given.
+(read off the template, e.g. ``<|eot_id|>``), unless ``eos_id`` is given. The user message shows the
+image as ``<image>\n{question}``; for Qwen-VL tokenizers (ChatML, which know ``<|vision_start|>`` and
+``<|vision_end|>``) as ``<|vision_start|><image><|vision_end|>{question}``, exactly what Qwen's
+processor renders for an image followed by text, ``<image>`` becoming the ``<|image_pad|>`` run.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ LLAVA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 IMAGE_PLACEHOLDER = "<image>"
+VISION_MARKERS: tuple[str, str] = ("<|vision_start|>", "<|vision_end|>")  # Qwen-VL's image block delimiters
 TEMPLATES: tuple[str, ...] = ("llava_v1", "chat")
 
 # OpenAI CLIP normalisation constants (CLIPImageProcessor defaults, used by LLaVA-1.5).
@@ -54,9 +58,18 @@ def llava_v1_prompt(question: str, with_image: bool = True) -> str:
     return f"{LLAVA_V1_SYSTEM} USER: {user} ASSISTANT:"
 
 
+def image_markup(tokenizer) -> str:
+    """How a chat-template user message shows its image before the question: wrapped in
+    ``VISION_MARKERS`` when the tokenizer has both as added tokens (Qwen-VL), else ``<image>\n``."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    if all(marker in added for marker in VISION_MARKERS):
+        return f"{VISION_MARKERS[0]}{IMAGE_PLACEHOLDER}{VISION_MARKERS[1]}"
+    return f"{IMAGE_PLACEHOLDER}\n"
+
+
 def chat_template_prompt(tokenizer, question: str, with_image: bool = False) -> str:
     """The tokenizer's own chat template: one user message, no system message, generation prompt."""
-    content = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image else question
+    content = image_markup(tokenizer) + question if with_image else question
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )

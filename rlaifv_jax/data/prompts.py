@@ -160,12 +160,30 @@ def toy_image_encoder(image: np.ndarray) -> tuple[np.ndarray, Any]:
     return toy_world.encode_image(image)[None], None
 
 
+class QwenImageEncoder:
+    """transformers' ``Qwen2VLImageProcessorPil`` of a checkpoint (resize to its ``min_pixels`` /
+    ``max_pixels`` grid, flattened patches): ``(pixel_values [patches, patch_dim], image_grid_thw [1, 3])``.
+    ``max_patches``: the most patches an image can give (``max_pixels / patch_size²``)."""
+
+    def __init__(self, model_dir: str):
+        from transformers import Qwen2VLImageProcessorPil
+        self.processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir, local_files_only=True)
+        self.max_patches = int(self.processor.size["longest_edge"]) // self.processor.patch_size ** 2
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, Any]:
+        out = self.processor(images=Image.fromarray(image), return_tensors="np")
+        return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"])
+
+
 def hf_image_encoder(model_dir: str, architecture: str) -> ImageEncoder:
     """The image preprocessing of a Hugging Face LLaVA checkpoint (``preprocessor_config.json``).
 
     LLaVA-1.5: pad to square with the processor mean, then CLIP preprocessing (METHOD.md §2).
     LLaVA-NeXT: transformers' anyres image processor (PIL backend), giving ``image_sizes``.
+    Qwen2.5-VL: ``QwenImageEncoder``, giving ``image_grid_thw``.
     """
+    if architecture == "Qwen2_5_VLForConditionalGeneration":
+        return QwenImageEncoder(model_dir)
     if architecture == "LlavaNextForConditionalGeneration":
         from transformers import LlavaNextImageProcessor
         processor = LlavaNextImageProcessor.from_pretrained(model_dir, local_files_only=True)

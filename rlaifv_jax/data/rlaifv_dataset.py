@@ -37,7 +37,7 @@ import dataclasses
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -220,18 +220,20 @@ def read_rlaifv(
 def pair_text_fn(
     tokenizer,
     *,
-    image_token_count: int,
+    image_token_count: int | Callable[[PreferenceRecord], int],
     image_token_id: int | None,
     max_length: int,
     template: str = "llava_v1",
 ) -> Callable[[PreferenceRecord], dict[str, np.ndarray]]:
     """A ``text_fn``: encode prompt, chosen and rejected; ``SkipRecord("too_long")`` if prompt + the
-    longer answer exceeds ``max_length`` tokens (never truncates)."""
+    longer answer exceeds ``max_length`` tokens (never truncates). ``image_token_count`` may depend on
+    the record (LLaVA-NeXT: ``model.num_image_tokens(image size)``)."""
 
     def text_fn(record: PreferenceRecord) -> dict[str, np.ndarray]:
         kw = dict(image_token_id=image_token_id, template=template)
-        chosen = encode_prompt_answer(tokenizer, record.question, record.chosen, image_token_count, **kw)
-        rejected = encode_prompt_answer(tokenizer, record.question, record.rejected, image_token_count, **kw)
+        count = image_token_count(record) if callable(image_token_count) else image_token_count
+        chosen = encode_prompt_answer(tokenizer, record.question, record.chosen, count, **kw)
+        rejected = encode_prompt_answer(tokenizer, record.question, record.rejected, count, **kw)
         longest = len(chosen.prompt_ids) + max(len(chosen.answer_ids), len(rejected.answer_ids))
         if longest > max_length:
             raise SkipRecord("too_long")
@@ -245,18 +247,25 @@ def pair_text_fn(
 
 
 def pair_example_fn(
-    image_fn: Callable[[Image.Image], np.ndarray], *, max_length: int, pad_id: int
+    image_fn: Callable[[Image.Image], np.ndarray | Mapping[str, np.ndarray]], *, max_length: int, pad_id: int
 ) -> Callable[[PreferenceRecord], dict[str, np.ndarray]]:
     """An ``example_fn`` for records read with ``pair_text_fn``: fixed-shape arrays for one pair.
 
     Returns ``pixel_values`` (``image_fn`` of the decoded RGB image), ``chosen_tokens`` and
     ``rejected_tokens`` ``[max_length]`` (prompt + answer, then ``pad_id``), ``answer_start`` (prompt
-    length, shared by both), ``chosen_len`` and ``rejected_len`` — the inputs of ``dpo.answer_logps``.
+    length, shared by both), ``chosen_len`` and ``rejected_len`` — the inputs of ``logps.pair_logps``.
+    For LLaVA-NeXT ``image_fn`` returns ``{"pixel_values": [max_tiles, C, H, W], "image_pack": [N]}``
+    (the anyres packing of this image, see ``buckets.IMAGE_PACK_KEY``); ``image_pack`` is padded to
+    ``max_length`` with ``buckets.PACK_PAD``.
     """
 
     def example_fn(record: PreferenceRecord) -> dict[str, np.ndarray]:
         f = record.features
-        out: dict[str, np.ndarray] = {"pixel_values": image_fn(open_image(record.image))}
+        image = image_fn(open_image(record.image))
+        out: dict[str, np.ndarray] = dict(image) if isinstance(image, Mapping) else {"pixel_values": image}
+        if bucketing.IMAGE_PACK_KEY in out:
+            pack = np.asarray(out[bucketing.IMAGE_PACK_KEY], np.int32)
+            out[bucketing.IMAGE_PACK_KEY] = np.pad(pack, (0, max_length - len(pack)), constant_values=bucketing.PACK_PAD)
         for name in ("chosen", "rejected"):
             ids = np.concatenate([f["prompt_ids"], f[f"{name}_ids"]])
             tokens = np.full((max_length,), pad_id, np.int32)

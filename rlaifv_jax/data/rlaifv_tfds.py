@@ -33,7 +33,6 @@ import io
 import os
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 

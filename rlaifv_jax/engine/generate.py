@@ -26,7 +26,12 @@ the trainer computes for the same tokens with a teacher-forced forward.
 Prompts come from ``rlaifv_jax.data.chat`` (``encode_prompt`` with ``llava_v1`` or a tokenizer's
 chat template; ``llava_image_preprocess`` pads LLaVA-1.5 images to square). For LLaVA-NeXT, the
 anyres ``pixel_values [num_images, max_tiles, C, H, W]`` and ``image_sizes`` come from
-transformers' ``LlavaNextImageProcessor`` (its PIL backend works without torchvision).
+transformers' ``LlavaNextImageProcessor`` (its PIL backend works without torchvision). For
+Qwen2.5-VL, ``pixel_values [patches, patch_dim]`` and ``image_grid_thw [images, 3]`` come from
+``Qwen2VLImageProcessorPil``; the prefill runs at the multimodal positions of
+``model.position_ids`` (computed on the host per batch) and token ``t`` decodes at position
+``real prompt tokens + t + rope_delta`` (transformers' ``generate``). Its tower compiles once per
+chunk bucket (``models.qwen_vision``), not per image size.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from rlaifv_jax.engine import vision
 from rlaifv_jax.engine.logits import SamplingConfig, choose_tokens, presence_mask, row_keys
 from rlaifv_jax.engine.prefill import prefill
 from rlaifv_jax.models.llava import Llava, LlavaNext, check_image_tokens
+from rlaifv_jax.models.qwen2_5_vl import Qwen25VL
 
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -76,23 +82,24 @@ class _Static:
     rows_spec: P | None
 
 
-def _prefill_fn(graphdef, state, ids, features, mask, static: _Static):
-    """Embed + prefill a left-padded batch; return its KV cache (one copy per prompt, shared by the
-    prompt's ``num_samples`` rows during decoding) and the last-position logits tiled ``num_samples``
-    times (row ``b * n + j``, float32)."""
+def _prefill_fn(graphdef, state, ids, features, mask, static: _Static, positions=None):
+    """Embed + prefill a left-padded batch (at ``positions [3, B, T]`` for Qwen2.5-VL); return its KV
+    cache (one copy per prompt, shared by the prompt's ``num_samples`` rows during decoding) and the
+    last-position logits tiled ``num_samples`` times (row ``b * n + j``, float32)."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     n = static.num_samples
-    hidden, cache = prefill(model, ids, features, mask)
+    hidden, cache = prefill(model, ids, features, mask, positions)
     logits = model.logits(hidden[:, -1]).astype(jnp.float32)
     return cache, _constrain(jnp.repeat(logits, n, axis=0), static.rows_spec)
 
 
 def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_keys, active, seed,
-               stop_ids, static: _Static, cfg: SamplingConfig):
+               stop_ids, static: _Static, cfg: SamplingConfig, rope_deltas=None):
     """Decode all rows in one ``while_loop``: every row attends to its prompt's shared ``prefix``
-    cache plus a cache of its own generated tokens (updated in place). Returns tokens, raw
-    log-probs, lengths (stop excluded) and whether each row met a stop token."""
+    cache plus a cache of its own generated tokens (updated in place). ``rope_deltas [B]`` (Qwen2.5-VL)
+    shift each prompt's decode positions. Returns tokens, raw log-probs, lengths (stop excluded) and
+    whether each row met a stop token."""
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     text = getattr(model, "language_model", model)  # generated ids are plain text tokens
@@ -103,6 +110,8 @@ def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_
     own_slots = max(max_new - 1, 1)
     cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), model.init_cache(rows, own_slots))
     start = jnp.repeat(prompt_mask.sum(axis=1), n).astype(jnp.int32)  # position of token 0
+    if rope_deltas is not None:
+        start = start + jnp.repeat(rope_deltas, n).astype(jnp.int32)
     keys = None if cfg.greedy else row_keys(seed, jnp.repeat(prompt_keys, n), jnp.tile(jnp.arange(n), batch))
     row_index = jnp.arange(rows)
     seen = None
@@ -148,7 +157,7 @@ _decode = jax.jit(_decode_fn, static_argnums=(0, 10, 11))
 
 # ----------------------------------------------------------------------------- host side
 def _text_config(model: nnx.Module):
-    return model.config.text if isinstance(model, Llava) else model.config
+    return getattr(model.config, "text", model.config)
 
 
 def _prompt_key(prompt_id: Any) -> int:
@@ -165,6 +174,16 @@ def _num_image_features(model: nnx.Module, prompt: dict) -> int:
     px = prompt.get("pixel_values")
     if px is None:
         return 0
+    if isinstance(model, Qwen25VL):
+        grid = prompt.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("Qwen2.5-VL needs image_grid_thw, one (t, h, w) row per image")
+        grid = np.asarray(grid).reshape(-1, 3)
+        want = (int(np.sum(np.prod(grid, axis=1))), model.config.vision.patch_dim)
+        if tuple(np.shape(px)) != want:
+            raise ValueError(f"pixel_values of shape {np.shape(px)} do not match image_grid_thw {grid.tolist()}: "
+                             f"expected {list(want)} (the Qwen2-VL image processor's flattened patches)")
+        return model.num_image_tokens(grid)
     if not isinstance(model, Llava):
         raise ValueError("a text-only model was given pixel_values")
     shape = np.shape(px)
@@ -187,7 +206,7 @@ def _image_features(model: nnx.Module, graphdef, state, prompt: dict) -> np.ndar
     px = prompt.get("pixel_values")
     if px is None:
         return None
-    return np.asarray(vision.image_features(graphdef, state, px, prompt.get("image_sizes")))
+    return np.asarray(vision.image_features(graphdef, state, px, prompt.get(vision.layout_key(model))))
 
 
 def _check_options(num_samples: int, max_new_tokens: int, stop_token_ids: Sequence[int], seed: int,
@@ -238,8 +257,10 @@ def _check_prompts(model: nnx.Module, prompts: Sequence[dict], buckets: tuple[in
                              f"sliding window ({tc.sliding_window}); sliding-window attention is not implemented")
         try:
             n_features = _num_image_features(model, prompt)
-            if isinstance(model, Llava):
+            if getattr(model.config, "image_token_id", None) is not None:
                 check_image_tokens(arr, model.config.image_token_id, n_features)
+            if vision.uses_mrope(model):  # each placeholder run must match its grid row
+                model.position_ids(arr[None], None, prompt.get("image_grid_thw") if n_features else None)
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
         chosen.append(bucket)
@@ -281,10 +302,11 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
         return []
     before = compiled_programs()
     graphdef, state = nnx.split(model)
+    mrope = vision.uses_mrope(model)
     n = num_samples
     batch = min(batch_size, 1 << (len(prompts) - 1).bit_length())
     rows = batch * n
-    pad_id = 1 if isinstance(model, Llava) and model.config.image_token_id == 0 else 0
+    pad_id = 1 if getattr(model.config, "image_token_id", None) == 0 else 0
     stop = jnp.asarray(sorted(set(int(t) for t in stop_token_ids)), jnp.int32)
     batches = []  # prompts grouped by bucket, in input order within a bucket
     for b in sorted(set(chosen)):
@@ -306,7 +328,7 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
             mask = np.zeros((batch, length), bool)
             keys = np.zeros((batch,), np.uint32)
             active = np.zeros((batch,), bool)
-            feats = []
+            feats, grids = [], []
             for r, i in enumerate(members):
                 p = np.asarray(prompts[i]["input_ids"], np.int32)
                 ids[r, length - len(p):] = p
@@ -315,6 +337,8 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
                 f = _image_features(model, graphdef, state, prompts[i])
                 if f is not None:
                     feats.append(f)
+                    if mrope:
+                        grids.append(np.asarray(prompts[i]["image_grid_thw"]).reshape(-1, 3))
             features = None
             if feats:  # row-major over the batch, zero-padded to a fixed [batch * length, D]
                 features = np.zeros((batch * length, feats[0].shape[-1]), feats[0].dtype)
@@ -324,10 +348,15 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
                    if mesh is not None else (lambda x, axes: jnp.asarray(x)))
             ids_d, mask_d = put(ids, ("batch", None)), put(mask, ("batch", None))
             features_d = None if features is None else put(features, (None, None))
-            cache, logits = _prefill(graphdef, state, ids_d, features_d, mask_d, static)
+            positions = deltas = None
+            if mrope:  # the batch's multimodal positions, images in row order
+                positions, deltas = model.position_ids(ids, mask, np.concatenate(grids) if grids else None)
+                positions = put(positions.astype(np.int32), (None, "batch", None))
+                deltas = put(deltas.astype(np.int32), ("batch",))
+            cache, logits = _prefill(graphdef, state, ids_d, features_d, mask_d, static, positions)
             tokens, logps, lengths, done = _decode(
                 graphdef, state, cache, logits, ids_d, mask_d, put(keys, ("batch",)),
-                put(active, ("batch",)), jnp.uint32(seed), stop, static, cfg)
+                put(active, ("batch",)), jnp.uint32(seed), stop, static, cfg, deltas)
             tokens, logps, lengths, done = map(np.asarray, (tokens, logps, lengths, done))
             for r, i in enumerate(members):
                 sl = range(r * n, (r + 1) * n)
@@ -372,14 +401,17 @@ def lower_programs(model: nnx.Module, state: nnx.State, mesh: Mesh, *, batch: in
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, _spec(mesh, axes, shape)))
 
     ids, mask = arg((batch, length), jnp.int32, ("batch", None)), arg((batch, length), jnp.bool_, ("batch", None))
-    features = None
-    if isinstance(model, Llava):
+    features = positions = deltas = None
+    if getattr(model.config, "image_token_id", None) is not None:
         features = arg((batch * length, _text_config(model).hidden_size), model.dtype, (None, None))
+    if vision.uses_mrope(model):
+        positions = arg((3, batch, length), jnp.int32, (None, "batch", None))
+        deltas = arg((batch,), jnp.int32, ("batch",))
     with jax.set_mesh(mesh):
-        prefill_program = _prefill.lower(graphdef, state, ids, features, mask, static).compile()
+        prefill_program = _prefill.lower(graphdef, state, ids, features, mask, static, positions).compile()
         cache, logits = prefill_program.out_info
         decode_program = _decode.lower(
             graphdef, state, cache, logits, ids, mask, arg((batch,), jnp.uint32, ("batch",)),
             arg((batch,), jnp.bool_, ("batch",)), arg((), jnp.uint32, ()), arg((num_stop_ids,), jnp.int32, (None,)),
-            static, sampling).compile()
+            static, sampling, deltas).compile()
     return {"prefill": prefill_program, "decode": decode_program}

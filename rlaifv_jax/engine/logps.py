@@ -2,6 +2,13 @@
 
 A "log-prob" of a response is the SUM over its answer tokens (the assistant answer including the
 end-of-turn token) of ``log p(token_t | tokens_<t)``; prompt and image positions never count.
+
+Pair batches hold one image per pair. LLaVA: ``pixel_values [B, C, H, W]``. Qwen2.5-VL
+(``pair_image_arrays``, built on the host per pair): the tower layout of each image padded to one
+fixed chunk count (``pixel_values [B, S, patch_dim]`` and ``vision_*`` arrays, see
+``models.qwen_vision.vision_inputs``) and the multimodal ``positions [B, 3, L]`` shared by the
+chosen and rejected rows (the answers are text after the same prompt); every array leads with the
+pair axis, so batches stack, shard, pad and split into micro-batches like LLaVA's.
 """
 from __future__ import annotations
 
@@ -16,7 +23,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rlaifv_jax.core import sharding as shd
-from rlaifv_jax.data.buckets import WINDOW_KEY, with_answer_window
+from rlaifv_jax.data.buckets import IMAGE_PACK_KEY, PACK_PAD, WINDOW_KEY, with_answer_window
+from rlaifv_jax.models import anyres
+from rlaifv_jax.models.qwen_vision import LAYOUT_KEYS
 
 Batch = Mapping[str, Any]
 
@@ -57,10 +66,14 @@ def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None,
 
     ``batch``: ``chosen_tokens``/``rejected_tokens`` ``[B, L]`` (right-padded; image placeholders
     expanded), ``answer_start``, ``chosen_len``, ``rejected_len`` ``[B]`` and, for a multimodal model,
-    ``pixel_values`` ``[B, C, H, W]`` (one image per pair). Each image is encoded ONCE: its features
-    are tiled over the chosen and the rejected rows, which run as one ``2B`` batch. The vision tower
-    runs under ``stop_gradient`` (frozen); the projector is differentiable. Positions are
-    ``arange(L)`` and the key mask comes from lengths (``t < answer_start + len``), never from ids.
+    ``pixel_values`` ``[B, C, H, W]`` (one image per pair; Qwen2.5-VL: the arrays of
+    ``pair_image_arrays``; LLaVA-NeXT: ``[B, max_tiles, C, H, W]`` and ``image_pack [B, L]``, each
+    pair's ``anyres.pack_indices`` with ``buckets.PACK_NEWLINE`` / ``PACK_PAD``, see
+    ``data.rlaifv_dataset.pair_example_fn``). Each image is encoded ONCE: its features are tiled over
+    the chosen and the rejected rows, which run as one ``2B`` batch (Qwen2.5-VL: per-row features, each row reading its
+    own image's tokens). The vision tower runs under ``stop_gradient`` (frozen); the projector is
+    differentiable. Positions are ``arange(L)`` (Qwen2.5-VL: the batch's ``positions``) and the key
+    mask comes from lengths (``t < answer_start + len``), never from ids.
 
     With ``answer_window = W`` (static, ≥ every answer length) the LM head and log-softmax run only
     on the ``W + 1`` positions from ``answer_start - 1`` on, instead of all ``L``; a batch carrying
@@ -78,11 +91,36 @@ def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None,
     starts = jnp.concatenate([start, start])
     feats = None
     if batch.get("pixel_values") is not None:
-        feats = model.image_features(jnp.asarray(batch["pixel_values"]), image_sizes, frozen_tower=True)
+        pixels = jnp.asarray(batch["pixel_values"])
+        if "vision_slots" in batch:  # Qwen2.5-VL: one tower layout per pair -> [B, tokens, D]
+            pixels = {"pixel_values": pixels, **{k: jnp.asarray(batch["vision_" + k]) for k in LAYOUT_KEYS}}
+        if IMAGE_PACK_KEY in batch:  # LLaVA-NeXT [B, tiles, C, H, W]: each pair's anyres packing is a
+            # gather with its host-computed indices, so every image size runs in the same program
+            tiles = model.tile_features(pixels, frozen_tower=True)  # [B * tiles, tile_tokens, D]
+            per_pair = pixels.shape[1] * tiles.shape[1]
+            pack = jnp.asarray(batch[IMAGE_PACK_KEY], jnp.int32)  # [B, L]: rows of this pair's tiles, < 0: newline
+            rows = jnp.where(pack < 0, b * per_pair, pack + per_pair * jnp.arange(b, dtype=jnp.int32)[:, None])
+            feats = anyres.pack_features(tiles, model.image_newline[...], rows.reshape(-1)).reshape(pack.shape + (-1,))
+        else:
+            feats = model.image_features(pixels, image_sizes, frozen_tower=True)
         feats = jnp.concatenate([feats, feats], axis=0)  # rows: chosen pairs, then rejected pairs
-    x = model.embed(tokens, feats)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], tokens.shape)
-    key_mask = positions < (starts + lens)[:, None]
+    if IMAGE_PACK_KEY in batch:  # row r's k-th image token takes feats[r, k]
+        is_image = tokens == model.config.image_token_id
+        if not isinstance(tokens, jax.core.Tracer):
+            packed = np.sum(np.asarray(batch[IMAGE_PACK_KEY]) != PACK_PAD, axis=1)
+            if not np.array_equal(np.sum(np.asarray(is_image), axis=1), np.tile(packed, 2)):
+                raise ValueError(f"{IMAGE_PACK_KEY}: a pair's packed image rows differ from its image tokens")
+        x = model.embed(jnp.where(is_image, 0, tokens))
+        slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
+        x = jnp.where(is_image[..., None], jnp.take_along_axis(feats, slot[..., None], axis=1).astype(x.dtype), x)
+    else:
+        x = model.embed(tokens, feats)
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], tokens.shape)
+    positions = index
+    if "positions" in batch:  # [B, 3, >= L] multimodal positions (cut buckets only drop padding)
+        pos = jnp.asarray(batch["positions"], jnp.int32)[..., :length]
+        positions = jnp.moveaxis(jnp.concatenate([pos, pos], axis=0), 1, 0)
+    key_mask = index < (starts + lens)[:, None]
     hidden, _ = model.forward_embeds(x, positions=positions, key_mask=key_mask)
     window = batch.get(WINDOW_KEY)
     if answer_window is not None and window is not None:
@@ -140,5 +178,29 @@ def reference_logps(model: nnx.Module, batches: Iterable[Batch], *, mesh: Mesh |
     return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}
 
 
+def pair_image_arrays(model: nnx.Module, pixel_values: Any, layout: Any, prompt_ids: Any, length: int, *,
+                      max_patches: int | None = None) -> dict[str, np.ndarray]:
+    """The image part of one pair example (host side), for sequences padded to ``length`` tokens.
+
+    LLaVA-1.5 (``pixel_values [1, C, H, W]`` of the image encoder): ``{"pixel_values": [C, H, W]}``.
+    Qwen2.5-VL (``[patches, patch_dim]`` with ``layout = image_grid_thw [1, 3]``): the tower layout
+    padded to ``⌈max_patches / 64⌉`` chunks (the image processor's largest image; default ``4 ·
+    length`` patches, as many as the sequence could hold) as ``pixel_values`` and ``vision_*``
+    arrays, and ``positions [3, length]`` of ``prompt_ids`` (``model.position_ids``) continued by the
+    answer tokens at ``index + rope_delta``.
+    """
+    if not hasattr(model, "vision_inputs"):
+        return {"pixel_values": np.asarray(pixel_values)[0]}
+    vc = model.config.vision
+    chunks = -(-(max_patches or 4 * length) // vc.window_slots)
+    inputs = model.vision_inputs(np.asarray(pixel_values, np.float32), layout, chunks=chunks)
+    prompt = np.asarray(prompt_ids)[None]
+    head, deltas = model.position_ids(prompt, None, layout)
+    positions = np.broadcast_to(np.arange(length) + deltas[0], (3, length)).copy()
+    positions[:, : prompt.shape[1]] = head[:, 0]
+    return {"pixel_values": inputs["pixel_values"], **{"vision_" + k: inputs[k] for k in LAYOUT_KEYS},
+            "positions": positions.astype(np.int32)}
+
+
 MODEL_KEYS = ("pixel_values", "chosen_tokens", "rejected_tokens", "answer_start", "chosen_len", "rejected_len",
-              WINDOW_KEY)
+              WINDOW_KEY, IMAGE_PACK_KEY, "positions") + tuple("vision_" + k for k in LAYOUT_KEYS)

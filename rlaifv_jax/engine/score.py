@@ -28,10 +28,14 @@ its newline end on a token boundary and the split is exactly there (tested).
 Compiled programs (all shapes bucketed, so no recompiles in a loop):
 
 * image features: one per pixel shape (LLaVA-1.5: one; LLaVA-NeXT: one per tile count, the anyres
-  packing is a host-computed gather);
+  packing is a host-computed gather; Qwen2.5-VL: one per chunk bucket, ``models.qwen_vision``);
 * prefill: one per (prefix-length bucket, with/without image) (LLaVA-1.5: one per model);
 * question scoring: one per (prefix bucket, row bucket, continuation bucket); rows are 1, 2, 4, 8,
   then multiples of 8 up to ``batch_size``; continuations round up to a multiple of ``continuation_multiple``.
+
+Qwen2.5-VL: the prefix runs at its multimodal positions (``model.position_ids``) and question token
+``j`` at ``prefix length + j + rope_delta`` (the delta of the prefix), as transformers positions the
+same tokens in the full prompt.
 
 :meth:`Labeler.programs` lists the shape keys compiled so far.
 """
@@ -52,6 +56,7 @@ from rlaifv_jax.data.yesno import NO_WORDS, YES_WORDS, assistant_prompt, split_p
 from rlaifv_jax.engine import vision
 from rlaifv_jax.engine.logits import apply_repetition_penalty, presence_mask
 from rlaifv_jax.engine.prefill import prefill
+from rlaifv_jax.models import qwen_vision
 from rlaifv_jax.models.llava import check_image_tokens
 
 log = logging.getLogger(__name__)
@@ -89,21 +94,24 @@ def yes_no_probs(
 class ImageQuestions:
     """One image and the yes/no questions asked about it (bare converted questions, no suffix).
 
-    ``pixel_values`` in transformers layout for one image: ``[1, C, H, W]`` (LLaVA-1.5) or
-    ``[1, tiles, C, H, W]`` (LLaVA-NeXT, with ``image_sizes [1, 2]`` as (height, width)); ``None`` asks
-    the questions without an image.
+    ``pixel_values`` in transformers layout for one image: ``[1, C, H, W]`` (LLaVA-1.5),
+    ``[1, tiles, C, H, W]`` (LLaVA-NeXT, with ``image_sizes [1, 2]`` as (height, width)) or
+    ``[patches, patch_dim]`` (Qwen2.5-VL, with ``image_grid_thw [1, 3]``); ``None`` asks the questions
+    without an image.
     """
 
     questions: Sequence[str]
     pixel_values: Any = None
     image_sizes: Any = None
+    image_grid_thw: Any = None
 
 
 def _as_item(item: Any) -> ImageQuestions:
     if isinstance(item, ImageQuestions):
         return item
     if isinstance(item, Mapping):
-        return ImageQuestions(list(item["questions"]), item.get("pixel_values"), item.get("image_sizes"))
+        return ImageQuestions(list(item["questions"]), item.get("pixel_values"), item.get("image_sizes"),
+                              item.get("image_grid_thw"))
     raise TypeError(f"labeler items are ImageQuestions or mappings with 'questions', got {type(item)}")
 
 
@@ -124,21 +132,24 @@ def _tile(x: jax.Array, rows: int) -> jax.Array:
     return jnp.broadcast_to(x, (rows,) + x.shape[1:])
 
 
-def _prefill(graphdef, state, ids, length, features):
-    """KV cache ``[1, Pb, ...]`` of the prefix ``ids [1, Pb]`` (right-padded; ``length`` real tokens)."""
-    _, cache = prefill(nnx.merge(graphdef, state), ids, features, jnp.arange(ids.shape[1])[None] < length)
+def _prefill(graphdef, state, ids, length, features, positions=None):
+    """KV cache ``[1, Pb, ...]`` of the prefix ``ids [1, Pb]`` (right-padded; ``length`` real tokens;
+    ``positions [3, 1, Pb]`` for Qwen2.5-VL)."""
+    _, cache = prefill(nnx.merge(graphdef, state), ids, features, jnp.arange(ids.shape[1])[None] < length, positions)
     return cache
 
 
-def _score(graphdef, answer_ids, repetition_penalty, state, cache, prefix_len, prefix_ids, cont_ids, cont_len):
+def _score(graphdef, answer_ids, repetition_penalty, state, cache, prefix_len, prefix_ids, cont_ids, cont_len,
+           rope_delta):
     """(p_yes, p_no) ``[Q]`` for continuations ``cont_ids [Q, Cb]`` (``cont_len`` real tokens each) after
-    the cached prefix (``prefix_len`` real tokens of ``Pb`` slots; ``prefix_ids [Pb]``, -1 padded)."""
+    the cached prefix (``prefix_len`` real tokens of ``Pb`` slots; ``prefix_ids [Pb]``, -1 padded);
+    continuation token ``j`` sits at position ``prefix_len + j + rope_delta``."""
     model = nnx.merge(graphdef, state)
     q, cb = cont_ids.shape
     pb = cache[0][0].shape[1]
     x = model.embed(cont_ids)
     steps = jnp.arange(cb)
-    positions = _tile((prefix_len + steps)[None], q)
+    positions = _tile((prefix_len + rope_delta + steps)[None], q)
     cont_valid = steps[None] < cont_len[:, None]
     # Every question row attends to the one cached prefix (read once, never copied) plus its own tokens.
     prefix = (cache, (jnp.arange(pb) < prefix_len)[None])
@@ -199,6 +210,7 @@ class Labeler:
         log.info("labeler yes/no token ids: %s (%s%s)", self.answer_ids, template,
                  ", overrides " + str(dict(yes_no_ids)) if yes_no_ids else "")
         self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.mrope = vision.uses_mrope(model)
         graphdef, self._state = nnx.split(model)
         self._prefill = jax.jit(functools.partial(_prefill, graphdef))
         self._score = jax.jit(functools.partial(
@@ -218,33 +230,54 @@ class Labeler:
         return sorted(self._programs, key=repr)
 
     # -- image side --------------------------------------------------------------------------------
-    def image_features(self, pixel_values: Any, image_sizes: Any = None) -> jax.Array:
-        """``[image_tokens, D]`` for one image in transformers layout (see :class:`ImageQuestions`)."""
+    def image_features(self, pixel_values: Any, layout: Any = None) -> jax.Array:
+        """``[image_tokens, D]`` for one image in transformers layout (see :class:`ImageQuestions`;
+        ``layout``: its ``image_sizes`` or ``image_grid_thw``)."""
         px = np.asarray(pixel_values, np.float32)
+        if self.mrope:
+            self._note(("features", qwen_vision.bucket(qwen_vision.num_chunks(layout, self.model.config.vision))))
+            return vision.image_features(self._graphdef, self._state, px, layout)
         if px.ndim == (4 if hasattr(self.model, "image_newline") else 3):  # one image without its batch axis
             px = px[None]
         self._note(("features", tuple(px.shape)))
-        return vision.image_features(self._graphdef, self._state, px, image_sizes)
+        return vision.image_features(self._graphdef, self._state, px, layout)
 
-    def _image_token_count(self, image_sizes: Any) -> int:
-        size = None if image_sizes is None else tuple(int(s) for s in np.asarray(image_sizes).reshape(-1, 2)[0])
+    def _layout(self, item: ImageQuestions) -> Any:
+        layout = item.image_grid_thw if self.mrope else item.image_sizes
+        if self.mrope and item.pixel_values is not None and layout is None:
+            raise ValueError("Qwen2.5-VL labeler items need image_grid_thw with pixel_values")
+        return layout
+
+    def _image_token_count(self, layout: Any) -> int:
+        if self.mrope:
+            return int(self.model.num_image_tokens(layout))
+        size = None if layout is None else tuple(int(s) for s in np.asarray(layout).reshape(-1, 2)[0])
         return int(self.model.num_image_tokens(size))
 
     # -- scoring -----------------------------------------------------------------------------------
     def prefill(self, item: ImageQuestions, prefix: np.ndarray):
-        """KV cache of ``prefix`` (image merged) padded to its bucket, and the bucket's id row."""
+        """KV cache of ``prefix`` (image merged) padded to its bucket, the bucket's id row and the
+        prefix's rope delta (0 but for Qwen2.5-VL)."""
         features = None
+        layout = self._layout(item)
         if item.pixel_values is not None:
-            features = self.image_features(item.pixel_values, item.image_sizes)
+            features = self.image_features(item.pixel_values, layout)
             check_image_tokens(prefix, self.image_token_id, int(features.shape[0]))
         pb = _round_up(len(prefix), self.prefix_multiple)
         ids = np.full((1, pb), -1, np.int32)
         ids[0, : len(prefix)] = prefix
         if features is not None and features.shape[0] < pb:  # pad to a bucket: one program per Pb
             features = jnp.pad(features, ((0, pb - features.shape[0]), (0, 0)))
+        positions, delta = None, 0
+        if self.mrope:
+            pos, deltas = self.model.position_ids(prefix[None], None, layout if features is not None else None)
+            positions = np.zeros((3, 1, pb), np.int32)
+            positions[:, :, : len(prefix)] = pos
+            positions, delta = jnp.asarray(positions), int(deltas[0])
         self._note(("prefill", pb, features is not None))
-        cache = self._prefill(self._state, jnp.asarray(np.maximum(ids, 0)), jnp.int32(len(prefix)), features)
-        return cache, ids[0]
+        cache = self._prefill(self._state, jnp.asarray(np.maximum(ids, 0)), jnp.int32(len(prefix)), features,
+                              positions)
+        return cache, ids[0], delta
 
     def score_async(self, item: Any) -> list[tuple[np.ndarray, jax.Array, jax.Array]]:
         """Dispatch the scoring of one image's questions; returns (question indices, p_yes, p_no) chunks."""
@@ -252,12 +285,12 @@ class Labeler:
         questions = list(item.questions)
         if not questions:
             return []
-        n_img = 0 if item.pixel_values is None else self._image_token_count(item.image_sizes)
-        if n_img and self.image_token_id is None:
+        if item.pixel_values is not None and self.image_token_id is None:
             raise ValueError("pixel_values were given to a labeler model without images")
+        n_img = 0 if item.pixel_values is None else self._image_token_count(self._layout(item))
         prefix, conts = split_prompts(self.tokenizer, questions, n_img, image_token_id=self.image_token_id,
                                       template=self.template)
-        cache, prefix_row = self.prefill(item, prefix)
+        cache, prefix_row, delta = self.prefill(item, prefix)
         pb = prefix_row.shape[0]
         order = sorted(range(len(questions)), key=lambda i: len(conts[i]))
         chunks = []
@@ -272,7 +305,7 @@ class Labeler:
                 lens[r] = len(conts[i])
             self._note(("score", pb, rows, cb))
             p_yes, p_no = self._score(self._state, cache, jnp.int32(len(prefix)), jnp.asarray(prefix_row),
-                                      jnp.asarray(ids), jnp.asarray(lens))
+                                      jnp.asarray(ids), jnp.asarray(lens), jnp.int32(delta))
             chunks.append((idx, p_yes, p_no))
         return chunks
 
@@ -280,7 +313,7 @@ class Labeler:
         """``(p_yes, p_no)`` per question per item, in input order; items without questions give ``[]``.
 
         Items are :class:`ImageQuestions` or mappings with ``questions`` and optional ``pixel_values``,
-        ``image_sizes``. Decide each claim with :func:`accept_claim`.
+        ``image_sizes`` / ``image_grid_thw``. Decide each claim with :func:`accept_claim`.
         """
         self._state = nnx.state(self.model)  # current weights (same structure: no recompile)
         pending = [(len(_as_item(it).questions), self.score_async(it)) for it in items]
@@ -319,8 +352,11 @@ def lower_programs(model: nnx.Module, state: nnx.State, mesh: Any, *, prefix_buc
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
     features = arg((prefix_bucket, model.config.text.hidden_size), model.dtype) if with_image else None
+    positions = arg((3, 1, prefix_bucket), jnp.int32) if vision.uses_mrope(model) else None
     with jax.set_mesh(mesh):
-        prefill = prefill_fn.lower(state, arg((1, prefix_bucket), jnp.int32), arg((), jnp.int32), features).compile()
+        prefill = prefill_fn.lower(state, arg((1, prefix_bucket), jnp.int32), arg((), jnp.int32), features,
+                                   positions).compile()
         score = score_fn.lower(state, prefill.out_info, arg((), jnp.int32), arg((prefix_bucket,), jnp.int32),
-                               arg((rows, continuation_bucket), jnp.int32), arg((rows,), jnp.int32)).compile()
+                               arg((rows, continuation_bucket), jnp.int32), arg((rows,), jnp.int32),
+                               arg((), jnp.int32)).compile()
     return {"prefill": prefill, "score": score}

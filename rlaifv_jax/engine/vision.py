@@ -1,9 +1,15 @@
 """The one compiled image-feature program: vision tiles → projected features, then packing.
 
 Every inference path (sampler, labeler, evaluation) turns pixels into placeholder features here;
-training calls the same two model methods inside its own jitted step
-(``model.image_features(..., frozen_tower=True)``). One program is compiled per pixel shape; the
-anyres packing of LLaVA-NeXT is a gather with host-computed indices (``models.anyres``).
+training calls the same model methods inside its own jitted step
+(``model.image_features(..., frozen_tower=True)``). LLaVA: one program per pixel shape; the anyres
+packing of LLaVA-NeXT is a gather with host-computed indices (``models.anyres``). Qwen2.5-VL: the
+host lays the patches out (``model.vision_inputs``, padded to a chunk bucket) and one program is
+compiled per bucket (``models.qwen_vision``); packing keeps the images' tokens.
+
+Next to ``pixel_values`` a prompt carries its images' layout under ``layout_key(model)``:
+``image_sizes`` (LLaVA-NeXT's (height, width) rows; unused by LLaVA-1.5) or ``image_grid_thw``
+(Qwen2.5-VL's patch grid, one (t, h, w) row per image).
 """
 from __future__ import annotations
 
@@ -18,16 +24,32 @@ from flax import nnx
 TRACES: collections.Counter = collections.Counter()
 
 
+def layout_key(model: nnx.Module) -> str:
+    """The prompt / labeler-item key of the images' layout beside ``pixel_values``."""
+    return getattr(model, "IMAGE_LAYOUT_KEY", "image_sizes")
+
+
+def uses_mrope(model: nnx.Module) -> bool:
+    """Whether ``model`` takes host-computed multimodal positions (``model.position_ids``: Qwen2.5-VL)
+    instead of counting real tokens."""
+    return hasattr(model, "position_ids")
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
-def _tile_features(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: jax.Array) -> jax.Array:
+def _tile_features(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Any) -> jax.Array:
     TRACES["vision"] += 1
     return nnx.merge(graphdef, state).tile_features(pixel_values)
 
 
-def image_features(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Any, image_sizes: Any = None) -> jax.Array:
-    """``[image_tokens, D]`` features of ``pixel_values`` in transformers' layout (``[images, C, H, W]``
-    for LLaVA-1.5, ``[images, tiles, C, H, W]`` with ``image_sizes`` for LLaVA-NeXT), in placeholder
-    order, on device."""
+def image_features(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Any, layout: Any = None) -> jax.Array:
+    """``[image_tokens, D]`` features of ``pixel_values`` in transformers' layout, in placeholder
+    order, on device: ``[images, C, H, W]`` for LLaVA-1.5, ``[images, tiles, C, H, W]`` with
+    ``layout = image_sizes`` for LLaVA-NeXT, the processor's ``[patches, patch_dim]`` with ``layout =
+    image_grid_thw`` for Qwen2.5-VL."""
+    model = nnx.merge(graphdef, state)
+    if hasattr(model, "vision_inputs"):
+        inputs = model.vision_inputs(np.asarray(pixel_values, np.float32), layout)
+        return model.pack_tile_features(_tile_features(graphdef, state, inputs), None, layout)
     px = jax.numpy.asarray(np.asarray(pixel_values, np.float32)) if not isinstance(pixel_values, jax.Array) else pixel_values
     feats = _tile_features(graphdef, state, px)
-    return nnx.merge(graphdef, state).pack_tile_features(feats, tuple(px.shape), image_sizes)
+    return model.pack_tile_features(feats, tuple(px.shape), layout)

@@ -13,7 +13,12 @@ model.position_ids(input_ids, attention_mask, image_grid_thw)``; decode the toke
 ``s`` with the 1D position ``(real tokens before it) + rope_deltas`` (a ``[B, T]`` array), exactly
 as transformers' ``generate`` does. Images: ``vision_inputs(pixel_values, image_grid_thw)`` on the
 host (bucket-padded, see ``qwen_vision``), ``tile_features`` under jit, then
-``pack_tile_features`` keeps the real tokens.
+``pack_tile_features`` keeps the real tokens. Batched layouts (``[B, ...]`` arrays of one image per
+row, e.g. DPO pairs) give ``[B, tokens, D]`` features, and ``embed`` takes such per-row features.
+
+Parameter groups as LLaVA's: ``vision_tower`` (patch embedding and ViT blocks; frozen in DPO),
+``multi_modal_projector`` (the 2×2 patch merger; trained with the language model) and
+``language_model``.
 
 The shared model interface (``image_features``, ``embed``, ``forward_embeds``, ``logits``,
 ``init_cache``, ``num_image_tokens``) is the one of ``llava.Llava``; ``image_sizes`` is replaced
@@ -36,7 +41,7 @@ from flax import nnx
 from rlaifv_jax.models import qwen_vision
 from rlaifv_jax.models.llama import Cache, Llama, LlamaConfig, attention_mask, rope_inv_freq
 from rlaifv_jax.models.llava import check_image_tokens, merge_image_features
-from rlaifv_jax.models.qwen_vision import QwenVision, QwenVisionConfig
+from rlaifv_jax.models.qwen_vision import PatchMerger, QwenVision, QwenVisionConfig
 
 # Text-config fields and defaults of transformers' ``Qwen2_5_VLTextConfig`` (used when a file omits them).
 _TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "hidden_act": "silu"}
@@ -156,25 +161,34 @@ class Qwen25VL(nnx.Module):
     """``Qwen2_5_VLForConditionalGeneration`` (images; videos are not supported)."""
 
     HF_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+    IMAGE_LAYOUT_KEY = "image_grid_thw"  # the prompt/batch key beside pixel_values (LLaVA: image_sizes)
 
     def __init__(self, config: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
-        self.visual = QwenVision(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vision_tower = QwenVision(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.multi_modal_projector = PatchMerger(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.language_model = Llama(config.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     # ------------------------------------------------------------------ images
     def vision_inputs(self, pixel_values: Any, image_grid_thw: Any,
-                      buckets: Sequence[int] = qwen_vision.WINDOW_BUCKETS) -> dict[str, Any]:
+                      buckets: Sequence[int] = qwen_vision.CHUNK_BUCKETS, chunks: int | None = None) -> dict[str, Any]:
         """Host-side, bucket-padded tower inputs (see ``qwen_vision.vision_inputs``)."""
-        return qwen_vision.vision_inputs(pixel_values, image_grid_thw, self.config.vision, buckets)
+        return qwen_vision.vision_inputs(pixel_values, image_grid_thw, self.config.vision, buckets, chunks)
 
     def tile_features(self, inputs: Mapping[str, Any], frozen_tower: bool = False) -> jax.Array:
         """Merged features ``[S / merge², D]`` of ``vision_inputs``, placeholder order, padding last
-        (static shapes: jit this). ``frozen_tower``: no gradient flows into the tower."""
-        feats = self.visual(inputs)
-        return jax.lax.stop_gradient(feats) if frozen_tower else feats
+        (static shapes: jit this); for a batch of layouts (``[B, ...]`` arrays) ``[B, S / merge², D]``,
+        one image after the other. ``frozen_tower``: no gradient flows into the tower (the merger,
+        the projector, still trains)."""
+        if jnp.ndim(inputs["slots"]) == 2:
+            return jax.lax.map(lambda one: self.tile_features(one, frozen_tower),
+                               {k: jnp.asarray(v) for k, v in inputs.items()})
+        hidden = self.vision_tower(inputs)
+        if frozen_tower:
+            hidden = jax.lax.stop_gradient(hidden)
+        return jnp.take(self.multi_modal_projector(hidden), jnp.asarray(inputs["order"]), axis=0)
 
     def pack_tile_features(self, features: jax.Array, pixel_shape: Any = None, image_grid_thw: Any = None) -> jax.Array:
         """The images' ``[image_tokens, D]`` rows of ``tile_features`` output."""
@@ -209,7 +223,9 @@ class Qwen25VL(nnx.Module):
 
     # ------------------------------------------------------------------ text
     def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
-        """Text embeddings with image features written at the image-token positions, in order."""
+        """Text embeddings with image features written at the image-token positions, in order:
+        ``image_features [N, D]`` over the whole batch (row-major), or ``[B, N, D]`` per row (row b's
+        image tokens take ``image_features[b, :count]``; the padding rows after are not read)."""
         ids = jnp.asarray(input_ids)
         token = self.config.image_token_id
         text = self.language_model.embed(jnp.where(ids == token, 0, ids))
@@ -217,8 +233,18 @@ class Qwen25VL(nnx.Module):
             if not isinstance(input_ids, jax.core.Tracer) and np.any(np.asarray(input_ids) == token):
                 raise ValueError("input_ids hold image tokens but no pixel_values were given")
             return text
-        check_image_tokens(input_ids, token, image_features.shape[0])
-        return merge_image_features(text, ids, image_features, token)
+        if image_features.ndim == 2:
+            check_image_tokens(input_ids, token, image_features.shape[0])
+            return merge_image_features(text, ids, image_features, token)
+        if not isinstance(input_ids, jax.core.Tracer):
+            most = int(np.max(np.sum(np.asarray(input_ids) == token, axis=1)))
+            if image_features.shape[0] != ids.shape[0] or most > image_features.shape[1]:
+                raise ValueError(f"per-row image features {tuple(image_features.shape)} do not cover input_ids "
+                                 f"{tuple(ids.shape)} with up to {most} image tokens per row")
+        is_image = ids == token
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
+        feats = jnp.take_along_axis(image_features, index[..., None], axis=1).astype(text.dtype)
+        return jnp.where(is_image[..., None], feats, text)
 
     def forward_embeds(self, x: jax.Array, *, positions: jax.Array, key_mask: jax.Array,
                        cache: Cache | None = None, cache_index: jax.Array | int = 0,
@@ -264,10 +290,12 @@ class Qwen25VL(nnx.Module):
         """The transformers (hub layout) tensor name of the variable at ``path``."""
         head, rest = path[0], [str(p) for p in path[1:]]
         rest[-1] = "weight" if rest[-1] in ("kernel", "embedding") else rest[-1]
-        if head == "visual":
-            if rest[:2] in (["merger", "linear_1"], ["merger", "linear_2"]):
-                rest[1:2] = ["mlp", "0" if rest[1] == "linear_1" else "2"]
+        if head == "vision_tower":
             return "visual." + ".".join(rest)
+        if head == "multi_modal_projector":
+            if rest[0] in ("linear_1", "linear_2"):
+                rest[:1] = ["mlp", "0" if rest[0] == "linear_1" else "2"]
+            return "visual.merger." + ".".join(rest)
         if head == "language_model":
             return "lm_head.weight" if rest[0] == "lm_head" else "model." + ".".join(rest)
         raise KeyError(f"no Hugging Face name for {path}")

@@ -3,23 +3,29 @@
 Arithmetic follows transformers exactly: Conv3d patch embedding (patch 14, temporal patch 2; an
 image is two identical frames) written as a ``Linear`` over the flattened patch; ViT blocks with
 RMSNorm, fused biased qkv, 2D rotary embeddings and a biased SwiGLU MLP; window attention on every
-block except ``fullatt_block_indexes``; the 2×2 patch merger.
+block except ``fullatt_block_indexes``. The 2×2 patch merger (``PatchMerger``) is the model's
+projector (``qwen2_5_vl.Qwen25VL.multi_modal_projector``): like LLaVA's, it trains while the tower
+stays frozen.
 
 **Layout.** transformers permutes the merged 2×2 units into attention windows
-(``window_size`` px = ``window_units`` merged units a side, 4×4 = 64 patches at 112 px), runs
+(``window_size`` px = ``window_units`` merged units a side, 4×4 units = 64 patches at 112 px), runs
 each window as its own ``cu_seqlens`` chunk, and restores the order after the merger. Here the
-permutation is the same, but every window gets a fixed ``window_slots`` slots (its units in
-transformers' order, then padding), so window attention is one batched ``[windows, slots, slots]``
-block attention and full attention is one segment mask (same frame ↔ attend): no per-window loops,
-and only the number of windows decides the shapes. ``vision_inputs`` computes the layout on the
-host from ``image_grid_thw``.
+permutation is the same and the windows are packed back to back (a partial window at an image edge
+takes only its own patches), so the slots hold exactly the images' patches, then padding. Window
+attention runs over fixed *chunks* of ``window_slots`` slots: a window never spans more than two
+consecutive chunks, so each chunk's queries attend to the keys of the chunk before, the chunk
+itself and the chunk after (``[chunks, 64, 192]``), masked to their own window. Full attention is
+one segment mask (same frame ↔ attend). No per-window loops; only the chunk count decides the
+shapes. ``vision_inputs`` computes the layout on the host from ``image_grid_thw``.
 
-**Buckets and compilations.** The window count is padded up to the next entry of
-``WINDOW_BUCKETS`` (powers of two and their 1.5×: 1, 2, 3, 4, 6, 8, 12, …), so the tower compiles
-once per bucket used, never per image size: at most 14 programs for images up to 128 windows
-(RLAIF-V's ``max_pixels = 1280·28·28`` gives ≤ 1280 merged tokens, ~80–100 windows), usually 2–3
-for a dataset resized near ``max_pixels``. Padding costs ≤ 1.5× in the window blocks and ≤ 2.25×
-in the (few) full-attention blocks. Padding slots attend only to padding and are never gathered.
+**Buckets and compilations.** The chunk count (``⌈patches / 64⌉``) is padded up to the next entry of
+``CHUNK_BUCKETS`` (powers of two and their 1.5×: 1, 2, 3, 4, 6, 8, 12, …), so the tower compiles
+once per bucket used, never per image size: at most 14 programs for images up to 128 chunks
+(8192 patches; RLAIF-V's ``max_pixels = 1280·28·28`` gives ≤ 5120 patches = 80 chunks), usually
+2–3 for a dataset resized near ``max_pixels`` (images of 65–96 chunks share the 96-chunk program).
+Padding costs ≤ 1.5× in the linear layers and ≤ 2.25× in the (few) full-attention blocks; a fixed
+``chunks=`` (DPO batches: every image of a run padded alike) gives one program. Padding slots attend
+only to padding and are never gathered.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from flax import nnx
 from rlaifv_jax.models.layers import Linear, RMSNorm, activation, dot_product_attention
 from rlaifv_jax.models.llama import MLP, apply_rope
 
-WINDOW_BUCKETS: tuple[int, ...] = tuple(sorted({b for k in range(11) for b in (2 ** k, 3 * 2 ** k // 2)}))
+CHUNK_BUCKETS: tuple[int, ...] = tuple(sorted({b for k in range(11) for b in (2 ** k, 3 * 2 ** k // 2)}))
 _EPS = 1e-6  # transformers hard-codes the vision RMSNorm epsilon
 
 
@@ -109,6 +115,9 @@ class QwenVisionConfig:
 
 
 # ----------------------------------------------------------------------------- host-side layout
+LAYOUT_KEYS: tuple[str, ...] = ("slots", "positions", "segments", "windows", "order")  # besides pixel_values
+
+
 def _grid(image_grid_thw: Any) -> np.ndarray:
     grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
     if grid.size == 0 or np.any(grid < 1):
@@ -122,25 +131,32 @@ def num_windows(image_grid_thw: Any, config: QwenVisionConfig) -> int:
     return int(sum(t * -(-(h // m) // u) * -(-(w // m) // u) for t, h, w in _grid(image_grid_thw)))
 
 
-def bucket(windows: int, buckets: Sequence[int] = WINDOW_BUCKETS) -> int:
-    """The smallest bucket ≥ ``windows`` (beyond the largest: the next multiple of it)."""
+def num_chunks(image_grid_thw: Any, config: QwenVisionConfig) -> int:
+    """Chunks of ``window_slots`` slots the images' patches fill (before bucketing)."""
+    return -(-int(np.sum(np.prod(_grid(image_grid_thw), axis=1))) // config.window_slots)
+
+
+def bucket(chunks: int, buckets: Sequence[int] = CHUNK_BUCKETS) -> int:
+    """The smallest bucket ≥ ``chunks`` (beyond the largest: the next multiple of it)."""
     for b in sorted(buckets):
-        if b >= windows:
+        if b >= chunks:
             return b
     top = max(buckets)
-    return -(-windows // top) * top
+    return -(-chunks // top) * top
 
 
 def vision_inputs(pixel_values: Any, image_grid_thw: Any, config: QwenVisionConfig,
-                  buckets: Sequence[int] = WINDOW_BUCKETS) -> dict[str, Any]:
-    """The tower's bucket-padded inputs for processor output ``pixel_values [patches, patch_dim]``
-    and ``image_grid_thw [images, 3]`` (several images: rows concatenated in placeholder order).
+                  buckets: Sequence[int] = CHUNK_BUCKETS, chunks: int | None = None) -> dict[str, Any]:
+    """The tower's padded inputs for processor output ``pixel_values [patches, patch_dim]`` and
+    ``image_grid_thw [images, 3]`` (several images: rows concatenated in placeholder order).
 
-    Returns arrays of ``S = bucket(windows) · window_slots`` slots: ``pixel_values [S, patch_dim]``
-    (the rows, zero-padded; NumPy or jax as given), ``slots [S]`` (the row each slot reads),
-    ``positions [S, 2]`` (the patch's (row, col) for the 2D rotary), ``segments [S]`` (frame id,
-    -1 for padding) and ``order [S / merge²]`` (the merged slot of each image token, in placeholder
-    order, then padding). Windows and their unit order are transformers' ``get_vision_window_index``.
+    Returns arrays of ``S = C · window_slots`` slots, ``C = bucket(num_chunks)`` or the given
+    ``chunks`` (``ValueError`` if the images need more): ``pixel_values [S, patch_dim]`` (the rows,
+    zero-padded; NumPy or jax as given), ``slots [S]`` (the row each slot reads), ``positions [S, 2]``
+    (the patch's (row, col) for the 2D rotary), ``segments [S]`` (frame id), ``windows [S]``
+    (attention window id; both -1 for padding) and ``order [S / merge²]`` (the merged slot of each
+    image token, in placeholder order, then padding). Windows and their unit order are
+    transformers' ``get_vision_window_index``, packed without padding.
     """
     grid = _grid(image_grid_thw)
     m, u = config.spatial_merge_size, config.window_units
@@ -150,22 +166,30 @@ def vision_inputs(pixel_values: Any, image_grid_thw: Any, config: QwenVisionConf
         raise ValueError(f"pixel_values of shape {tuple(np.shape(pixel_values))} do not match image_grid_thw "
                          f"{grid.tolist()}: expected [{rows}, {config.patch_dim}] (the Qwen2-VL image processor's "
                          "flattened patches)")
-    windows, coords, frames = [], [], []
-    merged = frame = 0
+    units, window_ids, coords, frames = [], [], [], []
+    merged = frame = window = 0
     for t, h, w in grid:
         hm, wm = h // m, w // m
         nh, nw = -(-hm // u), -(-wm // u)
         index = np.full((t, nh * u, nw * u), -1, np.int64)
         index[:, :hm, :wm] = merged + np.arange(t * hm * wm).reshape(t, hm, wm)
         blocks = index.reshape(t, nh, u, nw, u).transpose(0, 1, 3, 2, 4).reshape(-1, u * u)
-        windows.append(np.take_along_axis(blocks, np.argsort(blocks < 0, axis=1, kind="stable"), axis=1))
+        real = blocks >= 0
+        units.append(blocks[real])  # window by window, each window's units in row-major order
+        window_ids.append(np.broadcast_to(window + np.arange(len(blocks))[:, None], blocks.shape)[real])
         tt, yy, xx = np.meshgrid(np.arange(t), np.arange(hm), np.arange(wm), indexing="ij")
         coords.append(np.stack([yy, xx], -1).reshape(-1, 2))
         frames.append(frame + tt.reshape(-1))
-        merged, frame = merged + t * hm * wm, frame + t
-    units = np.concatenate(windows)  # [windows, u*u] global merged unit (-1: padding)
-    total = bucket(len(units), buckets)
-    units = np.concatenate([units, np.full((total - len(units), u * u), -1, np.int64)]).reshape(-1)
+        merged, frame, window = merged + t * hm * wm, frame + t, window + len(blocks)
+    need = num_chunks(grid, config)
+    total = bucket(need, buckets) if chunks is None else int(chunks)
+    if total < need:
+        raise ValueError(f"images of {rows} patches need {need} chunks of {config.window_slots} slots; "
+                         f"only {total} were given")
+    per_chunk = config.window_slots // unit
+    pad = total * per_chunk - merged
+    units = np.concatenate(units + [np.full(pad, -1, np.int64)])  # [units] global merged unit, -1: padding
+    window_ids = np.concatenate(window_ids + [np.full(pad, -1, np.int64)])
     coords, frames = np.concatenate(coords), np.concatenate(frames)
     real = units >= 0
     safe = np.where(real, units, 0)
@@ -173,16 +197,17 @@ def vision_inputs(pixel_values: Any, image_grid_thw: Any, config: QwenVisionConf
     positions = coords[safe][:, None, :] * m + sub[None]  # [units, merge², 2]
     order = np.zeros(len(units), np.int32)
     order[units[real]] = np.flatnonzero(real)
-    pad = total * config.window_slots - rows
+    slot_pad = total * config.window_slots - rows
     if isinstance(pixel_values, jax.Array):
-        px = jnp.pad(pixel_values, ((0, pad), (0, 0)))
+        px = jnp.pad(pixel_values, ((0, slot_pad), (0, 0)))
     else:
-        px = np.pad(np.asarray(pixel_values, np.float32), ((0, pad), (0, 0)))
+        px = np.pad(np.asarray(pixel_values, np.float32), ((0, slot_pad), (0, 0)))
     return {
         "pixel_values": px,
         "slots": (safe[:, None] * unit + np.arange(unit)[None]).reshape(-1).astype(np.int32),
         "positions": positions.reshape(-1, 2).astype(np.int32),
         "segments": np.repeat(np.where(real, frames[safe], -1), unit).astype(np.int32),
+        "windows": np.repeat(window_ids, unit).astype(np.int32),
         "order": order,
     }
 
@@ -219,13 +244,24 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear((d,), (3, h, hd), in_axes=("embed",), out_axes=(None, "heads", "head_dim"), **kw)
         self.proj = Linear((h, hd), (d,), in_axes=("heads", "head_dim"), out_axes=("embed",), **kw)
 
-    def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
-        """``x [B, T, D]`` (B windows of T slots, or 1 × all slots), ``angles [B, T, hd/2]``, ``mask [B, T, T]``."""
+    def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array, neighbors: bool = False) -> jax.Array:
+        """``x [B, T, D]`` (B chunks of T slots, or 1 × all slots), ``angles [B, T, hd/2]``; ``mask
+        [B, T, T]``, or with ``neighbors`` ``[B, T, 3T]``: each chunk attends to the keys of the chunk
+        before, itself and the chunk after (``chunk_neighbors``)."""
         qkv = self.qkv(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = rotate(q.astype(jnp.float32), angles).astype(v.dtype)
         k = rotate(k.astype(jnp.float32), angles).astype(v.dtype)
+        if neighbors:
+            k, v = chunk_neighbors(k, 0), chunk_neighbors(v, 0)
         return self.proj(dot_product_attention(q, k, v, mask))
+
+
+def chunk_neighbors(x: jax.Array, fill: Any) -> jax.Array:
+    """``x [C, T, ...]`` → ``[C, 3T, ...]``: chunk c's previous chunk, itself and its next chunk
+    (``fill`` beyond the ends)."""
+    padded = jnp.pad(x, [(1, 1)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
 
 
 class VisionBlock(nnx.Module):
@@ -236,8 +272,8 @@ class VisionBlock(nnx.Module):
         self.norm2 = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, angles, mask):
-        x = x + self.attn(self.norm1(x), angles, mask)
+    def __call__(self, x, angles, mask, neighbors=False):
+        x = x + self.attn(self.norm1(x), angles, mask, neighbors)
         return x + self.mlp(self.norm2(x))
 
 
@@ -259,8 +295,8 @@ class PatchMerger(nnx.Module):
 
 
 class QwenVision(nnx.Module):
-    """The tower: ``vision_inputs`` arrays → merged features ``[S / merge², out_hidden_size]`` in
-    placeholder order (the first ``Σ t·h·w / merge²`` rows are the images' tokens)."""
+    """The tower up to the merger: ``vision_inputs`` arrays → patch features ``[S, hidden_size]`` in
+    slot order (``PatchMerger`` then merges each 2×2 unit, ``order`` restores placeholder order)."""
 
     def __init__(self, config: QwenVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -269,7 +305,6 @@ class QwenVision(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.patch_embed = PatchEmbed(config, **kw)
         self.blocks = nnx.List([VisionBlock(config, **kw) for _ in range(config.depth)])
-        self.merger = PatchMerger(config, **kw)
 
     def rope_angles(self, positions: jax.Array) -> jax.Array:
         """``[S, head_dim/2]`` angles: row frequencies then column frequencies (axial 2D rotary)."""
@@ -281,20 +316,20 @@ class QwenVision(nnx.Module):
     def __call__(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
         c = self.config
         slots = jnp.asarray(inputs["slots"])
-        n, win = slots.shape[0], c.window_slots
+        n, chunk = slots.shape[0], c.window_slots
         x = self.patch_embed(jnp.take(jnp.asarray(inputs["pixel_values"]), slots, axis=0).astype(self.dtype))
         angles = self.rope_angles(jnp.asarray(inputs["positions"]))
         seg = jnp.asarray(inputs["segments"])
         full_mask = (seg[:, None] == seg[None, :])[None]
-        seg_w = seg.reshape(-1, win)
-        window_mask = seg_w[:, :, None] == seg_w[:, None, :]
+        win = jnp.asarray(inputs["windows"]).reshape(-1, chunk)
+        window_mask = win[:, :, None] == chunk_neighbors(win, -2)[:, None, :]  # -2: beyond the ends
         for i, block in enumerate(self.blocks):
             if i in c.fullatt_block_indexes:
                 x = block(x[None], angles[None], full_mask)[0]
             else:
-                x = block(x.reshape(-1, win, x.shape[-1]), angles.reshape(-1, win, angles.shape[-1]),
-                          window_mask).reshape(n, -1)
-        return jnp.take(self.merger(x), jnp.asarray(inputs["order"]), axis=0)
+                x = block(x.reshape(-1, chunk, x.shape[-1]), angles.reshape(-1, chunk, angles.shape[-1]),
+                          window_mask, True).reshape(n, -1)
+        return x
 
 
 def num_image_tokens(image_grid_thw: Any, config: QwenVisionConfig) -> int:
@@ -302,5 +337,5 @@ def num_image_tokens(image_grid_thw: Any, config: QwenVisionConfig) -> int:
     return int(np.sum(np.prod(_grid(image_grid_thw), axis=1))) // config.spatial_merge_size ** 2
 
 
-__all__ = ["QwenVision", "QwenVisionConfig", "WINDOW_BUCKETS", "bucket", "num_image_tokens", "num_windows",
-           "vision_inputs"]
+__all__ = ["CHUNK_BUCKETS", "LAYOUT_KEYS", "PatchMerger", "QwenVision", "QwenVisionConfig", "bucket", "num_chunks",
+           "num_image_tokens", "num_windows", "vision_inputs"]

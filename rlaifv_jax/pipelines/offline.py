@@ -16,9 +16,10 @@ import logging
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
-from rlaifv_jax.core import paths, sharding
+from rlaifv_jax.core import paths, records, sharding
 from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.core.workdir import check_or_save_config
 from rlaifv_jax.data.rlaifv_dataset import (DatasetFileError, PreferenceRecord, SkipRecord, data_files, iter_rows,
@@ -98,6 +99,16 @@ def read_pairs(data: list[str], max_pairs: int = 0) -> tuple[list[PreferenceReco
     return records, skipped, named
 
 
+def reopen_stage(stage_dir: str, keys: set[str]) -> None:
+    """A finished stage whose records miss some of ``keys`` (the data file was edited since) is
+    reopened: this process's completion marker is removed, so the stage computes only the missing
+    keys; records of pairs no longer in the data stay on disk and are ignored by the caller."""
+    marker = os.path.join(stage_dir, records.marker_name(jax.process_index()))
+    if paths.exists(marker) and not keys <= records.existing_keys(stage_dir):
+        log.info("%s: the data changed; computing the new pairs only", stage_dir)
+        paths.remove(marker)
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     """Offline DPO (see module docstring). Returns a summary dict (also printed)."""
     spec = offline_spec(config)  # every field, path and checkpoint config checked: nothing written yet
@@ -116,14 +127,18 @@ def run(config, workdir: str) -> dict[str, Any]:
     paths.atomic_write_text(os.path.join(workdir, "data_report.json"), json.dumps(
         {"pairs": len(keyed), "skipped": dict(skipped), "skipped_rows": named}, indent=1))
     progress = spec.progress
+    reopen_stage(os.path.join(workdir, "encoded"), set(keyed))
     encoded = encode.run(os.path.join(workdir, "encoded"), [
         {"key": k, "image_key": k, "question": r.question, "chosen": r.chosen, "rejected": r.rejected}
-        for k, r in keyed.items()], spec.policy, max_length=spec.dpo.max_length, progress=progress)
+        for k, r in keyed.items()], spec.policy, max_length=spec.dpo.max_length, progress=progress,
+        image_of=lambda key: np.asarray(open_image(keyed[key].image)))
+    encoded = [e for e in encoded if e["key"] in keyed]  # records of edited-away pairs are ignored
     usable = [e for e in encoded if "prompt_ids" in e]
     if not usable:
         raise InputError(f"data.path: none of the {len(encoded)} pairs fits data.max_length={spec.dpo.max_length} "
                          "tokens (prompt + image + the longer answer); raise data.max_length")
     image = lambda key: np.asarray(open_image(keyed[key].image))  # noqa: E731
+    reopen_stage(os.path.join(workdir, "ref_logps"), {e["key"] for e in usable})
     refs = {r["key"]: r for r in ref.run(os.path.join(workdir, "ref_logps"), usable, image, spec.policy,
                                          batch_size=spec.ref_batch_size, max_length=spec.dpo.max_length,
                                          mesh=sharding.serve_mesh(), progress=progress)}

@@ -15,8 +15,7 @@ import ml_collections
 
 from rlaifv_jax.core import distributed, sharding
 from rlaifv_jax.core.workdir import check_or_save_config
-from rlaifv_jax.models import hf
-from rlaifv_jax.pipelines import inputs as inputs_lib
+from rlaifv_jax.pipelines import export, inputs as inputs_lib
 from rlaifv_jax.pipelines.report import write_report
 from rlaifv_jax.pipelines.summary import Summary
 from rlaifv_jax.pipelines.validate import online_spec
@@ -67,7 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         encoded = encode.run(os.path.join(it, "encoded"), [
             {"key": p["pair_id"], "image_key": p["prompt_id"], "question": p["question"], "chosen": p["chosen"],
              "rejected": p["rejected"]} for p in chosen], policy_at(k), max_length=spec.dpo.max_length,
-            progress=progress)
+            progress=progress, image_of=image)
         by_key = {e["key"]: e for e in encoded if "prompt_ids" in e}
         usable = [by_key[p["pair_id"]] for p in chosen if p["pair_id"] in by_key]
         refs = {r["key"]: r for r in ref.run(os.path.join(it, "ref_logps"), usable, image, policy_at(k),
@@ -86,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                      "warnings": runner.stage_warnings([os.path.join(it, s) for s in STAGES]),
                      "wall_s": round(time.time() - t_start, 1)})
     with bundle.loaded(policy_at(spec.iterations), mesh) as final:
-        hf.save_pretrained(final.model, os.path.join(workdir, "export"), assets_from=spec.policy.path)
+        export.save(final.model, os.path.join(workdir, "export"), assets_from=spec.policy.path)
     if jax.process_index() == 0:
         write_report(workdir, summary.entries, inputs.prompt_report)
     return summary.entries

@@ -43,20 +43,50 @@ def plot(entries: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+# A lower CHAIR only counts as a reduction when the captions still say about as much: a policy that
+# stops talking (or names far fewer true objects) hallucinates less by saying less.
+COLLAPSE = 0.5  # flagged when mentions per caption or recall fall below this fraction of iteration 0
+
+
+def collapse(first: dict[str, Any], last: dict[str, Any]) -> list[str]:
+    """Why ``last`` cannot be compared with ``first`` as a hallucination reduction (empty: it can)."""
+    reasons = []
+
+    def per_caption(e):
+        return e["n_mentions"] / e["n_responses"] if e.get("n_responses") and e.get("n_mentions") is not None else None
+
+    a, b = per_caption(first), per_caption(last)
+    if a and b is not None and b < COLLAPSE * a:
+        reasons.append(f"captions collapsed: {a:.2f} -> {b:.2f} object mentions per caption")
+    if first.get("recall") and last.get("recall") is not None and last["recall"] < COLLAPSE * first["recall"]:
+        reasons.append(f"recall collapsed: {first['recall']:.1%} -> {last['recall']:.1%}")
+    if any(last.get(k) is None for k in ("chair_mention", "recall")):
+        reasons.append("the last evaluation has no CHAIR / recall value")
+    return reasons
+
+
 def write_report(workdir: str, entries: list[dict[str, Any]], prompt_report: dict[str, Any] | None) -> None:
     """Print the table (and the prompt-file problems) and write ``report.json`` + ``hallucination.png``."""
     print("\nRLAIF-V summary (" + os.path.join(workdir, "summary.json") + ")")
     print(table(entries))
+    verdict = None
     if entries and entries[0].get("chair_mention") is not None:
-        plot(entries, os.path.join(workdir, "hallucination.png"))
         first, last = entries[0], entries[-1]
-        if first["chair_mention"]:
+        reasons = collapse(first, last)
+        if all(e.get(k) is not None for e in entries for k in ("chair_mention", "chair_response", "recall")):
+            plot(entries, os.path.join(workdir, "hallucination.png"))
+        if reasons:
+            verdict = {"reduction": None, "flags": reasons}
+            print("no hallucination reduction is claimed: " + "; ".join(reasons))
+        elif first["chair_mention"]:
+            verdict = {"reduction": 1 - last["chair_mention"] / first["chair_mention"], "flags": []}
             print(f"mention-level CHAIR {first['chair_mention']:.1%} -> {last['chair_mention']:.1%} "
-                  f"({1 - last['chair_mention'] / first['chair_mention']:.0%} relative reduction); "
+                  f"({verdict['reduction']:.0%} relative reduction); "
                   f"recall {first['recall']:.1%} -> {last['recall']:.1%}")
     if prompt_report:
         print(f"prompt file {prompt_report['path']}: kept {prompt_report['kept']}, skipped {prompt_report['skipped']}")
         for line in prompt_report["problems"]:
             print("  " + line)
     atomic_write_text(os.path.join(workdir, "report.json"),
-                      json.dumps({"summary": entries, "prompt_file": prompt_report}, indent=2))
+                      json.dumps({"summary": entries, "verdict": verdict, "prompt_file": prompt_report}, indent=2,
+                                 allow_nan=False))

@@ -3,12 +3,28 @@ atomically, plus the numeric fields as TensorBoard scalars under ``workdir/tenso
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from typing import Any
 
 import jax
 
 from rlaifv_jax.core import records
+
+log = logging.getLogger(__name__)
+
+
+def finite(value: Any, where: str = "") -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN), each one logged."""
+    if isinstance(value, dict):
+        return {k: finite(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        log.warning("summary: %s is %s; stored as null", where, value)
+        return None
+    return value
 
 
 class Summary:
@@ -21,14 +37,16 @@ class Summary:
                 self.entries = json.load(f)
 
     def put(self, entry: dict[str, Any]) -> None:
-        """Add (or replace) the entry of ``entry["iteration"]``; process 0 writes."""
+        """Add (or replace) the entry of ``entry["iteration"]``; process 0 writes (non-finite numbers
+        become null: the files are strict JSON)."""
+        entry = finite(entry)
         self.entries = [e for e in self.entries if e["iteration"] != entry["iteration"]] + [entry]
         self.entries.sort(key=lambda e: e["iteration"])
         if jax.process_index() != 0:
             return
-        records.atomic_write_text(self.path, json.dumps(self.entries, indent=2))
+        records.atomic_write_text(self.path, json.dumps(self.entries, indent=2, allow_nan=False))
         records.atomic_write_text(os.path.join(self.workdir, "summary.jsonl"),
-                                  "".join(json.dumps(e) + "\n" for e in self.entries))
+                                  "".join(json.dumps(e, allow_nan=False) + "\n" for e in self.entries))
         from tensorboardX import SummaryWriter
         with SummaryWriter(os.path.join(self.workdir, "tensorboard")) as tb:
             for key, value in entry.items():

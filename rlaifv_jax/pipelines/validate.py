@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from rlaifv_jax.core import paths
 from rlaifv_jax.core.errors import ConfigError, UserError
 from rlaifv_jax.data import toy_world
 from rlaifv_jax.data.rlaifv_dataset import DATA_SUFFIXES
@@ -131,7 +132,8 @@ class Problems:
         if not path:
             self.add(f"{field} is empty: give a local Hugging Face checkpoint directory")
             return None
-        if not os.path.isdir(path):
+        remote = paths.is_remote(path)
+        if not remote and not os.path.isdir(path):
             self.add(f"{field}={path!r} is not a directory")
             return None
         try:
@@ -141,10 +143,11 @@ class Problems:
             return None
         if multimodal and not arch.startswith(("Llava", "Qwen")):
             self.add(f"{field}={path!r}: {arch} is not a multimodal model")
-        if trainable and arch != "LlavaForConditionalGeneration":
+        if trainable and arch not in ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
             self.add(f"{field}={path!r}: {arch} cannot be the policy yet (DPO trains "
-                     "LlavaForConditionalGeneration; LLaVA-NeXT works as a labeler)")
-        if assets:
+                     "LlavaForConditionalGeneration and Qwen2_5_VLForConditionalGeneration; LLaVA-NeXT works as a "
+                     "labeler)")
+        if assets and not remote:
             if not any(os.path.exists(os.path.join(path, f)) for f in
                        ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
                 self.add(f"{field}={path!r} has no tokenizer (tokenizer.json / tokenizer_config.json)")
@@ -154,10 +157,12 @@ class Problems:
 
 
 def _image_tokens(problems: Problems, path: str) -> int | None:
-    """Image tokens per prompt of the Hugging Face LLaVA model at ``path`` (shapes only)."""
+    """Image tokens per prompt of the Hugging Face LLaVA model at ``path`` (shapes only); None when
+    the count depends on the image (Qwen2.5-VL: the encode stage counts pairs that do not fit)."""
     from rlaifv_jax.stages.bundle import abstract_model
     try:
-        return int(abstract_model(path).num_image_tokens())
+        model = abstract_model(path)
+        return None if hasattr(model, "vision_inputs") else int(model.num_image_tokens())
     except Exception as e:  # noqa: BLE001 - an unreadable/unsupported config is already reported
         problems.add(f"cannot build the model of {path!r} from its config.json ({type(e).__name__}: {e})")
         return None

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from rlaifv_jax.data import chat, toy_world
 from rlaifv_jax.engine.logps import answer_logps
 from rlaifv_jax.models import hf
+from rlaifv_jax.pipelines import export
 from rlaifv_jax.core.errors import NonFiniteError
 from rlaifv_jax.core.records import atomic_write_text
 
@@ -95,7 +96,7 @@ def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int,
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: sft_loss(nnx.merge(graphdef, p), batch))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, (loss, optax.global_norm(grads))
+        return optax.apply_updates(params, updates), opt_state, (loss, optax.tree.norm(grads))
 
     rng = np.random.default_rng(seed)
     n = len(examples["tokens"])
@@ -134,6 +135,7 @@ def warm_start(size: ml_collections.ConfigDict, opt: ml_collections.ConfigDict, 
     hf.save_pretrained(model, out_dir)
     tokenizer.save_pretrained(out_dir)
     image_processor(world).save_pretrained(out_dir)
+    export.write_processor(out_dir, out_dir)  # processor_config.json: AutoProcessor loads the directory
     atomic_write_text(os.path.join(out_dir, DONE), f'{{"final_loss": {losses[-1]:.4f}, "wall_s": {time.time() - t0:.1f}}}')
     log.info("warm start %s: %d steps, loss %.3f → %.3f in %.0f s", out_dir, opt.steps, losses[0],
              losses[-1], time.time() - t0)

@@ -17,6 +17,7 @@ from rlaifv_jax.core import sharding
 from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.core.tree import flat_values, unflat_values
 from rlaifv_jax.data import chat, prompts as prompts_lib
+from rlaifv_jax.engine.vision import layout_key
 from rlaifv_jax.models import hf
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,14 @@ class Bundle:
         return self.spec.template
 
     def prompt(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Sampler/labeler input for a prompt record: ids with the image placeholder expanded."""
+        """Sampler/labeler input for a prompt record: ids with the image placeholder expanded, pixels
+        and their layout (``image_sizes``, or ``image_grid_thw`` for Qwen2.5-VL)."""
         pixel_values, image_sizes = self.encode_image(record["image"])
         size = None if image_sizes is None else tuple(np.asarray(image_sizes)[0])
         ids = chat.encode_prompt(self.tokenizer, record["question"], self.model.num_image_tokens(size),
                                  image_token_id=self.model.config.image_token_id, template=self.template)
         return {"id": zlib.crc32(str(record["id"]).encode()), "input_ids": ids.tolist(),
-                "pixel_values": pixel_values, "image_sizes": image_sizes}
+                "pixel_values": pixel_values, layout_key(self.model): image_sizes}
 
     def stop_ids(self) -> list[int]:
         return [chat.end_of_turn_id(self.tokenizer, self.template)]
@@ -73,6 +75,10 @@ def tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def _text_only(image: np.ndarray):
+    raise ValueError("a text-only model was given an image")
+
+
 def pad_id(tok) -> int:
     """The id that pads token rows: the tokenizer's pad token, else EOS, else 0."""
     for candidate in (tok.pad_token_id, tok.eos_token_id):
@@ -86,6 +92,10 @@ def image_encoder(spec: ModelSpec) -> prompts_lib.ImageEncoder:
     if spec.toy:
         return prompts_lib.toy_image_encoder
     architecture, _ = hf.read_config(spec.path)
+    if not hasattr(hf.ARCHITECTURES[architecture][0], "image_features"):  # a text-only LLM (claims)
+        def no_images(image: np.ndarray) -> tuple[np.ndarray, Any]:
+            raise ValueError(f"{spec.path}: {architecture} is a text-only model; it reads no images")
+        return no_images
     return prompts_lib.hf_image_encoder(spec.path, architecture)
 
 
@@ -147,7 +157,8 @@ def load(spec: ModelSpec, mesh, rules: sharding.Rules = sharding.TRAIN_RULES) ->
                                shardings=lambda state: sharding.state_shardings(state, mesh, rules))
     if spec.checkpoint and spec.step:
         restore_params(model, spec.checkpoint, spec.step)
-    return Bundle(spec, model, tokenizer(spec.path), image_encoder(spec))
+    encoder = image_encoder(spec) if hasattr(model, "tile_features") else _text_only
+    return Bundle(spec, model, tokenizer(spec.path), encoder)
 
 
 @contextlib.contextmanager

@@ -12,26 +12,32 @@ from typing import Any, Callable
 import numpy as np
 
 from rlaifv_jax.data.rlaifv_dataset import PreferenceRecord, SkipRecord, pair_text_fn
+from rlaifv_jax.engine.logps import pair_image_arrays
 from rlaifv_jax.stages import bundle, runner
 
 ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def run(stage_dir: str, pairs: list[dict[str, Any]], policy: bundle.ModelSpec, *, max_length: int,
-        progress: bool, chunk_size: int = 256) -> list[dict[str, Any]]:
+        progress: bool, chunk_size: int = 256, image_of: Callable[[str], np.ndarray] | None = None
+        ) -> list[dict[str, Any]]:
     """``{"key", "image_key", "prompt_ids", "chosen_ids", "rejected_ids"}`` per pair (or a
-    ``too_long`` warning). ``pairs`` carry ``key``, ``image_key``, ``question``, ``chosen``, ``rejected``."""
+    ``too_long`` warning). ``pairs`` carry ``key``, ``image_key``, ``question``, ``chosen``, ``rejected``;
+    ``image_of(image_key)`` (the RGB image) is needed when the policy's image token count depends on
+    the image (Qwen2.5-VL)."""
 
     @contextlib.contextmanager
     def open_fn():
         model = bundle.abstract_model(policy.path)  # the architecture only: no weights are read
-        text_fn = pair_text_fn(bundle.tokenizer(policy.path), image_token_count=model.num_image_tokens(),
-                               image_token_id=model.config.image_token_id, max_length=max_length,
-                               template=policy.template)
+        tokenizer = bundle.tokenizer(policy.path)
+        count = _image_token_count(model, policy, image_of)
 
         def fn(chunk):
             out = []
             for p in chunk:
+                text_fn = pair_text_fn(tokenizer, image_token_count=count(p["image_key"]),
+                                       image_token_id=model.config.image_token_id, max_length=max_length,
+                                       template=policy.template)
                 try:
                     ids = text_fn(PreferenceRecord(p["question"], p["chosen"], p["rejected"], b"", source=p["key"]))
                 except SkipRecord as skip:
@@ -42,6 +48,21 @@ def run(stage_dir: str, pairs: list[dict[str, Any]], policy: bundle.ModelSpec, *
         yield fn
 
     return runner.run(stage_dir, pairs, open_fn, chunk_size=chunk_size, desc="encode", progress=progress)
+
+
+def _image_token_count(model, policy: bundle.ModelSpec, image_of: Callable[[str], np.ndarray] | None
+                       ) -> Callable[[str], int]:
+    """``image_key -> image tokens`` of the policy: a constant, or (Qwen2.5-VL) the count of each
+    image's layout from the policy's image encoder."""
+    try:
+        fixed = model.num_image_tokens()
+        return lambda key: fixed
+    except ValueError:  # the count depends on the image
+        pass
+    if image_of is None:
+        raise ValueError(f"{policy.path}: the image token count depends on the image; encode.run needs image_of")
+    encoder = bundle.image_encoder(policy)
+    return lambda key: int(model.num_image_tokens(tuple(np.asarray(encoder(image_of(key))[1])[0])))
 
 
 def example(record: dict[str, Any], pixel_values: np.ndarray, *, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -67,7 +88,14 @@ def example(record: dict[str, Any], pixel_values: np.ndarray, *, max_length: int
 
 def example_fn(image_of: Callable[[str], np.ndarray], b: "bundle.Bundle", max_length: int
                ) -> Callable[[dict[str, Any]], dict[str, np.ndarray]]:
-    """``example`` with the pair's pixels from ``image_of(image_key)`` through the bundle's encoder."""
+    """``example`` with the pair's pixels from ``image_of(image_key)`` through the bundle's encoder
+    (Qwen2.5-VL: plus its tower layout and positions, ``engine.logps.pair_image_arrays``)."""
     pad_id = bundle.pad_id(b.tokenizer)
-    return lambda rec: example(rec, b.encode_image(image_of(rec["image_key"]))[0][0], max_length=max_length,
-                               pad_id=pad_id)
+    max_patches = getattr(b.encode_image, "max_patches", None)
+
+    def fn(rec: dict[str, Any]) -> dict[str, np.ndarray]:
+        pixel_values, layout = b.encode_image(image_of(rec["image_key"]))
+        image = pair_image_arrays(b.model, pixel_values, layout, rec["prompt_ids"], max_length, max_patches=max_patches)
+        return {**example(rec, image.pop("pixel_values"), max_length=max_length, pad_id=pad_id), **image}
+
+    return fn

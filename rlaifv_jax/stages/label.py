@@ -10,6 +10,7 @@ import numpy as np
 
 from rlaifv_jax.core import sharding
 from rlaifv_jax.engine.score import Labeler
+from rlaifv_jax.engine.vision import layout_key
 from rlaifv_jax.feedback.claims import ClaimResult
 from rlaifv_jax.stages import bundle, runner
 
@@ -39,7 +40,7 @@ def run(stage_dir: str, claims: list[dict[str, Any]], image_of: Callable[[str], 
                     results = [ClaimResult.from_dict(c) for c in rec["claims"]]
                     pixel_values, image_sizes = b.encode_image(image_of(rec["key"]))
                     items.append({"questions": [q for c in results for q in c.questions],
-                                  "pixel_values": pixel_values, "image_sizes": image_sizes})
+                                  "pixel_values": pixel_values, layout_key(b.model): image_sizes})
                     spans.append([len(c.questions) for c in results])
                 out = []
                 for per_prompt, counts in zip(scorer.score(items), spans):

@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import jax
 from jax.experimental import multihost_utils
 
-from rlaifv_jax.core import records
+from rlaifv_jax.core import memory, records
 
 log = logging.getLogger(__name__)
 ChunkFn = Callable[[list[Any]], list[dict[str, Any]]]
@@ -38,6 +38,7 @@ def run(stage_dir: str, inputs: Sequence[Any], open_fn: Callable[[], ContextMana
             log.warning("%s: %s", desc, summary["warnings"])
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(stage_dir)
+    log.info("%s done; resident after it: %s", desc, memory.describe())
     return records.read_stage(stage_dir)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
@@ -139,6 +140,12 @@ def peak_flops_per_device() -> float | None:
     return hardware.CHIPS[generation].peak_bf16_flops if generation else None
 
 
+@jax.jit
+def _all_finite(params: dict[str, jax.Array]) -> jax.Array:
+    """Whether every parameter is finite (checked before each checkpoint)."""
+    return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params), True)
+
+
 def _batch_tokens(batch: dict[str, Any]) -> int:
     """Non-pad tokens of a (host's) batch: prompt + answer, for chosen and rejected."""
     start = np.asarray(batch["answer_start"], np.int64)
@@ -228,6 +235,11 @@ def train(model: nnx.Module, dataset: grain.MapDataset, cfg: TrainConfig, workdi
 
     def save(done: int, force: bool) -> bool:
         flush()
+        if (force or ckpt.should_save(done)) and not bool(_all_finite(state["params"])):
+            kept = ckpt.latest_step()
+            raise NonFiniteError(f"{desc}: non-finite parameters after step {done} of {total}; not saved (last good "
+                                 f"checkpoint: {f'step {kept}' if kept is not None else 'none'}). Lower the "
+                                 "learning rate, then use a new --workdir")
         metrics = None
         if cfg.best_metric:
             values = [r[cfg.best_metric] for r in since_save if cfg.best_metric in r]

@@ -1,0 +1,107 @@
+"""A tiny Qwen2.5-VL runs the online loop end to end with self-feedback: prompt file → sampling →
+claims (a tiny split/convert LLM) → labels → pairs → encoded → reference log-probs → DPO →
+checkpoint → export, which transformers loads and generates from.
+
+The claims LLM is a tiny Llama wired as a bigram machine (no attention or MLP output: the next
+token depends on the current one only): after ``ASSISTANT:`` it writes ``-``, then one of
+``w0..w7`` (equally likely, drawn from the sampler's per-message stream), then ``</s>``. So every
+response gets one claim whose word depends on the response, the labeler's verdicts differ between
+words (checked for this seed), and prompts get pairs to train on.
+"""
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration)
+
+import tiny_qwen
+from configs import default
+from rlaifv_jax.core import records
+from rlaifv_jax.pipelines import online
+
+SPLIT_WORDS = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:", "-"] + [f"w{i}" for i in range(60)]
+BRANCHES = 8  # claim words w0..w7
+
+
+def _bigram_splitter(path):
+    """A 1-layer Llama whose next token is a fixed function of the current one (see module docstring)."""
+    vocab = {w: i for i, w in enumerate(SPLIT_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
+    fast.save_pretrained(str(path))
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llm = LlamaForCausalLM(cfg).eval()
+    words = [f"w{i}" for i in range(BRANCHES)]
+    transitions = {"ASSISTANT:": ["-"], "-": words, **{w: ["</s>"] for w in words}}
+    with torch.no_grad():
+        layer = llm.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        llm.model.embed_tokens.weight.mul_(0.01)
+        llm.lm_head.weight.zero_()
+        for dim, (source, targets) in enumerate(transitions.items()):
+            llm.model.embed_tokens.weight[vocab[source]] = 0.0
+            llm.model.embed_tokens.weight[vocab[source], dim] = 1.0  # normed: sqrt(32) on its own axis
+            for target in targets:
+                llm.lm_head.weight[vocab[target], dim] = 4.0  # logit 4 * sqrt(32) ~ 23
+    llm.save_pretrained(str(path))
+
+
+def test_tiny_qwen_runs_the_online_loop_and_exports(tmp_path):
+    policy, splitter = tmp_path / "policy", tmp_path / "splitter"
+    # Weights 5x transformers' default scale: the labeler's verdicts then depend on the claim word
+    # (at 0.02 a tiny random model says "yes" or "no" to every question alike: no pairs).
+    initial = tiny_qwen.model(policy, seed=3, text=dict(initializer_range=0.1))
+    _bigram_splitter(splitter)
+    lines, images = [], {}
+    for i, (h, w) in enumerate([(40, 30), (60, 90), (100, 100)]):
+        images[f"p{i}"] = tiny_qwen.image(h, w, seed=10 + i)
+        Image.fromarray(images[f"p{i}"]).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"id": f"p{i}", "image_path": f"{i}.png", "question": "describe the image ."}))
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    c = default.get_config("smoke")
+    c.source, c.prompts.path, c.policy.path = "files", str(tmp_path / "prompts.jsonl"), str(policy)
+    c.policy.template = c.labeler.template = "chat"
+    c.claims.kind, c.claims.split_path = "llm", str(splitter)
+    c.iterations, c.progress, c.seed = 1, False, 0
+    c.sampling.num_samples, c.sampling.max_new_tokens, c.sampling.temperature = 4, 6, 1.0
+    c.pairs.balance_lengths = False
+    c.dpo.batch_size, c.dpo.max_length, c.dpo.learning_rate = 8, 96, 1e-2
+    workdir = tmp_path / "run"
+    summary = online.run(c, str(workdir))
+
+    assert [e["iteration"] for e in summary] == [0, 1] and summary[1]["pairs"] > 0
+    claims = records.read_stage(str(workdir / "iter_00" / "claims"))
+    assert {q for r in claims for cl in r["claims"] for q in cl["questions"]} <= {f"w{i}" for i in range(BRANCHES)}
+    for e in records.read_stage(str(workdir / "iter_00" / "encoded")):  # image tokens counted per image
+        grid = tiny_qwen.encode(images[e["image_key"]])[1]
+        assert sum(t == tiny_qwen.IMAGE for t in e["prompt_ids"]) == np.prod(grid) // 4
+    assert (workdir / "checkpoints" / "1").exists()
+
+    export = workdir / "export"
+    assert json.load(open(export / "config.json"))["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(export)).eval()
+    before, after = initial.state_dict(), back.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.visual.blocks"))  # frozen
+    assert not torch.equal(before["model.visual.merger.mlp.0.weight"], after["model.visual.merger.mlp.0.weight"])
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    tok = tiny_qwen.tokenizer()
+    px, grid = tiny_qwen.encode(tiny_qwen.image(60, 90, seed=11))
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = np.asarray([tok(text.replace("<|image_pad|>", "<|image_pad|>" * (int(np.prod(grid)) // 4)),
+                          add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = back.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px),
+                            image_grid_thw=torch.tensor(grid),
+                            mm_token_type_ids=torch.tensor((ids == tiny_qwen.IMAGE).astype(np.int64)),
+                            max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4) or out[0, -1] == tiny_qwen.IM_END

@@ -1,0 +1,79 @@
+"""A tiny random Qwen2.5-VL checkpoint built in code (no hub): model, ChatML tokenizer with Qwen's
+special tokens and chat template, and the image processor, for the engine and online-loop tests."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLImageProcessorPil)
+
+SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+WORDS = (["<unk>", "system", "user", "assistant", "You", "are", "a", "helpful", "assistant.", "describe", "the",
+          "image", ".", "yes", "Yes", "no", "No", "Please", "answer", "or", "-"] + [f"w{i}" for i in range(60)])
+VOCAB = {w: i for i, w in enumerate(WORDS + list(SPECIAL))}
+IMAGE, START, END = VOCAB["<|image_pad|>"], VOCAB["<|vision_start|>"], VOCAB["<|vision_end|>"]
+IM_END, EOS = VOCAB["<|im_end|>"], VOCAB["<|endoftext|>"]
+# Qwen2.5-VL's chat template (default system message; string content as is, list content with
+# {"type": "image"} rendered as <|vision_start|><|image_pad|><|vision_end|>).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEXT = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=None, eos_token_id=IM_END,
+            pad_token_id=EOS, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+# 56 px windows (2 x 2 merged units), block 1 of 3 attends fully.
+VISION = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, window_size=56,
+              fullatt_block_indexes=[1])
+MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 40
+
+
+def tokenizer(path=None) -> PreTrainedTokenizerFast:
+    """WordLevel over ``WORDS`` (whitespace split) with Qwen's special tokens and chat template."""
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=list(SPECIAL[1:]))
+    fast.chat_template = CHAT_TEMPLATE
+    if path is not None:
+        fast.save_pretrained(str(path))
+    return fast
+
+
+def processor(path=None) -> Qwen2VLImageProcessorPil:
+    proc = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    if path is not None:
+        proc.save_pretrained(str(path))
+    return proc
+
+
+def model(path, seed: int = 0, text: dict | None = None, **kw) -> Qwen2_5_VLForConditionalGeneration:
+    """A random transformers Qwen2.5-VL saved to ``path`` (the root-level size fields set as well as
+    the text-config ones; ``text`` overrides some) with tokenizer and image processor."""
+    torch.manual_seed(seed)
+    text = {**TEXT, **(text or {})}
+    root = {k: v for k, v in text.items() if k != "rope_parameters"}
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(VISION), image_token_id=IMAGE,
+                           vision_start_token_id=START, vision_end_token_id=END, **root, **kw)
+    ref = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    ref.generation_config.pad_token_id = EOS
+    ref.save_pretrained(str(path))
+    tokenizer(path)
+    processor(path)
+    return ref
+
+
+def image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A random RGB image ``[H, W, 3]`` uint8."""
+    return np.random.RandomState(seed).randint(0, 255, (height, width, 3)).astype(np.uint8)
+
+
+def encode(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixel_values, image_grid_thw)`` of the tiny processor."""
+    out = processor()(images=Image.fromarray(img), return_tensors="np")
+    return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"])
