@@ -1,4 +1,4 @@
-"""Forward-pass time of Qwen2.5-VL: our jitted forward vs transformers (``torch.no_grad``, eval), same
+"""Forward pass and sampler of Qwen2.5-VL: ours (jitted) vs transformers (``torch.no_grad``, eval), same
 weights, same CPU, one run.
 
 Model: a Qwen2.5-VL-shaped 48M-parameter model (text: 6 layers of width 512, GQA 8/4 heads,
@@ -6,9 +6,15 @@ M-RoPE sections 8/12/12; vision: 4 blocks of width 128, block 3 full attention, 
 windows, real patch 14 / merge 2). Input: one 448x672 px image (32x48 patches = 384 image tokens,
 24 windows: exactly a bucket) in a 420-token ChatML-like sequence. Output: logits for every
 position, vision tower included on both sides. Our timed call includes the host-side work
-(``vision_inputs`` layout, ``position_ids``); the program is compiled first. Run:
+(``vision_inputs`` layout, ``position_ids``); the program is compiled first.
 
-    python -m benchmarks.qwen_forward [--repeats 5]
+Sampler: ``engine.generate`` (one prefill, the n samples decode in one jitted ``while_loop`` over the
+shared prefix cache, host-side M-RoPE positions) vs transformers ``generate``, the same prompt:
+greedy (tokens compared: they must be identical) and RLAIF-V sampling (n = 10, temperature 0.7,
+top-k 50, ``num_return_sequences=10``), ``--new`` tokens each (transformers forced by
+``min_new_tokens``; ours counts the tokens it produced). Ours is compiled on a warm-up call. Run:
+
+    python -m benchmarks.qwen_forward [--repeats 5] [--new 64]
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from flax import nnx  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from rlaifv_jax.engine import generate  # noqa: E402
 from rlaifv_jax.models import hf, qwen_vision  # noqa: E402
 
 IMAGE, START, END = 31999, 31997, 31998
@@ -35,6 +42,7 @@ TEXT = dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidde
 VISION = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=512,
               window_size=112, fullatt_block_indexes=[3])
 GRID = (1, 32, 48)
+N, TEMPERATURE, TOP_K = 10, 0.7, 50
 
 
 def build(path: str):
@@ -51,6 +59,7 @@ def build(path: str):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new", type=int, default=64, help="new tokens per sample")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ref, ours, n_params = build(tmp)
@@ -85,6 +94,39 @@ def main():
     print("|---|---|---|")
     print(f"| transformers (no_grad, eval, {ref.config._attn_implementation}) | {t_hf * 1e3:.1f} | 1.00 |")
     print(f"| rlaifv_jax (jit) | {t_ours * 1e3:.1f} | {t_hf / t_ours:.2f} |")
+    sampler(ref, ours, ids, px, grid, kw, args)
+
+
+def sampler(ref, ours, ids, px, grid, hf_inputs, args):
+    """Greedy and n-sample decoding, ours vs transformers ``generate`` (see the module docstring)."""
+    prompt = [{"id": 0, "input_ids": ids[0].tolist(), "pixel_values": px, "image_grid_thw": grid}]
+    new, rows = args.new, {}
+    for name, n, sample in (("greedy", 1, {}), (f"{N} samples", N, dict(temperature=TEMPERATURE, top_k=TOP_K))):
+        kw = dict(num_samples=n, max_new_tokens=new, stop_token_ids=[END], progress=False, **sample)
+        generate.generate(ours, prompt, **kw)  # compile
+        made = []
+
+        def run_ours():
+            out = generate.generate(ours, prompt, seed=len(made), **kw)
+            made.append(out[0]["tokens"])
+
+        def run_hf():
+            with torch.no_grad():
+                hf_kw = dict(do_sample=True, num_return_sequences=n, **sample) if sample else dict(do_sample=False)
+                return ref.generate(**hf_inputs, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, **hf_kw)
+
+        times = common.median_times({"ours": run_ours, "hf": run_hf}, args.repeats)
+        if not sample:  # greedy: the same tokens
+            want = run_hf()[0, ids.shape[1]:].tolist()
+            assert made[-1][0] == want[:len(made[-1][0])], (made[-1][0], want)
+        rows[name] = (times["hf"], n * new / times["hf"], times["ours"],
+                      float(np.median([sum(map(len, m)) for m in made])) / times["ours"])
+    print(f"\nsampler: the same prompt, {new} new tokens per sample, median of {args.repeats}; greedy tokens identical; "
+          f"compiled {generate.compiled_programs()}")
+    print("| decoding | transformers s | tokens/s | rlaifv_jax s | tokens/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, (t_hf, hf_tps, t_ours, ours_tps) in rows.items():
+        print(f"| {name} | {t_hf:.2f} | {hf_tps:.0f} | {t_ours:.2f} | {ours_tps:.0f} | {ours_tps / hf_tps:.2f} |")
 
 
 if __name__ == "__main__":

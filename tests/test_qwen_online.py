@@ -74,7 +74,7 @@ def test_tiny_qwen_runs_the_online_loop_and_exports(tmp_path):
     c.iterations, c.progress, c.seed = 1, False, 0
     c.sampling.num_samples, c.sampling.max_new_tokens, c.sampling.temperature = 4, 6, 1.0
     c.pairs.balance_lengths = False
-    c.dpo.batch_size, c.dpo.max_length, c.dpo.learning_rate = 8, 96, 1e-2
+    c.dpo.batch_size, c.dpo.max_length, c.dpo.learning_rate, c.dpo.warmup_ratio = 8, 96, 1e-2, 0.0
     workdir = tmp_path / "run"
     summary = online.run(c, str(workdir))
 

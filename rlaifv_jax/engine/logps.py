@@ -184,15 +184,15 @@ def pair_image_arrays(model: nnx.Module, pixel_values: Any, layout: Any, prompt_
 
     LLaVA-1.5 (``pixel_values [1, C, H, W]`` of the image encoder): ``{"pixel_values": [C, H, W]}``.
     Qwen2.5-VL (``[patches, patch_dim]`` with ``layout = image_grid_thw [1, 3]``): the tower layout
-    padded to ``⌈max_patches / 64⌉`` chunks (the image processor's largest image; default ``4 ·
-    length`` patches, as many as the sequence could hold) as ``pixel_values`` and ``vision_*``
-    arrays, and ``positions [3, length]`` of ``prompt_ids`` (``model.position_ids``) continued by the
-    answer tokens at ``index + rope_delta``.
+    padded to ``⌈min(max_patches, 4 · length) / 64⌉`` chunks (the image processor's largest image,
+    at most as many patches as a sequence of ``length`` tokens could hold: every pair of a run has
+    the same shapes) as ``pixel_values`` and ``vision_*`` arrays, and ``positions [3, length]`` of
+    ``prompt_ids`` (``model.position_ids``) continued by the answer tokens at ``index + rope_delta``.
     """
     if not hasattr(model, "vision_inputs"):
         return {"pixel_values": np.asarray(pixel_values)[0]}
     vc = model.config.vision
-    chunks = -(-(max_patches or 4 * length) // vc.window_slots)
+    chunks = -(-min(max_patches or 4 * length, 4 * length) // vc.window_slots)
     inputs = model.vision_inputs(np.asarray(pixel_values, np.float32), layout, chunks=chunks)
     prompt = np.asarray(prompt_ids)[None]
     head, deltas = model.position_ids(prompt, None, layout)

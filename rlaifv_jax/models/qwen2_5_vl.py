@@ -259,10 +259,17 @@ class Qwen25VL(nnx.Module):
         # Llama's layers rotate by ``positions[..., None] * inv_freq``: unit positions, angle table.
         unit = jnp.ones(x.shape[:2], jnp.float32)
         mask = attention_mask(key_mask, x.shape[1], cache_index)
+        remat = getattr(lm, "remat", "none")  # set by training.step.DPOStep, as for Llama.forward_embeds
         new_cache = []
         for i, layer in enumerate(lm.layers):
-            x, kv = layer(x, unit, angles, mask, None if cache is None else cache[i], cache_index,
-                          None if prefix is None else (prefix[0][i], prefix[1]))
+            if remat != "none" and cache is None and prefix is None:  # teacher-forced passes only
+                policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                layer_def, layer_state = nnx.split(layer)
+                x, kv = jax.checkpoint(lambda st, *a: nnx.merge(layer_def, st)(*a), policy=policy)(
+                    layer_state, x, unit, angles, mask)
+            else:
+                x, kv = layer(x, unit, angles, mask, None if cache is None else cache[i], cache_index,
+                              None if prefix is None else (prefix[0][i], prefix[1]))
             new_cache.append(kv)
         return lm.norm(x), (None if cache is None else tuple(new_cache))
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from rlaifv_jax.core import jsonl, paths
 from rlaifv_jax.core.errors import InputError
+from rlaifv_jax.data.buckets import length_buckets
 from rlaifv_jax.data.rlaifv_dataset import make_pair_dataset
 from rlaifv_jax.stages import bundle, encode
 from rlaifv_jax.training import lora as lora_lib
@@ -61,8 +62,11 @@ def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str]
             examples = examples + [dict(examples[i % len(examples)], weight=0.0)
                                    for i in range(settings.batch_size - len(examples))]
         batch = settings.batch_size // jax.process_count()
+        # Each batch is cut to the length bucket of its longest pair (same batches, same results,
+        # far fewer padded positions); the step's LM head runs on the batch's answer window only.
         data = make_pair_dataset(examples, example_fn=encode.example_fn(image_of, b, settings.max_length),
-                                 batch_size=batch, seed=seed, num_epochs=settings.epochs)
+                                 batch_size=batch, seed=seed, num_epochs=settings.epochs,
+                                 buckets=length_buckets(settings.max_length))
         per_epoch = len(data) // settings.epochs
         cfg = dataclasses.replace(settings.train, save_every=max(1, per_epoch // max(settings.checkpoints_per_epoch, 1)))
         extra = {}

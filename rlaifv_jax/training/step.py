@@ -108,7 +108,7 @@ class LossConfig:
     sft_weight: float = 0.0
     average: bool = False
     grad_accum: int = 1  # micro-batches per optimizer step; the result equals the one big batch
-    answer_window: int | None = None  # if set, max answer tokens: the LM head runs on that window only
+    answer_window: int | None = None  # max answer tokens (LM head on that window only); None: automatic, the batch's longest answer, bucketed (exact)
     remat: str = "none"  # per decoder layer: "none", "full" (recompute the layer in the backward pass) or
     # "dots" (keep the matmul outputs, recompute the rest); less activation memory, more FLOPs
 

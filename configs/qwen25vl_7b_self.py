@@ -1,0 +1,57 @@
+"""Qwen2.5-VL-7B-Instruct labeling its own responses (self-feedback), METHOD.md hyper-parameters.
+
+python -m rlaifv_jax.main --config configs/qwen25vl_7b_self.py --workdir runs/qwen7b_self \
+  --config.policy.path=/ckpt/Qwen2.5-VL-7B-Instruct --config.prompts.path=/data/prompts.jsonl \
+  --config.claims.split_path=/ckpt/split-llama3-8b --config.claims.convert_path=/ckpt/convert-llama3-8b
+
+The checkpoint directory is the hub's (``config.json``, safetensors, tokenizer, ``preprocessor_config.json``).
+Its image processor decides the image tokens: ``max_pixels`` / (28·28) at most. Set ``"max_pixels":
+1003520`` (1280·28·28: ≤ 1280 image tokens, the usual fine-tuning setting) in ``preprocessor_config.json``
+before the run; the hub default (12845056: up to 16384 tokens) lets large images overflow
+``dpo.max_length`` (such pairs are counted as ``too_long`` and left out) and makes each DPO pair pad its
+image to ``4 · dpo.max_length`` patches. The vision tower compiles once per chunk bucket of 64 patches
+(images resized near ``max_pixels`` share 2–3 programs; see models/qwen_vision.py).
+Plan it without weights: ``python -m rlaifv_jax.plan --config configs/qwen25vl_7b_self.py
+--config.policy.path=configs/arch/qwen2.5-vl-7b-instruct --config.claims.split_path=configs/arch/llama-3-8b-instruct
+--topology v5p-8``.
+"""
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = default.get_config(None)
+    c.source = "files"  # prompts from a JSONL file, models from Hugging Face directories
+    c.iterations = 4  # the paper's 4 online iterations
+    c.prompts.path = ""  # JSONL: {"id", "image_path" | "image" (base64), "question"}
+    c.prompts.per_iteration = 4000  # ~4k prompts per iteration
+    c.policy.path = ""  # Qwen/Qwen2.5-VL-7B-Instruct, downloaded beforehand (see the module docstring)
+    c.policy.dtype = "bfloat16"  # compute dtype
+    c.policy.param_dtype = "float32"  # master weights: float32 so lr 5e-7 updates survive
+    c.policy.template = "chat"  # the tokenizer's ChatML template (default system message; the image as
+    # <|vision_start|><|image_pad|>…<|vision_end|> before the question, as Qwen's processor renders it)
+    c.sampling.num_samples = 10  # deconfounded: 10 responses per prompt, same settings, own streams
+    c.sampling.temperature = 0.7  # METHOD.md §2 (not Qwen's generation_config.json, which is near-greedy)
+    c.sampling.top_k = 50  # transformers' default, as the official code left it
+    c.sampling.top_p = 1.0  # off
+    c.sampling.repetition_penalty = 1.0  # off (OmniLMM used 1.1)
+    c.sampling.max_new_tokens = 512
+    c.sampling.batch_size = 8  # prompts per sampler call (each prompt's 10 rows share its prefix cache)
+    c.claims.kind = "llm"  # Llama-3-8B-Instruct (or the released split/convert fine-tunes)
+    c.claims.batch_size = 32  # prompts per claims shard
+    c.pairs.length_ratio = -1.0  # METHOD.md §4: search the length-balancing threshold
+    c.labeler.kind = "self"  # the initial policy labels its own samples (self-feedback)
+    c.labeler.template = "chat"  # yes/no read after "<|im_start|>assistant\n" (tokens "yes"/"Yes"/"no"/"No")
+    c.labeler.repetition_penalty = 1.0  # off (METHOD.md §3: the official code's 1.1/1.2 is an option)
+    c.labeler.batch_size = 64  # questions scored per batch against one cached image prefix
+    c.dpo.beta = 0.1
+    c.dpo.learning_rate = 5e-7  # METHOD.md §5 (full fine-tune of projector = 2x2 merger, and language model)
+    c.dpo.warmup_ratio = 0.05
+    c.dpo.weight_decay = 0.01
+    c.dpo.batch_size = 8  # global batch (pairs per optimizer step)
+    c.dpo.epochs = 4  # per iteration
+    c.dpo.max_length = 2048  # tokens per sequence (prompt + image + answer); longer pairs are counted, not cut
+    c.eval.max_new_tokens = 512  # (exact toy evaluation only; files-source runs report no CHAIR)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over every device
+    return c
