@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.max_grad_norm = 1.0
     c.dpo.batch_size = 16  # pairs per optimizer step
     c.dpo.grad_accum = 1  # micro-batches per step
-    c.dpo.epochs = 2
+    c.dpo.epochs = 4
     c.dpo.max_steps = 0  # cap on optimizer steps per iteration, for quick trials (0: all epochs)
     c.dpo.max_length = 128  # tokens per sequence (prompt + image + answer)
 
@@ -129,6 +129,6 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     c.warmstart.steps = 60
     c.sampling.num_samples = 4
     c.sampling.batch_size = 8
-    c.dpo.epochs = 2
+    c.dpo.epochs = 4
     c.dpo.batch_size = 8  # a multiple of 8 devices (tests run 8 fake CPU devices, also as 2 hosts x 4)
-    c.dpo.warmup_ratio = 0.0  # with 2 steps an iteration, warm-up would leave one step at learning rate 0
+    c.dpo.warmup_ratio = 0.0  # with 4 steps an iteration, warm-up would leave one step at learning rate 0

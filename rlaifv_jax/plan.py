@@ -11,7 +11,8 @@ Per program: peak HBM per chip (arguments + outputs - donated aliases + temporar
 ``memory_analysis``), FLOPs per chip and the compiler's time estimate (``cost_analysis``), implied
 MFU against the chip's peak bf16 FLOP/s, the HBM-roofline fraction of decode steps, the resident
 weights (+ optimizer state), and an estimated wall time per online iteration from the config's
-counts. Exits 1 when a stage does not fit, naming it and the knobs that help. See docs/PLAN.md.
+counts. Exits 1 when a stage does not fit, naming it and the knobs that help (``plan_report``).
+See docs/PLAN.md.
 """
 from __future__ import annotations
 
@@ -28,22 +29,13 @@ import ml_collections
 from flax import nnx
 
 from rlaifv_jax.core import aot, hardware, sharding as shd
-from rlaifv_jax.core.hardware import GIB
+from rlaifv_jax import plan_report
 from rlaifv_jax.engine import generate, logps, score, vision
 from rlaifv_jax.engine.logits import SamplingConfig
 from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING
 from rlaifv_jax.models import anyres, hf
 from rlaifv_jax.models.llava import Llava, LlavaNext
 from rlaifv_jax.training import step as dpo
-
-KNOBS = {
-    "train": ("a larger fsdp axis (--config.mesh.fsdp, or a bigger slice)", "a tensor axis (--config.mesh.tensor)",
-              "bf16 master weights (dpo.master_dtype=bfloat16)", "bf16 optimizer state (dpo.optimizer_state_dtype=bfloat16)",
-              "remat (dpo.remat=full)", "a smaller dpo.batch_size with dpo.grad_accum", "LoRA"),
-    "serve": ("a tensor axis (--config.mesh.tensor)", "bf16 weights (--config.policy.param_dtype=bfloat16)",
-              "a smaller batch (sampling.batch_size / labeler.batch_size)", "a bigger slice"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Assumptions:
@@ -264,93 +256,38 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, only: tuple[str, .
     return report(p, models)
 
 
-def iteration_times(stages: list[dict[str, Any]]) -> tuple[dict[str, float | None], float | None]:
+def iteration_times(stages: list[dict[str, Any]]) -> tuple[dict[str, float | None], float | None, list[str]]:
     """Seconds per online iteration by stage group (sample, claims, label, ...) and in all, from the
-    compiler's per-call estimates × calls; None where a program has no estimate (or does not fit)."""
+    compiler's per-call estimates × calls, and notes. A stage that does not fit counts as its fastest
+    fitting alternative (``dpo_step[remat=full]``), named in the notes; None where nothing is known."""
     times: dict[str, float | None] = {}
+    notes = []
     for s in stages:
         if s["variant"]:
             continue
-        group = s["name"].split("/")[0]
+        if not s["fits"]:
+            fitting = [v for v in stages if v["variant"] and v["fits"] and v["seconds"]
+                       and v["name"].startswith(s["name"] + "[")]
+            if fitting:
+                s = min(fitting, key=lambda v: v["seconds"])
+                notes.append(f"{s['name']} in place of {s['name'].split('[')[0]}, which does not fit")
+        group = s["name"].split("/")[0].split("[")[0]
         known = s["seconds"] is not None and times.get(group, 0.0) is not None
         times[group] = times.get(group, 0.0) + s["seconds"] * s["calls"] if known else None
-    return times, (None if not times or None in times.values() else sum(times.values()))
+    return times, (None if not times or None in times.values() else sum(times.values())), notes
 
 
 def report(p: Planner, models: dict[str, nnx.Module]) -> dict[str, Any]:
     """The JSON-able plan: slice, mesh, stages, counts, time per iteration (None when unknown)."""
     stages = [s.public() for s in p.stages]
-    times, total = iteration_times(stages)
+    times, total, notes = iteration_times(stages)
     return {"topology": p.topo.name, "xla_topology": p.topo.xla_topology, "chips": p.topo.chips,
             "hbm_per_chip": p.topo.hbm_bytes, "device_kind": str(p.mesh.devices.flat[0].device_kind),
             "mesh": dict(p.mesh.shape), "fits": all(s["fits"] for s in stages if not s["variant"]), "stages": stages,
-            "counts": p.counts, "iteration_seconds": times, "iteration_total_seconds": total,
+            "counts": p.counts, "iteration_seconds": times, "iteration_total_seconds": total, "iteration_notes": notes,
             "weights_per_chip_train_layout": {k: aot.per_chip_bytes(aot.sharded(nnx.state(m, nnx.Param), p.mesh,
                                                                                 shd.TRAIN_RULES))
                                               for k, m in models.items()}}
-
-
-# ----------------------------------------------------------------------------- output
-def _fmt(x: float | None, scale: float = 1.0) -> str:
-    """``x / scale`` to 3 significant digits ("-" for unknown)."""
-    if x is None:
-        return "-"
-    v = x / scale
-    return f"{v:.1f}" if abs(v) >= 100 else f"{v:.3g}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("h", 3600), ("min", 60), ("s", 1)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds * 1e3:.3g} ms"
-
-
-def format_report(r: dict[str, Any]) -> str:
-    """The human-readable table of a :func:`plan` report."""
-    hbm = r["hbm_per_chip"]
-    lines = [f"{r['topology']} ({r['xla_topology']}): {r['chips']} × {r['device_kind']}, "
-             f"{_fmt(hbm, GIB)} GiB HBM per chip, mesh {r['mesh']}",
-             f"{'stage':32} {'GiB/chip':>9} {'resident':>9} {'TFLOP/chip':>11} {'est. ms':>9} {'MFU':>6} "
-             f"{'HBM-roof':>8} {'tokens':>8} {'calls/iter':>11}  fits"]
-    for s in r["stages"]:
-        mark = "yes" if s["fits"] else "NO"
-        lines.append(f"{s['name'] + (' (alt)' if s['variant'] else ''):32} {_fmt(s['bytes_per_chip'], GIB):>9} "
-                     f"{_fmt(s['resident_bytes'], GIB):>9} {_fmt(s['flops_per_chip'], 1e12):>11} "
-                     f"{_fmt(s['seconds'], 1e-3):>9} {_pct(s['mfu']):>6} {_pct(s['hbm_roofline']):>8} "
-                     f"{s['tokens_per_step']:>8} {s['calls']:>11,.0f}  {mark}{'  ' + s['note'] if s['note'] else ''}")
-    times = r["iteration_seconds"]
-    if times and r["iteration_total_seconds"] is not None:
-        parts = ", ".join(f"{k} {_duration(v)}" for k, v in times.items())
-        lines.append(f"estimated wall time per online iteration: {_duration(r['iteration_total_seconds'])} ({parts}; "
-                     "compiler estimates, no host time, every response max_new_tokens long)")
-    elif times:
-        lines.append("no time estimate: " + ("a stage does not fit" if not r["fits"] else
-                                             "the compiler gives no time estimate on this platform"))
-    c = r["counts"]
-    lines.append(f"per iteration: {c['prompts']} prompts, {c['responses']} responses, "
-                 f"{c['questions_per_prompt']} questions per prompt, ≤ {c['pairs']} pairs, {c['dpo_steps']} DPO steps")
-    held = r["weights_per_chip_train_layout"]
-    lines.append("weights per chip (train layout): " + ", ".join(f"{k} {_fmt(v, GIB)} GiB" for k, v in held.items()))
-    return "\n".join(lines)
-
-
-def verdicts(r: dict[str, Any]) -> list[str]:
-    """One "does not fit" line per stage of the run that does not fit, with the knobs that help."""
-    out = []
-    for s in r["stages"]:
-        if s["fits"] or s["variant"]:
-            continue
-        hbm = _fmt(r["hbm_per_chip"], GIB)
-        need = f"more than {hbm}" if s["bytes_per_chip"] is None else _fmt(s["bytes_per_chip"], GIB)
-        out.append(f"does not fit: stage {s['name']} needs {need} GiB per chip, {r['topology']} has {hbm} GiB. "
-                   "Knobs that help: "
-                   + "; ".join(KNOBS[s["kind"]]))
-    return out
 
 
 def main(argv: list[str]) -> int:
@@ -382,11 +319,11 @@ def main(argv: list[str]) -> int:
     except (hardware.MissingLibtpu, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_report(r))
+    print(plan_report.format_report(r))
     if json_out.value:
         from rlaifv_jax.core.records import atomic_write_text
         atomic_write_text(json_out.value, json.dumps(r, indent=2))
-    lines = verdicts(r)
+    lines = plan_report.verdicts(r)
     for line in lines:
         print(line, file=sys.stderr)
     return 1 if lines else 0
