@@ -30,7 +30,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     spec = online_spec(config, workdir)
     distributed.writer_first(lambda: check_or_save_config(config, workdir), "config")
     mesh = sharding.make_mesh(*spec.mesh)  # training (DPO) over every device of every host
-    serve = sharding.serve_mesh()  # inference stages: each host its own devices, its own share
+    serve = sharding.serve_mesh(spec.mesh[2])  # inference: each host its own devices (split over tensor), its own share
     inputs = distributed.writer_first(
         lambda: inputs_lib.toy(config, workdir) if spec.toy else inputs_lib.prompt_file(config), "inputs")
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -84,7 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                      **dpo.summary(train_dir),
                      "warnings": runner.stage_warnings([os.path.join(it, s) for s in STAGES]),
                      "wall_s": round(time.time() - t_start, 1)})
-    with bundle.loaded(policy_at(spec.iterations), mesh) as final:
+    with bundle.loaded(policy_at(spec.iterations), mesh, training=True) as final:  # master weights, collectively
         export.save(final.model, os.path.join(workdir, "export"), assets_from=spec.policy.path)
     if jax.process_index() == 0:
         write_report(workdir, summary.entries, inputs.prompt_report)

@@ -150,10 +150,14 @@ def saved_steps(directory: str) -> list[int]:
         return ckpt.all_steps()
 
 
-def load(spec: ModelSpec, mesh, rules: sharding.Rules = sharding.TRAIN_RULES) -> Bundle:
-    """Load ``spec`` onto ``mesh`` (placed by ``rules``)."""
+def load(spec: ModelSpec, mesh, *, training: bool = False) -> Bundle:
+    """Load ``spec`` onto ``mesh``. For training: ``TRAIN_RULES`` (fsdp/tensor-sharded) and weights
+    in ``param_dtype`` (the master weights); for inference: the serving layout (``SERVE_RULES``:
+    replicated over ``data``, split over ``tensor``) and weights in the compute ``dtype``."""
     dtype = hf.parse_dtype(spec.dtype)
-    model = hf.load_pretrained(spec.path, dtype=dtype, param_dtype=hf.parse_dtype(spec.param_dtype or spec.dtype),
+    rules = sharding.TRAIN_RULES if training else sharding.SERVE_RULES
+    stored = spec.param_dtype if training and spec.param_dtype else spec.dtype
+    model = hf.load_pretrained(spec.path, dtype=dtype, param_dtype=hf.parse_dtype(stored),
                                shardings=lambda state: sharding.state_shardings(state, mesh, rules))
     if spec.checkpoint and spec.step:
         restore_params(model, spec.checkpoint, spec.step)
@@ -162,9 +166,9 @@ def load(spec: ModelSpec, mesh, rules: sharding.Rules = sharding.TRAIN_RULES) ->
 
 
 @contextlib.contextmanager
-def loaded(spec: ModelSpec, mesh, rules: sharding.Rules = sharding.TRAIN_RULES) -> Iterator[Bundle]:
+def loaded(spec: ModelSpec, mesh, *, training: bool = False) -> Iterator[Bundle]:
     """``load`` for the duration of a ``with`` block, freed on exit."""
-    bundle = load(spec, mesh, rules)
+    bundle = load(spec, mesh, training=training)
     try:
         yield bundle
     finally:

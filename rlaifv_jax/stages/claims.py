@@ -7,7 +7,6 @@ import dataclasses
 import zlib
 from typing import Any, Callable, Iterator
 
-from rlaifv_jax.core import sharding
 from rlaifv_jax.data import chat, toy_world
 from rlaifv_jax.engine.generate import generate
 from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING as DECODING, ClaimExtractor, LLMClaimExtractor
@@ -25,8 +24,7 @@ class ClaimSettings:
 
 
 def _llm(path: str, dtype: str, mesh, seed: int, stack: contextlib.ExitStack) -> Callable[[list[str]], list[str]]:
-    b = stack.enter_context(bundle.loaded(bundle.ModelSpec(path, template="chat", dtype=dtype), mesh,
-                                          sharding.SERVE_RULES))
+    b = stack.enter_context(bundle.loaded(bundle.ModelSpec(path, template="chat", dtype=dtype), mesh))
     stop = sorted({chat.end_of_turn_id(b.tokenizer, "chat"), int(b.tokenizer.eos_token_id)})
 
     def generate_text(messages: list[str]) -> list[str]:

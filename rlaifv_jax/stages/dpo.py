@@ -52,7 +52,7 @@ def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str]
     ``save_step(model, step)`` with every other kept checkpoint; free it. Returns ``{"steps",
     "resumed_from", "history", "exported_step", "kept_steps", "best_step", ...}``. With no examples
     the policy is saved unchanged."""
-    with bundle.loaded(policy, mesh) as b:
+    with bundle.loaded(policy, mesh, training=True) as b:
         if not examples:
             log.warning("%s: no preference pairs; the policy is unchanged", desc)
             save(b.model)

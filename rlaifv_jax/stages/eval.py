@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from rlaifv_jax.core import sharding
 from rlaifv_jax.data import toy_world
 from rlaifv_jax.data.chat import labeler_question
 from rlaifv_jax.engine.generate import generate
@@ -59,7 +58,7 @@ def run(stage_dir: str, policy: bundle.ModelSpec, records: list[dict[str, Any]],
         if world is None:
             yield lambda chunk: [dict(NO_GROUND_TRUTH)]
             return
-        with bundle.loaded(policy, mesh, sharding.SERVE_RULES) as b:
+        with bundle.loaded(policy, mesh) as b:
             yield lambda chunk: [evaluate(b, records, world, settings, mesh)]
 
     out = runner.run(stage_dir, [{"key": "eval"}], open_fn, chunk_size=1, desc="eval", progress=False)

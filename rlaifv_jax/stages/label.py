@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rlaifv_jax.core import sharding
 from rlaifv_jax.engine.score import Labeler
 from rlaifv_jax.engine.vision import layout_key
 from rlaifv_jax.feedback.claims import ClaimResult
@@ -30,7 +29,7 @@ def run(stage_dir: str, claims: list[dict[str, Any]], image_of: Callable[[str], 
 
     @contextlib.contextmanager
     def open_fn():
-        with bundle.loaded(labeler, mesh, sharding.SERVE_RULES) as b:
+        with bundle.loaded(labeler, mesh) as b:
             scorer = Labeler(b.model, b.tokenizer, template=b.template,
                              repetition_penalty=settings.repetition_penalty, batch_size=settings.batch_size)
 

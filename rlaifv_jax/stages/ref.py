@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rlaifv_jax.core import sharding
 from rlaifv_jax.engine.logps import reference_logps
 from rlaifv_jax.stages import bundle, encode, runner
 
@@ -20,7 +19,7 @@ def run(stage_dir: str, encoded: list[dict[str, Any]], image_of: Callable[[str],
 
     @contextlib.contextmanager
     def open_fn():
-        with bundle.loaded(reference, mesh, sharding.SERVE_RULES) as b:
+        with bundle.loaded(reference, mesh) as b:
             make = encode.example_fn(image_of, b, max_length)
 
             def fn(chunk):

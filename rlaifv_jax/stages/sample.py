@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from rlaifv_jax.core import sharding
 from rlaifv_jax.engine.generate import generate
 from rlaifv_jax.stages import bundle, runner
 
@@ -30,7 +29,7 @@ def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSpec,
 
     @contextlib.contextmanager
     def open_fn():
-        with bundle.loaded(policy, mesh, sharding.SERVE_RULES) as b:
+        with bundle.loaded(policy, mesh) as b:
             def fn(chunk):
                 outs = generate(b.model, [b.prompt(p) for p in chunk], num_samples=settings.num_samples,
                                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
