@@ -29,6 +29,7 @@ import ml_collections
 from flax import nnx
 
 from rlaifv_jax.core import aot, hardware, sharding as shd
+from rlaifv_jax.data import buckets
 from rlaifv_jax import plan_report
 from rlaifv_jax.engine import generate, logps, score, vision
 from rlaifv_jax.engine.logits import SamplingConfig
@@ -98,6 +99,12 @@ def dpo_configs(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.Opti
     loss = dpo.LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                           grad_accum=d.grad_accum, remat=d.get("remat", "none"))
     return optim, loss
+
+
+def dpo_window(config: ml_collections.ConfigDict) -> int | None:
+    """The automatic LM-head window (``data.buckets``) of a batch of ``dpo.max_length`` tokens whose
+    longest answer is a full sampled response (``sampling.max_new_tokens`` + the end-of-turn token)."""
+    return buckets.answer_window(config.sampling.max_new_tokens + 1, config.dpo.max_length)
 
 
 def iteration_counts(config: ml_collections.ConfigDict, assume: Assumptions) -> dict[str, int]:
@@ -190,10 +197,13 @@ class Planner:
                                  calls=self.counts["prompts"] * math.ceil(questions / rows))})
 
     def pair_batch(self, model: Llava, with_ref: bool) -> dict[str, jax.ShapeDtypeStruct]:
+        """The largest pair batch of the run: ``max_length`` tokens, the answer window of the longest answer."""
         b, length, v = self.config.dpo.batch_size, self.config.dpo.max_length, model.config.vision
+        window = dpo_window(self.config)
         shapes = {"pixel_values": ((b, v.num_channels, v.image_size, v.image_size), jnp.float32),
                   "chosen_tokens": ((b, length), jnp.int32), "rejected_tokens": ((b, length), jnp.int32),
                   **{k: ((b,), jnp.int32) for k in ("answer_start", "chosen_len", "rejected_len")},
+                  **({buckets.WINDOW_KEY: ((b, window + 1), jnp.int32)} if window is not None else {}),
                   **({k: ((b,), jnp.float32) for k in ("ref_chosen_logps", "ref_rejected_logps")} if with_ref else {})}
         return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(self.mesh, len(s))) for k, (s, d) in shapes.items()}
 

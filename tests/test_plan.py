@@ -14,6 +14,7 @@ from flax import nnx
 from configs import default
 from rlaifv_jax import plan
 from rlaifv_jax.core import aot, hardware, sharding
+from rlaifv_jax.data import buckets
 from rlaifv_jax.models import hf, llama
 from rlaifv_jax.training import step as dpo
 
@@ -73,7 +74,9 @@ def test_local_plan_dpo_bytes_equal_the_real_step(local_plan):
         policy = hf.build_model(*plan.architecture(config, "policy"))
     optim, loss = plan.dpo_configs(config, local_plan["counts"]["dpo_steps"])
     step = dpo.DPOStep(policy, optim, loss, mesh=mesh)
-    fn, b_sh = step.program(batch := _real_batch(policy, config, np.random.RandomState(0)))
+    batch = buckets.with_answer_window(_real_batch(policy, config, np.random.RandomState(0)), plan.dpo_window(config))
+    assert buckets.WINDOW_KEY in batch  # the run's automatic LM-head window, as planned
+    fn, b_sh = step.program(batch)
     compiled = fn.lower(step.init_state(), step.frozen, jax.device_put(batch, b_sh)).compile()
     assert stage["bytes_per_chip"] == aot.peak_bytes(compiled) > 0
     assert local_plan["chips"] == 8 and local_plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
