@@ -86,7 +86,8 @@ def throughput(args) -> None:
 
     from rlaifv_jax.data import buckets
     from rlaifv_jax.data.chat import llava_image_preprocess
-    from rlaifv_jax.data.rlaifv_dataset import make_iterator, make_pair_dataset, pair_example_fn, pair_lengths
+    from rlaifv_jax.data.rlaifv_dataset import make_iterator, make_pair_dataset, pair_example_fn
+    from rlaifv_jax.data.tokenized import pair_lengths
     from rlaifv_jax.models import hf
     from rlaifv_jax.training import step as step_lib
 
@@ -152,7 +153,8 @@ def _memory_child(n: int, work: str, mode: str) -> dict:
     from rlaifv_jax.data import buckets, rlaifv_tfds
     from rlaifv_jax.data.chat import llava_image_preprocess
     from rlaifv_jax.data.rlaifv_dataset import (make_iterator, make_pair_dataset, pair_example_fn, pair_text_fn,
-                                                read_rlaifv, tokenize_records)
+                                                read_rlaifv)
+    from rlaifv_jax.data.tokenized import tokenize_records
     words = "a the red blue cat dog is on in of image what ? describe".split()
     shards = os.path.join(work, f"shards{n}")
     if mode == "build":

@@ -19,11 +19,10 @@ from rlaifv_jax.data.rlaifv_dataset import (
     make_iterator,
     make_pair_dataset,
     pair_example_fn,
-    pair_lengths,
     pair_text_fn,
     read_rlaifv,
-    tokenize_records,
 )
+from rlaifv_jax.data.tokenized import pair_lengths, tokenize_records
 from rlaifv_jax.data.prompts import read_prompt_file
 
 WORDS = "what is in the image ? a red blue circle square cat dog there yes no and".split()

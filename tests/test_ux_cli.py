@@ -19,7 +19,7 @@ import tiny_hf
 from configs import default
 from rlaifv_jax.core import workdir as workdir_lib
 from rlaifv_jax.core.errors import ConfigError
-from rlaifv_jax.pipelines import report, summary, validate
+from rlaifv_jax.pipelines import report, spec, summary, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,14 +108,14 @@ def test_wrong_inputs_then_corrected_command_starts_on_the_same_workdir(tmp_path
     work = str(tmp_path / "work")
     c.prompts.path = str(tmp_path / "bad.jsonl")  # no usable line
     with pytest.raises(ConfigError, match=r"bad.jsonl: no usable prompt"):
-        validate.online_spec(c, work)
+        spec.online_spec(c, work)
     c.prompts.path, c.policy.path = str(tmp_path / "good.jsonl"), str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match=r"policy.path='.*nowhere' is not a directory"):
-        validate.online_spec(c, work)
+        spec.online_spec(c, work)
     assert not os.path.exists(work)  # nothing written: the corrected command is not "a different config"
     c.policy.path = str(tmp_path / "policy")
-    spec = validate.online_spec(c, work)
-    assert spec.policy.path == c.policy.path
+    built = spec.online_spec(c, work)
+    assert built.policy.path == c.policy.path
     assert workdir_lib.check_or_save_config(c, work) == {}
 
 

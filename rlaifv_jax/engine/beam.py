@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from rlaifv_jax.engine import generate as sampler
+from rlaifv_jax.engine import generate as sampler, prompt_checks
 from rlaifv_jax.engine.prefill import prefill
 
 NEG = -1.0e9  # transformers' "impossible" score offset
@@ -167,9 +167,9 @@ def beam_search(model: nnx.Module, prompts: Sequence[dict], *, num_beams: int, m
     """
     cfg = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=float(length_penalty),
                      early_stopping=early_stopping)
-    tc = sampler._text_config(model)
-    buckets = sampler._check_options(num_beams, max_new_tokens, stop_token_ids, 0, batch_size, buckets, tc.vocab_size)
-    chosen, _ = sampler._check_prompts(model, prompts, buckets, max_new_tokens)
+    tc = prompt_checks.text_config(model)
+    buckets = prompt_checks.check_options(num_beams, max_new_tokens, stop_token_ids, 0, batch_size, buckets, tc.vocab_size)
+    chosen, _ = prompt_checks.check_prompts(model, prompts, buckets, max_new_tokens)
     if not prompts:
         return []
     graphdef, state = nnx.split(model)
@@ -190,7 +190,7 @@ def beam_search(model: nnx.Module, prompts: Sequence[dict], *, num_beams: int, m
         for r, i in enumerate(members):
             p = np.asarray(prompts[i]["input_ids"], np.int32)
             ids[r, length - len(p):], mask[r, length - len(p):], active[r] = p, True, True
-            f = sampler._image_features(model, graphdef, state, prompts[i])
+            f = prompt_checks.image_features(model, graphdef, state, prompts[i])
             if f is not None:
                 feats.append(f)
         features = None

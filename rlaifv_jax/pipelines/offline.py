@@ -26,7 +26,7 @@ from rlaifv_jax.data.rlaifv_dataset import (DatasetFileError, PreferenceRecord, 
                                             open_image, validate_row)
 from rlaifv_jax.models import hf
 from rlaifv_jax.pipelines import export
-from rlaifv_jax.pipelines.validate import offline_spec
+from rlaifv_jax.pipelines.spec import offline_spec
 from rlaifv_jax.stages import dpo, encode, ref
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from rlaifv_jax.core.workdir import check_or_save_config
 from rlaifv_jax.pipelines import export, inputs as inputs_lib
 from rlaifv_jax.pipelines.report import write_report
 from rlaifv_jax.pipelines.summary import Summary
-from rlaifv_jax.pipelines.validate import online_spec
+from rlaifv_jax.pipelines.spec import online_spec
 from rlaifv_jax.stages import bundle, claims, dpo, encode, eval as eval_stage, label, pairs, ref, runner, sample
 
 STAGES = ("samples", "claims", "labels", "pairs", "encoded", "ref_logps")
