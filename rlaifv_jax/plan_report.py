@@ -67,11 +67,15 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def verdicts(r: dict[str, Any]) -> list[str]:
-    """One "does not fit" line per stage of the run that does not fit: needed vs available GiB, the
-    knobs that help (weights' first when the resident weights alone overflow), alternatives that fit."""
+    """One line per stage of the run that cannot run: "does not fit" with needed vs available GiB, the
+    knobs that help (weights' first when the resident weights alone overflow) and alternatives that
+    fit, or "does not compile" with XLA's message."""
     out, hbm = [], r["hbm_per_chip"]
     for s in r["stages"]:
         if s["fits"] or s["variant"]:
+            continue
+        if s.get("error") and "out of memory" not in s["note"]:
+            out.append(f"does not compile: stage {s['name']} on {r['topology']}: {s['error']}")
             continue
         need = f"more than {_fmt(hbm, GIB)}" if s["bytes_per_chip"] is None else _fmt(s["bytes_per_chip"], GIB)
         knobs = KNOBS[s["kind"]]

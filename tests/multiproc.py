@@ -23,7 +23,7 @@ def free_port() -> int:
 
 
 def run_workers(script: str, args: list[str] = (), *, n: int = 2, local_devices: int = 4,
-                timeout: float = 240) -> list[dict]:
+                timeout: float = 900) -> list[dict]:
     port = free_port()
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}

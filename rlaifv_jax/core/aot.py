@@ -94,6 +94,7 @@ class Stage:
     fits: bool = True
     variant: bool = False  # an alternative setting shown for comparison, not part of the run
     note: str = ""
+    error: str = ""  # XLA's message when the program does not compile
     mfu: float | None = None
     hbm_roofline: float | None = None
 
@@ -131,13 +132,15 @@ def run_stage(stages: list[Stage], topo: Slice, template: Stage, build: Callable
     else:
         try:
             programs = build()
-        except Exception as e:  # noqa: BLE001 — only XLA's out-of-HBM verdict is a result
+        except jax.errors.JaxRuntimeError as e:  # XLA's verdict on the program is a result
             overflow = hbm_overflow(str(e), arg_bytes)
-            if overflow is None:
-                raise
             for s in out:
-                s.bytes_per_chip, s.fits = overflow[0], False
-                s.note = "XLA: out of HBM" if overflow[0] else f"XLA: {str(e).splitlines()[0][:160]}"
+                s.fits = False
+                if overflow and overflow[0]:
+                    s.bytes_per_chip, s.note = overflow[0], "XLA: out of HBM"
+                else:  # another resource error, or a compiler failure: the program cannot run here
+                    s.error = str(e).splitlines()[0][:300]
+                    s.note = "XLA: " + ("out of memory" if overflow else "does not compile")
         else:
             for s, n in zip(out, names):
                 measure(s, programs[n], topo, loop_trips=loop_trips)
