@@ -166,7 +166,7 @@ class Planner:
                         num_samples=s.num_samples, max_new=s.max_new_tokens, sampling=sampling,
                         calls=math.ceil(self.counts["prompts"] / s.batch_size))
 
-    def claims(self, models: dict[str, nnx.Module]) -> None:
+    def claims(self) -> None:
         """Split and convert calls of the claims LLM(s): each response goes through both."""
         c, dec, batch = self.config, CLAIM_LLM_DECODING, 8  # generate()'s default batch, as the claims stage calls it
         archs = {"claims/split": architecture(c, "claims_split")}
@@ -176,7 +176,7 @@ class Planner:
         if len(archs) == 1 or archs["claims/convert"] == archs["claims/split"]:
             archs, calls = {"claims": archs["claims/split"]}, 2 * calls  # one model answers both calls
         for name, arch in archs.items():
-            llm = models[name] = abstract_model(arch, c.policy.dtype, c.policy.dtype)
+            llm = abstract_model(arch, c.policy.dtype, c.policy.dtype)
             self.generation(name, llm, batch=batch, num_samples=1, max_new=dec.max_new_tokens, calls=calls,
                             length=_bucket(self.assume.claims_prompt_tokens + min(c.sampling.max_new_tokens, 400)),
                             sampling=SamplingConfig(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p))
@@ -208,7 +208,7 @@ class Planner:
         return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(self.mesh, len(s))) for k, (s, d) in shapes.items()}
 
     def ref_logps(self, policy: nnx.Module) -> None:
-        state, batch = aot.sharded(nnx.state(policy), self.mesh, shd.TRAIN_RULES), self.pair_batch(policy, False)
+        state, batch = aot.sharded(nnx.state(policy), self.mesh, shd.SERVE_RULES), self.pair_batch(policy, False)
 
         def build():
             with jax.set_mesh(self.mesh):
@@ -248,22 +248,22 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, only: tuple[str, .
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=hardware.devices(topo))
     p = Planner(config, topo, mesh, assume, iteration_counts(config, assume))
     wanted = lambda name: not only or any(name.startswith(o) for o in only)  # noqa: E731
-    c = config
-    policy = abstract_model(architecture(c, "policy"), c.policy.dtype, c.policy.param_dtype)
-    models = {"policy": policy}
+    c, arch = config, architecture(config, "policy")
+    # As stages.bundle loads them, one stage at a time: inference (sampling, claims, labeling, the
+    # reference pass) in the compute dtype on SERVE_RULES, training with param_dtype master weights.
+    served = abstract_model(arch, c.policy.dtype, c.policy.dtype)
     if wanted("sample"):
-        p.sample(policy)
+        p.sample(served)
     if c.claims.kind == "llm" and wanted("claims"):
-        p.claims(models)
-    if wanted("label"):  # a separate load in the compute dtype, also for self-feedback
-        models["labeler"] = abstract_model(architecture(c, "policy" if c.labeler.kind == "self" else "labeler"),
-                                           c.policy.dtype, c.policy.dtype)
-        p.label(models["labeler"])
+        p.claims()
+    if wanted("label"):
+        p.label(served if c.labeler.kind == "self" else
+                abstract_model(architecture(c, "labeler"), c.policy.dtype, c.policy.dtype))
     if wanted("ref_logps"):
-        p.ref_logps(policy)
+        p.ref_logps(served)
     if wanted("dpo_step"):
-        p.dpo_step(policy, variants)
-    return report(p, models)
+        p.dpo_step(abstract_model(arch, c.policy.dtype, c.policy.param_dtype), variants)
+    return report(p)
 
 
 def iteration_times(stages: list[dict[str, Any]]) -> tuple[dict[str, float | None], float | None, list[str]]:
@@ -287,17 +287,14 @@ def iteration_times(stages: list[dict[str, Any]]) -> tuple[dict[str, float | Non
     return times, (None if not times or None in times.values() else sum(times.values())), notes
 
 
-def report(p: Planner, models: dict[str, nnx.Module]) -> dict[str, Any]:
+def report(p: Planner) -> dict[str, Any]:
     """The JSON-able plan: slice, mesh, stages, counts, time per iteration (None when unknown)."""
     stages = [s.public() for s in p.stages]
     times, total, notes = iteration_times(stages)
     return {"topology": p.topo.name, "xla_topology": p.topo.xla_topology, "chips": p.topo.chips,
             "hbm_per_chip": p.topo.hbm_bytes, "device_kind": str(p.mesh.devices.flat[0].device_kind),
             "mesh": dict(p.mesh.shape), "fits": all(s["fits"] for s in stages if not s["variant"]), "stages": stages,
-            "counts": p.counts, "iteration_seconds": times, "iteration_total_seconds": total, "iteration_notes": notes,
-            "weights_per_chip_train_layout": {k: aot.per_chip_bytes(aot.sharded(nnx.state(m, nnx.Param), p.mesh,
-                                                                                shd.TRAIN_RULES))
-                                              for k, m in models.items()}}
+            "counts": p.counts, "iteration_seconds": times, "iteration_total_seconds": total, "iteration_notes": notes}
 
 
 def main(argv: list[str]) -> int:

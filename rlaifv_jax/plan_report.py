@@ -61,8 +61,6 @@ def format_report(r: dict[str, Any]) -> str:
     c = r["counts"]
     lines.append(f"per iteration: {c['prompts']} prompts, {c['responses']} responses, "
                  f"{c['questions_per_prompt']} questions per prompt, ≤ {c['pairs']} pairs, {c['dpo_steps']} DPO steps")
-    held = r["weights_per_chip_train_layout"]
-    lines.append("weights per chip (train layout): " + ", ".join(f"{k} {_fmt(v, GIB)} GiB" for k, v in held.items()))
     return "\n".join(lines)
 
 
