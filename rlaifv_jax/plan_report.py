@@ -11,10 +11,10 @@ KNOBS = {
                           "a tensor axis (--config.mesh.tensor)", "bf16 master weights (dpo.master_dtype=bfloat16)",
                           "bf16 optimizer state (dpo.optimizer_state_dtype=bfloat16)", "LoRA"),
               "activations": ("remat (dpo.remat=full)", "a smaller dpo.batch_size with dpo.grad_accum")},
-    "serve": {"weights": ("a tensor axis (--config.mesh.tensor)", "bf16 weights (--config.policy.param_dtype=bfloat16)",
-                          "a bigger slice"),
-              "activations": ("a smaller batch (sampling.batch_size / labeler.batch_size)", "a larger fsdp axis")},
-}
+    "serve": {"weights": ("a tensor axis (--config.mesh.tensor: the serving layout keeps weights whole along "
+                          "data and fsdp)", "a smaller model"),
+              "activations": ("a smaller batch (sampling.batch_size / labeler.batch_size / dpo.batch_size)",
+                              "more chips on the batch axes (a bigger slice, larger fsdp)")},
 
 
 def _fmt(x: float | None, scale: float = 1.0) -> str:

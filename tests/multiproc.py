@@ -37,7 +37,11 @@ def run_workers(script: str, args: list[str] = (), *, n: int = 2, local_devices:
             out, err = p.communicate(timeout=timeout)
             if p.returncode != 0:
                 raise AssertionError(f"worker {i} exited with {p.returncode}:\n{err[-3000:]}")
-            outs.append(json.loads(out.strip().splitlines()[-1]))
+            # The result is the worker's last JSON line; libraries (gloo, progress bars) may print too.
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            if not lines:
+                raise AssertionError(f"worker {i} printed no JSON result:\n{out[-2000:]}\n{err[-2000:]}")
+            outs.append(json.loads(lines[-1]))
     finally:
         for p in procs:
             if p.poll() is None:

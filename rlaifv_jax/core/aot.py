@@ -108,8 +108,11 @@ def measure(stage: Stage, compiled, topo: Slice, *, loop_trips: int = 1) -> Stag
     flops, stage.bytes_accessed, secs = costs(compiled)
     stage.bytes_per_chip = peak_bytes(compiled)
     stage.flops_per_chip = flops * loop_trips
-    stage.seconds = None if secs is None else secs * loop_trips
     chip = topo.chip
+    if secs is None and chip is not None:  # XLA gave no estimate (v5e decode loops): the roofline
+        secs = max(flops / chip.peak_bf16_flops, (stage.bytes_accessed or 0.0) / chip.hbm_bytes_per_s)
+        stage.note = (stage.note + "; " if stage.note else "") + "time: roofline (XLA gave no estimate)"
+    stage.seconds = None if secs is None else secs * loop_trips
     if chip is not None and stage.seconds:
         stage.mfu = stage.flops_per_chip / stage.seconds / chip.peak_bf16_flops
         if stage.name.endswith("decode") and stage.bytes_accessed:
