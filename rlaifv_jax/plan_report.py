@@ -15,6 +15,7 @@ KNOBS = {
                           "data and fsdp)", "a smaller model"),
               "activations": ("a smaller batch (sampling.batch_size / labeler.batch_size / dpo.batch_size)",
                               "more chips on the batch axes (a bigger slice, larger fsdp)")},
+}
 
 
 def _fmt(x: float | None, scale: float = 1.0) -> str:
