@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         # torch is the numerical reference in tests only; pinned exactly so pip takes the local CPU wheel.
-        "test": ["pytest", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0"],
         # libtpu for ahead-of-time TPU compilation (python -m rlaifv_jax.plan), pinned to the installed jax.
         "tpu": ["jax[tpu]==0.10.2"],
         # gs:// workdirs and checkpoints (core/paths.py: etils.epath's Cloud Storage backend).

@@ -70,6 +70,7 @@ def files(tmp_path):
         row(6, image_path="imgs/missing.png"),  # image_missing_file
         row(7, image_bytes=png_bytes(7)),
         row(8, image_bytes=png_bytes(8), chosen=long_answer),  # too_long (with text_fn)
+        row(9, image_bytes=png_bytes(9), question="  "),  # empty_question
     ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-0.parquet")
     b64 = base64.b64encode(png_bytes(10)).decode()
@@ -89,7 +90,7 @@ def files(tmp_path):
 def test_reader_counts_and_survivors(files, tokenizer):
     records, skipped = read_rlaifv(files, verbose=False)
     assert skipped == collections.Counter(
-        image_undecodable=2, missing_field=2, empty_answer=1, chosen_equals_rejected=1,
+        image_undecodable=2, missing_field=2, empty_question=1, empty_answer=1, chosen_equals_rejected=1,
         image_missing_file=2, bad_json=1,
     )
     assert [r.meta["idx"] for r in records] == [0, 5, 7, 8, 10, 11, 16]
@@ -101,7 +102,7 @@ def test_reader_counts_and_survivors(files, tokenizer):
     text_fn = pair_text_fn(tokenizer, image_token_count=4, image_token_id=IMAGE_ID, max_length=64)
     records, skipped = read_rlaifv(files, text_fn=text_fn, verbose=False)
     assert skipped["too_long"] == 1 and 8 not in [r.meta["idx"] for r in records]
-    assert sum(skipped.values()) + len(records) == 9 + 7
+    assert sum(skipped.values()) + len(records) == 10 + 7
 
 
 def test_unreadable_files_raise_with_name(tmp_path):

@@ -8,7 +8,7 @@ first that exists); a relative path is resolved against the directory of the fil
 
 Bad records are skipped and counted by reason (the first failing check wins, in this order):
 ``bad_json`` (a JSONL line that is not a JSON object), ``missing_field`` (question/chosen/rejected
-absent or not a string), ``empty_answer``, ``chosen_equals_rejected`` (after strip), the ``text_fn`` callback
+absent or not a string), ``empty_question``, ``empty_answer``, ``chosen_equals_rejected`` (after strip), the ``text_fn`` callback
 (which raises ``SkipRecord(reason)``, e.g. ``too_long`` after tokenization), then ``missing_image``,
 ``image_missing_file`` and ``image_undecodable`` (full decode). A file that cannot be read at all
 raises ``DatasetFileError`` naming the file.
@@ -124,6 +124,8 @@ def validate_row(
     if not all(isinstance(t, str) for t in texts):
         return SkipRecord("missing_field")
     question, chosen, rejected = texts
+    if not question.strip():
+        return SkipRecord("empty_question")
     if not chosen.strip() or not rejected.strip():
         return SkipRecord("empty_answer")
     if chosen.strip() == rejected.strip():
