@@ -75,8 +75,6 @@ def read_pairs(data: list[str], max_pairs: int = 0) -> tuple[list[PreferenceReco
             for row, raw in enumerate(iter_rows(path)):
                 source = f"{path}:{row}"
                 result = raw if isinstance(raw, SkipRecord) else validate_row(raw, source, base_dir)
-                if not isinstance(result, SkipRecord) and not result.question.strip():
-                    result = SkipRecord("empty_question")
                 if isinstance(result, SkipRecord):
                     skipped[result.reason] += 1
                     named.append(f"{source}: {result.reason}")
