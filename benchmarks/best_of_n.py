@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from rlaifv_jax.data import toy_world  # noqa: E402
 from rlaifv_jax.eval import chair  # noqa: E402
-from rlaifv_jax.eval.policy import Policy, best_of_n, load_reference  # noqa: E402
+from rlaifv_jax.eval.policy import ImplicitReward, Policy, best_of_n, load_reference  # noqa: E402
 from rlaifv_jax.eval.questions import Question  # noqa: E402
 
 
@@ -63,8 +63,8 @@ def main():
             Image.fromarray(r["image"]).save(path)
             questions.append(Question(r["id"], r["question"], path))
         greedy = policy.answer(questions, num_beams=1, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        best = best_of_n(policy, reference, questions, n=ns[-1], beta=args.beta, temperature=args.temperature,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        best = best_of_n(policy, questions, ImplicitReward(policy, reference, args.beta, args.batch_size), n=ns[-1],
+                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     truths = [{tuple(o) for o in r["objects"]} for r in records]
 
     def metrics(answers: list[str]) -> dict[str, float]:

@@ -1,7 +1,9 @@
 """``python -m rlaifv_jax.evaluate``: scoring answers files, one-line errors, a tiny random Llama as
-the judge, a tiny random LLaVA answering every suite's fixture, and self-reward best-of-N."""
+the judge, a tiny random LLaVA answering every suite's fixture, best-of-N with the implicit and the
+labeler reward, and TensorBoard scalars."""
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 
 import tiny_hf
 from rlaifv_jax import evaluate
+from rlaifv_jax.eval import policy as evaluate_policy
 from rlaifv_jax.data.chat import LLAVA_V1_SYSTEM
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
@@ -97,6 +100,8 @@ def test_missing_and_unknown_answers_are_named(tmp_path):
     (["--suite=nope"], "suite"),
     (["--suite=pope", "--data=x", "--out=o", "--model=/nonexistent"], "no config.json"),
     (["--suite=pope", "--data=x", "--out=o", "--answers=a", "--best_of=2"], "--reference"),
+    (["--suite=pope", "--data=x", "--out=o", "--model=m", "--best_of=2", "--reward=labeler", "--claims=llm"],
+     "--claims_model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
     assert evaluate.main(["evaluate", *args]) == 2
@@ -139,3 +144,50 @@ def test_best_of_n(tmp_path, dirs):
         for s in samples:
             assert s["reward"] == pytest.approx(0.5 * (s["logp"] - s["ref_logp"]) / s["tokens"], rel=1e-6)
         assert item["answer"] == samples[int(np.argmax([s["reward"] for s in samples]))]["answer"]
+
+
+@pytest.mark.parametrize("claims", ["rule", "llm"])
+def test_best_of_n_labeler_reward(tmp_path, dirs, claims):
+    """Claims by the toy world's rules with another model as the labeler, or by a (random) split/convert
+    LLM with self-feedback: every sample carries its claims and reward (None without usable claims);
+    the answer is the best sample's."""
+    extra = ([f"--labeler={dirs['reference']}"] if claims == "rule" else
+             ["--claims=llm", f"--claims_model={dirs['judge']}"])
+    rc, result = run(tmp_path, "pope", f"--model={dirs['policy']}", "--reward=labeler", *extra,
+                     "--best_of=2", "--max_new_tokens=3", "--limit=2")
+    assert rc == 0 and result["decoding"]["reward"] == "labeler" and result["decoding"]["claims"] == claims
+    assert result["decoding"]["labeler"] == dirs["reference" if claims == "rule" else "policy"]
+    for item in result["items"]:
+        samples = item["samples"]
+        assert len(samples) == 2
+        for s in samples:
+            assert s["status"] in ("ok", "no_claims", "unparseable", "count_mismatch")
+            assert s["reward"] == (-float(sum(not a for a in s["accepted"])) if s["status"] == "ok" else None)
+        assert item["answer"] == samples[evaluate_policy.best_index([s["reward"] for s in samples])]["answer"]
+
+
+def _scalars(directory):
+    """``{tag: (step, value)}`` of the TensorBoard event files in ``directory`` (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+    out = {}
+    for name in os.listdir(directory):
+        data, pos = (directory / name).read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            out.update({v.tag: (event.step, v.simple_value) for v in event.summary.value})
+    return out
+
+
+def test_tensorboard_scalars(tmp_path):
+    tb = tmp_path / "tb"
+    rc, result = run(tmp_path, "pope", f"--answers={os.path.join(FIX, 'answers', 'pope.jsonl')}",
+                     f"--tensorboard={tb}", "--tensorboard_step=7")
+    assert rc == 0
+    got = _scalars(tb)
+    want = {f"eval/pope/{k}": v for k, v in evaluate.flatten(result["metrics"])
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert want and set(got) == set(want)
+    for tag, value in want.items():
+        assert got[tag] == (7, pytest.approx(value, rel=1e-6)), tag

@@ -1,7 +1,9 @@
 """Beam search with transformers' semantics (``generate(num_beams=k, do_sample=False)``), jitted.
 
 One prefill per batch of left-padded prompts (the prompt cache is shared by a prompt's ``k`` beam
-rows, as in the sampler), then one ``lax.while_loop`` over steps. Every step follows
+rows, as in the sampler), then one ``lax.while_loop`` over steps. Prompts are laid out as the sampler's
+(``prefill.left_padded``); Qwen2.5-VL prefills at its multimodal positions and decodes token ``t`` at
+``real prompt tokens + t + rope_delta``, as transformers does. Every step follows
 transformers 5's ``_beam_search`` bookkeeping exactly, per prompt:
 
 1. ``log_softmax`` of the next-token logits plus each running beam's score; the top
@@ -31,8 +33,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from rlaifv_jax.engine import generate as sampler, prompt_checks
-from rlaifv_jax.engine.prefill import prefill
+from rlaifv_jax.engine import generate as sampler, prefill as prefill_lib, prompt_checks
 
 NEG = -1.0e9  # transformers' "impossible" score offset
 
@@ -102,15 +103,15 @@ def _select(logits, state, t, stop_ids, active, length_penalty, early_stopping):
     return (run_tok, run_score, fin_tok, fin_score, fin_done, fin_len, fin_stop, unsat), parent, go
 
 
-def _prefill_fn(graphdef, state, ids, features, mask, num_beams: int):
+def _prefill_fn(graphdef, state, ids, features, mask, num_beams: int, positions=None):
     model = nnx.merge(graphdef, state)
-    hidden, cache = prefill(model, ids, features, mask)
+    hidden, cache = prefill_lib.prefill(model, ids, features, mask, positions)
     logits = model.logits(hidden[:, -1]).astype(jnp.float32)
     return cache, jnp.repeat(logits, num_beams, axis=0)
 
 
 def _search_fn(graphdef, state, prefix, logits, prompt_mask, active, stop_ids, length_penalty, early_stopping,
-               num_beams: int, max_new_tokens: int):
+               num_beams: int, max_new_tokens: int, rope_deltas=None):
     model = nnx.merge(graphdef, state)
     text = getattr(model, "language_model", model)
     batch, k, m = prompt_mask.shape[0], num_beams, max_new_tokens
@@ -118,6 +119,8 @@ def _search_fn(graphdef, state, prefix, logits, prompt_mask, active, stop_ids, l
     rows = batch * k
     own_slots = max(m - 1, 1)
     start = jnp.repeat(prompt_mask.sum(axis=1), k).astype(jnp.int32)
+    if rope_deltas is not None:  # Qwen2.5-VL: as the sampler, token t decodes at real tokens + t + delta
+        start = start + jnp.repeat(rope_deltas, k).astype(jnp.int32)
     init_score = jnp.tile(jnp.asarray([0.0] + [NEG] * (k - 1), jnp.float32), (batch, 1))
     beams = (jnp.zeros((batch, k, m), jnp.int32), init_score, jnp.zeros((batch, k, m), jnp.int32),
              jnp.full((batch, k), NEG, jnp.float32), jnp.zeros((batch, k), bool), jnp.zeros((batch, k), jnp.int32),
@@ -159,7 +162,7 @@ def beam_search(model: nnx.Module, prompts: Sequence[dict], *, num_beams: int, m
     do_sample=False)`` finds it.
 
     ``prompts`` are the sampler's (``input_ids`` with image placeholders expanded, optional
-    ``pixel_values`` / ``image_sizes``). Prompts of one length bucket are searched ``batch_size`` at
+    ``pixel_values`` with ``image_sizes``, or ``image_grid_thw`` for Qwen2.5-VL). Prompts of one length bucket are searched ``batch_size`` at
     a time (each prompt's result does not depend on its batch). Returns one dict per prompt:
     ``tokens`` (a one-element list: the best hypothesis, stop token excluded), ``stopped``
     (``[bool]``: ended at a stop token rather than at ``max_new_tokens``) and ``score`` (its
@@ -174,34 +177,21 @@ def beam_search(model: nnx.Module, prompts: Sequence[dict], *, num_beams: int, m
         return []
     graphdef, state = nnx.split(model)
     batch = min(batch_size, 1 << (len(prompts) - 1).bit_length())
-    pad_id = 1 if getattr(model.config, "image_token_id", None) == 0 else 0
     stop = jnp.asarray(sorted(set(int(t) for t in stop_token_ids)), jnp.int32)
     groups = []
     for bucket in sorted(set(chosen)):
         members = [i for i, c in enumerate(chosen) if c == bucket]
         groups += [(bucket, members[j:j + batch]) for j in range(0, len(members), batch)]
+    device = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
     results: list[dict | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), unit="prompt", disable=not progress, desc=f"beam search ({num_beams})")
     for length, members in groups:
-        ids = np.full((batch, length), pad_id, np.int32)
-        mask = np.zeros((batch, length), bool)
-        active = np.zeros((batch,), bool)
-        feats = []
-        for r, i in enumerate(members):
-            p = np.asarray(prompts[i]["input_ids"], np.int32)
-            ids[r, length - len(p):], mask[r, length - len(p):], active[r] = p, True, True
-            f = prompt_checks.image_features(model, graphdef, state, prompts[i])
-            if f is not None:
-                feats.append(f)
-        features = None
-        if feats:  # row-major over the batch, zero-padded to a fixed [batch * length, D]
-            stacked = np.concatenate(feats)
-            features = np.zeros((batch * length, stacked.shape[-1]), stacked.dtype)
-            features[:len(stacked)] = stacked
-        cache, logits = _prefill(graphdef, state, jnp.asarray(ids), None if features is None else jnp.asarray(features),
-                                 jnp.asarray(mask), num_beams)
-        out = _search(graphdef, state, cache, logits, jnp.asarray(mask), jnp.asarray(active), stop,
-                      jnp.float32(cfg.length_penalty), jnp.bool_(cfg.early_stopping), num_beams, max_new_tokens)
+        b = prefill_lib.left_padded(model, graphdef, state, [prompts[i] for i in members], batch, length)
+        cache, logits = _prefill(graphdef, state, jnp.asarray(b.ids), device(b.features), jnp.asarray(b.mask),
+                                 num_beams, device(b.positions))
+        out = _search(graphdef, state, cache, logits, jnp.asarray(b.mask), jnp.asarray(b.active), stop,
+                      jnp.float32(cfg.length_penalty), jnp.bool_(cfg.early_stopping), num_beams, max_new_tokens,
+                      device(b.rope_deltas))
         tokens, lengths, stopped, scores = map(np.asarray, out)
         for r, i in enumerate(members):
             results[i] = {"tokens": [tokens[r, :lengths[r]].tolist()], "stopped": [bool(stopped[r])],

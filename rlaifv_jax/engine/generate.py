@@ -52,8 +52,8 @@ from tqdm.auto import tqdm
 from rlaifv_jax.core import sharding
 from rlaifv_jax.engine import vision
 from rlaifv_jax.engine.logits import SamplingConfig, choose_tokens, presence_mask, row_keys
-from rlaifv_jax.engine.prefill import prefill
-from rlaifv_jax.engine.prompt_checks import check_options, check_prompts, image_features, text_config
+from rlaifv_jax.engine.prefill import left_padded, prefill
+from rlaifv_jax.engine.prompt_checks import check_options, check_prompts, text_config
 
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -187,11 +187,9 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
         return []
     before = compiled_programs()
     graphdef, state = nnx.split(model)
-    mrope = vision.uses_mrope(model)
     n = num_samples
     batch = min(batch_size, 1 << (len(prompts) - 1).bit_length())
     rows = batch * n
-    pad_id = 1 if getattr(model.config, "image_token_id", None) == 0 else 0
     stop = jnp.asarray(sorted(set(int(t) for t in stop_token_ids)), jnp.int32)
     batches = []  # prompts grouped by bucket, in input order within a bucket
     for b in sorted(set(chosen)):
@@ -209,39 +207,19 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
                              cache_spec=_spec(mesh, ("batch", None, "kv_heads", "head_dim"),
                                               (rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
                              rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)))
-            ids = np.full((batch, length), pad_id, np.int32)
-            mask = np.zeros((batch, length), bool)
+            padded = left_padded(model, graphdef, state, [prompts[i] for i in members], batch, length)
             keys = np.zeros((batch,), np.uint32)
-            active = np.zeros((batch,), bool)
-            feats, grids = [], []
-            for r, i in enumerate(members):
-                p = np.asarray(prompts[i]["input_ids"], np.int32)
-                ids[r, length - len(p):] = p
-                mask[r, length - len(p):] = True
-                keys[r], active[r] = prompt_keys[i], True
-                f = image_features(model, graphdef, state, prompts[i])
-                if f is not None:
-                    feats.append(f)
-                    if mrope:
-                        grids.append(np.asarray(prompts[i]["image_grid_thw"]).reshape(-1, 3))
-            features = None
-            if feats:  # row-major over the batch, zero-padded to a fixed [batch * length, D]
-                features = np.zeros((batch * length, feats[0].shape[-1]), feats[0].dtype)
-                stacked = np.concatenate(feats)
-                features[:len(stacked)] = stacked
+            keys[:len(members)] = [prompt_keys[i] for i in members]
             put = ((lambda x, axes: jax.device_put(x, NamedSharding(mesh, _spec(mesh, axes, x.shape))))
                    if mesh is not None else (lambda x, axes: jnp.asarray(x)))
-            ids_d, mask_d = put(ids, ("batch", None)), put(mask, ("batch", None))
-            features_d = None if features is None else put(features, (None, None))
-            positions = deltas = None
-            if mrope:  # the batch's multimodal positions, images in row order
-                positions, deltas = model.position_ids(ids, mask, np.concatenate(grids) if grids else None)
-                positions = put(positions.astype(np.int32), (None, "batch", None))
-                deltas = put(deltas.astype(np.int32), ("batch",))
+            ids_d, mask_d = put(padded.ids, ("batch", None)), put(padded.mask, ("batch", None))
+            features_d = None if padded.features is None else put(padded.features, (None, None))
+            positions = None if padded.positions is None else put(padded.positions, (None, "batch", None))
+            deltas = None if padded.rope_deltas is None else put(padded.rope_deltas, ("batch",))
             cache, logits = _prefill(graphdef, state, ids_d, features_d, mask_d, static, positions)
             tokens, logps, lengths, done = _decode(
                 graphdef, state, cache, logits, ids_d, mask_d, put(keys, ("batch",)),
-                put(active, ("batch",)), jnp.uint32(seed), stop, static, cfg, deltas)
+                put(padded.active, ("batch",)), jnp.uint32(seed), stop, static, cfg, deltas)
             tokens, logps, lengths, done = map(np.asarray, (tokens, logps, lengths, done))
             for r, i in enumerate(members):
                 sl = range(r * n, (r + 1) * n)

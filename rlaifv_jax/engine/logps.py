@@ -194,12 +194,19 @@ def pair_image_arrays(model: nnx.Module, pixel_values: Any, layout: Any, prompt_
     vc = model.config.vision
     chunks = -(-min(max_patches or 4 * length, 4 * length) // vc.window_slots)
     inputs = model.vision_inputs(np.asarray(pixel_values, np.float32), layout, chunks=chunks)
+    return {"pixel_values": inputs["pixel_values"], **{"vision_" + k: inputs[k] for k in LAYOUT_KEYS},
+            "positions": answer_positions(model, prompt_ids, layout, length)}
+
+
+def answer_positions(model: nnx.Module, prompt_ids: Any, layout: Any, length: int) -> np.ndarray:
+    """``[3, length]`` int32 multimodal positions (``model.position_ids``, Qwen2.5-VL) of ``prompt_ids``
+    with images of ``layout`` (``image_grid_thw``; None: text only), continued by answer tokens at
+    ``index + rope_delta``."""
     prompt = np.asarray(prompt_ids)[None]
     head, deltas = model.position_ids(prompt, None, layout)
     positions = np.broadcast_to(np.arange(length) + deltas[0], (3, length)).copy()
     positions[:, : prompt.shape[1]] = head[:, 0]
-    return {"pixel_values": inputs["pixel_values"], **{"vision_" + k: inputs[k] for k in LAYOUT_KEYS},
-            "positions": positions.astype(np.int32)}
+    return positions.astype(np.int32)
 
 
 MODEL_KEYS = ("pixel_values", "chosen_tokens", "rejected_tokens", "answer_start", "chosen_len", "rejected_len",

@@ -4,7 +4,8 @@
 reward of an answer under the aligned model π_θ and its pre-alignment base π_ref, divided by the
 number ``T`` of answer tokens (the end-of-turn token included, as in DPO's π(y)); without the
 division the sum favours short answers. Log-probs come from one teacher-forced pass per model
-(``sequence_logps``), the same ``answer_logps`` the DPO loss uses.
+(``sequence_logps``), the same ``answer_logps`` the DPO loss uses, at the positions DPO uses
+(Qwen2.5-VL: ``logps.answer_positions``, multimodal).
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ import numpy as np
 from flax import nnx
 
 from rlaifv_jax.engine import vision
-from rlaifv_jax.engine.logps import answer_logps
-from rlaifv_jax.models.llava import Llava
+from rlaifv_jax.engine.logps import answer_logps, answer_positions
 
 
 def implicit_reward(policy_logps, reference_logps, lengths, beta: float) -> np.ndarray:
@@ -34,15 +34,15 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _logps(graphdef, state, tokens, features, start, lens, window: int):
-    """Summed log-probs of ``tokens[r, start : start + lens[r]]``; the LM head runs only on the
-    ``window + 1`` positions from ``start - 1`` on."""
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _logps(graphdef, state, tokens, features, positions, start, lens, window: int):
+    """Summed log-probs of ``tokens[r, start : start + lens[r]]`` at ``positions`` (``[B, T]``, or
+    ``[3, B, T]`` multimodal); the LM head runs only on the ``window + 1`` positions from ``start - 1`` on."""
     model = nnx.merge(graphdef, state)
     rows, length = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], tokens.shape)
+    index = jnp.arange(length, dtype=jnp.int32)[None]
     hidden, _ = model.forward_embeds(model.embed(tokens, features), positions=positions,
-                                     key_mask=positions < (start + lens)[:, None])
+                                     key_mask=index < (start + lens)[:, None])
     idx = jnp.broadcast_to(jnp.clip(start - 1 + jnp.arange(window + 1), 0, length - 1), (rows, window + 1))
     hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
     window_tokens = jnp.take_along_axis(tokens, idx, axis=1)
@@ -53,19 +53,24 @@ def sequence_logps(model: nnx.Module, prompt: dict, answers: Sequence[Sequence[i
                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Teacher-forced summed log-probs of each answer (token ids, end-of-turn included) after one
     sampler-style ``prompt`` (``input_ids`` with placeholders expanded, optional ``pixel_values`` /
-    ``image_sizes``). The image is encoded once and shared by all answers. Returns
-    ``(sums [N] float32, counts [N] int32)``."""
+    ``image_sizes``, or ``image_grid_thw`` for Qwen2.5-VL). The image is encoded once and shared by
+    all answers. Returns ``(sums [N] float32, counts [N] int32)``."""
     if not answers or any(len(a) == 0 for a in answers):
         raise ValueError("sequence_logps needs at least one answer and no empty answer")
     graphdef, state = nnx.split(model)
     ids = np.asarray(prompt["input_ids"], np.int32)
-    feats = None
+    feats, layout = None, prompt.get(vision.layout_key(model))
     if prompt.get("pixel_values") is not None:
-        feats = np.asarray(vision.image_features(graphdef, state, prompt["pixel_values"], prompt.get("image_sizes")))
+        feats = np.asarray(vision.image_features(graphdef, state, prompt["pixel_values"], layout))
     longest = max(len(a) for a in answers)
     window, length = _round_up(longest, 32), _round_up(len(ids) + longest, 64)
-    pad_id = 1 if isinstance(model, Llava) and model.config.image_token_id == 0 else 0
+    pad_id = 1 if getattr(model.config, "image_token_id", None) == 0 else 0
     rows = min(batch_size, len(answers))
+    if vision.uses_mrope(model):
+        head = answer_positions(model, ids, layout if feats is not None else None, length)
+        positions = jnp.asarray(np.broadcast_to(head[:, None], (3, rows, length)))
+    else:
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (rows, length))
     sums, counts = [], []
     for lo in range(0, len(answers), rows):
         chunk = list(answers[lo:lo + rows])
@@ -77,7 +82,8 @@ def sequence_logps(model: nnx.Module, prompt: dict, answers: Sequence[Sequence[i
             tokens[r, len(ids):len(ids) + len(a)] = a
         lens = np.asarray([len(a) for a in chunk], np.int32)
         features = None if feats is None else jnp.asarray(np.tile(feats, (rows, 1)))
-        s, c = _logps(graphdef, state, jnp.asarray(tokens), features, jnp.int32(len(ids)), jnp.asarray(lens), window)
+        s, c = _logps(graphdef, state, jnp.asarray(tokens), features, positions, jnp.int32(len(ids)),
+                      jnp.asarray(lens), window)
         sums.append(np.asarray(s)[:n])
         counts.append(np.asarray(c)[:n])
     return np.concatenate(sums), np.concatenate(counts)
