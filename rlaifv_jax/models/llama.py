@@ -224,12 +224,14 @@ class Llama(nnx.Module):
         dtype = dtype or self.dtype
         return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers))
 
-    def forward_embeds(self, x: jax.Array, *, positions: jax.Array, key_mask: jax.Array,
+    def forward_embeds(self, x: jax.Array, *, positions: jax.Array | None = None, key_mask: jax.Array,
                        cache: Cache | None = None, cache_index: jax.Array | int = 0,
-                       prefix: tuple[Cache, jax.Array] | None = None) -> tuple[jax.Array, Cache | None]:
+                       prefix: tuple[Cache, jax.Array] | None = None,
+                       angles: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """Run the decoder on embeddings ``x [B, T, D]``.
 
-        ``positions [B, T]``: RoPE positions. ``key_mask [B, S]``: which key slots hold real tokens,
+        ``positions [B, T]``: RoPE positions; or, instead, ``angles [B, T, head_dim / 2]``: the
+        rotary angles themselves (Qwen2.5-VL's M-RoPE). ``key_mask [B, S]``: which key slots hold real tokens,
         where S = T without a cache, else the cache length (the new tokens' slots included).
         ``prefix = (prefix_cache, prefix_mask [Bp, P])``: a cache of ``Bp`` prompts shared by
         ``B / Bp`` consecutive rows each, attended before the rows' own ``cache`` (n samples of one
@@ -241,8 +243,14 @@ class Llama(nnx.Module):
         if window is not None and seen > window:
             raise ValueError(f"sequence of {seen} tokens exceeds the model's sliding window "
                              f"({window}); sliding-window attention is not implemented")
+        if (positions is None) == (angles is None):
+            raise ValueError("give exactly one of positions and angles")
         mask = attention_mask(key_mask, x.shape[1], cache_index)
-        inv_freq = rope_inv_freq(self.config)
+        # The layers rotate by ``positions[..., None] * inv_freq``: given angles, unit positions.
+        if angles is None:
+            inv_freq = rope_inv_freq(self.config)
+        else:
+            positions, inv_freq = jnp.ones(x.shape[:2], jnp.float32), angles
         new_cache = []
         remat = getattr(self, "remat", "none")  # set by training.step.DPOStep (LossConfig.remat)
         for i, layer in enumerate(self.layers):

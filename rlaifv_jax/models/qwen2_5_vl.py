@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from rlaifv_jax.models import qwen_vision
-from rlaifv_jax.models.llama import Cache, Llama, LlamaConfig, attention_mask, rope_inv_freq
+from rlaifv_jax.models.llama import Cache, Llama, LlamaConfig, rope_inv_freq
 from rlaifv_jax.models.llava import check_image_tokens, merge_image_features
 from rlaifv_jax.models.qwen_vision import PatchMerger, QwenVision, QwenVisionConfig
 
@@ -251,27 +251,12 @@ class Qwen25VL(nnx.Module):
                        prefix: tuple[Cache, jax.Array] | None = None) -> tuple[jax.Array, Cache | None]:
         """The decoder on embeddings ``x [B, T, D]`` (arguments as ``Llama.forward_embeds``), with
         ``positions [3, B, T]`` (M-RoPE) or ``[B, T]`` (one position for all three sections)."""
-        lm = self.language_model
         positions = jnp.asarray(positions)
         if positions.ndim == 2:
             positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
-        angles = mrope_angles(positions, rope_inv_freq(lm.config), self.config.mrope_section)
-        # Llama's layers rotate by ``positions[..., None] * inv_freq``: unit positions, angle table.
-        unit = jnp.ones(x.shape[:2], jnp.float32)
-        mask = attention_mask(key_mask, x.shape[1], cache_index)
-        remat = getattr(lm, "remat", "none")  # set by training.step.DPOStep, as for Llama.forward_embeds
-        new_cache = []
-        for i, layer in enumerate(lm.layers):
-            if remat != "none" and cache is None and prefix is None:  # teacher-forced passes only
-                policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                layer_def, layer_state = nnx.split(layer)
-                x, kv = jax.checkpoint(lambda st, *a: nnx.merge(layer_def, st)(*a), policy=policy)(
-                    layer_state, x, unit, angles, mask)
-            else:
-                x, kv = layer(x, unit, angles, mask, None if cache is None else cache[i], cache_index,
-                              None if prefix is None else (prefix[0][i], prefix[1]))
-            new_cache.append(kv)
-        return lm.norm(x), (None if cache is None else tuple(new_cache))
+        angles = mrope_angles(positions, rope_inv_freq(self.language_model.config), self.config.mrope_section)
+        return self.language_model.forward_embeds(x, key_mask=key_mask, cache=cache, cache_index=cache_index,
+                                                  prefix=prefix, angles=angles)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.language_model.logits(hidden)
