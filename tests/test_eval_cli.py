@@ -11,6 +11,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 
 import tiny_hf
+import tiny_qwen
 from rlaifv_jax import evaluate
 from rlaifv_jax.eval import policy as evaluate_policy
 from rlaifv_jax.data.chat import LLAVA_V1_SYSTEM
@@ -191,3 +192,19 @@ def test_tensorboard_scalars(tmp_path):
     assert want and set(got) == set(want)
     for tag, value in want.items():
         assert got[tag] == (7, pytest.approx(value, rel=1e-6)), tag
+
+
+def test_qwen_model_beam_search_and_best_of_n(tmp_path):
+    """A tiny random Qwen2.5-VL through --model (its chat template by default): beam search on Object
+    HalBench, implicit-reward best-of-N on POPE."""
+    for name, seed in (("qwen", 0), ("qwen_ref", 1)):
+        tiny_qwen.model(tmp_path / name, seed=seed)
+    rc, result = run(tmp_path, "object_halbench", f"--model={tmp_path / 'qwen'}", "--max_new_tokens=3", "--limit=2")
+    assert rc == 0 and result["decoding"]["num_beams"] == 3 and result["template"] == "chat"
+    assert len(result["items"]) == 2 and all(isinstance(i["answer"], str) for i in result["items"])
+    rc, result = run(tmp_path, "pope", f"--model={tmp_path / 'qwen'}", f"--reference={tmp_path / 'qwen_ref'}",
+                     "--best_of=2", "--max_new_tokens=3", "--limit=2")
+    assert rc == 0 and len(result["items"]) == 2
+    for item in result["items"]:
+        for s in item["samples"]:
+            assert s["reward"] == pytest.approx(0.1 * (s["logp"] - s["ref_logp"]) / s["tokens"], rel=1e-6)
