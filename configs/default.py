@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.max_grad_norm = 1.0
     c.dpo.batch_size = 16  # pairs per optimizer step
     c.dpo.grad_accum = 1  # micro-batches per step
-    c.dpo.epochs = 4
+    c.dpo.epochs = 2
     c.dpo.max_steps = 0  # cap on optimizer steps per iteration, for quick trials (0: all epochs)
     c.dpo.max_length = 128  # tokens per sequence (prompt + image + answer)
 
