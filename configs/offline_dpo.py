@@ -70,6 +70,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # and export/step_N/ for every other kept checkpoint).
     c.export.checkpoints = "last"
 
+    # Checkpoint selection (issue 13): every_epochs=1/N keeps a checkpoint every 1/N epoch, answers the
+    # suite's questions with each one (its official decoding; python -m rlaifv_jax.evaluate's scoring, no
+    # judge) and exports the best by select_metric instead of the last step. 0 = off.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_epochs = 0.0  # 0 (off) or 1/N: 1, 0.5, 0.25, ...
+    c.eval.suite = ""  # object_halbench | amber | pope (MMHal-Bench needs a judge: not here)
+    c.eval.data = ""  # the suite's --data path (see docs/EVALUATION.md)
+    c.eval.images = ""  # the suite's --images directory (POPE, AMBER)
+    c.eval.limit = 0  # first N questions only (0: all)
+    c.eval.num_beams = 0  # 0: the suite's official decoding
+    c.eval.max_new_tokens = 0  # 0: the suite's official limit
+    c.eval.batch_size = 8  # prompts per sampler batch
+    c.eval.select_metric = "mention_hall"  # a dotted name of the suite's metrics: object_halbench
+    # mention_hall / response_hall / chair_s / recall; pope random.f1 / all.accuracy ...; amber discriminative.f1,
+    # generative.chair ...
+    c.eval.select_mode = "min"  # "min" (lower is better) or "max"
+
     c.log = ml_collections.ConfigDict()  # may change between runs of one workdir
     c.log.wandb = False  # also log DPO metrics to Weights & Biases (pip install 'rlaifv_jax[wandb]')
     c.log.wandb_project = "rlaifv_jax"  # the W&B project

@@ -207,3 +207,75 @@ def test_invalid_config_names_every_field(tmp_path):
     for field in ("sampling.num_samples", "claims.kind", "dpo.loss_type"):
         assert field in msg
     assert not os.path.exists(tmp_path / "config.json")
+
+
+def _policy_params(directory, step):
+    """A policy checkpoint's flat parameters as saved (numpy)."""
+    import orbax.checkpoint as ocp
+    from rlaifv_jax.core.checkpoint import Checkpointer
+    with Checkpointer(str(directory), max_to_keep=None, async_save=False) as ckpt:
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 extra=ocp.args.JsonRestore()))
+    return {k: np.asarray(v) for k, v in out["state"].items()}
+
+
+def check_selection(ref_dir, workdir, monkeypatch):
+    """Iteration 1 of the smoke run (stages up to the reference log-probs reused from ``ref_dir``)
+    with ``eval.every_epochs=0.25`` (4 epochs of one step each: 4 candidates): a crash during the second
+    candidate's evaluation,
+    a rerun that evaluates only the rest, the argmin of CHAIR selected, and checkpoints/1 and the
+    export holding exactly the selected candidate's weights."""
+    import shutil
+    import types
+    from flax import nnx
+    from rlaifv_jax.core.tree import flat_values
+    from rlaifv_jax.models import hf
+    from rlaifv_jax.stages import eval as eval_stage
+    for d in ["warmstart", "eval/00"] + [f"iter_00/{s}" for s in STAGES + ("encoded",)]:
+        shutil.copytree(os.path.join(ref_dir, d), os.path.join(workdir, d))
+    c = default.get_config("smoke")
+    c.iterations, c.progress, c.eval.every_epochs = 1, False, 0.25
+    monkeypatch.setattr(online, "shutil", types.SimpleNamespace(rmtree=lambda *a, **k: None))  # keep candidates
+    real, calls = eval_stage.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if crash and len(calls) == 2:  # killed during the second candidate's evaluation
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eval_stage, "evaluate", evaluate)
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        online.run(c, str(workdir))
+    sel_dir = os.path.join(workdir, "iter_00", "train", "select")
+    assert [n for n in sorted(os.listdir(sel_dir)) if records.stage_done(os.path.join(sel_dir, n))] == ["step_000001"]
+    crash, calls[:] = False, []
+    entries = online.run(c, str(workdir))
+    chosen = json.load(open(os.path.join(sel_dir, "selection.json")))
+    rows = {r["step"]: r for r in chosen["checkpoints"]}
+    assert len(rows) >= 3 and max(rows) == chosen["last_step"]
+    assert len(calls) == len(rows) - 1 + 1  # the other candidates, then eval/01; never the finished one
+    best = rows[chosen["selected_step"]]
+    assert best["chair_mention"] == min(r["chair_mention"] for r in rows.values()) <= \
+        rows[chosen["last_step"]]["chair_mention"]
+    assert entries[1]["selected_step"] == chosen["selected_step"]
+    assert entries[1]["checkpoint_evals"] == chosen["checkpoints"]
+    for key in ("chair_mention", "chair_response", "recall", "yesno_accuracy"):  # eval/01 is the selected one
+        assert entries[1][key] == best[key], key
+    ours = _policy_params(os.path.join(workdir, "checkpoints"), 1)  # the next iteration's starting policy
+    theirs = _policy_params(os.path.join(sel_dir, "candidates"), chosen["selected_step"])
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    exported = flat_values(nnx.state(hf.load_pretrained(os.path.join(workdir, "export")), nnx.Param))
+    for k in ours:
+        np.testing.assert_array_equal(np.asarray(exported[k]), ours[k], err_msg=k)
+    if chosen["selected_step"] != chosen["last_step"]:
+        last = _policy_params(os.path.join(sel_dir, "candidates"), chosen["last_step"])
+        assert any(not np.array_equal(ours[k], last[k]) for k in ours)
+    return chosen
+
+
+def test_checkpoint_selection_resumes_and_keeps_the_selected_weights(reference, tmp_path, monkeypatch):
+    check_selection(reference[0], tmp_path, monkeypatch)

@@ -27,7 +27,7 @@ from rlaifv_jax.data.rlaifv_dataset import (DatasetFileError, PreferenceRecord, 
 from rlaifv_jax.models import hf
 from rlaifv_jax.pipelines import export
 from rlaifv_jax.pipelines.spec import offline_spec
-from rlaifv_jax.stages import dpo, encode, ref
+from rlaifv_jax.stages import dpo, encode, eval as eval_stage, ref, select
 
 log = logging.getLogger(__name__)
 SHOWN_SKIPS = 10  # skipped rows named on the console (all of them go to data_report.json)
@@ -107,10 +107,28 @@ def reopen_stage(stage_dir: str, keys: set[str]) -> None:
         paths.remove(marker)
 
 
+def suite_evaluator(spec) -> select.Evaluate | None:
+    """The checkpoint evaluation of offline selection (``eval.every_epochs``): the suite's questions are
+    read and ``eval.select_metric`` checked against its metrics now, before anything trains."""
+    if spec.dpo.select is None:
+        return None
+    try:
+        bench = eval_stage.load_suite(spec.suite)
+    except (OSError, ValueError) as e:
+        raise InputError(f"eval.data: {e}") from None
+    names = eval_stage.suite_metric_names(bench)
+    if spec.dpo.select.metric not in names:
+        raise InputError(f"eval.select_metric={spec.dpo.select.metric!r} is not a metric of {spec.suite.name}; "
+                         f"choose one of {', '.join(names)}")
+    return lambda policy, stage_dir: eval_stage.run_suite(stage_dir, policy, bench, spec.suite,
+                                                          mesh=sharding.serve_mesh())
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     """Offline DPO (see module docstring). Returns a summary dict (also printed)."""
     spec = offline_spec(config)  # every field, path and checkpoint config checked: nothing written yet
     records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs)
+    evaluate = suite_evaluator(spec)
     check_or_save_config(config, workdir)
     mesh = sharding.make_mesh(*spec.mesh)
     reference = reference_identity(spec.policy.path)
@@ -149,7 +167,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     result = dpo.run(os.path.join(workdir, "train"), examples, image, spec.policy, spec.dpo, seed=spec.seed,
                      mesh=mesh, desc="dpo", save=save,
-                     save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")))
+                     save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")), evaluate=evaluate)
     too_long = sum("too_long" in e.get("warnings", ()) for e in encoded)
     history = result["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
@@ -160,6 +178,6 @@ def run(config, workdir: str) -> dict[str, Any]:
                "exported_step": result.get("exported_step"),
                "first": {k: first.get(k) for k in ("loss", "rewards/accuracies", "rewards/margins")},
                "last": {k: last.get(k) for k in ("loss", "rewards/accuracies", "rewards/margins")},
-               "export": export_dir}
+               "export": export_dir, **select.summary(os.path.join(workdir, "train", "select"))}
     print(json.dumps(summary, indent=2, allow_nan=False))
     return summary

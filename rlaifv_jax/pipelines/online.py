@@ -19,7 +19,8 @@ from rlaifv_jax.pipelines import export, inputs as inputs_lib
 from rlaifv_jax.pipelines.report import write_report
 from rlaifv_jax.pipelines.summary import Summary
 from rlaifv_jax.pipelines.spec import online_spec
-from rlaifv_jax.stages import bundle, claims, dpo, encode, eval as eval_stage, label, pairs, ref, runner, sample
+from rlaifv_jax.stages import (bundle, claims, dpo, encode, eval as eval_stage, label, pairs, ref, runner, sample,
+                               select)
 
 STAGES = ("samples", "claims", "labels", "pairs", "encoded", "ref_logps")
 
@@ -39,9 +40,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     def policy_at(k: int) -> bundle.ModelSpec:  # the policy after k iterations
         return dataclasses.replace(spec.policy, checkpoint=ckpt_dir, step=k)
 
+    def evaluate_spec(policy: bundle.ModelSpec, stage_dir: str) -> dict[str, Any]:
+        return eval_stage.run(stage_dir, policy, inputs.eval_records, inputs.world, spec.eval, mesh=serve)
+
     def evaluate(k: int) -> dict[str, Any]:
-        return eval_stage.run(os.path.join(workdir, "eval", f"{k:02d}"), policy_at(k), inputs.eval_records,
-                              inputs.world, spec.eval, mesh=serve)
+        return evaluate_spec(policy_at(k), os.path.join(workdir, "eval", f"{k:02d}"))
 
     if not summary.has(0):
         summary.put({"iteration": 0, **evaluate(0), "pairs": 0, "wall_s": round(time.time() - t_start, 1)})
@@ -77,11 +80,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         if k + 1 not in bundle.saved_steps(ckpt_dir):
             dpo.run(train_dir, examples, image, policy_at(k), spec.dpo, seed=seed, mesh=mesh,
                     desc=f"dpo {k + 1}/{spec.iterations}",
-                    save=lambda m: bundle.save_params(m, ckpt_dir, k + 1, {"iteration": k + 1}))
-        if jax.process_index() == 0:
-            shutil.rmtree(os.path.join(train_dir, "checkpoints"), ignore_errors=True)  # superseded by the policy checkpoint
+                    save=lambda m: bundle.save_params(m, ckpt_dir, k + 1, {"iteration": k + 1}),
+                    evaluate=evaluate_spec)
+        if jax.process_index() == 0:  # superseded by the policy checkpoint
+            shutil.rmtree(os.path.join(train_dir, "checkpoints"), ignore_errors=True)
+            shutil.rmtree(select.candidates_dir(os.path.join(train_dir, "select")), ignore_errors=True)
         summary.put({"iteration": k + 1, **evaluate(k + 1), "pairs": len(examples), "length_ratio": ratio,
-                     **dpo.summary(train_dir),
+                     **dpo.summary(train_dir), **select.summary(os.path.join(train_dir, "select")),
                      "warnings": runner.stage_warnings([os.path.join(it, s) for s in STAGES]),
                      "wall_s": round(time.time() - t_start, 1)})
     with bundle.loaded(policy_at(spec.iterations), mesh, training=True) as final:  # master weights, collectively

@@ -65,6 +65,23 @@ def collapse(first: dict[str, Any], last: dict[str, Any]) -> list[str]:
     return reasons
 
 
+def selection_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """One line per iteration that selected its DPO checkpoint (``eval.every_epochs``): the metric at
+    every candidate, the selected step and the last."""
+    lines = []
+    for e in entries:
+        if e.get("selected_step") is None:
+            continue
+        metric, rows = e["select_metric"], e.get("checkpoint_evals") or []
+        value = {r["step"]: r.get(metric) for r in rows}
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"iteration {e['iteration']}: {metric} ({e['select_mode']}) per checkpoint "
+                     + " ".join(f"{s}:{fmt(v)}" for s, v in value.items())
+                     + f"; selected step {e['selected_step']} ({fmt(value.get(e['selected_step']))}), "
+                     f"last step {e['last_step']} ({fmt(value.get(e['last_step']))})")
+    return lines
+
+
 def write_report(workdir: str, entries: list[dict[str, Any]], prompt_report: dict[str, Any] | None) -> None:
     """Print the table (and the prompt-file problems) and write ``report.json`` + ``hallucination.png``."""
     print("\nRLAIF-V summary (" + os.path.join(workdir, "summary.json") + ")")
@@ -83,6 +100,11 @@ def write_report(workdir: str, entries: list[dict[str, Any]], prompt_report: dic
             print(f"mention-level CHAIR {first['chair_mention']:.1%} -> {last['chair_mention']:.1%} "
                   f"({verdict['reduction']:.0%} relative reduction); "
                   f"recall {first['recall']:.1%} -> {last['recall']:.1%}")
+    selection = selection_lines(entries)
+    if selection:
+        print("checkpoint selection (eval.every_epochs):")
+        for line in selection:
+            print("  " + line)
     if prompt_report:
         print(f"prompt file {prompt_report['path']}: kept {prompt_report['kept']}, skipped {prompt_report['skipped']}")
         for line in prompt_report["problems"]:

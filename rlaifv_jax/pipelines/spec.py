@@ -11,10 +11,11 @@ from rlaifv_jax.pipelines.validate import _get, data_paths, validate
 from rlaifv_jax.stages.bundle import ModelSpec
 from rlaifv_jax.stages.claims import ClaimSettings
 from rlaifv_jax.stages.dpo import DPOSettings, LoraSettings
-from rlaifv_jax.stages.eval import EvalSettings
+from rlaifv_jax.stages.eval import DIRECTIONS, EvalSettings, SuiteSettings
 from rlaifv_jax.stages.label import LabelSettings
 from rlaifv_jax.stages.pairs import PairSettings
 from rlaifv_jax.stages.sample import SampleSettings
+from rlaifv_jax.stages.select import SelectSettings
 from rlaifv_jax.training.loop import TrainConfig
 from rlaifv_jax.training.step import LossConfig, OptimConfig
 
@@ -22,6 +23,16 @@ from rlaifv_jax.training.step import LossConfig, OptimConfig
 def _off(value, off):
     """A config value whose ``off`` sentinel means "not used" → None."""
     return None if value == off else value
+
+
+def _select(c: ml_collections.ConfigDict) -> SelectSettings | None:
+    """``eval.every_epochs`` / ``select_metric`` / ``select_mode`` → checkpoint selection (None: off)."""
+    every = _get(c, "eval.every_epochs", 0)
+    if not every:
+        return None
+    metric = _get(c, "eval.select_metric", "chair_mention")
+    return SelectSettings(every_epochs=float(every), metric=metric,
+                          mode=_get(c, "eval.select_mode", "") or DIRECTIONS.get(metric, "min"))
 
 
 def _wandb_project(c: ml_collections.ConfigDict) -> str:
@@ -77,7 +88,7 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
                                 grad_accum=d.grad_accum),
                 seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
                 max_steps=_get(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
-            batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length),
+            batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length, select=_select(c)),
         eval=EvalSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size))
 
 
@@ -92,6 +103,7 @@ class OfflineSpec:
     progress: bool
     dpo: DPOSettings
     export_dtype: str  # "" = the master dtype
+    suite: SuiteSettings | None = None  # the suite that scores each checkpoint (eval.every_epochs > 0)
 
 
 def offline_spec(c: ml_collections.ConfigDict) -> OfflineSpec:
@@ -117,5 +129,14 @@ def offline_spec(c: ml_collections.ConfigDict) -> OfflineSpec:
             batch_size=t.global_batch_size, epochs=t.num_epochs, max_length=c.data.max_length,
             checkpoints_per_epoch=t.checkpoints_per_epoch,
             lora=LoraSettings(c.lora.rank, c.lora.alpha, c.lora.dropout) if c.lora.enabled else None,
-            export=_get(c, "export.checkpoints", "last")),
-        export_dtype=c.export.dtype)
+            export=_get(c, "export.checkpoints", "last"), select=_select(c)),
+        export_dtype=c.export.dtype, suite=_suite(c))
+
+
+def _suite(c: ml_collections.ConfigDict) -> SuiteSettings | None:
+    """``eval.suite`` and its files (offline checkpoint selection), or None when selection is off."""
+    if not _get(c, "eval.every_epochs", 0):
+        return None
+    e = c.eval
+    return SuiteSettings(name=e.suite, data=e.data, images=e.images or None, num_beams=e.num_beams,
+                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit)

@@ -29,6 +29,7 @@ from rlaifv_jax.training.loss import LOSS_TYPES, METRIC_NAMES
 MODES = ("online", "offline_dpo")
 TEMPLATES = ("llava_v1", "chat")
 EXPORT_CHOICES = ("last", "best", "all")
+SELECT_SUITES = ("object_halbench", "amber", "pope")  # suites that score without a judge
 _MISSING = object()
 
 _ONLINE_CHOICES = {
@@ -195,6 +196,30 @@ def _wandb(problems: Problems) -> None:
         problems.add("log.wandb=True but the wandb package is not installed (pip install 'rlaifv_jax[wandb]')")
 
 
+def _every_epochs(p: Problems) -> float | None:
+    """``eval.every_epochs``: 0 (off: None) or 1/N for a whole N."""
+    every = p.number("eval.every_epochs")
+    if not every:
+        return None
+    if not 0 < every <= 1 or abs(1 / every - round(1 / every)) > 1e-6:
+        p.add(f"eval.every_epochs={every!r} must be 0 (off) or 1/N for a whole N (1, 0.5, 0.25, ...)")
+    return every
+
+
+def _selection(p: Problems) -> None:
+    """``eval.every_epochs``, ``eval.select_metric`` and ``eval.select_mode`` (online, toy CHAIR)."""
+    from rlaifv_jax.stages.eval import DIRECTIONS
+    every = _every_epochs(p)
+    if every is None:
+        return
+    p.choice("eval.select_metric", tuple(DIRECTIONS))
+    p.choice("eval.select_mode", ("", "min", "max"))
+    if p.value("source") != "toy":
+        p.add(f"eval.every_epochs={every!r}: checkpoint selection scores checkpoints with the online loop's "
+              "evaluation, exact CHAIR of the toy world (source='toy'); the benchmark suites "
+              "(python -m rlaifv_jax.evaluate) do not run inside the online loop yet; use 0")
+
+
 def _online(p: Problems) -> None:
     c = p.c
     for field, choices in _ONLINE_CHOICES.items():
@@ -216,6 +241,7 @@ def _online(p: Problems) -> None:
         p.add(f"sampling.num_samples={n} must be >= 2: pairs come from a prompt's different responses")
     _mesh(p, ("dpo.batch_size",), "dpo.grad_accum")
     _wandb(p)
+    _selection(p)
     if c.source == "toy":
         if c.claims.kind != "rule":
             p.add(f"claims.kind={c.claims.kind!r}: source='toy' uses 'rule' (the toy language has its rule-based "
@@ -307,6 +333,28 @@ def _offline(p: Problems) -> None:
         p.lines.extend(e.problems)
     if p.hf_dir("policy.path", multimodal=True, trainable=True, assets=True):
         _max_length(p, "data.max_length", _image_tokens(p, c.policy.path))
+    _offline_selection(p)
+
+
+def _offline_selection(p: Problems) -> None:
+    """``eval.*`` of offline DPO: a suite, its files and a named metric with its direction."""
+    if _every_epochs(p) is None:
+        return
+    p.choice("eval.suite", SELECT_SUITES)
+    p.choice("eval.select_mode", ("min", "max"))
+    p.nonneg("eval.limit", "eval.num_beams", "eval.max_new_tokens")
+    p.positive("eval.batch_size")
+    if not p.value("eval.select_metric"):
+        p.add("eval.select_metric is empty: name one of the suite's metrics (e.g. mention_hall)")
+    data = p.value("eval.data")
+    if not data or not os.path.exists(data):
+        p.add(f"eval.data={data!r} does not exist: give the suite's files (docs/EVALUATION.md)")
+    images = p.value("eval.images")
+    if images and not os.path.isdir(images):
+        p.add(f"eval.images={images!r} is not a directory")
+    if p.value("export.checkpoints") not in (_MISSING, "last"):
+        p.add(f"export.checkpoints={p.value('export.checkpoints')!r}: with eval.every_epochs > 0 the selected "
+              "checkpoint is exported; use 'last'")
 
 
 def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:

@@ -17,7 +17,7 @@ from rlaifv_jax.core import jsonl, paths
 from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.data.buckets import length_buckets
 from rlaifv_jax.data.rlaifv_dataset import make_pair_dataset
-from rlaifv_jax.stages import bundle, encode
+from rlaifv_jax.stages import bundle, encode, select as select_lib
 from rlaifv_jax.training import lora as lora_lib
 from rlaifv_jax.training.loop import TrainConfig, train
 
@@ -41,17 +41,44 @@ class DPOSettings:
     lora: LoraSettings | None = None  # train LoRA adapters instead of the full language model
     export: str = "last"  # what ``save`` gets: "last" (final step), "best" (best kept checkpoint by
     # train.best_metric), "all" (the final step, and every other kept checkpoint through ``save_step``)
+    select: select_lib.SelectSettings | None = None  # evaluate a checkpoint every 1/N epoch and hand the
+    # best by select.metric to ``save`` (overrides ``export``; needs ``evaluate`` in ``run``)
 
 
 def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
         policy: bundle.ModelSpec, settings: DPOSettings, *, seed: int, mesh, desc: str,
-        save: Callable[[nnx.Module], None], save_step: Callable[[nnx.Module, int], None] | None = None
-        ) -> dict[str, Any]:
+        save: Callable[[nnx.Module], None], save_step: Callable[[nnx.Module, int], None] | None = None,
+        evaluate: select_lib.Evaluate | None = None) -> dict[str, Any]:
     """Train ``policy`` on ``examples`` (encoded pairs carrying ``ref_*_logps``), call ``save`` with
     the trained model (LoRA merged; ``settings.export`` says which step) and, for ``export="all"``,
     ``save_step(model, step)`` with every other kept checkpoint; free it. Returns ``{"steps",
     "resumed_from", "history", "exported_step", "kept_steps", "best_step", ...}``. With no examples
-    the policy is saved unchanged."""
+    the policy is saved unchanged.
+
+    With ``settings.select`` and ``evaluate(spec, stage_dir) -> metrics``, a checkpoint is kept every
+    ``select.every_epochs``; once training is done and its state freed, each is evaluated
+    (``stages/select.py``, in ``train_dir/select``) and the best by ``select.metric`` goes to ``save``."""
+    selecting = settings.select is not None and evaluate is not None
+    out = _train(train_dir, examples, image_of, policy, settings, seed=seed, mesh=mesh, desc=desc, save=save,
+                 save_step=save_step, selecting=selecting)
+    if not selecting or not out["steps"]:
+        return out
+    select_dir = os.path.join(train_dir, "select")
+    chosen = select_lib.evaluate(select_dir, out["candidate_steps"], policy, evaluate, settings.select,
+                                 out["steps_per_epoch"], desc=desc)
+    step = chosen["selected_step"]
+    spec = dataclasses.replace(policy, checkpoint=select_lib.candidates_dir(select_dir), step=step)
+    with bundle.loaded(spec, mesh, training=True) as b:  # master weights of the selected checkpoint
+        save(b.model)
+    return {**out, "exported_step": step, "best_step": step, "selection": chosen}
+
+
+def _train(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
+           policy: bundle.ModelSpec, settings: DPOSettings, *, seed: int, mesh, desc: str,
+           save: Callable[[nnx.Module], None], save_step: Callable[[nnx.Module, int], None] | None,
+           selecting: bool) -> dict[str, Any]:
+    """The training half of ``run``; when ``selecting``, writes the candidates' policies instead of
+    calling ``save`` and frees the train state before returning."""
     with bundle.loaded(policy, mesh, training=True) as b:
         if not examples:
             log.warning("%s: no preference pairs; the policy is unchanged", desc)
@@ -69,6 +96,11 @@ def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str]
                                  buckets=length_buckets(settings.max_length))
         per_epoch = len(data) // settings.epochs
         cfg = dataclasses.replace(settings.train, save_every=max(1, per_epoch // max(settings.checkpoints_per_epoch, 1)))
+        candidates: list[int] = []
+        if selecting:  # exact 1/N-epoch steps, every one kept until it is evaluated
+            total = min(len(data), cfg.max_steps) if cfg.max_steps > 0 else len(data)
+            candidates = select_lib.candidate_steps(per_epoch, settings.epochs, settings.select.every_epochs, total)
+            cfg = dataclasses.replace(cfg, save_every=0, save_steps=tuple(candidates), max_to_keep=None)
         extra = {}
         if settings.lora is not None:
             lora_lib.apply_lora(b.model, rank=settings.lora.rank, alpha=settings.lora.alpha,
@@ -79,6 +111,15 @@ def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str]
         def merged(model: nnx.Module) -> nnx.Module:
             return lora_lib.merge_lora(model) if settings.lora is not None else model
 
+        info = {"steps": result.step, "resumed_from": result.resumed_from, "history": result.history,
+                "steps_per_epoch": per_epoch, "checkpoint_every": cfg.save_every, "kept_steps": result.kept_steps}
+        if selecting:
+            select_lib.write_candidates(os.path.join(train_dir, "select"), candidates,
+                                        lambda s: merged(result.model_at(s)))
+            for leaf in jax.tree.leaves(result.state):  # the optimizer state goes before evaluation starts
+                if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                    leaf.delete()
+            return {**info, "candidate_steps": candidates}
         exported = result.step
         if settings.export == "best" and result.best_step not in (None, result.step):
             exported = result.best_step
@@ -91,9 +132,7 @@ def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str]
             for s in result.kept_steps:
                 if s != result.step:
                     save_step(merged(result.model_at(s)), s)
-        return {"steps": result.step, "resumed_from": result.resumed_from, "history": result.history,
-                "steps_per_epoch": per_epoch, "checkpoint_every": cfg.save_every, "exported_step": exported,
-                "kept_steps": result.kept_steps, "best_step": result.best_step}
+        return {**info, "exported_step": exported, "best_step": result.best_step}
 
 
 def check_data(train_dir: str, examples: list[dict[str, Any]], settings: DPOSettings) -> None:

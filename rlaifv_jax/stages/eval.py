@@ -15,6 +15,9 @@ from rlaifv_jax.feedback.verdicts import accept_claim
 from rlaifv_jax.stages import bundle, runner
 
 NO_GROUND_TRUTH = {"chair_response": None, "chair_mention": None, "recall": None, "yesno_accuracy": None}
+# The metrics a checkpoint can be selected by (eval.select_metric) and which way is better.
+DIRECTIONS = {"chair_response": "min", "chair_mention": "min", "chair_s": "min", "recall": "max",
+              "yesno_accuracy": "max", "yesno_f1": "max"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,3 +66,79 @@ def run(stage_dir: str, policy: bundle.ModelSpec, records: list[dict[str, Any]],
 
     out = runner.run(stage_dir, [{"key": "eval"}], open_fn, chunk_size=1, desc="eval", progress=False)
     return {k: v for k, v in out[0].items() if k != "key"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteSettings:
+    """A benchmark suite run inside a training job (``eval/suites.py``; no judge: MMHal-Bench is out)."""
+
+    name: str  # object_halbench | amber | pope
+    data: str  # the suite's --data path
+    images: str | None = None  # the suite's --images directory
+    num_beams: int = 0  # 0: the suite's official decoding
+    max_new_tokens: int = 0  # 0: the suite's official limit
+    batch_size: int = 8
+    limit: int = 0  # first N questions only (0: all)
+
+
+def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a suite's (nested) metrics under dotted names, e.g. ``random.f1``."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, name + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[name] = float(v)
+    return out
+
+
+def load_suite(s: SuiteSettings):
+    """The suite's questions (the first ``limit``) and scorer (``eval.suites.Benchmark``)."""
+    from rlaifv_jax.eval import suites
+    bench = suites.load(s.name, s.data, s.images)
+    if s.limit:
+        bench.questions = bench.questions[:s.limit]
+    return bench
+
+
+def suite_metric_names(bench) -> list[str]:
+    """The dotted metric names the suite reports (scored on placeholder answers, no model)."""
+    return sorted(flat_metrics(bench.score({q.id: "No." for q in bench.questions}, None)[0]))
+
+
+def answer_suite(b: bundle.Bundle, bench, s: SuiteSettings, mesh=None) -> dict[str, str]:
+    """The bundle's answer to every question, with the suite's official decoding (greedy or beam)."""
+    from rlaifv_jax.engine.beam import beam_search
+    from rlaifv_jax.eval.questions import load_image
+    beams = s.num_beams or bench.decoding["num_beams"]
+    limit = s.max_new_tokens or bench.decoding["max_new_tokens"]
+    answers: dict[str, str] = {}
+    for lo in range(0, len(bench.questions), 4 * s.batch_size):
+        chunk = bench.questions[lo:lo + 4 * s.batch_size]
+        prompts = [b.prompt({"id": q.id, "question": q.question, "image": load_image(q)}) for q in chunk]
+        if beams == 1:
+            outs = generate(b.model, prompts, max_new_tokens=limit, temperature=0.0, stop_token_ids=b.stop_ids(),
+                            batch_size=s.batch_size, mesh=mesh, progress=False)
+        else:
+            outs = beam_search(b.model, prompts, num_beams=beams, max_new_tokens=limit, stop_token_ids=b.stop_ids(),
+                               batch_size=s.batch_size, progress=False)
+        for q, o in zip(chunk, outs):
+            answers[q.id] = b.tokenizer.decode(o["tokens"][0], skip_special_tokens=True).strip()
+    return answers
+
+
+def run_suite(stage_dir: str, policy: bundle.ModelSpec, bench, settings: SuiteSettings, *, mesh) -> dict[str, Any]:
+    """The suite's flattened metrics of ``policy`` (one record with the answers, computed once)."""
+
+    @contextlib.contextmanager
+    def open_fn():
+        with bundle.loaded(policy, mesh) as b:
+            def fn(chunk):
+                answers = answer_suite(b, bench, settings, mesh)
+                return [{"metrics": flat_metrics(bench.score(answers, None)[0]), "answers": answers}]
+            yield fn
+
+    out = runner.run(stage_dir, [{"key": "eval"}], open_fn, chunk_size=1, desc=f"eval {settings.name}",
+                     progress=False)
+    return out[0]["metrics"]

@@ -11,7 +11,7 @@ log-probs (``ref_chosen_logps`` / ``ref_rejected_logps``; see ``logps.reference_
   TensorBoard only, so ``metrics.jsonl`` is the same for a resumed and an uninterrupted run;
   optionally Weights & Biases (``cfg.wandb_project``);
 * Orbax checkpoints (``workdir/checkpoints``) of params, optimizer state, step, RNG and the
-  data-iterator state every ``save_every`` steps and at the end, keeping the last ``max_to_keep``
+  data-iterator state every ``save_every`` steps, after each of ``save_steps`` and at the end, keeping the last ``max_to_keep``
   and the best by ``best_metric`` (its mean over the steps since the previous checkpoint);
 * a finite check: a non-finite loss or gradient norm stops the run (``NonFiniteError`` naming the
   step) before anything from that step is saved, so the last good checkpoint stays the latest;
@@ -58,6 +58,7 @@ class TrainConfig:
     loss: dpo_step.LossConfig = dpo_step.LossConfig()
     seed: int = 0  # RNG of the step (LoRA dropout); saved in checkpoints
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    save_steps: tuple[int, ...] = ()  # also checkpoint after exactly these steps (e.g. every 1/4 epoch)
     max_to_keep: int | None = 3  # latest checkpoints kept (None: all), besides the best one
     best_metric: str = ""  # also keep the best checkpoint by this metric ("": none), e.g. "loss"
     best_mode: str = "min"  # "min" or "max" of best_metric
@@ -263,8 +264,8 @@ def train(model: nnx.Module, dataset: grain.MapDataset, cfg: TrainConfig, workdi
                 if done % max(cfg.log_every, 1) == 0 or done == total:
                     flush()
                 saved = False
-                if ckpt.should_save(done) or done == total:
-                    saved = save(done, force=done == total)
+                if ckpt.should_save(done) or done == total or done in cfg.save_steps:
+                    saved = save(done, force=done == total or done in cfg.save_steps)
                 bar.update(1)
                 if hook is not None:
                     hook(done, metrics, saved)
