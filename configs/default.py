@@ -118,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Checkpoint selection (issue 13): every_epochs=1/N keeps a DPO checkpoint every 1/N epoch, evaluates
     # each one as above (exact CHAIR on the held-out images; source="toy" only) and makes the best by
     # select_metric the iteration's policy (the next iteration's start, and the export). 0 = off: the
-    # last step, as before. Each evaluation costs one eval pass (~2-4 s on 2 CPU cores in the default run).
+    # last step, as before. Costs one eval pass per checkpoint (4 per epoch at every_epochs=0.25).
     c.eval.every_epochs = 0.0
     c.eval.select_metric = "chair_mention"  # chair_mention | chair_response | chair_s | recall | yesno_accuracy | yesno_f1
     c.eval.select_mode = ""  # "min" | "max" | "" (the metric's own direction: lower CHAIR, higher recall/accuracy)
