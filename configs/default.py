@@ -111,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.epochs = 2
     c.dpo.max_steps = 0  # cap on optimizer steps per iteration, for quick trials (0: all epochs)
     c.dpo.max_length = 128  # tokens per sequence (prompt + image + answer)
+    c.dpo.remat = "none"  # per decoder layer: none | full (recompute in the backward pass) | dots (keep matmuls)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 40  # greedy captions for CHAIR

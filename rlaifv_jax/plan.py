@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from rlaifv_jax.core import aot, hardware, sharding as shd
@@ -35,7 +36,7 @@ from rlaifv_jax.engine import generate, logps, score, vision
 from rlaifv_jax.engine.logits import SamplingConfig
 from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING
 from rlaifv_jax.models import anyres, hf
-from rlaifv_jax.models.llava import Llava, LlavaNext
+from rlaifv_jax.models.llava import LlavaNext
 from rlaifv_jax.training import step as dpo
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Assumptions:
     question_tokens: int = 32  # labeler question + "Please answer yes or no." + assistant tag
     claims_per_response: int = 8  # yes/no questions per response
     claims_prompt_tokens: int = 160  # split/convert instructions, question; the answer adds its tokens
+    min_pixels: int = 56 * 56  # Qwen2.5-VL image processor's resize bounds: the hub's min_pixels and the
+    max_pixels: int = 1280 * 28 * 28  # max_pixels configs/qwen25vl_7b_self.py recommends (≤ 1280 image tokens)
 
 
 # ----------------------------------------------------------------------------- models
@@ -80,13 +83,40 @@ def _bucket(tokens: int) -> int:
     return next((b for b in generate.DEFAULT_BUCKETS if b >= tokens), -(-tokens // 512) * 512)
 
 
-def _image(model: nnx.Module, assume: Assumptions) -> tuple[tuple[int, ...], int]:
-    """``pixel_values`` shape of one prompt image for ``model`` and the image tokens it gives."""
+def prompt_image(model: nnx.Module, assume: Assumptions) -> tuple[np.ndarray, Any, int]:
+    """Zero ``pixel_values`` of one ``assume.image_size`` prompt image as ``model``'s image processor
+    shapes them, their layout (Qwen2.5-VL: ``image_grid_thw``; LLaVA-NeXT: ``image_sizes``; LLaVA-1.5:
+    None) and the image tokens they give."""
     v = model.config.vision
+    if vision.layout_key(model) == "image_grid_thw":  # the processor's resize to its pixel bounds
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        h, w = smart_resize(*assume.image_size, factor=v.patch_size * v.spatial_merge_size,
+                            min_pixels=assume.min_pixels, max_pixels=assume.max_pixels)
+        grid = np.array([[1, h // v.patch_size, w // v.patch_size]])
+        return np.zeros((int(grid.prod()), v.patch_dim), np.float32), grid, model.num_image_tokens(grid)
     if isinstance(model, LlavaNext):
         tiles = anyres.num_patches(assume.image_size, model.config.image_grid_pinpoints, v.image_size)
-        return (1, tiles, v.num_channels, v.image_size, v.image_size), model.num_image_tokens(assume.image_size)
-    return (1, v.num_channels, v.image_size, v.image_size), model.num_image_tokens()
+        pixels = np.zeros((1, tiles, v.num_channels, v.image_size, v.image_size), np.float32)
+        return pixels, np.array([assume.image_size]), model.num_image_tokens(assume.image_size)
+    return np.zeros((1, v.num_channels, v.image_size, v.image_size), np.float32), None, model.num_image_tokens()
+
+
+def tower_input(model: nnx.Module, mesh: Any, pixels: np.ndarray, layout: Any) -> Any:
+    """The abstract argument of ``engine.vision._tile_features`` for one image, as ``engine.vision``
+    builds it: the model's own ``vision_inputs`` (Qwen2.5-VL's bucketed tower layout) or the pixels."""
+    x = model.vision_inputs(pixels, layout) if hasattr(model, "vision_inputs") else pixels
+    return jax.tree.map(lambda a: aot.replicated(mesh, np.shape(a), np.asarray(a).dtype), x)
+
+
+def pair_image(model: nnx.Module, assume: Assumptions, length: int) -> dict[str, np.ndarray]:
+    """The image arrays of one DPO pair padded to ``length`` tokens (``engine.logps.pair_image_arrays``,
+    as the DPO stage encodes them; Qwen2.5-VL: padded to ``assume.max_pixels``' patches)."""
+    pixels, layout, tokens = prompt_image(model, assume)
+    text = assume.prompt_text_tokens // 2
+    prompt = np.zeros(tokens + assume.prompt_text_tokens, np.int32)
+    prompt[text:text + tokens] = model.config.image_token_id
+    return logps.pair_image_arrays(model, pixels, layout, prompt, length,
+                                   max_patches=assume.max_pixels // model.config.vision.patch_size ** 2)
 
 
 def dpo_configs(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.OptimConfig, dpo.LossConfig]:
@@ -134,8 +164,8 @@ class Planner:
     stages: list[aot.Stage] = dataclasses.field(default_factory=list)
 
     def vision(self, name: str, model: nnx.Module, state: Any) -> int:
-        shape, tokens = _image(model, self.assume)
-        px = aot.replicated(self.mesh, shape, jnp.float32)
+        pixels, layout, tokens = prompt_image(model, self.assume)
+        px = tower_input(model, self.mesh, pixels, layout)
 
         def build():
             with jax.set_mesh(self.mesh):
@@ -196,11 +226,12 @@ class Planner:
                    "score": dict(tokens_per_step=rows * cb,
                                  calls=self.counts["prompts"] * math.ceil(questions / rows))})
 
-    def pair_batch(self, model: Llava, with_ref: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    def pair_batch(self, model: nnx.Module, with_ref: bool) -> dict[str, jax.ShapeDtypeStruct]:
         """The largest pair batch of the run: ``max_length`` tokens, the answer window of the longest answer."""
-        b, length, v = self.config.dpo.batch_size, self.config.dpo.max_length, model.config.vision
+        b, length = self.config.dpo.batch_size, self.config.dpo.max_length
         window = dpo_window(self.config)
-        shapes = {"pixel_values": ((b, v.num_channels, v.image_size, v.image_size), jnp.float32),
+        image = pair_image(model, self.assume, length)
+        shapes = {**{k: ((b,) + a.shape, a.dtype) for k, a in image.items()},
                   "chosen_tokens": ((b, length), jnp.int32), "rejected_tokens": ((b, length), jnp.int32),
                   **{k: ((b,), jnp.int32) for k in ("answer_start", "chosen_len", "rejected_len")},
                   **({buckets.WINDOW_KEY: ((b, window + 1), jnp.int32)} if window is not None else {}),
@@ -224,8 +255,9 @@ class Planner:
         bf16 master weights to show what each saves."""
         optim, loss = dpo_configs(self.config, self.counts["dpo_steps"])
         runs = [("dpo_step", optim, loss)]
-        if variants and loss.remat == "none":
-            runs.append(("dpo_step[remat=full]", optim, dataclasses.replace(loss, remat="full")))
+        if variants:  # remat on when it is off, off when it is on
+            other = "full" if loss.remat == "none" else "none"
+            runs.append((f"dpo_step[remat={other}]", optim, dataclasses.replace(loss, remat=other)))
         if variants and optim.state_dtype == "float32":
             runs.append(("dpo_step[opt_state=bf16]", dataclasses.replace(optim, state_dtype="bfloat16"), loss))
         if variants and optim.master_dtype == "float32":

@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default
+from configs import default, qwen25vl_7b_self
 from rlaifv_jax import plan
 from rlaifv_jax.core import aot, hardware, sharding
 from rlaifv_jax.data import buckets
@@ -123,6 +124,45 @@ def test_7b_with_float32_master_weights_does_not_fit_v5litepod_4(capsys):
     assert "does not fit: stage dpo_step needs" in err and "v5litepod-4 has 16 GiB" in err
     for knob in ("fsdp", "tensor", "bf16 master weights", "remat", "grad_accum", "LoRA"):
         assert knob in err, knob
+
+
+def _tiny_qwen(tmp_path):
+    """configs/qwen25vl_7b_self.py on the Qwen2.5-VL-7B preset shrunk to a few units (config.json only)."""
+    arch = json.loads(Path("configs/arch/qwen2.5-vl-7b-instruct/config.json").read_text())
+    arch.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    arch["rope_scaling"]["mrope_section"] = [2, 1, 1]
+    arch["vision_config"].update(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32,
+                                 fullatt_block_indexes=[1])
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    c = qwen25vl_7b_self.get_config()
+    c.policy.path = str(tmp_path)
+    c.prompts.per_iteration, c.sampling.max_new_tokens, c.sampling.num_samples = 8, 16, 2
+    c.labeler.batch_size, c.dpo.max_length = 16, 256
+    return c
+
+
+TINY_IMAGE = plan.Assumptions(image_size=(224, 224))  # 16 x 16 patches: 64 image tokens
+
+
+def _qwen_plan(tmp_path, topology, only):
+    r = plan.plan(_tiny_qwen(tmp_path), topology, only=only, variants=False, assume=TINY_IMAGE)
+    stages = {s["name"]: s for s in r["stages"]}
+    assert r["fits"] and stages["sample/vision"]["tokens_per_step"] == 64
+    assert all(s["bytes_per_chip"] > 0 and s["flops_per_chip"] > 0 for s in r["stages"]), r["stages"]
+    return stages
+
+
+def test_qwen25vl_plan_on_local_devices(tmp_path):
+    """Qwen2.5-VL's tower layout (image_grid_thw), M-RoPE positions and pair arrays, every stage."""
+    stages = _qwen_plan(tmp_path, "local", ("sample", "label", "ref_logps", "dpo_step"))
+    assert list(stages) == ["sample/vision", "sample/prefill", "sample/decode", "label/vision", "label/prefill",
+                            "label/score", "ref_logps", "dpo_step"]
+
+
+@needs_libtpu
+def test_qwen25vl_plan_on_a_tpu_slice(tmp_path):
+    stages = _qwen_plan(tmp_path, "v5litepod-4", ("sample", "dpo_step"))
+    assert all(s["seconds"] > 0 for s in stages.values())
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

@@ -30,7 +30,7 @@ from rlaifv_jax.models.qwen_vision import LAYOUT_KEYS
 Batch = Mapping[str, Any]
 
 def answer_logps(
-    logits: jax.Array, tokens: jax.Array, answer_start: jax.Array, answer_len: jax.Array
+    logits: jax.Array, tokens: jax.Array, answer_start: jax.Array, answer_len: jax.Array, *, shifted: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of answer-token log-probs per row, and the number of answer tokens.
 
@@ -40,6 +40,8 @@ def answer_logps(
       tokens: ``[B, T]`` int, the full input sequence (prompt, image tokens, answer, padding).
       answer_start: ``[B]`` int, index in ``tokens`` of the first answer token (≥ 1).
       answer_len: ``[B]`` int, number of answer tokens (including the end-of-turn token).
+      shifted: ``logits`` is ``[B, T - 1, V]``, already without the last position (no slice of
+        the logits: TPU's compiler fails on the gradient of a slice of a ``[B, W + 1, V]`` window).
 
     Returns:
       ``(sum_logps [B] float32, count [B] int32)``. The mask comes from ``answer_start``/``answer_len``
@@ -48,7 +50,7 @@ def answer_logps(
       logsumexp is a reduction whose float32 up-cast XLA fuses into it, so no ``[B, T, V]`` float32
       log-softmax is materialised. Answer tokens beyond position ``T − 1`` are not counted.
     """
-    pred = logits[:, :-1]  # [B, T-1, V] predicts tokens[:, 1:]
+    pred = logits if shifted else logits[:, :-1]  # [B, T-1, V] predicts tokens[:, 1:]
     targets = tokens[:, 1:].astype(jnp.int32)
     target_logit = jnp.take_along_axis(pred, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
     row_max = jax.lax.stop_gradient(jnp.max(pred, axis=-1).astype(jnp.float32))
@@ -130,9 +132,9 @@ def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None,
     if window is not None:  # gather the window; the answer then starts at window index 1
         window = jnp.asarray(window, jnp.int32)
         idx = jnp.concatenate([window, window], axis=0)
-        hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+        hidden = jnp.take_along_axis(hidden, idx[:, :-1, None], axis=1)  # the last position predicts nothing
         tokens, starts = jnp.take_along_axis(tokens, idx, axis=1), jnp.ones_like(starts)
-    sums, counts = answer_logps(model.logits(hidden), tokens, starts, lens)
+    sums, counts = answer_logps(model.logits(hidden), tokens, starts, lens, shifted=window is not None)
     return {"chosen": sums[:b], "rejected": sums[b:], "chosen_len": counts[:b], "rejected_len": counts[b:]}
 
 

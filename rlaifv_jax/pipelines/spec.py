@@ -85,7 +85,7 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
                 optim=OptimConfig(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio,
                                   weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, total_steps=0),
                 loss=LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                                grad_accum=d.grad_accum),
+                                grad_accum=d.grad_accum, remat=_get(c, "dpo.remat", "none")),
                 seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
                 max_steps=_get(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
             batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length, select=_select(c)),

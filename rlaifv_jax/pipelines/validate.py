@@ -25,6 +25,7 @@ from rlaifv_jax.data import toy_world
 from rlaifv_jax.data.rlaifv_dataset import DATA_SUFFIXES
 from rlaifv_jax.models import hf
 from rlaifv_jax.training.loss import LOSS_TYPES, METRIC_NAMES
+from rlaifv_jax.training.step import REMAT_CHOICES
 
 MODES = ("online", "offline_dpo")
 TEMPLATES = ("llava_v1", "chat")
@@ -41,6 +42,7 @@ _ONLINE_CHOICES = {
     "claims.kind": ("rule", "llm"),
     "labeler.kind": ("self", "model", "toy"),
     "dpo.loss_type": LOSS_TYPES,
+    "dpo.remat": REMAT_CHOICES,
 }
 _ONLINE_POSITIVE = ("iterations", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size",
                     "claims.batch_size", "labeler.batch_size", "pairs.per_prompt", "pairs.min_score_gap",
