@@ -37,11 +37,12 @@ def run_workers(script: str, args: list[str] = (), *, n: int = 2, local_devices:
             out, err = p.communicate(timeout=timeout)
             if p.returncode != 0:
                 raise AssertionError(f"worker {i} exited with {p.returncode}:\n{err[-3000:]}")
-            # The result is the worker's last JSON line; libraries (gloo, progress bars) may print too.
+            # The result is the worker's last JSON line; libraries (gloo, progress bars) may print too,
+            # even onto the end of that line, so only the JSON object at its start is read.
             lines = [line for line in out.splitlines() if line.startswith("{")]
             if not lines:
                 raise AssertionError(f"worker {i} printed no JSON result:\n{out[-2000:]}\n{err[-2000:]}")
-            outs.append(json.loads(lines[-1]))
+            outs.append(json.JSONDecoder().raw_decode(lines[-1])[0])
     finally:
         for p in procs:
             if p.poll() is None:
