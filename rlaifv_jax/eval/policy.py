@@ -12,7 +12,7 @@ reference model) or any other ``Reward`` (the claim-verification reward is
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,20 +82,30 @@ class Policy:
     def answer(self, questions: Sequence[Question], *, num_beams: int, max_new_tokens: int, batch_size: int = 8,
                suffix: str = "", progress: bool = True) -> list[str]:
         """One answer per question: greedy (``num_beams=1``) or beam search."""
-        texts: list[str] = []
-        bar = tqdm(total=len(questions), unit="question", disable=not progress,
-                   desc="greedy" if num_beams == 1 else f"beam search ({num_beams})")
-        for prompts in self.chunks(questions, 4 * batch_size, suffix):
-            if num_beams == 1:
-                outs = generate.generate(self.model, prompts, max_new_tokens=max_new_tokens,
-                                         stop_token_ids=self.stop_ids(), batch_size=batch_size, progress=False)
-            else:
-                outs = beam.beam_search(self.model, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                        stop_token_ids=self.stop_ids(), batch_size=batch_size, progress=False)
-            texts += [self.decode(o["tokens"][0]) for o in outs]
-            bar.update(len(prompts))
-        bar.close()
-        return texts
+        with tqdm(total=len(questions), unit="question", disable=not progress,
+                  desc="greedy" if num_beams == 1 else f"beam search ({num_beams})") as bar:
+            return answer_chunks(self.model, self.chunks(questions, 4 * batch_size, suffix), stop_ids=self.stop_ids(),
+                                 decode=self.decode, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, on_chunk=bar.update)
+
+
+def answer_chunks(model: nnx.Module, chunks: Iterable[list[dict]], *, stop_ids: Sequence[int],
+                  decode: Callable[[Sequence[int]], str], num_beams: int, max_new_tokens: int, batch_size: int = 8,
+                  mesh=None, on_chunk: Callable[[int], Any] | None = None) -> list[str]:
+    """One answer per sampler prompt, a chunk at a time: greedy (``num_beams=1``, ``engine.generate``)
+    or beam search (``engine.beam``); ``on_chunk(n)`` after each chunk of n prompts."""
+    texts: list[str] = []
+    for prompts in chunks:
+        if num_beams == 1:
+            outs = generate.generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
+                                     batch_size=batch_size, mesh=mesh, progress=False)
+        else:
+            outs = beam.beam_search(model, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                    stop_token_ids=stop_ids, batch_size=batch_size, progress=False)
+        texts += [decode(o["tokens"][0]) for o in outs]
+        if on_chunk is not None:
+            on_chunk(len(prompts))
+    return texts
 
 
 def load_reference(path: str, policy: Policy, dtype: str = "bfloat16") -> nnx.Module:

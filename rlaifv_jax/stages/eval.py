@@ -109,23 +109,17 @@ def suite_metric_names(bench) -> list[str]:
 
 def answer_suite(b: bundle.Bundle, bench, s: SuiteSettings, mesh=None) -> dict[str, str]:
     """The bundle's answer to every question, with the suite's official decoding (greedy or beam)."""
-    from rlaifv_jax.engine.beam import beam_search
+    from rlaifv_jax.eval.policy import answer_chunks
     from rlaifv_jax.eval.questions import load_image
-    beams = s.num_beams or bench.decoding["num_beams"]
-    limit = s.max_new_tokens or bench.decoding["max_new_tokens"]
-    answers: dict[str, str] = {}
-    for lo in range(0, len(bench.questions), 4 * s.batch_size):
-        chunk = bench.questions[lo:lo + 4 * s.batch_size]
-        prompts = [b.prompt({"id": q.id, "question": q.question, "image": load_image(q)}) for q in chunk]
-        if beams == 1:
-            outs = generate(b.model, prompts, max_new_tokens=limit, temperature=0.0, stop_token_ids=b.stop_ids(),
-                            batch_size=s.batch_size, mesh=mesh, progress=False)
-        else:
-            outs = beam_search(b.model, prompts, num_beams=beams, max_new_tokens=limit, stop_token_ids=b.stop_ids(),
-                               batch_size=s.batch_size, progress=False)
-        for q, o in zip(chunk, outs):
-            answers[q.id] = b.tokenizer.decode(o["tokens"][0], skip_special_tokens=True).strip()
-    return answers
+    size = 4 * s.batch_size
+    chunks = ([b.prompt({"id": q.id, "question": q.question, "image": load_image(q)})
+               for q in bench.questions[lo:lo + size]] for lo in range(0, len(bench.questions), size))
+    texts = answer_chunks(b.model, chunks, stop_ids=b.stop_ids(),
+                          decode=lambda t: b.tokenizer.decode(t, skip_special_tokens=True).strip(),
+                          num_beams=s.num_beams or bench.decoding["num_beams"],
+                          max_new_tokens=s.max_new_tokens or bench.decoding["max_new_tokens"],
+                          batch_size=s.batch_size, mesh=mesh)
+    return {q.id: t for q, t in zip(bench.questions, texts)}
 
 
 def run_suite(stage_dir: str, policy: bundle.ModelSpec, bench, settings: SuiteSettings, *, mesh) -> dict[str, Any]:
