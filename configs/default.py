@@ -70,6 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.claims.split_path = ""  # HF dir of the split LLM (kind="llm")
     c.claims.convert_path = ""  # HF dir of the convert LLM (kind="llm"; empty: same as split)
     c.claims.batch_size = 16  # prompts per claims shard; all their responses go to the LLM in one call
+    c.claims.llm_batch_size = 64  # messages the claims LLM decodes together (kind="llm"; memory vs speed:
+    # decoding is memory bound, so a step of 64 rows costs about what a step of 8 does)
 
     c.labeler = ml_collections.ConfigDict()
     c.labeler.kind = "self"  # "self": the initial policy labels itself (self-feedback); "model": the

@@ -198,7 +198,8 @@ class Planner:
 
     def claims(self) -> None:
         """Split and convert calls of the claims LLM(s): each response goes through both."""
-        c, dec, batch = self.config, CLAIM_LLM_DECODING, 8  # generate()'s default batch, as the claims stage calls it
+        c, dec = self.config, CLAIM_LLM_DECODING
+        batch = c.claims.llm_batch_size  # rows the claims stage decodes together
         archs = {"claims/split": architecture(c, "claims_split")}
         if c.claims.convert_path:
             archs["claims/convert"] = architecture(c, "claims_convert")

@@ -129,3 +129,21 @@ def test_llm_extractor_separate_convert_model_and_bad_batch():
     assert len(split.calls) == 1 and len(convert.calls) == 1
     with pytest.raises(ValueError, match="completions"):
         LLMClaimExtractor(lambda prompts: []).extract([("q", "a")])
+
+
+def test_claims_llm_batch_size_changes_no_result(tmp_path):
+    """The claims stage's real LLM path (a tiny random Llama): decoding 1 or 8 messages together
+    (``claims.llm_batch_size``) gives the same completions, hence the same claims."""
+    import tiny_hf
+    from rlaifv_jax.core.sharding import serve_mesh
+    from rlaifv_jax.stages import claims as claims_stage
+    tiny_hf.llama(tmp_path / "llm", seed=3)
+    tiny_hf.word_tokenizer(tmp_path / "llm")
+    items = [("describe the image .", " ".join(f"w{(7 * i + j) % 75}" for j in range(3 + i))) for i in range(5)]
+    results = []
+    for rows in (1, 8):
+        settings = claims_stage.ClaimSettings(kind="llm", split_path=str(tmp_path / "llm"), llm_batch_size=rows)
+        with claims_stage.extractor(settings, None, serve_mesh(), seed=0) as ex:
+            results.append([r.to_dict() for r in ex.extract(items)])
+    assert results[0] == results[1]
+    assert all(r["raw_split"] for r in results[0])  # the LLM really answered every item

@@ -135,29 +135,13 @@ def _png_b64(rgb):
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _tiny_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(75)]
-    words += ["describe", "the", "image", "USER:", "ASSISTANT:", "yes", "Yes", "no", "No", "Please", "answer",
-              "or", "."]
-    vocab = {w: i for i, w in enumerate(words)}
-    vocab["<image>"] = tiny_hf.IMAGE_TOKEN
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    fast.chat_template = "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
-    fast.save_pretrained(str(path))
-
-
 def test_prompt_file_with_bad_records_runs_and_reports(tmp_path):
     from transformers import CLIPImageProcessor
     policy, splitter = tmp_path / "policy", tmp_path / "splitter"
     tiny_hf.llava(policy)
     tiny_hf.llama(splitter, seed=1)
     for d in (policy, splitter):
-        _tiny_tokenizer(d)
+        tiny_hf.word_tokenizer(d)
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(str(policy))
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")

@@ -50,3 +50,20 @@ def llava_next(path, seed: int = 0, text=None, vision=None, **kw) -> LlavaNextFo
     cfg = LlavaNextConfig(text_config=text_config(**(text or {})), vision_config=vision_config(**(vision or {})),
                           image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS, **kw)
     return save(LlavaNextForConditionalGeneration(cfg), path)
+
+
+def word_tokenizer(path):
+    """A word-level fast tokenizer (the toy words, a chat template) saved to ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(75)]
+    words += ["describe", "the", "image", "USER:", "ASSISTANT:", "yes", "Yes", "no", "No", "Please", "answer",
+              "or", "."]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab["<image>"] = IMAGE_TOKEN
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
+    fast.save_pretrained(str(path))

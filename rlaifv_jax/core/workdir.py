@@ -28,7 +28,8 @@ RUN_FIELDS = (
     "progress",  # progress bars
     "log",  # logging, TensorBoard / Weights & Biases
     "mesh",  # device layout (sharded and unsharded results agree to float rounding)
-    "sampling.batch_size", "claims.batch_size", "labeler.batch_size", "eval.batch_size",  # per-call batches
+    "sampling.batch_size", "claims.batch_size", "claims.llm_batch_size", "labeler.batch_size",  # per-call batches
+    "eval.batch_size",
     "train.ref_batch_size", "train.log_every",  # offline: reference-pass batch, metric interval
     "train.max_to_keep", "export.checkpoints",  # which checkpoints are kept / exported
 )

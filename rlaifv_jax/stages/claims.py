@@ -21,9 +21,11 @@ class ClaimSettings:
     convert_path: str = ""  # HF dir of the convert LLM ("" = the split LLM)
     dtype: str = "float32"
     batch_size: int = 16  # prompts per shard; all their responses go to the LLM in one call
+    llm_batch_size: int = 64  # messages the LLM decodes together (rows of one generate batch)
 
 
-def _llm(path: str, dtype: str, mesh, seed: int, stack: contextlib.ExitStack) -> Callable[[list[str]], list[str]]:
+def _llm(path: str, dtype: str, batch_size: int, mesh, seed: int,
+         stack: contextlib.ExitStack) -> Callable[[list[str]], list[str]]:
     b = stack.enter_context(bundle.loaded(bundle.ModelSpec(path, template="chat", dtype=dtype), mesh))
     stop = sorted({chat.end_of_turn_id(b.tokenizer, "chat"), int(b.tokenizer.eos_token_id)})
 
@@ -32,7 +34,7 @@ def _llm(path: str, dtype: str, mesh, seed: int, stack: contextlib.ExitStack) ->
                   "input_ids": chat.encode_prompt(b.tokenizer, m, 0, template="chat").tolist()} for m in messages]
         outs = generate(b.model, batch, num_samples=1, max_new_tokens=DECODING.max_new_tokens,
                         temperature=DECODING.temperature, top_k=DECODING.top_k, top_p=DECODING.top_p,
-                        stop_token_ids=stop, seed=seed, mesh=mesh, progress=False)
+                        stop_token_ids=stop, seed=seed, batch_size=batch_size, mesh=mesh, progress=False)
         return [b.tokenizer.decode(o["tokens"][0], skip_special_tokens=True) for o in outs]
 
     return generate_text
@@ -45,8 +47,9 @@ def extractor(settings: ClaimSettings, world: toy_world.WorldConfig | None, mesh
         yield RuleClaimExtractor(world or toy_world.WorldConfig())
         return
     with contextlib.ExitStack() as stack:
-        split = _llm(settings.split_path, settings.dtype, mesh, seed, stack)
-        convert = _llm(settings.convert_path, settings.dtype, mesh, seed, stack) if settings.convert_path else None
+        split = _llm(settings.split_path, settings.dtype, settings.llm_batch_size, mesh, seed, stack)
+        convert = (_llm(settings.convert_path, settings.dtype, settings.llm_batch_size, mesh, seed, stack)
+                   if settings.convert_path else None)
         yield LLMClaimExtractor(split, convert)
 
 
