@@ -7,7 +7,9 @@ run's world, seed and ``n_eval``), each model-answered prompt gets 64 samples (t
 scored with the length-normalised implicit reward ``(β/T) Σ [log π_θ − log π_ref]``
 (``eval.policy.best_of_n``); best-of-N keeps the best of the first N. For comparison, the same
 samples are also picked by length-normalised likelihood under π_θ (the "perplexity" reward of
-Fig. 5). CHAIR is exact (``eval.chair`` on the toy language against each image's objects).
+Fig. 5) and by the claim-verification reward (``feedback.claim_reward``: the toy rule claims, labeled
+by π_ref as training's self-feedback labels them; answers without claims are not candidates).
+CHAIR is exact (``eval.chair`` on the toy language against each image's objects).
 
     python -m benchmarks.best_of_n --workdir WORKDIR [--ns 1,4,16,64] [--png best_of_n.png]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 
@@ -27,11 +30,26 @@ from rlaifv_jax.data import toy_world  # noqa: E402
 from rlaifv_jax.eval import chair  # noqa: E402
 from rlaifv_jax.eval.policy import ImplicitReward, Policy, best_of_n, load_reference  # noqa: E402
 from rlaifv_jax.eval.questions import Question  # noqa: E402
+from rlaifv_jax.engine.score import Labeler  # noqa: E402
+from rlaifv_jax.engine.vision import layout_key  # noqa: E402
+from rlaifv_jax.feedback.claim_reward import ClaimReward  # noqa: E402
+from rlaifv_jax.feedback.toy_claims import RuleClaimExtractor  # noqa: E402
 
 
 def pick(samples: list[list[dict]], n: int, key) -> list[str]:
     """Per prompt, the answer of the best of the first ``n`` samples by ``key`` (first on ties)."""
     return [max(s[:n], key=key)["answer"] for s in samples]
+
+
+class BothRewards:
+    """One pass over the samples with both rewards: ``reward`` (implicit) and ``claim_reward``."""
+
+    def __init__(self, implicit: ImplicitReward, claims: ClaimReward):
+        self.implicit, self.claims = implicit, claims
+
+    def __call__(self, questions, prompts, samples):
+        scored = zip(self.implicit(questions, prompts, samples), self.claims(questions, prompts, samples))
+        return [[{**a, "claim_reward": b["reward"]} for a, b in zip(xs, ys)] for xs, ys in scored]
 
 
 def main():
@@ -63,7 +81,13 @@ def main():
             Image.fromarray(r["image"]).save(path)
             questions.append(Question(r["id"], r["question"], path))
         greedy = policy.answer(questions, num_beams=1, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        best = best_of_n(policy, questions, ImplicitReward(policy, reference, args.beta, args.batch_size), n=ns[-1],
+        labeler = Policy(args.reference or os.path.join(args.workdir, "warmstart"), dtype="float32")
+        claims = ClaimReward(RuleClaimExtractor(world),
+                             Labeler(labeler.model, labeler.tokenizer, template=labeler.template,
+                                     batch_size=8 * args.batch_size).score,
+                             labeler.encode_image, layout_key(labeler.model))
+        rewards = BothRewards(ImplicitReward(policy, reference, args.beta, args.batch_size), claims)
+        best = best_of_n(policy, questions, rewards, n=ns[-1],
                          temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     truths = [{tuple(o) for o in r["objects"]} for r in records]
 
@@ -74,14 +98,17 @@ def main():
     samples = [b["samples"] for b in best]
     rows = {"greedy": metrics(greedy),
             "implicit": {n: metrics(pick(samples, n, lambda s: s["reward"])) for n in ns},
-            "likelihood": {n: metrics(pick(samples, n, lambda s: s["logp"] / s["tokens"])) for n in ns}}
+            "likelihood": {n: metrics(pick(samples, n, lambda s: s["logp"] / s["tokens"])) for n in ns},
+            "labeler": {n: metrics(pick(samples, n, lambda s: -math.inf if s["claim_reward"] is None
+                                        else s["claim_reward"])) for n in ns}}
     result = {"aligned": aligned, "images": len(records), "beta": args.beta, "temperature": args.temperature,
               **rows}
-    print(f"{'N':>4}  {'implicit resp/ment':>20}  {'likelihood resp/ment':>22}")
+    print(f"{'N':>4}  {'implicit resp/ment':>20}  {'likelihood resp/ment':>22}  {'labeler resp/ment':>20}")
     for n in ns:
-        i, lk = rows["implicit"][n], rows["likelihood"][n]
+        i, lk, lb = rows["implicit"][n], rows["likelihood"][n], rows["labeler"][n]
         print(f"{n:>4}  {i['chair_response']:>9.3f} {i['chair_mention']:>9.3f}  "
-              f"{lk['chair_response']:>10.3f} {lk['chair_mention']:>10.3f}")
+              f"{lk['chair_response']:>10.3f} {lk['chair_mention']:>10.3f}  "
+              f"{lb['chair_response']:>9.3f} {lb['chair_mention']:>9.3f}")
     g = rows["greedy"]
     print(f"greedy: response {g['chair_response']:.3f}, mention {g['chair_mention']:.3f}")
     if args.json:
@@ -91,7 +118,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, style in (("implicit", "o-"), ("likelihood", "s--")):
+    for name, style in (("implicit", "o-"), ("likelihood", "s--"), ("labeler", "^-.")):
         ax.plot(ns, [100 * (1 - rows[name][n]["chair_response"]) for n in ns], style,
                 label=f"{name} reward")
     ax.axhline(100 * (1 - g["chair_response"]), color="grey", ls=":", label="greedy")
