@@ -13,9 +13,9 @@ import json
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration)
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2_5_VLForConditionalGeneration
 
+import tiny_hf
 import tiny_qwen
 from configs import default
 from rlaifv_jax.core import records
@@ -28,12 +28,7 @@ BRANCHES = 8  # claim words w0..w7
 def _bigram_splitter(path):
     """A 1-layer Llama whose next token is a fixed function of the current one (see module docstring)."""
     vocab = {w: i for i, w in enumerate(SPLIT_WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    fast.chat_template = "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
-    fast.save_pretrained(str(path))
+    tiny_hf.word_tokenizer(path, SPLIT_WORDS, image_token=None)
     torch.manual_seed(3)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

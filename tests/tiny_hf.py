@@ -52,15 +52,18 @@ def llava_next(path, seed: int = 0, text=None, vision=None, **kw) -> LlavaNextFo
     return save(LlavaNextForConditionalGeneration(cfg), path)
 
 
-def word_tokenizer(path):
-    """A word-level fast tokenizer (the toy words, a chat template) saved to ``path``."""
+WORDS = (["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(75)]
+         + ["describe", "the", "image", "USER:", "ASSISTANT:", "yes", "Yes", "no", "No", "Please", "answer", "or", "."])
+
+
+def word_tokenizer(path, words=WORDS, image_token: int | None = IMAGE_TOKEN):
+    """A word-level fast tokenizer saved to ``path``: ``words`` in order (the first four are pad, bos,
+    eos, unk), ``<image>`` at ``image_token`` (None: no image token), a one-line chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(75)]
-    words += ["describe", "the", "image", "USER:", "ASSISTANT:", "yes", "Yes", "no", "No", "Please", "answer",
-              "or", "."]
     vocab = {w: i for i, w in enumerate(words)}
-    vocab["<image>"] = IMAGE_TOKEN
+    if image_token is not None:
+        vocab["<image>"] = image_token
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
