@@ -29,6 +29,7 @@ setup(
         "tensorboardX",
         "matplotlib",
         "lemminflect",
+        "nltk",  # the official scorers' word tokenizer (NLTKWordTokenizer, Punkt); no NLTK data is needed
     ],
     extras_require={
         # torch is the numerical reference in tests only; pinned exactly so pip takes the local CPU wheel.

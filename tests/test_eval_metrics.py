@@ -131,18 +131,25 @@ def test_amber():
     questions, vocab = amber.load(os.path.join(FIX, "amber", "data"), os.path.join(FIX, "amber", "images"))
     metrics, items = amber.score(questions, vocab, _answers("amber", questions))
     # 1: puppy(→dog) man(→person) grass: safe; ball, cat: hallucinated (and both hallu objects covered)
-    # 2: tree, car: safe; line, orange: global safe words; sky not mentioned
+    # 2: car: safe; line, orange: global safe words; sky not mentioned; "Trees" is capitalised, which
+    #    WordNet does not lemmatize, so (as officially) it is no vocabulary word and tree is not covered
     assert items["1"]["hallucinated"] == ["ball", "cat"] and items["2"]["hallucinated"] == []
+    assert items["2"]["mentions"] == ["line", "car", "orange"]
     g = metrics["generative"]
-    assert g["chair"] == pytest.approx(2 / 9) and g["cover"] == pytest.approx(5 / 6)
+    assert g["chair"] == pytest.approx(2 / 8) and g["cover"] == pytest.approx(4 / 6)
     assert g["hal"] == pytest.approx(1 / 2) and g["cog"] == pytest.approx(2 / 3)
-    # discriminative, "No" positive: 3 Yes/yes ✓, 4 No/no ✓, 5 Yes/no ✗, 6 No/yes ✗, 7 " No" ✓, 8 "Yes, it is." ✗
+    assert g["printed"] == {"chair": 25.0, "cover": 66.7, "hal": 50.0, "cog": 66.7}
+    # discriminative, "No" positive, answers read as written: 3 Yes/yes ✓, 4 No/no ✓, 5 Yes/no ✗, 6 No/yes ✗,
+    # 7 " No\n"/no ✗ (not the string "No"), 8 "Yes, it is."/yes ✗
     d = metrics["discriminative"]
-    assert d["accuracy"] == pytest.approx(3 / 6) and d["precision"] == pytest.approx(2 / 3)
-    assert d["recall"] == pytest.approx(2 / 3) and d["f1"] == pytest.approx(2 / 3) and d["n_not_yes_no"] == 1
+    assert d["accuracy"] == pytest.approx(2 / 6) and d["precision"] == pytest.approx(1 / 2)
+    assert d["recall"] == pytest.approx(1 / 3) and d["f1"] == pytest.approx(0.4) and d["n_not_yes_no"] == 2
+    # printed as inference.py: P 50.0, R 33.3 → 2·.5·.333/(.833 + 1e-4)
+    assert d["printed"] == {"accuracy": 33.3, "precision": 50.0, "recall": 33.3, "f1": 40.0}
     assert metrics["existence"]["accuracy"] == 1.0 and metrics["existence"]["f1"] == 1.0
+    assert metrics["existence"]["printed"]["f1"] == 100.0  # 2·1·1/(2 + 1e-3) = 99.95…
     assert metrics["attribute"]["accuracy"] == 0.0 and metrics["attribute"]["f1"] == 0.0
-    assert metrics["relation"]["n"] == 2 and metrics["relation"]["accuracy"] == 0.5 and metrics["relation"]["f1"] == 1.0
+    assert metrics["relation"]["n"] == 2 and metrics["relation"]["accuracy"] == 0.0
     assert metrics["attribute-state"]["n"] == 1 and metrics["attribute-number"]["n"] == 1
 
 

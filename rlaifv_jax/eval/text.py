@@ -1,10 +1,21 @@
 """Word tokenization and noun lemmatization for the object-based metrics, offline.
 
-The official scorers use NLTK (``word_tokenize`` + WordNet's noun lemmatizer), whose data cannot
-be downloaded here; we use a Treebank-like regular expression and ``lemminflect``'s noun lemmas
-(``dogs → dog``, ``mice → mouse``, ``glasses → glass``), which agree with WordNet on the object
-words the metrics look for. Known differences: WordNet maps ``oxen → ox`` and ``leaves → leaf``,
-lemminflect keeps ``oxen`` and gives ``leave`` (both words are on the synonym lists anyway).
+The official scorers call NLTK's ``word_tokenize`` and WordNet's noun lemmatizer. ``word_tokenize``
+splits the text into sentences with the trained English Punkt model, then tokenizes each sentence
+with ``NLTKWordTokenizer`` (an improved Treebank tokenizer: ``cat/dog`` stays one token, a
+sentence-final period and ``'s`` are split off). We run the same two NLTK classes; only the Punkt
+*model* (package data, not installable here) is missing, so sentences are split by an untrained
+``PunktSentenceTokenizer``: the same algorithm without the learned abbreviation list, so a period
+after an abbreviation (``e.g.``, ``mr.``, ``st.``) also ends a sentence and is split off as its own
+token (``e.g`` + ``.``). Object words never carry such a period, so the objects found are the same.
+
+WordNet (package data too) is replaced by ``lemminflect``'s noun lemmas (``dogs → dog``,
+``mice → mouse``, ``glasses → glass``), which agree with WordNet on the object words the metrics
+look for. As with WordNet, a token that is not a lower-case word (``TV``, ``Dogs``, ``cat/dog``,
+``2.5``) is returned unchanged: WordNet's lemma index is lower-case, so it finds nothing for them.
+Known differences: WordNet maps ``oxen → ox`` and ``leaves → leaf``, lemminflect keeps ``oxen`` and
+gives ``leave`` (both words are on the synonym lists anyway); for a word WordNet does not know,
+WordNet returns it unchanged while lemminflect may strip a plural ending.
 """
 from __future__ import annotations
 
@@ -12,21 +23,28 @@ import functools
 import re
 
 import lemminflect
+from nltk.tokenize import NLTKWordTokenizer
+from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-# Words (letters/digits, inner hyphens kept: "t-shirt"), the possessive "'s" split off as NLTK does,
-# and any other non-space character as its own token (so punctuation separates words).
-_TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*|'s\b|[^\sa-z0-9]")
+_SENTENCES = PunktSentenceTokenizer()  # untrained: the Punkt algorithm without the English model
+_WORDS = NLTKWordTokenizer()
+_LOWER_WORD = re.compile(r"[a-z]+(?:[-'][a-z]+)*")
+
+
+def word_tokenize(text: str) -> list[str]:
+    """``nltk.word_tokenize(text)``: Punkt sentences, each through ``NLTKWordTokenizer`` (casing kept)."""
+    return [token for sentence in _SENTENCES.tokenize(text) for token in _WORDS.tokenize(sentence)]
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased word and punctuation tokens of ``text``."""
-    return _TOKEN.findall(text.lower())
+    """``word_tokenize(text.lower())``: the tokens of the lower-cased text, as CHAIR reads a caption."""
+    return word_tokenize(text.lower())
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def noun_lemma(word: str) -> str:
-    """The noun lemma of a lower-case ``word`` (the word itself when lemminflect has none)."""
-    if not word[:1].isalpha():
+    """The noun lemma of ``word``; a token that is not a lower-case word comes back unchanged."""
+    if not _LOWER_WORD.fullmatch(word):
         return word
     lemmas = lemminflect.getLemma(word, upos="NOUN")
     return lemmas[0] if lemmas else word
