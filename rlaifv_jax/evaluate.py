@@ -1,7 +1,7 @@
 """Hallucination benchmarks for any checkpoint or any system's answers, with no API keys.
 
     python -m rlaifv_jax.evaluate --suite object_halbench|mmhal|amber|pope --data PATH \\
-        (--model HF_DIR | --answers ANSWERS.jsonl) --out OUT.json [--judge HF_DIR] [--images DIR] \\
+        (--model HF_DIR | --answers ANSWERS.jsonl) --out OUT.json [--judge HF_DIR] [--images DIR] [--labels DIR] \\
         [--best_of N (--reference HF_DIR | --reward labeler [--labeler HF_DIR] [--claims llm --claims_model DIR])] \\
         [--tensorboard DIR]
 
@@ -46,6 +46,8 @@ _ANSWERS = flags.DEFINE_string("answers", None, 'JSONL of {"id": question id, "a
 _OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.")
 _JUDGE = flags.DEFINE_string("judge", None, "Hugging Face chat-LLM directory used as the judge.")
 _IMAGES = flags.DEFINE_string("images", None, "Image directory (POPE, AMBER; MMHal-Bench default: beside --data).")
+_LABELS = flags.DEFINE_string("labels", None, "POPE: directory of coco_pope_{adversarial,popular,random}.json that "
+                              "labels LLaVA's llava_pope_test.jsonl (default: coco/ beside it).")
 _BEST_OF = flags.DEFINE_integer("best_of", 1, "Sample N answers per question and keep the best by --reward.")
 _REWARD = flags.DEFINE_enum("reward", "implicit", ["implicit", "labeler"],
                             "Best-of-N reward: implicit (needs --reference) or labeler (claim verification).")
@@ -147,7 +149,7 @@ def _reward_settings() -> dict[str, Any]:
 def run() -> dict[str, Any]:
     """Evaluate as the flags say; returns what is written to ``--out``."""
     _check_flags()
-    bench = suites.load(_SUITE.value, _DATA.value, _IMAGES.value)
+    bench = suites.load(_SUITE.value, _DATA.value, _IMAGES.value, _LABELS.value)
     if bench.judge == "required" and not _JUDGE.value:
         raise ValueError(f"{bench.name} is scored by a judge LLM: pass --judge HF_DIR")
     if bench.judge == "unused" and _JUDGE.value:

@@ -90,3 +90,48 @@ def test_amber_discriminative_answers_are_read_as_written(tmp_path):
     assert d["accuracy"] == pytest.approx(2 / 8) and d["precision"] == pytest.approx(1 / 2)
     assert d["recall"] == pytest.approx(1 / 4) and d["n_not_yes_no"] == 4
     assert items["2"]["answer"] == " No"
+
+
+# ----------------------------------------------------------------------------- POPE in LLaVA's format
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_pope_llava_questions_with_pope_labels_equal_merged_file(tmp_path):
+    from rlaifv_jax.eval import pope
+    suffix = "\nAnswer the question using a single word or phrase."
+    merged, llava, label_files = [], [], {}
+    qid = 0
+    for category, labels in (("adversarial", "yes no no yes"), ("popular", "no yes"), ("random", "yes no yes")):
+        for k, label in enumerate(labels.split()):
+            qid += 1
+            row = {"image": f"COCO_val2014_{qid:012d}.jpg", "text": f"Is there a thing {k}?"}
+            label_files.setdefault(category, []).append({"question_id": k + 1, **row, "label": label})
+            merged.append({"question_id": qid, **row, "label": label, "category": category})
+            llava.append({"question_id": qid, "image": row["image"], "text": row["text"] + suffix,
+                          "category": category})
+    (tmp_path / "coco").mkdir()
+    for category, rows in label_files.items():
+        _jsonl(tmp_path / "coco" / f"coco_pope_{category}.json", rows)
+    llava_file = _jsonl(tmp_path / "llava_pope_test.jsonl", llava)
+    merged_file = _jsonl(tmp_path / "merged.jsonl", merged)
+    answers = {str(i + 1): a for i, a in enumerate(
+        ["Yes", "No.", "Yes, there is", "There is not", "No", "yes", "Yes", "No, it is not", "No"])}
+    joined, _ = pope.score(pope.load(llava_file), answers)
+    reference, _ = pope.score(pope.load(merged_file), answers)
+    assert joined == reference and set(joined) == {"adversarial", "popular", "random", "all"}
+    assert joined["adversarial"]["tp"] == 1 and joined["all"]["n"] == 9
+    assert pope.score(pope.load(llava_file, labels=str(tmp_path / "coco")), answers)[0] == reference
+    # the join is positional, so the files must agree line by line
+    _jsonl(tmp_path / "coco" / "coco_pope_random.json", label_files["random"][:2])
+    with pytest.raises(ValueError, match="2 labels but .* 3 'random' questions"):
+        pope.load(llava_file)
+    _jsonl(tmp_path / "coco" / "coco_pope_random.json", label_files["random"][::-1])
+    with pytest.raises(ValueError, match="not in the same order"):
+        pope.load(llava_file)
+    (tmp_path / "alone").mkdir()
+    with pytest.raises(ValueError, match="no labels .* pass --labels DIR"):
+        pope.load(_jsonl(tmp_path / "alone" / "llava_pope_test.jsonl", llava))
+    with pytest.raises(ValueError, match="nowhere: not a directory"):
+        pope.load(llava_file, labels=str(tmp_path / "nowhere"))

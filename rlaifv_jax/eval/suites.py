@@ -31,10 +31,13 @@ class Benchmark:
     judge: str  # what a judge LLM does for this suite: "required", "optional" or "unused"
 
 
-def load(name: str, data: str, images: str | None = None) -> Benchmark:
-    """Read suite ``name``'s files (see each suite module for the layout ``data`` names)."""
+def load(name: str, data: str, images: str | None = None, labels: str | None = None) -> Benchmark:
+    """Read suite ``name``'s files (see each suite module for the layout ``data`` names); ``labels``
+    is POPE's label directory for LLaVA's question file."""
     if name not in MODULES:
         raise ValueError(f"unknown suite {name!r}; choose one of {list(NAMES)}")
+    if labels and name != "pope":
+        raise ValueError(f"--labels is for POPE (LLaVA's question file), not {name}")
     if name == "object_halbench":
         questions, root = object_halbench.load(data, images)
         return Benchmark(name, questions, object_halbench.DECODING,
@@ -47,5 +50,5 @@ def load(name: str, data: str, images: str | None = None) -> Benchmark:
         questions = mmhal.load(data, images)
         return Benchmark(name, questions, mmhal.DECODING,
                          lambda answers, judge: mmhal.score(questions, answers, judge), "required")
-    questions = pope.load(data, images)
+    questions = pope.load(data, images, labels)
     return Benchmark(name, questions, pope.DECODING, lambda answers, judge: pope.score(questions, answers), "unused")
