@@ -45,6 +45,19 @@ _MODEL = flags.DEFINE_string("model", None, "Hugging Face LLaVA directory to gen
 _ANSWERS = flags.DEFINE_string("answers", None, 'JSONL of {"id": question id, "answer": text} to score.')
 _OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.")
 _JUDGE = flags.DEFINE_string("judge", None, "Hugging Face chat-LLM directory used as the judge.")
+_JUDGE_URL = flags.DEFINE_string("judge_url", None, "OpenAI-compatible endpoint of the judge, e.g. http://HOST:PORT/v1.")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "The judge's model name at --judge_url.")
+_JUDGE_KEY_ENV = flags.DEFINE_string("judge_key_env", "OPENAI_API_KEY",
+                                     "Environment variable holding the --judge_url key (unset: no key is sent).")
+_JUDGE_CACHE = flags.DEFINE_string("judge_cache", None, "Reply cache of --judge_url (default: OUT.judge_cache/).")
+_JUDGE_CONCURRENCY = flags.DEFINE_integer("judge_concurrency", 8, "Requests to --judge_url in flight at most.")
+_JUDGE_TIMEOUT = flags.DEFINE_float("judge_timeout", 120.0, "Seconds before a --judge_url request is retried.")
+_JUDGE_RETRIES = flags.DEFINE_integer("judge_retries", 6, "Retries of a --judge_url request (429, 5xx, timeouts).")
+_JUDGE_TEMPERATURE = flags.DEFINE_float("judge_temperature", None,
+                                        "--judge_url temperature (default: the official script's for the suite).")
+_PROTOCOL = flags.DEFINE_enum("protocol", "default", ["default", "paper"],
+                              "paper: the published numbers' scoring (official decoding and judge; refused "
+                              "without the judge the suite needs).")
 _IMAGES = flags.DEFINE_string("images", None, "Image directory (POPE, AMBER; MMHal-Bench default: beside --data).")
 _LABELS = flags.DEFINE_string("labels", None, "POPE: directory of coco_pope_{adversarial,popular,random}.json that "
                               "labels LLaVA's llava_pope_test.jsonl (default: coco/ beside it).")
@@ -95,6 +108,16 @@ def _check_flags() -> None:
                        ("--batch_size", _BATCH)):
         if flag.value is not None and flag.value < (0 if name == "--limit" else 1):
             raise ValueError(f"{name} must be >= {0 if name == '--limit' else 1}, got {flag.value}")
+    if _JUDGE.value and _JUDGE_URL.value:
+        raise ValueError("give one judge: --judge HF_DIR (local) or --judge_url URL --judge_model NAME")
+    if bool(_JUDGE_URL.value) != bool(_JUDGE_MODEL.value):
+        raise ValueError("--judge_url and --judge_model go together")
+    if _PROTOCOL.value == "paper":
+        changed = [name for name, flag in (("--num_beams", _NUM_BEAMS), ("--max_new_tokens", _MAX_NEW),
+                                           ("--limit", _LIMIT), ("--prompt_suffix", _PROMPT_SUFFIX))
+                   if flag.value] + (["--best_of"] if _BEST_OF.value > 1 else [])
+        if changed:
+            raise ValueError(f"--protocol paper uses the official questions and decoding; drop {', '.join(changed)}")
     for name, flag in (("--model", _MODEL), ("--judge", _JUDGE), ("--reference", _REFERENCE), ("--labeler", _LABELER),
                        ("--claims_model", _CLAIMS_MODEL), ("--convert_model", _CONVERT_MODEL)):
         if flag.value and not os.path.isfile(os.path.join(flag.value, "config.json")):
@@ -117,6 +140,22 @@ def _generate(questions: list, decoding: dict[str, int]) -> tuple[dict[str, str]
                                     seed=_SEED.value, **common)
     return ({q.id: b["answer"] for q, b in zip(questions, best)},
             {q.id: {"samples": b["samples"]} for q, b in zip(questions, best)}, policy.template)
+
+
+def _judge(bench: suites.Benchmark):
+    """The local (``--judge``) or endpoint (``--judge_url``) judge, with the suite's official request settings."""
+    if _JUDGE.value:
+        from rlaifv_jax.eval.judge import Judge
+        return Judge(_JUDGE.value, dtype=_DTYPE.value, max_new_tokens=_JUDGE_MAX_NEW.value, batch_size=_BATCH.value,
+                     progress=_PROGRESS.value)
+    from rlaifv_jax.eval.endpoint import EndpointJudge
+    official = bench.paper_judge or {"role": "user", "temperature": 0.0, "max_tokens": 512}
+    temperature = official["temperature"] if _JUDGE_TEMPERATURE.value is None else _JUDGE_TEMPERATURE.value
+    cache = _JUDGE_CACHE.value or os.path.splitext(os.path.abspath(_OUT.value))[0] + ".judge_cache"
+    return EndpointJudge(_JUDGE_URL.value, _JUDGE_MODEL.value, cache_dir=cache, key_env=_JUDGE_KEY_ENV.value,
+                         role=official["role"], temperature=temperature, max_tokens=official["max_tokens"],
+                         timeout_s=_JUDGE_TIMEOUT.value, retries=_JUDGE_RETRIES.value,
+                         concurrency=_JUDGE_CONCURRENCY.value)
 
 
 def _reward(policy, stack: contextlib.ExitStack):
@@ -150,14 +189,18 @@ def run() -> dict[str, Any]:
     """Evaluate as the flags say; returns what is written to ``--out``."""
     _check_flags()
     bench = suites.load(_SUITE.value, _DATA.value, _IMAGES.value, _LABELS.value)
-    if bench.judge == "required" and not _JUDGE.value:
-        raise ValueError(f"{bench.name} is scored by a judge LLM: pass --judge HF_DIR")
-    if bench.judge == "unused" and _JUDGE.value:
-        logging.warning("%s does not use a judge; ignoring --judge", bench.name)
+    has_judge = bool(_JUDGE.value or _JUDGE_URL.value)
+    if bench.paper_judge and not has_judge and (bench.judge == "required" or _PROTOCOL.value == "paper"):
+        why = "is scored by a judge LLM" if bench.judge == "required" else "--protocol paper extracts objects with a judge"
+        raise ValueError(f"{bench.name} {why}: pass --judge_url URL --judge_model NAME (the paper's: "
+                         f"{bench.paper_judge['model']}, key in ${_JUDGE_KEY_ENV.value}) or --judge HF_DIR")
+    if bench.judge == "unused" and has_judge:
+        logging.warning("%s does not use a judge; ignoring the judge", bench.name)
     questions = bench.questions[:_LIMIT.value] if _LIMIT.value else bench.questions
     decoding = {"num_beams": _NUM_BEAMS.value or bench.decoding["num_beams"],
                 "max_new_tokens": _MAX_NEW.value or bench.decoding["max_new_tokens"]}
-    result: dict[str, Any] = {"suite": bench.name, "data": _DATA.value, "n_questions": len(questions)}
+    result: dict[str, Any] = {"suite": bench.name, "data": _DATA.value, "n_questions": len(questions),
+                              "protocol": _PROTOCOL.value}
     extra: dict[str, dict] = {}
     if _ANSWERS.value:
         answers, report = read_answers(_ANSWERS.value, [q.id for q in questions])
@@ -173,13 +216,11 @@ def run() -> dict[str, Any]:
             "top_k": _TOP_K.value, "top_p": _TOP_P.value, "seed": _SEED.value,
             "max_new_tokens": decoding["max_new_tokens"]}
         result["template"], result["prompt_suffix"] = template, _PROMPT_SUFFIX.value
-    judge = None
-    if _JUDGE.value and bench.judge != "unused":
-        from rlaifv_jax.eval.judge import Judge
-        judge = Judge(_JUDGE.value, dtype=_DTYPE.value, max_new_tokens=_JUDGE_MAX_NEW.value,
-                      batch_size=_BATCH.value, progress=_PROGRESS.value)
-        result["judge"] = _JUDGE.value
+    judge = _judge(bench) if has_judge and bench.judge != "unused" else None
+    result["scoring"] = bench.scoring if judge is None else f"judge ({'extraction' if bench.judge == 'optional' else 'rating'})"
     metrics, items = bench.score(answers, judge)
+    if judge is not None:
+        result["judge"] = judge.settings()
     result["metrics"] = metrics
     result["items"] = [{"id": q.id, "question": q.question, "answer": answers[q.id], **items.get(q.id, {}),
                         **extra.get(q.id, {})} for q in questions if q.id in answers]

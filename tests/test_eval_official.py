@@ -135,3 +135,36 @@ def test_pope_llava_questions_with_pope_labels_equal_merged_file(tmp_path):
         pope.load(_jsonl(tmp_path / "alone" / "llava_pope_test.jsonl", llava))
     with pytest.raises(ValueError, match="nowhere: not a directory"):
         pope.load(llava_file, labels=str(tmp_path / "nowhere"))
+
+
+# ----------------------------------------------------------------------------- MMHal-Bench summary
+TYPES = ["attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other"]
+
+
+def _mmhal(tmp_path, types):
+    from rlaifv_jax.eval import mmhal
+    rows = [{"question_type": t, "image_src": f"https://x/{i}.jpg", "image_content": ["Dog"], "question": f"q{i}",
+             "gt_answer": "a"} for i, t in enumerate(types)]
+    (tmp_path / "template.json").write_text(json.dumps(rows))
+    return mmhal.load(str(tmp_path / "template.json"))
+
+
+def test_mmhal_informativeness_and_layout(tmp_path, caplog):
+    from rlaifv_jax.eval import mmhal
+    questions = _mmhal(tmp_path, TYPES * 12)
+    answers = {q.id: "An answer." for q in questions}
+    ratings = [i % 7 for i in range(96)]  # question i rated i % 7
+    metrics, _ = mmhal.score(questions, answers, lambda ps: [f"Rating: {r}" for r in ratings[:len(ps)]])
+    # official: informativeness = mean(r - 3 if r >= 3 else r) / 3 * 100; r = 0..6 → 0 1 2 0 1 2 3
+    expected = sum((r - 3 if r >= 3 else r) for r in ratings) / 96 / 3 * 100
+    assert metrics["informativeness"] == pytest.approx(expected) and metrics["layout"] == "official"
+    by_position = [sum(ratings[i] for i in range(t, 96, 8)) / 12 for t in range(8)]  # the official i % 8 grouping
+    assert [metrics["per_type"][t] for t in TYPES] == pytest.approx(by_position)
+    assert mmhal.informativeness([6, 3, 2, 0]) == pytest.approx((3 + 0 + 2 + 0) / 4 / 3 * 100)
+    # a reordered template, or fewer than 96 answers, is not the layout the official summary assumes
+    swapped = TYPES * 12
+    swapped[8], swapped[9] = swapped[9], swapped[8]
+    metrics, _ = mmhal.score(_mmhal(tmp_path, swapped), answers, lambda ps: ["Rating: 4"] * len(ps))
+    assert metrics["layout"].startswith("question 8 has type 'adversarial'") and "layout" in caplog.text
+    metrics, _ = mmhal.score(questions, {"0": "x"}, lambda ps: ["Rating: 4"] * len(ps))
+    assert metrics["layout"] == "95 of the 96 questions unanswered"

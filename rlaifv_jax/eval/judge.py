@@ -32,6 +32,10 @@ class Judge:
         self.stop_ids = sorted(stops)
         self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
 
+    def settings(self) -> dict:
+        """What OUT.json records about this judge."""
+        return {"kind": "local", "path": self.path, "template": self.template, "max_new_tokens": self.max_new_tokens}
+
     def encode(self, prompt: str) -> list[int]:
         """Prompt ids: the text as one user turn. Unlike ``chat.encode_prompt``, a literal ``<image>``
         in the text (the extraction prompt has one) stays text: the judge sees no image."""

@@ -11,11 +11,20 @@ image contents, question, the human answer and the response) goes to a local jud
 GPT-4; the rating is the one ``s`` in 0..6 for which ``"rating: s"`` occurs in the lower-cased
 reply. A reply with no or several ratings is *unparseable*: it is flagged, counted, and (as in the
 official script) scored 0. ``score`` = mean rating, ``hallucination_rate`` = share of ratings < 3,
-and the mean rating per question type; ``score_parsed`` is the mean over parseable replies only.
+``informativeness`` = mean of (rating − 3 if rating ≥ 3 else rating) / 3 × 100 (RLAIF-V's
+``summarize_gpt_mmhal_review.py``), and the mean rating per question type; ``score_parsed`` is the
+mean over parseable replies only.
+
+The official summary requires exactly 96 answers and takes question *i*'s type to be ``i % 8``
+(the template cycles through the 8 types). We group by each question's own ``question_type`` and
+check that layout: ``layout`` is ``"official"`` when all 96 questions are answered and the types
+cycle with period 8 (then our per-type means are the official ones), otherwise it says what differs
+and a warning is logged (the official script would stop or mis-assign types).
 """
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from typing import Any
 
@@ -25,6 +34,8 @@ from rlaifv_jax.eval.questions import Question, read_json, require
 
 NAME = "mmhal"
 DECODING = {"num_beams": 3, "max_new_tokens": 1024}  # RLAIF-V's eval_rlaifv_mmhal.sh
+# eval_gpt_mmhal.py as eval_rlaifv_mmhal.sh runs it: a user message to gpt-4-1106-preview, temperature 0, 512 tokens
+PAPER_JUDGE = {"model": "gpt-4-1106-preview", "role": "user", "temperature": 0.0, "max_tokens": 512}
 
 with open(os.path.join(DATA_DIR, "mmhal_judge_prompt.txt"), encoding="utf-8") as _f:
     JUDGE_PROMPT = _f.read()
@@ -61,10 +72,28 @@ def _mean(xs: list[int]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def informativeness(ratings: list[int]) -> float:
+    """The official informativeness: mean of (r − 3 if r ≥ 3 else r), over 3, in percent."""
+    return _mean([r - 3 if r >= 3 else r for r in ratings]) / 3 * 100
+
+
+def layout(questions: list[Question], answered: set[str]) -> str:
+    """``"official"`` when the 96 questions are all answered and question i has question i % 8's type."""
+    types = [q.meta["question_type"] for q in questions]
+    if len(questions) != 96:
+        return f"{len(questions)} questions, not the official 96"
+    if len(answered) != 96:
+        return f"{96 - len(answered)} of the 96 questions unanswered"
+    wrong = [i for i, t in enumerate(types) if t != types[i % 8]]
+    if wrong:
+        return f"question {wrong[0]} has type {types[wrong[0]]!r}, not {types[wrong[0] % 8]!r} (types by i % 8)"
+    return "official"
+
+
 def score(questions: list[Question], answers: dict[str, str], judge: Complete) -> tuple[dict[str, Any], dict]:
     """Judge every answered question; the metrics and each reply with its rating."""
     if judge is None:
-        raise ValueError("MMHal-Bench is scored by a judge LLM: pass --judge HF_DIR")
+        raise ValueError("MMHal-Bench is scored by a judge LLM: pass --judge_url URL --judge_model NAME or --judge HF_DIR")
     asked = [q for q in questions if q.id in answers]
     replies = judge([judge_prompt(q, answers[q.id].replace("Assistant:", "").strip()) for q in asked])
     items, ratings, by_type, unparseable = {}, [], collections.defaultdict(list), []
@@ -78,7 +107,11 @@ def score(questions: list[Question], answers: dict[str, str], judge: Complete) -
     bad = set(unparseable)
     parsed = [r for q, r in zip(asked, ratings) if q.id not in bad]
     metrics = {"score": _mean(ratings), "hallucination_rate": _mean([int(r < 3) for r in ratings]),
-               "score_parsed": _mean(parsed), "n": len(ratings), "n_unparseable": len(unparseable),
-               "unparseable_ids": unparseable,
-               "per_type": {t: _mean(rs) for t, rs in sorted(by_type.items())}}
+               "informativeness": informativeness(ratings), "score_parsed": _mean(parsed), "n": len(ratings),
+               "n_unparseable": len(unparseable), "unparseable_ids": unparseable,
+               "per_type": {t: _mean(rs) for t, rs in sorted(by_type.items())},
+               "layout": layout(questions, {q.id for q in asked})}
+    if metrics["layout"] != "official":
+        logging.warning("MMHal-Bench layout: %s; the official summary needs all 96 questions in their order",
+                        metrics["layout"])
     return metrics, items

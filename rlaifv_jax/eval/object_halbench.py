@@ -30,6 +30,9 @@ from rlaifv_jax.eval.questions import Question, check_unique, read_jsonl, requir
 
 NAME = "object_halbench"
 DECODING = {"num_beams": 3, "max_new_tokens": 1024}  # RLAIF-V's eval_rlaifv_objhal.sh
+# eval_gpt_obj_halbench.py --use_gpt: the extraction prompt as a system message to gpt-3.5-turbo-0613 through
+# gpt4_grpc.Chat.chat_completion's defaults (temperature 0.2, top_p 1, max_tokens 512)
+PAPER_JUDGE = {"model": "gpt-3.5-turbo-0613", "role": "system", "temperature": 0.2, "max_tokens": 512}
 
 
 def _question_file(path: str) -> tuple[str, str]:

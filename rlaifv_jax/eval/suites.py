@@ -29,6 +29,8 @@ class Benchmark:
     decoding: dict[str, int]  # the official num_beams and max_new_tokens
     score: Scorer
     judge: str  # what a judge LLM does for this suite: "required", "optional" or "unused"
+    paper_judge: dict | None = None  # the published numbers' judge: model, message role, temperature, max_tokens
+    scoring: str = ""  # how the answers are scored without a judge ("" when a judge is required)
 
 
 def load(name: str, data: str, images: str | None = None, labels: str | None = None) -> Benchmark:
@@ -41,14 +43,18 @@ def load(name: str, data: str, images: str | None = None, labels: str | None = N
     if name == "object_halbench":
         questions, root = object_halbench.load(data, images)
         return Benchmark(name, questions, object_halbench.DECODING,
-                         lambda answers, judge: object_halbench.score(questions, root, answers, judge), "optional")
+                         lambda answers, judge: object_halbench.score(questions, root, answers, judge), "optional",
+                         object_halbench.PAPER_JUDGE,
+                         "rule: CHAIR over the whole answer (no judge, no keys); the paper uses the judge extraction")
     if name == "amber":
         questions, vocab = amber.load(data, images)
         return Benchmark(name, questions, amber.DECODING,
-                         lambda answers, judge: amber.score(questions, vocab, answers), "unused")
+                         lambda answers, judge: amber.score(questions, vocab, answers), "unused", None,
+                         "rule: inference.py without spaCy word-vector similarity (no keys)")
     if name == "mmhal":
         questions = mmhal.load(data, images)
         return Benchmark(name, questions, mmhal.DECODING,
-                         lambda answers, judge: mmhal.score(questions, answers, judge), "required")
+                         lambda answers, judge: mmhal.score(questions, answers, judge), "required", mmhal.PAPER_JUDGE)
     questions = pope.load(data, images, labels)
-    return Benchmark(name, questions, pope.DECODING, lambda answers, judge: pope.score(questions, answers), "unused")
+    return Benchmark(name, questions, pope.DECODING, lambda answers, judge: pope.score(questions, answers), "unused",
+                     None, "rule: the official yes/no reading (no keys)")
