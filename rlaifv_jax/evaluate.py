@@ -1,15 +1,21 @@
-"""Hallucination benchmarks for any checkpoint or any system's answers, with no API keys.
+"""Hallucination benchmarks for any checkpoint or any system's answers; rule-based with no keys, or
+scored as the published numbers were (``--protocol paper``) with a judge.
 
     python -m rlaifv_jax.evaluate --suite object_halbench|mmhal|amber|pope --data PATH \\
-        (--model HF_DIR | --answers ANSWERS.jsonl) --out OUT.json [--judge HF_DIR] [--images DIR] [--labels DIR] \\
+        (--model HF_DIR | --answers ANSWERS.jsonl) --out OUT.json [--protocol default|paper] \\
+        [--judge HF_DIR | --judge_url http://HOST:PORT/v1 --judge_model NAME] [--images DIR] [--labels DIR] \\
         [--best_of N (--reference HF_DIR | --reward labeler [--labeler HF_DIR] [--claims llm --claims_model DIR])] \\
         [--tensorboard DIR]
 
 ``--model`` answers every question with our engine using the suite's official decoding (greedy,
 or beam search with 3 beams for Object HalBench and MMHal-Bench; ``--num_beams`` and
 ``--max_new_tokens`` override it). ``--answers`` scores a JSONL of ``{"id", "answer"}`` from any
-system. ``--judge`` is a local chat LLM: required for MMHal-Bench, optional for Object HalBench
-(the official extraction prompt instead of the CHAIR rule path). ``--best_of N`` samples N answers
+system. The judge is required for MMHal-Bench and optional for Object HalBench (the official
+extraction prompt instead of the CHAIR rule path): ``--judge`` is a local chat LLM, ``--judge_url``
+any OpenAI-compatible server (key from the variable ``--judge_key_env`` names, replies cached;
+``eval/endpoint.py``). ``--protocol paper`` refuses to run without the judge the suite's published
+numbers used, and with any change to the official decoding. ``--labels`` labels LLaVA's POPE
+question file from POPE's files. ``--best_of N`` samples N answers
 per question and keeps the one with the highest reward, writing every score beside its answer:
 ``--reward implicit`` (default), the length-normalised implicit reward against the pre-alignment
 model ``--reference`` (METHOD.md §6); ``--reward labeler``, minus the claims the labeler rejects
@@ -17,10 +23,10 @@ model ``--reference`` (METHOD.md §6); ``--reward labeler``, minus the claims th
 ``--claims llm``, by the split/convert LLMs as in training). ``--tensorboard DIR`` also writes the
 numeric metrics as TensorBoard scalars.
 
-Writes OUT.json atomically (metrics, the answers-file report, and per question: answer and the
-suite's details) and prints a table. Bad input ends with one line on stderr and exit code 2.
-See docs/EVALUATION.md for each suite's files and how the numbers can differ from the official
-scorers.
+Writes OUT.json atomically (metrics, ``protocol`` and ``scoring``, the judge's settings, the
+answers-file report, and per question: answer and the suite's details) and prints a table. Bad
+input ends with one line on stderr and exit code 2. See docs/EVALUATION.md for each suite's files
+and how the numbers can differ from the official scorers.
 """
 from __future__ import annotations
 
