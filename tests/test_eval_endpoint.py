@@ -142,8 +142,13 @@ def test_object_halbench_extraction_as_the_official_script_asks(tmp_path, monkey
     data = os.path.join(FIX, "object_halbench")
     answers = os.path.join(FIX, "answers", "object_halbench.jsonl")
 
+    asked = []
+
     def extract(body):
         answer = re.search(r"\[Start of Examiner's Answer\]\n\n(.*)\n\n\[End", body["messages"][0]["content"], re.S)
+        asked.append(answer.group(1))
+        if "fire hydrant" in answer.group(1) and asked.count(answer.group(1)) == 1:
+            return "Sure! The objects are a car and a hydrant."  # unparseable: asked again, as officially
         return json.dumps([w for w in ("dog", "frisbee", "cat", "couch", "car") if w in answer.group(1)])
 
     with Stub(extract) as stub:
@@ -153,6 +158,7 @@ def test_object_halbench_extraction_as_the_official_script_asks(tmp_path, monkey
     assert all(r["auth"] is None for r in stub.requests)  # no key in the environment: none sent
     body = stub.requests[0]["body"]
     assert body["messages"][0]["role"] == "system" and body["temperature"] == 0.2
+    assert len(stub.requests) == 4 + 1  # four answers of > 3 words, one re-ask
     m = result["metrics"]
     assert m["extractor"] == "llm" and m["n_extraction_failed"] == 0
     # 101: dog, frisbee (true); 202: cat, couch (true); 303: car (true); 404: nothing

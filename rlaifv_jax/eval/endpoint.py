@@ -12,7 +12,8 @@ is masked out of any error text the server sends back.
 * Concurrency: at most ``concurrency`` requests in flight (a thread pool).
 * Cache: every reply is written to ``cache_dir`` as soon as it arrives (one small JSON file per
   request, written atomically), keyed by the model and the exact request (messages, temperature,
-  max_tokens). A rerun, or a run after a crash, sends only the prompts not answered yet.
+  max_tokens), and for a re-ask (``attempt`` k > 0, when a sampled reply could not be used) by k too.
+  A rerun, or a run after a crash, sends only the prompts not answered yet.
 """
 from __future__ import annotations
 
@@ -72,8 +73,9 @@ class EndpointJudge:
         return {"model": self.model, "messages": [{"role": self.role, "content": prompt}],
                 "temperature": self.temperature, "max_tokens": self.max_tokens}
 
-    def _path(self, body: dict[str, Any]) -> str:
-        key = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    def _path(self, body: dict[str, Any], attempt: int = 0) -> str:
+        keyed = {**body, "attempt": attempt} if attempt else body  # a re-ask is another sample, cached apart
+        key = hashlib.sha256(json.dumps(keyed, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         return os.path.join(self.cache_dir, key[:2], key + ".json")
 
     def _cached(self, path: str) -> str | None:
@@ -138,9 +140,9 @@ class EndpointJudge:
             time.sleep(wait)
         raise AssertionError("unreachable")
 
-    def _answer(self, prompt: str) -> str:
+    def _answer(self, prompt: str, attempt: int = 0) -> str:
         body = self._body(prompt)
-        path = self._path(body)
+        path = self._path(body, attempt)
         reply, model = self._ask(body)
         self._store(path, {"model": self.model, "replied_model": model, "reply": reply})
         if model and model != self.model:
@@ -150,10 +152,16 @@ class EndpointJudge:
                 self.stats["replied_models"].append(model)
         return reply
 
-    def __call__(self, prompts: list[str]) -> list[str]:
+    @property
+    def samples(self) -> bool:
+        """Whether asking again can give another reply (temperature > 0)."""
+        return self.temperature > 0
+
+    def __call__(self, prompts: list[str], attempt: int = 0) -> list[str]:
+        """The replies to ``prompts``; ``attempt`` k > 0 asks again for a k-th sample (cached apart)."""
         replies: dict[str, str] = {}
         for p in dict.fromkeys(prompts):
-            cached = self._cached(self._path(self._body(p)))
+            cached = self._cached(self._path(self._body(p), attempt))
             if cached is not None:
                 replies[p] = cached
         todo = [p for p in dict.fromkeys(prompts) if p not in replies]
@@ -162,6 +170,6 @@ class EndpointJudge:
                      len(prompts) - len(todo), len(todo))
         if todo:
             with concurrent.futures.ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
-                for p, reply in zip(todo, pool.map(self._answer, todo)):
+                for p, reply in zip(todo, pool.map(lambda p: self._answer(p, attempt), todo)):
                     replies[p] = reply
         return [replies[p] for p in prompts]

@@ -8,9 +8,11 @@ An extractor maps ``(question, answer)`` pairs to the COCO objects each answer m
 * ``LLMExtractor``: RLAIF-V's extraction prompt (verbatim, package data) answered by a local chat
   LLM; the JSON list it returns is parsed as the official scorer parses it, each listed object goes
   through the same rule path, and each word counts once per answer (the official scorer keeps unique
-  extracted objects). Answers of at most 3 words get no objects, as in the official scorer. Output
-  that is not a JSON list of strings is flagged (``failed``), counted by the suite, and that answer
-  falls back to the rule path.
+  extracted objects). Answers of at most 3 words get no objects, as in the official scorer. A reply
+  that is not a JSON list of strings is asked again when the judge samples (an endpoint at
+  temperature > 0, as the official scorer re-asks GPT, there up to 100 times, here ``REASKS``);
+  one still unparseable is flagged (``failed``), counted by the suite, and that answer falls back
+  to the rule path.
 
 Difference from the official LLM path: it splits each extracted object into noun runs with spaCy's
 tagger and keeps a run only if it is a listed name as a whole (``tennis player`` stays unmatched);
@@ -26,6 +28,7 @@ from collections.abc import Callable, Sequence
 from rlaifv_jax.eval.coco import DATA_DIR, CocoVocabulary
 
 Complete = Callable[[list[str]], list[str]]  # prompts → the judge's replies
+REASKS = 9  # re-asks of an unparseable extraction reply from a sampling judge (the official scorer: 99)
 
 
 def _prompt_template() -> str:
@@ -100,7 +103,14 @@ class LLMExtractor:
 
     def __call__(self, items: Sequence[tuple[str, str]]) -> list[Extraction]:
         asked = [i for i, (_, answer) in enumerate(items) if len(answer.strip().split()) > 3]
-        replies = self.complete([extraction_prompt(*items[i]) for i in asked]) if asked else []
+        prompts = [extraction_prompt(*items[i]) for i in asked]
+        replies = self.complete(prompts) if asked else []
+        for attempt in range(1, REASKS + 1 if getattr(self.complete, "samples", False) else 1):
+            bad = [k for k, reply in enumerate(replies) if parse_object_list(reply) is None]
+            if not bad:
+                break
+            for k, reply in zip(bad, self.complete([prompts[k] for k in bad], attempt=attempt)):
+                replies[k] = reply
         out = [Extraction([]) for _ in items]
         for i, reply in zip(asked, replies):
             names = parse_object_list(reply)
