@@ -201,3 +201,16 @@ def test_unrecoverable_errors_are_one_line(tmp_path, monkeypatch):
             judge(["p"])
     with pytest.raises(ValueError, match="expected http"):
         EndpointJudge("localhost:8000", "m", cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--protocol=paper", "--num_beams=1", "--limit=2"], "--protocol paper uses the official questions and decoding; "
+                                                         "drop --num_beams, --limit"),
+    (["--judge_url=http://127.0.0.1:9/v1"], "--judge_url and --judge_model go together"),
+    (["--judge_url=http://127.0.0.1:9/v1", "--judge_model=m", "--judge=/x"], "give one judge"),
+])
+def test_judge_and_protocol_flags_are_checked(tmp_path, capsys, extra, message):
+    rc = evaluate.main(["evaluate", "--suite=pope", f"--data={os.path.join(FIX, 'pope', 'coco_pope_random.json')}",
+                        f"--out={tmp_path / 'o.json'}", f"--answers={os.path.join(FIX, 'answers', 'pope.jsonl')}",
+                        *extra])
+    assert rc == 2 and message in capsys.readouterr().err

@@ -7,7 +7,8 @@ sentence-final period and ``'s`` are split off). We run the same two NLTK classe
 *model* (package data, not installable here) is missing, so sentences are split by an untrained
 ``PunktSentenceTokenizer``: the same algorithm without the learned abbreviation list, so a period
 after an abbreviation (``e.g.``, ``mr.``, ``st.``) also ends a sentence and is split off as its own
-token (``e.g`` + ``.``). Object words never carry such a period, so the objects found are the same.
+token (``e.g`` + ``.``). An object word is affected only if the trained model lists it as an
+abbreviation (we know of none).
 
 WordNet (package data too) is replaced by ``lemminflect``'s noun lemmas (``dogs → dog``,
 ``mice → mouse``, ``glasses → glass``), which agree with WordNet on the object words the metrics
