@@ -51,7 +51,7 @@ _MODEL = flags.DEFINE_string("model", None, "Hugging Face LLaVA directory to gen
 _ANSWERS = flags.DEFINE_string("answers", None, 'JSONL of {"id": question id, "answer": text} to score.')
 _OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.")
 _JUDGE = flags.DEFINE_string("judge", None, "Hugging Face chat-LLM directory used as the judge.")
-_JUDGE_URL = flags.DEFINE_string("judge_url", None, "OpenAI-compatible endpoint of the judge, e.g. http://HOST:PORT/v1.")
+_JUDGE_URL = flags.DEFINE_string("judge_url", None, "The judge's OpenAI-compatible endpoint, e.g. http://HOST:PORT/v1.")
 _JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "The judge's model name at --judge_url.")
 _JUDGE_KEY_ENV = flags.DEFINE_string("judge_key_env", "OPENAI_API_KEY",
                                      "Environment variable holding the --judge_url key (unset: no key is sent).")
@@ -197,7 +197,8 @@ def run() -> dict[str, Any]:
     bench = suites.load(_SUITE.value, _DATA.value, _IMAGES.value, _LABELS.value)
     has_judge = bool(_JUDGE.value or _JUDGE_URL.value)
     if bench.paper_judge and not has_judge and (bench.judge == "required" or _PROTOCOL.value == "paper"):
-        why = "is scored by a judge LLM" if bench.judge == "required" else "--protocol paper extracts objects with a judge"
+        why = ("is scored by a judge LLM" if bench.judge == "required"
+               else "--protocol paper extracts objects with a judge")
         raise ValueError(f"{bench.name} {why}: pass --judge_url URL --judge_model NAME (the paper's: "
                          f"{bench.paper_judge['model']}, key in ${_JUDGE_KEY_ENV.value}) or --judge HF_DIR")
     if bench.judge == "unused" and has_judge:
@@ -223,7 +224,8 @@ def run() -> dict[str, Any]:
             "max_new_tokens": decoding["max_new_tokens"]}
         result["template"], result["prompt_suffix"] = template, _PROMPT_SUFFIX.value
     judge = _judge(bench) if has_judge and bench.judge != "unused" else None
-    result["scoring"] = bench.scoring if judge is None else f"judge ({'extraction' if bench.judge == 'optional' else 'rating'})"
+    result["scoring"] = (bench.scoring if judge is None
+                         else f"judge ({'extraction' if bench.judge == 'optional' else 'rating'})")
     metrics, items = bench.score(answers, judge)
     if judge is not None:
         result["judge"] = judge.settings()

@@ -66,7 +66,7 @@ class EndpointJudge:
         return {"kind": "endpoint", "url": public_url(self.endpoint.rsplit("/chat/completions", 1)[0]),
                 "model": self.model, "role": self.role, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, "key_env": self.key_env, "key_set": self._key is not None,
-                "cache": self.cache_dir, **{k: (sorted(v) if isinstance(v, list) else v) for k, v in self.stats.items()}}
+                "cache": self.cache_dir, **self.stats, "replied_models": sorted(self.stats["replied_models"])}
 
     # -------------------------------------------------------------------------------------------- cache
     def _body(self, prompt: str) -> dict[str, Any]:

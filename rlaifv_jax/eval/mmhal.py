@@ -93,7 +93,8 @@ def layout(questions: list[Question], answered: set[str]) -> str:
 def score(questions: list[Question], answers: dict[str, str], judge: Complete) -> tuple[dict[str, Any], dict]:
     """Judge every answered question; the metrics and each reply with its rating."""
     if judge is None:
-        raise ValueError("MMHal-Bench is scored by a judge LLM: pass --judge_url URL --judge_model NAME or --judge HF_DIR")
+        raise ValueError("MMHal-Bench is scored by a judge LLM: pass --judge_url URL --judge_model NAME or "
+                         "--judge HF_DIR")
     asked = [q for q in questions if q.id in answers]
     replies = judge([judge_prompt(q, answers[q.id].replace("Assistant:", "").strip()) for q in asked])
     items, ratings, by_type, unparseable = {}, [], collections.defaultdict(list), []
