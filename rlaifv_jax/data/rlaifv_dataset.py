@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from rlaifv_jax.data import buckets as bucketing
-from rlaifv_jax.data.chat import encode_prompt_answer
+from rlaifv_jax.data.chat import PlaceholderMismatch, encode_prompt_answer
 
 TEXT_FIELDS: tuple[str, ...] = ("question", "chosen", "rejected")
 META_FIELDS: tuple[str, ...] = ("ds_name", "origin_dataset", "origin_split", "idx", "image_path")
@@ -228,14 +228,18 @@ def pair_text_fn(
     template: str = "llava_v1",
 ) -> Callable[[PreferenceRecord], dict[str, np.ndarray]]:
     """A ``text_fn``: encode prompt, chosen and rejected; ``SkipRecord("too_long")`` if prompt + the
-    longer answer exceeds ``max_length`` tokens (never truncates). ``image_token_count`` may depend on
+    longer answer exceeds ``max_length`` tokens (never truncates), ``SkipRecord("image_token_in_text")``
+    if the texts still map to image placeholder ids (``chat.check_placeholders``). ``image_token_count`` may depend on
     the record (LLaVA-NeXT: ``model.num_image_tokens(image size)``)."""
 
     def text_fn(record: PreferenceRecord) -> dict[str, np.ndarray]:
         kw = dict(image_token_id=image_token_id, template=template)
         count = image_token_count(record) if callable(image_token_count) else image_token_count
-        chosen = encode_prompt_answer(tokenizer, record.question, record.chosen, count, **kw)
-        rejected = encode_prompt_answer(tokenizer, record.question, record.rejected, count, **kw)
+        try:
+            chosen = encode_prompt_answer(tokenizer, record.question, record.chosen, count, **kw)
+            rejected = encode_prompt_answer(tokenizer, record.question, record.rejected, count, **kw)
+        except PlaceholderMismatch:
+            raise SkipRecord("image_token_in_text") from None
         longest = len(chosen.prompt_ids) + max(len(chosen.answer_ids), len(rejected.answer_ids))
         if longest > max_length:
             raise SkipRecord("too_long")

@@ -150,6 +150,13 @@ def run(config, workdir: str) -> dict[str, Any]:
         image_of=lambda key: np.asarray(open_image(keyed[key].image)))
     encoded = [e for e in encoded if e["key"] in keyed]  # records of edited-away pairs are ignored
     usable = [e for e in encoded if "prompt_ids" in e]
+    noted = collections.Counter(w for e in encoded for w in e.get("warnings", ()))
+    for reason in ("image_token_in_text", encode.SPECIAL_TEXT):
+        names = [keyed[e["key"]].source for e in encoded if reason in e.get("warnings", ())]
+        if names:
+            log.warning("%d pairs %s: %s", len(names), "skipped (their text maps to the image token)"
+                        if reason == "image_token_in_text" else "hold special-token strings, encoded as text",
+                        ", ".join(names[:SHOWN_SKIPS]) + (" ..." if len(names) > SHOWN_SKIPS else ""))
     if not usable:
         raise InputError(f"data.path: none of the {len(encoded)} pairs fits data.max_length={spec.dpo.max_length} "
                          "tokens (prompt + image + the longer answer); raise data.max_length")
@@ -168,10 +175,11 @@ def run(config, workdir: str) -> dict[str, Any]:
     result = dpo.run(os.path.join(workdir, "train"), examples, image, spec.policy, spec.dpo, seed=spec.seed,
                      mesh=mesh, desc="dpo", save=save,
                      save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")), evaluate=evaluate)
-    too_long = sum("too_long" in e.get("warnings", ()) for e in encoded)
+    encode_skips = {k: noted[k] for k in ("too_long", "image_token_in_text") if noted[k]}
     history = result["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
-    summary = {"pairs": len(examples), "skipped": {**dict(skipped), **({"too_long": too_long} if too_long else {})},
+    summary = {"pairs": len(examples), "skipped": {**dict(skipped), **encode_skips},
+               "special_token_text": noted[encode.SPECIAL_TEXT],
                "steps": result["steps"], "steps_per_epoch": result.get("steps_per_epoch"),
                "checkpoint_every": result.get("checkpoint_every"), "resumed_from": result["resumed_from"],
                "kept_checkpoints": result.get("kept_steps"), "best_checkpoint": result.get("best_step"),
