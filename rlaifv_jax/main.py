@@ -228,14 +228,16 @@ def run(config, workdir: str) -> None:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value)
     except ValueError as e:
         raise ConfigError(str(e), header="bad multi-host flags") from None
-    if config.mode == "online":
-        from rlaifv_jax.pipelines import online
-        online.run(config, workdir)
-    elif config.mode == "offline_dpo":
-        from rlaifv_jax.pipelines import offline
-        offline.run(config, workdir)
-    else:
+    if config.mode not in ("online", "offline_dpo"):
         raise ConfigError(f"mode={config.mode!r} must be one of 'online', 'offline_dpo'")
+    from rlaifv_jax.core import lock
+    with lock.hold_once(workdir):  # one run per workdir (process 0 takes it for all)
+        if config.mode == "online":
+            from rlaifv_jax.pipelines import online
+            online.run(config, workdir)
+        else:
+            from rlaifv_jax.pipelines import offline
+            offline.run(config, workdir)
 
 
 def main(argv: list[str]) -> None:
