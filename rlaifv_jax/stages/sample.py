@@ -24,8 +24,10 @@ class SampleSettings:
 
 
 def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSpec, settings: SampleSettings, *,
-        seed: int, mesh, progress: bool) -> list[dict[str, Any]]:
-    """``{"key": prompt id, "question", "responses": [n texts], "num_tokens"}`` per prompt."""
+        seed: int, mesh, progress: bool, fingerprints: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """``{"key": prompt id, "question", "responses": [n texts], "num_tokens", "fingerprint"}`` per
+    prompt (``fingerprints``: prompt id → ``provenance.prompt_fingerprint``)."""
+    fingerprints = fingerprints or {}
 
     @contextlib.contextmanager
     def open_fn():
@@ -40,6 +42,7 @@ def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSpec,
                 for p, out in zip(chunk, outs):
                     texts = [b.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out["tokens"]]
                     result.append({"question": p["question"], "responses": texts,
+                                   "fingerprint": fingerprints.get(str(p["id"])),
                                    "num_tokens": [len(t) for t in out["tokens"]],
                                    "warnings": ["empty_response"] * sum(not t for t in texts)})
                 return result
