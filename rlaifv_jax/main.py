@@ -9,7 +9,9 @@ processes on one machine); every process runs the same command.
 The console: our own log lines at INFO, every library at WARNING, progress bars. ``--verbosity``
 (absl) is honoured: ``-1`` hides our INFO lines, ``1`` adds our DEBUG lines and library INFO lines,
 ``2`` library DEBUG lines. Mistakes in the command, config or inputs end with a one-line message
-and exit code 2 (``core.errors``); ``--debug`` or ``--verbosity>=1`` shows their traceback.
+and exit code 2 (``core.errors``); machine faults (a full, read-only or forbidden workdir, a lost
+peer process) with a one-line cause and what to do, exit code 3; ``--debug`` or ``--verbosity>=1``
+shows their traceback. One run per workdir (``core.lock``): a second is refused with exit code 2.
 """
 from __future__ import annotations
 
@@ -255,6 +257,15 @@ def main(argv: list[str]) -> None:
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; rerun the same command to resume (finished stages are kept)", 130)
+    except Exception as e:  # noqa: BLE001 - a machine fault ends in one line; anything else is a bug
+        import jax
+        from rlaifv_jax.core.errors import FAULT_EXIT, fault_message
+        message = fault_message(e, multi_process=jax.process_count() > 1)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        _fail(message, FAULT_EXIT)
 
 
 if __name__ == "__main__":
