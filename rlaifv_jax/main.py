@@ -249,22 +249,29 @@ def main(argv: list[str]) -> None:
     skip_absent_tpu()
     from rlaifv_jax.core.errors import UserError
     debug = _DEBUG.value or flags.FLAGS["verbosity"].value >= 1
+    from rlaifv_jax.core import distributed
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
+        distributed.mark_exit(False, f" (exit {e.exit_code})")
         if debug:
             traceback.print_exc()
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
+        distributed.mark_exit(False, " (interrupted)")
         _fail("interrupted; rerun the same command to resume (finished stages are kept)", 130)
     except Exception as e:  # noqa: BLE001 - a machine fault ends in one line; anything else is a bug
         import jax
         from rlaifv_jax.core.errors import FAULT_EXIT, fault_message
-        message = fault_message(e, multi_process=jax.process_count() > 1)
+        multi = jax.process_count() > 1
+        message = fault_message(e, multi_process=multi)
         if message is None:
+            distributed.mark_exit(False, f" ({type(e).__name__})")
             raise
         if debug:
             traceback.print_exc()
+        if multi:  # names a lost peer; no shutdown barrier (it would wait for the lost peer)
+            distributed.exit_after_fault(message, FAULT_EXIT)
         _fail(message, FAULT_EXIT)
 
 

@@ -63,3 +63,26 @@ def test_read_only_workdir_one_line_and_debug_traceback(setup, tmp_path):  # noq
     assert "Traceback" not in proc.stderr
     proc, errors, _ = _main("erofs", setup, tmp_path / "ro", "--debug")
     assert proc.returncode == 3 and "Traceback" in proc.stderr and "read-only" in errors[0]
+
+
+def test_killed_peer_survivor_exits_3_within_30s_naming_it():
+    from multiproc import free_port
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "peer_worker.py"), str(port), str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 0)]
+    try:
+        out, err = procs[1].communicate(timeout=120)  # process 0, the survivor
+        done = __import__("time").time()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode == -9
+    joined = float(next(line for line in out.splitlines() if line.startswith("joined")).split()[1])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    print(f"survivor exit {procs[1].returncode} after {done - joined:.1f} s: {errors}\nstdout: {out!r}")
+    assert procs[1].returncode == 3 and len(errors) == 1 and "process 1" in errors[0], err[-2000:]
+    assert done - joined < 30
+    assert "Traceback" not in err
