@@ -55,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prompts = ml_collections.ConfigDict()
     c.prompts.path = ""  # JSONL of {"id", "image_path" | "image" (base64), "question"} (source="files")
     c.prompts.per_iteration = 0  # prompts used per iteration (0: all)
+    c.prompts.image_root = ""  # folder image_path values resolve against ("": the prompt file's folder)
+    c.prompts.allow_outside_root = False  # True: image_path may leave image_root (../, absolute); default: a counted skip
 
     c.policy = ml_collections.ConfigDict()
     c.policy.path = ""  # Hugging Face checkpoint directory of the initial policy (source="files")

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from rlaifv_jax.data import buckets as bucketing
+from rlaifv_jax.core import paths as core_paths
 from rlaifv_jax.data.chat import PlaceholderMismatch, encode_prompt_answer
 
 TEXT_FIELDS: tuple[str, ...] = ("question", "chosen", "rejected")
@@ -87,7 +88,7 @@ def open_image(image: bytes | str) -> Image.Image:
         return im.convert("RGB")
 
 
-def _image_source(raw: dict[str, Any], base_dir: str) -> bytes | str | SkipRecord:
+def _image_source(raw: dict[str, Any], base_dir: str, allow_outside_root: bool = False) -> bytes | str | SkipRecord:
     image = raw.get("image")
     if isinstance(image, str):
         image = {"bytes": image}
@@ -105,11 +106,13 @@ def _image_source(raw: dict[str, Any], base_dir: str) -> bytes | str | SkipRecor
     paths = [p for p in (image.get("path"), raw.get("image_path")) if isinstance(p, str) and p]
     if not paths:
         return SkipRecord("missing_image")
+    outside = False
     for p in paths:
-        full = p if os.path.isabs(p) else os.path.join(base_dir, p)
-        if os.path.isfile(full):
+        full = core_paths.resolve_under(p, base_dir, allow_outside_root)
+        outside |= full is None
+        if full is not None and os.path.isfile(full):
             return full
-    return SkipRecord("image_missing_file")
+    return SkipRecord("image_outside_root" if outside else "image_missing_file")
 
 
 def validate_row(
@@ -117,9 +120,12 @@ def validate_row(
     source: str,
     base_dir: str,
     text_fn: Callable[[PreferenceRecord], dict[str, Any]] | None = None,
+    allow_outside_root: bool = False,
 ) -> PreferenceRecord | SkipRecord:
     """One raw row → a record with its image source (bytes or path), or the ``SkipRecord`` of the
-    first failing check (module docstring); the image is fully decoded once to check it."""
+    first failing check (module docstring); the image is fully decoded once to check it. Image
+    paths resolve against ``base_dir`` (the image root); one outside it is ``image_outside_root``
+    unless ``allow_outside_root``."""
     texts = [raw.get(k) for k in TEXT_FIELDS]
     if not all(isinstance(t, str) for t in texts):
         return SkipRecord("missing_field")
@@ -138,7 +144,7 @@ def validate_row(
             record.features = text_fn(record)
         except SkipRecord as skip:
             return skip
-    image = _image_source(raw, base_dir)
+    image = _image_source(raw, base_dir, allow_outside_root)
     if isinstance(image, SkipRecord):
         return image
     try:

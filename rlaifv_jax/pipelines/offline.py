@@ -61,9 +61,12 @@ def content_key(record: PreferenceRecord, reference: str) -> str:
     return h.hexdigest()[:32]
 
 
-def read_pairs(data: list[str], max_pairs: int = 0) -> tuple[list[PreferenceRecord], collections.Counter, list[str]]:
+def read_pairs(data: list[str], max_pairs: int = 0, image_root: str = "", allow_outside_root: bool = False
+               ) -> tuple[list[PreferenceRecord], collections.Counter, list[str]]:
     """Usable pairs of the data files (directories read whole), the skip counts by reason and one
     ``"file:row: reason"`` line per skipped row; ``max_pairs`` > 0 keeps only the first N pairs.
+    Image paths resolve against ``image_root`` (default: each data file's folder); a path outside
+    it is skipped (``image_outside_root``) unless ``allow_outside_root``.
     ``InputError`` when a file cannot be read or no pair is usable."""
     records: list[PreferenceRecord] = []
     skipped: collections.Counter = collections.Counter()
@@ -71,10 +74,11 @@ def read_pairs(data: list[str], max_pairs: int = 0) -> tuple[list[PreferenceReco
     try:
         files = data_files(data)
         for path in files:
-            base_dir = os.path.dirname(os.path.abspath(path))
+            base_dir = os.path.abspath(image_root) if image_root else os.path.dirname(os.path.abspath(path))
             for row, raw in enumerate(iter_rows(path)):
                 source = f"{path}:{row}"
-                result = raw if isinstance(raw, SkipRecord) else validate_row(raw, source, base_dir)
+                result = raw if isinstance(raw, SkipRecord) else validate_row(
+                    raw, source, base_dir, allow_outside_root=allow_outside_root)
                 if isinstance(result, SkipRecord):
                     skipped[result.reason] += 1
                     named.append(f"{source}: {result.reason}")
@@ -127,7 +131,8 @@ def suite_evaluator(spec) -> select.Evaluate | None:
 def run(config, workdir: str) -> dict[str, Any]:
     """Offline DPO (see module docstring). Returns a summary dict (also printed)."""
     spec = offline_spec(config)  # every field, path and checkpoint config checked: nothing written yet
-    records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs)
+    records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs, config.data.image_root,
+                                         config.data.allow_outside_root)
     evaluate = suite_evaluator(spec)
     check_or_save_config(config, workdir)
     mesh = sharding.make_mesh(*spec.mesh)
