@@ -17,6 +17,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log.wandb = False  # also log DPO metrics to Weights & Biases (pip install 'rlaifv_jax[wandb]')
     c.log.wandb_project = "rlaifv_jax"  # the W&B project (one W&B run per workdir and DPO stage)
 
+    # What a rerun does when the prompts behind an iteration's records changed (edited, removed or
+    # added; records carry a fingerprint of prompt id, image bytes, question and policy step).
+    # May change between runs of one workdir.
+    c.resume = ml_collections.ConfigDict()
+    c.resume.on_input_change = "refuse"  # refuse: stop in one line saying what changed | recompute: redo those records
+
     c.mesh = ml_collections.ConfigDict()  # device layout of DPO training (may change on resume)
     c.mesh.data = 1  # data-parallel mesh axis size
     c.mesh.fsdp = -1  # FSDP axis size (-1: all remaining devices)
@@ -49,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prompts = ml_collections.ConfigDict()
     c.prompts.path = ""  # JSONL of {"id", "image_path" | "image" (base64), "question"} (source="files")
     c.prompts.per_iteration = 0  # prompts used per iteration (0: all)
+    c.prompts.image_root = ""  # folder image_path values resolve against ("": the prompt file's folder)
+    c.prompts.allow_outside_root = False  # True: image_path may leave image_root (../, absolute); default: a counted skip
 
     c.policy = ml_collections.ConfigDict()
     c.policy.path = ""  # Hugging Face checkpoint directory of the initial policy (source="files")

@@ -17,6 +17,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (RLAIF-V-Dataset schema; a directory stands for every *.parquet / *.jsonl file in it)
     c.data.max_pairs = 0  # use only the first N usable pairs, for quick trials (0: all)
     c.data.max_length = 2048  # prompt (image tokens included) + longer answer; longer pairs are skipped
+    c.data.image_root = ""  # folder image paths in the data resolve against ("": each data file's folder)
+    c.data.allow_outside_root = False  # True: image paths may leave image_root (../, absolute); default: a counted skip
     c.data.template = "llava_v1"  # chat format: "llava_v1" (LLaVA-1.5) or "chat" (tokenizer's template)
 
     c.policy = ml_collections.ConfigDict()

@@ -9,7 +9,9 @@ processes on one machine); every process runs the same command.
 The console: our own log lines at INFO, every library at WARNING, progress bars. ``--verbosity``
 (absl) is honoured: ``-1`` hides our INFO lines, ``1`` adds our DEBUG lines and library INFO lines,
 ``2`` library DEBUG lines. Mistakes in the command, config or inputs end with a one-line message
-and exit code 2 (``core.errors``); ``--debug`` or ``--verbosity>=1`` shows their traceback.
+and exit code 2 (``core.errors``); machine faults (a full, read-only or forbidden workdir, a lost
+peer process) with a one-line cause and what to do, exit code 3; ``--debug`` or ``--verbosity>=1``
+shows their traceback. One run per workdir (``core.lock``): a second is refused with exit code 2.
 """
 from __future__ import annotations
 
@@ -228,14 +230,16 @@ def run(config, workdir: str) -> None:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value)
     except ValueError as e:
         raise ConfigError(str(e), header="bad multi-host flags") from None
-    if config.mode == "online":
-        from rlaifv_jax.pipelines import online
-        online.run(config, workdir)
-    elif config.mode == "offline_dpo":
-        from rlaifv_jax.pipelines import offline
-        offline.run(config, workdir)
-    else:
+    if config.mode not in ("online", "offline_dpo"):
         raise ConfigError(f"mode={config.mode!r} must be one of 'online', 'offline_dpo'")
+    from rlaifv_jax.core import lock
+    with lock.hold_once(workdir):  # one run per workdir (process 0 takes it for all)
+        if config.mode == "online":
+            from rlaifv_jax.pipelines import online
+            online.run(config, workdir)
+        else:
+            from rlaifv_jax.pipelines import offline
+            offline.run(config, workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -245,14 +249,30 @@ def main(argv: list[str]) -> None:
     skip_absent_tpu()
     from rlaifv_jax.core.errors import UserError
     debug = _DEBUG.value or flags.FLAGS["verbosity"].value >= 1
+    from rlaifv_jax.core import distributed
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
+        distributed.mark_exit(False, f" (exit {e.exit_code})")
         if debug:
             traceback.print_exc()
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
+        distributed.mark_exit(False, " (interrupted)")
         _fail("interrupted; rerun the same command to resume (finished stages are kept)", 130)
+    except Exception as e:  # noqa: BLE001 - a machine fault ends in one line; anything else is a bug
+        import jax
+        from rlaifv_jax.core.errors import FAULT_EXIT, fault_message
+        multi = jax.process_count() > 1
+        message = fault_message(e, multi_process=multi)
+        if message is None:
+            distributed.mark_exit(False, f" ({type(e).__name__})")
+            raise
+        if debug:
+            traceback.print_exc()
+        if multi:  # names a lost peer; no shutdown barrier (it would wait for the lost peer)
+            distributed.exit_after_fault(message, FAULT_EXIT)
+        _fail(message, FAULT_EXIT)
 
 
 if __name__ == "__main__":

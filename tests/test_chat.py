@@ -100,8 +100,53 @@ def test_encode_prompt_answer_matches_llava_tokenization(tokenizer, answer, n_im
 def test_image_placeholder_checks(tokenizer):
     with pytest.raises(ValueError):
         encode_prompt(tokenizer, "q", 4)  # no image_token_id
-    with pytest.raises(ValueError):
-        encode_prompt(tokenizer, "<image>\nq", 4, image_token_id=IMAGE_ID)
+
+
+
+def test_leading_image_marker_is_moved_not_doubled(tokenizer):
+    plain = encode_prompt(tokenizer, "What is in the image?", 4, image_token_id=IMAGE_ID).tolist()
+    for q in ("<image>\nWhat is in the image?", "What is in the image?\n<image>"):
+        assert encode_prompt(tokenizer, q, 4, image_token_id=IMAGE_ID).tolist() == plain
+    for template in ("llava_v1", "chat"):
+        enc = encode_prompt_answer(tokenizer, "<image>\nWhat is in the image?", "a cat", 4, image_token_id=IMAGE_ID,
+                                   template=template)
+        assert (enc.prompt_ids == IMAGE_ID).sum() == 4
+
+
+@pytest.mark.parametrize("template", ["llava_v1", "chat"])
+def test_special_token_text_is_data(tokenizer, template):
+    """<image>, </s>, <|eot_id|> written in a question or answer stay text: no special id appears
+    beyond those the template puts, and clean text around them is unaffected."""
+    specials = {tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<image>", "<|eot_id|>",
+                                                             "<|start_header_id|>", "<|end_header_id|>")}
+    clean = encode_prompt_answer(tokenizer, "What is in the image?", "a red circle", 4, image_token_id=IMAGE_ID,
+                                 template=template)
+    dirty = encode_prompt_answer(tokenizer, "What is <image> in </s> the <|eot_id|> image?",
+                                 "a red circle <image> </s> <|eot_id|>", 4, image_token_id=IMAGE_ID, template=template)
+
+    def special_counts(ids):
+        return {t: int((np.asarray(ids) == t).sum()) for t in specials}
+
+    assert special_counts(dirty.prompt_ids) == special_counts(clean.prompt_ids)
+    assert special_counts(dirty.answer_ids) == special_counts(clean.answer_ids)  # only the end-of-turn id
+    assert (dirty.prompt_ids == IMAGE_ID).sum() == 4 and dirty.answer_ids[-1] == clean.answer_ids[-1]
+    assert "image" in tokenizer.decode(dirty.answer_ids[:-1])  # kept as text ("<", ">" are <unk> in this BPE)
+
+
+def test_vocabulary_word_image_is_a_placeholder_mismatch():
+    """A word-level vocabulary with <image> as a plain word still maps the text to the image id: the
+    host-side count check names it (PlaceholderMismatch, a ValueError) instead of a shifted write."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from rlaifv_jax.data.chat import PlaceholderMismatch
+    words = ["<unk>", "<s>", "</s>", "<image>", "a", "cat", "USER:", "ASSISTANT:", "q"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert len(encode_prompt_answer(fast, "q", "a cat", 2, image_token_id=3).prompt_ids)
+    with pytest.raises(PlaceholderMismatch, match="1 in the answer"):
+        encode_prompt_answer(fast, "q", "a cat <image>", 2, image_token_id=3)
+    with pytest.raises(PlaceholderMismatch, match="3 in the prompt"):
+        encode_prompt(fast, "q <image> q", 2, image_token_id=3)
 
 
 def test_chat_template(tokenizer):

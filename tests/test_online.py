@@ -151,7 +151,9 @@ def test_prompt_file_with_bad_records_runs_and_reports(tmp_path):
              json.dumps({"id": "d", "image_path": "broken.png", "question": "describe the image ."}),
              json.dumps({"id": "e", "image_path": "ok.png", "question": "   "}),
              "{not json",
-             json.dumps({"id": "f", "image": "%%%not-base64", "question": "describe the image ."})]
+             json.dumps({"id": "f", "image": "%%%not-base64", "question": "describe the image ."}),
+             json.dumps({"id": "g", "image_path": "ok.png", "question": "<image>\ndescribe the image ."}),  # LLaVA data
+             json.dumps({"id": "h", "image_path": "ok.png", "question": "describe the <image> image ."})]
     (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     c = default.get_config("smoke")
     c.source, c.prompts.path, c.policy.path = "files", str(tmp_path / "prompts.jsonl"), str(policy)
@@ -161,13 +163,17 @@ def test_prompt_file_with_bad_records_runs_and_reports(tmp_path):
     summary = online.run(c, str(workdir))
     assert [e["iteration"] for e in summary] == [0, 1]
     report = json.load(open(workdir / "report.json"))["prompt_file"]
-    assert report["kept"] == 2
+    assert report["kept"] == 4
     assert report["skipped"] == {"missing_image": 1, "corrupt_image": 2, "empty_question": 1, "malformed_line": 1}
     assert any(p.startswith("line 3: missing_image") for p in report["problems"])
     claims = records.read_stage(str(workdir / "iter_00" / "claims"))
-    assert sorted(r["key"] for r in claims) == ["a", "b"]
+    assert sorted(r["key"] for r in claims) == ["a", "b", "g", "h"]
     statuses = [c["status"] for r in claims for c in r["claims"]]
-    assert len(statuses) == 2 * c.sampling.num_samples  # every response accounted for
+    assert len(statuses) == 3 * c.sampling.num_samples  # every response accounted for
+    # this word-level vocabulary maps the text <image> to the image id: h is a named skip, not a crash
+    samples = {r["key"]: r for r in records.read_stage(str(workdir / "iter_00" / "samples"))}
+    assert samples["h"]["warnings"] == ["image_token_in_text"] and samples["h"]["responses"] == []
+    assert len(samples["g"]["responses"]) == c.sampling.num_samples and samples["g"]["fingerprint"]
     marker = records.read_marker(str(workdir / "iter_00" / "claims"), 0)
     assert sum(marker["warnings"].values()) == sum(s != "ok" for s in statuses)
 

@@ -185,3 +185,13 @@ def check_workdir(path: str) -> str:
                          "the current credentials")
     return path
 
+
+def resolve_under(path: str, root: str, allow_outside_root: bool = False) -> str | None:
+    """``path`` (relative: to ``root``; absolute: as it is), or None when it resolves (symlinks
+    followed) outside ``root`` and ``allow_outside_root`` is false: a file downloaded from elsewhere
+    must not make the run open ``../../x`` or ``/etc/...``."""
+    full = path if os.path.isabs(path) else os.path.join(root, path)
+    if allow_outside_root:
+        return full
+    real, real_root = os.path.realpath(full), os.path.realpath(root)
+    return full if os.path.commonpath([real, real_root]) == real_root else None

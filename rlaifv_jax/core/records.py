@@ -208,3 +208,24 @@ def read_stage(stage_dir: str) -> list[Record]:
     if dups:
         raise ValueError(f"{stage_dir}: duplicate record keys {dups[:5]}{' ...' if len(dups) > 5 else ''}")
     return records
+
+
+def drop_keys(stage_dir: str, keys: set[str]) -> int:
+    """Remove the records of ``keys`` from ``stage_dir`` (each shard holding one is rewritten
+    atomically, or removed when emptied) and every completion marker, so the stage computes them
+    again on its next run. Returns how many records were dropped (one writer: process 0)."""
+    dropped = 0
+    for _, _, path in _parts(stage_dir):
+        rows = _read_jsonl(path)
+        kept = [r for r in rows if str(r[KEY]) not in keys]
+        if len(kept) == len(rows):
+            continue
+        dropped += len(rows) - len(kept)
+        if kept:
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        else:
+            paths.remove(path)
+    for name in paths.listdir(stage_dir):
+        if name.startswith("_DONE."):
+            paths.remove(os.path.join(stage_dir, name))
+    return dropped

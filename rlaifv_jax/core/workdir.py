@@ -32,6 +32,7 @@ RUN_FIELDS = (
     "eval.batch_size",
     "train.ref_batch_size", "train.log_every",  # offline: reference-pass batch, metric interval
     "train.max_to_keep", "export.checkpoints",  # which checkpoints are kept / exported
+    "resume",  # what a rerun does with records whose inputs changed (they are never silently reused)
 )
 HISTORY = "config_history.jsonl"
 

@@ -22,10 +22,19 @@ is the tokens of ``{answer}`` after that prompt followed by the template's own e
 image as ``<image>\n{question}``; for Qwen-VL tokenizers (ChatML, which know ``<|vision_start|>`` and
 ``<|vision_end|>``) as ``<|vision_start|><image><|vision_end|>{question}``, exactly what Qwen's
 processor renders for an image followed by text, ``<image>`` becoming the ``<|image_pad|>`` run.
+
+Special tokens are data, never control: questions, answers, sampled responses and claims are
+tokenized so that a string such as ``<image>``, ``</s>`` or ``<|im_end|>`` in them stays text
+(``split_special_tokens``); the image placeholder appears only where the template puts it. A
+question's own leading ``<image>\\n`` (LLaVA data) is dropped, not doubled. Every encoded row's image
+ids are counted on the host (``check_placeholders``): a vocabulary that still maps such text to the
+image id raises ``PlaceholderMismatch``, which callers count as a named skip.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -75,27 +84,111 @@ def chat_template_prompt(tokenizer, question: str, with_image: bool = False) -> 
     )
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+class PlaceholderMismatch(ValueError):
+    """An encoded row whose image placeholder ids do not match its image features (e.g. a word-level
+    vocabulary that maps the text ``<image>`` in a question or answer to the image id)."""
 
 
-def _prompt_text(tokenizer, question: str, with_image: bool, template: str) -> str:
+def _ids(tokenizer, text: str, data: bool = False) -> list[int]:
+    """``text``'s ids, no BOS/EOS. ``data=True``: special-token strings in ``text`` stay text
+    (``split_special_tokens``), so user/model text can never produce a special id."""
+    kwargs = {"split_special_tokens": True} if data else {}
+    return list(tokenizer(text, add_special_tokens=False, **kwargs)["input_ids"])
+
+
+@functools.lru_cache(maxsize=16)
+def _special_pattern(tokenizer) -> re.Pattern:
+    """A regex matching every string the tokenizer parses as an added/special token, plus the
+    template's own markers (``<image>``, Qwen's vision markers)."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    strings = set(added) | set(getattr(tokenizer, "all_special_tokens", ()))
+    strings |= {IMAGE_PLACEHOLDER, *VISION_MARKERS}
+    return re.compile("|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True) if t))
+
+
+def has_special_text(tokenizer, text: str) -> bool:
+    """Whether ``text`` contains a string the tokenizer would otherwise read as a special token."""
+    return _special_pattern(tokenizer).search(text) is not None
+
+
+Parts = Sequence[tuple[str, bool]]  # (text, is_data): the template's own text, or user/model text
+
+
+def _mode(tokenizer, parts: Parts) -> str:
+    if not any(data and has_special_text(tokenizer, t) for t, data in parts):
+        return "whole"  # clean data: exactly the tokenization of the whole text
+    if not any(not data and has_special_text(tokenizer, t) for t, data in parts):
+        return "whole_data"
+    return "by_part"
+
+
+def encode_parts(tokenizer, parts: Parts, mode: str | None = None) -> list[int]:
+    """Ids of ``parts`` concatenated, where data parts can never produce a special token.
+
+    Clean data (no special-token strings): the whole text is tokenized at once, exactly as before.
+    Data with such strings: tokenized with ``split_special_tokens``, the whole text at once when the
+    template's parts hold no special tokens themselves (``llava_v1``), else part by part. ``mode``
+    forces one of these (``"whole"``, ``"whole_data"``, ``"by_part"``)."""
+    mode = mode or _mode(tokenizer, parts)
+    if mode == "by_part":
+        return [i for t, data in parts if t for i in _ids(tokenizer, t, data=data)]
+    return _ids(tokenizer, "".join(t for t, _ in parts), data=mode == "whole_data")
+
+
+def strip_image_marker(question: str) -> str:
+    """A question without LLaVA data's own image marker (a leading ``<image>`` and the newline after
+    it, or a trailing one): the template puts the image where it belongs. Any other ``<image>`` is text."""
+    q = question
+    if q.startswith(IMAGE_PLACEHOLDER):
+        q = q[len(IMAGE_PLACEHOLDER):].lstrip("\n")
+    elif q.endswith(IMAGE_PLACEHOLDER):
+        q = q[: -len(IMAGE_PLACEHOLDER)].rstrip("\n")
+    return q
+
+
+_QUESTION = "\x00QUESTION\x00"
+
+
+def prompt_parts(tokenizer, question: str, with_image: bool, template: str) -> list[tuple[str, bool]]:
+    """The generation prompt as ``(text, is_data)`` parts: template text around the question (as the
+    template renders it, e.g. trimmed). ``<image>`` occurs only in the template's parts."""
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
-    if IMAGE_PLACEHOLDER in question:
-        raise ValueError(f"question must not contain {IMAGE_PLACEHOLDER!r}; it is inserted by the template")
-    if template == "llava_v1":
-        return llava_v1_prompt(question, with_image)
-    return chat_template_prompt(tokenizer, question, with_image)
+    if with_image:
+        question = strip_image_marker(question)
+    render = (lambda q: llava_v1_prompt(q, with_image)) if template == "llava_v1" else (
+        lambda q: chat_template_prompt(tokenizer, q, with_image))
+    skeleton = render(_QUESTION)
+    if skeleton.count(_QUESTION) != 1:
+        raise ValueError(f"the {template} prompt does not contain the question exactly once: {skeleton!r}")
+    head, tail = skeleton.split(_QUESTION)
+    full = render(question)
+    if not (full.startswith(head) and full.endswith(tail) and len(full) >= len(head) + len(tail)):
+        raise ValueError(f"the {template} template renders the question unexpectedly: {full!r}")
+    return [(head, False), (full[len(head): len(full) - len(tail)], True), (tail, False)]
+
+
+def _image_chunks(parts: Parts) -> list[list[tuple[str, bool]]]:
+    """``parts`` split at each ``<image>`` of the template's own text (data is never split)."""
+    chunks: list[list[tuple[str, bool]]] = [[]]
+    for text, data in parts:
+        pieces = [text] if data else text.split(IMAGE_PLACEHOLDER)
+        for i, piece in enumerate(pieces):
+            if i:
+                chunks.append([])
+            chunks[-1].append((piece, data))
+    return chunks
 
 
 def chunks_to_ids(
-    tokenizer, text: str, image_token_count: int, image_token_id: int | None, template: str
-) -> tuple[list[int], str]:
-    """Prompt ids (image expanded) and the text of the last chunk (the answer's left context)."""
-    chunks = text.split(IMAGE_PLACEHOLDER)
+    tokenizer, text: str | Parts, image_token_count: int, image_token_id: int | None, template: str
+) -> tuple[list[int], list[tuple[str, bool]]]:
+    """Prompt ids (image expanded) and the parts of the last chunk (the answer's left context).
+    ``text``: template text (a str) or ``(text, is_data)`` parts."""
+    parts = [(text, False)] if isinstance(text, str) else list(text)
+    chunks = _image_chunks(parts)
     if image_token_count and len(chunks) != 2:
-        raise ValueError(f"the prompt must contain exactly one {IMAGE_PLACEHOLDER!r}: {text!r}")
+        raise ValueError(f"the prompt must contain exactly one {IMAGE_PLACEHOLDER!r}: {parts!r}")
     if image_token_count and image_token_id is None:
         raise ValueError("image_token_id is required when image_token_count > 0")
     ids: list[int] = []
@@ -104,8 +197,23 @@ def chunks_to_ids(
     for i, chunk in enumerate(chunks):
         if i:
             ids.extend([int(image_token_id)] * image_token_count)
-        ids.extend(_ids(tokenizer, chunk))
+        ids.extend(encode_parts(tokenizer, chunk))
     return ids, chunks[-1]
+
+
+def check_placeholders(prompt_ids: Sequence[int], answer_ids: Sequence[int], image_token_count: int,
+                       image_token_id: int | None) -> None:
+    """Host-side check before anything is compiled: the prompt holds exactly ``image_token_count``
+    image ids (one run) and the answer none. ``PlaceholderMismatch`` otherwise (a named skip)."""
+    if image_token_id is None:
+        return
+    prompt = np.asarray(prompt_ids)
+    found = int(np.sum(prompt == image_token_id))
+    in_answer = int(np.sum(np.asarray(answer_ids) == image_token_id))
+    if found != image_token_count or in_answer:
+        where = f"{in_answer} in the answer" if in_answer else f"{found} in the prompt"
+        raise PlaceholderMismatch(f"image placeholder ids: {where}, expected {image_token_count} in the prompt "
+                                  "(the text itself maps to the image token)")
 
 
 def encode_prompt(
@@ -118,10 +226,14 @@ def encode_prompt(
 ) -> np.ndarray:
     """Prompt ids for generation: the template with ``<image>`` expanded to ``image_token_count`` ids.
 
-    ``image_token_count=0`` gives a text-only prompt (no placeholder at all).
+    ``image_token_count=0`` gives a text-only prompt (no placeholder at all). The question is data:
+    special-token strings in it stay text; a leading ``<image>\\n`` (LLaVA data) is dropped, the
+    template placing the image. ``PlaceholderMismatch`` if the ids still do not hold exactly the
+    expected image ids.
     """
-    text = _prompt_text(tokenizer, question, image_token_count > 0, template)
-    ids, _ = chunks_to_ids(tokenizer, text, image_token_count, image_token_id, template)
+    parts = prompt_parts(tokenizer, question, image_token_count > 0, template)
+    ids, _ = chunks_to_ids(tokenizer, parts, image_token_count, image_token_id, template)
+    check_placeholders(ids, (), image_token_count, image_token_id)
     return np.asarray(ids, np.int32)
 
 
@@ -154,18 +266,22 @@ def encode_prompt_answer(
     """Prompt ids and answer ids (answer tokens + end-of-turn) such that ``concat`` is the conversation.
 
     The answer span is exact by construction: its ids are the suffix that the answer adds to the
-    prompt's last text chunk (separator ``" "`` for ``llava_v1``, none for ``chat``). Raises
-    ``ValueError`` if the tokenizer merges a token across the prompt/answer boundary.
+    prompt's last text chunk (separator ``" "`` for ``llava_v1``, none for ``chat``). Question and
+    answer are data (see ``encode_prompt``). Raises ``ValueError`` if the tokenizer merges a token
+    across the prompt/answer boundary, ``PlaceholderMismatch`` if the image ids do not match.
     """
-    text = _prompt_text(tokenizer, question, image_token_count > 0, template)
-    prompt_ids, last_chunk = chunks_to_ids(tokenizer, text, image_token_count, image_token_id, template)
+    parts = prompt_parts(tokenizer, question, image_token_count > 0, template)
+    prompt_ids, last_chunk = chunks_to_ids(tokenizer, parts, image_token_count, image_token_id, template)
     sep = " " if template == "llava_v1" else ""
-    context_ids = _ids(tokenizer, last_chunk)
-    full_ids = _ids(tokenizer, last_chunk + sep + answer.strip())
+    answer_part = (sep + answer.strip(), True)
+    mode = _mode(tokenizer, [*last_chunk, answer_part])
+    context_ids = encode_parts(tokenizer, last_chunk, mode)
+    full_ids = encode_parts(tokenizer, [*last_chunk, answer_part], mode)
     if full_ids[: len(context_ids)] != context_ids:
-        raise ValueError(f"tokenizer merges across the prompt/answer boundary of {text!r}")
+        raise ValueError(f"tokenizer merges across the prompt/answer boundary of {parts!r}")
     eot = end_of_turn_id(tokenizer, template) if eos_id is None else int(eos_id)
     answer_ids = full_ids[len(context_ids):] + [eot]
+    check_placeholders(prompt_ids, answer_ids, image_token_count, image_token_id)
     return EncodedPrompt(np.asarray(prompt_ids, np.int32), np.asarray(answer_ids, np.int32))
 
 

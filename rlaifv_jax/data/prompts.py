@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from rlaifv_jax.core import paths as core_paths
 from rlaifv_jax.data import chat, toy_world
 
 
@@ -81,8 +82,10 @@ class PromptRecord(collections.abc.Mapping):
         return len(self.KEYS)
 
 
-def _image_source(raw: dict[str, Any], base_dir: str) -> tuple[bytes | str | None, str, str]:
-    """``(encoded bytes | file path | None, reason, detail)``; the image is checked by one full decode."""
+def _image_source(raw: dict[str, Any], base_dir: str,
+                  allow_outside_root: bool = False) -> tuple[bytes | str | None, str, str]:
+    """``(encoded bytes | file path | None, reason, detail)``; the image is checked by one full decode.
+    ``base_dir`` is the image root that relative ``image_path`` values resolve against."""
     image, path = raw.get("image"), raw.get("image_path")
     if image:
         if not isinstance(image, str):
@@ -95,7 +98,9 @@ def _image_source(raw: dict[str, Any], base_dir: str) -> tuple[bytes | str | Non
     elif path:
         if not isinstance(path, str):
             return None, "no_image_field", "image_path must be a string"
-        source = keep = path if os.path.isabs(path) else os.path.join(base_dir, path)
+        source = keep = core_paths.resolve_under(path, base_dir, allow_outside_root)
+        if source is None:
+            return None, "outside_image_root", f"{path} (image root {base_dir})"
         if not os.path.exists(source):
             return None, "missing_image", source
         try:
@@ -112,17 +117,27 @@ def _image_source(raw: dict[str, Any], base_dir: str) -> tuple[bytes | str | Non
     return keep, "", ""
 
 
-def read_prompt_file(path: str) -> tuple[list[PromptRecord], PromptReport]:
+def read_prompt_file(path: str, image_root: str = "", allow_outside_root: bool = False
+                     ) -> tuple[list[PromptRecord], PromptReport]:
     """Good records (``PromptRecord``: ``{"id", "question", "image"}``, image decoded on access) and
-    the report of every skipped line. Each image is decoded once here to check it, then dropped."""
+    the report of every skipped line. Each image is decoded once here to check it, then dropped.
+    ``image_path`` values resolve against ``image_root`` (default: the prompt file's folder); one
+    outside it is skipped (``outside_image_root``) unless ``allow_outside_root``. A line that is not
+    UTF-8 is skipped (``not_utf8``) and named by its line number."""
     report = PromptReport(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
         raise ValueError(f"{path}: cannot read the prompt file ({e})") from None
+    root = os.path.abspath(image_root) if image_root else os.path.dirname(os.path.abspath(path))
     records, seen = [], set()
-    for n, line in enumerate(lines, 1):
+    for n, data in enumerate(lines, 1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            report.skip(n, "not_utf8", f"byte {e.start} of the line: {data[e.start:e.start + 4]!r}")
+            continue
         if not line.strip():
             continue
         try:
@@ -140,7 +155,7 @@ def read_prompt_file(path: str) -> tuple[list[PromptRecord], PromptReport]:
         if pid in seen:
             report.skip(n, "duplicate_id", pid)
             continue
-        image, reason, detail = _image_source(raw, os.path.dirname(os.path.abspath(path)))
+        image, reason, detail = _image_source(raw, root, allow_outside_root)
         if image is None:
             report.skip(n, reason, detail)
             continue

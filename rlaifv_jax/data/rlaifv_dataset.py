@@ -48,7 +48,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from rlaifv_jax.data import buckets as bucketing
-from rlaifv_jax.data.chat import encode_prompt_answer
+from rlaifv_jax.core import paths as core_paths
+from rlaifv_jax.data.chat import PlaceholderMismatch, encode_prompt_answer
 
 TEXT_FIELDS: tuple[str, ...] = ("question", "chosen", "rejected")
 META_FIELDS: tuple[str, ...] = ("ds_name", "origin_dataset", "origin_split", "idx", "image_path")
@@ -87,7 +88,7 @@ def open_image(image: bytes | str) -> Image.Image:
         return im.convert("RGB")
 
 
-def _image_source(raw: dict[str, Any], base_dir: str) -> bytes | str | SkipRecord:
+def _image_source(raw: dict[str, Any], base_dir: str, allow_outside_root: bool = False) -> bytes | str | SkipRecord:
     image = raw.get("image")
     if isinstance(image, str):
         image = {"bytes": image}
@@ -105,11 +106,13 @@ def _image_source(raw: dict[str, Any], base_dir: str) -> bytes | str | SkipRecor
     paths = [p for p in (image.get("path"), raw.get("image_path")) if isinstance(p, str) and p]
     if not paths:
         return SkipRecord("missing_image")
+    outside = False
     for p in paths:
-        full = p if os.path.isabs(p) else os.path.join(base_dir, p)
-        if os.path.isfile(full):
+        full = core_paths.resolve_under(p, base_dir, allow_outside_root)
+        outside |= full is None
+        if full is not None and os.path.isfile(full):
             return full
-    return SkipRecord("image_missing_file")
+    return SkipRecord("image_outside_root" if outside else "image_missing_file")
 
 
 def validate_row(
@@ -117,9 +120,12 @@ def validate_row(
     source: str,
     base_dir: str,
     text_fn: Callable[[PreferenceRecord], dict[str, Any]] | None = None,
+    allow_outside_root: bool = False,
 ) -> PreferenceRecord | SkipRecord:
     """One raw row → a record with its image source (bytes or path), or the ``SkipRecord`` of the
-    first failing check (module docstring); the image is fully decoded once to check it."""
+    first failing check (module docstring); the image is fully decoded once to check it. Image
+    paths resolve against ``base_dir`` (the image root); one outside it is ``image_outside_root``
+    unless ``allow_outside_root``."""
     texts = [raw.get(k) for k in TEXT_FIELDS]
     if not all(isinstance(t, str) for t in texts):
         return SkipRecord("missing_field")
@@ -138,7 +144,7 @@ def validate_row(
             record.features = text_fn(record)
         except SkipRecord as skip:
             return skip
-    image = _image_source(raw, base_dir)
+    image = _image_source(raw, base_dir, allow_outside_root)
     if isinstance(image, SkipRecord):
         return image
     try:
@@ -228,14 +234,18 @@ def pair_text_fn(
     template: str = "llava_v1",
 ) -> Callable[[PreferenceRecord], dict[str, np.ndarray]]:
     """A ``text_fn``: encode prompt, chosen and rejected; ``SkipRecord("too_long")`` if prompt + the
-    longer answer exceeds ``max_length`` tokens (never truncates). ``image_token_count`` may depend on
+    longer answer exceeds ``max_length`` tokens (never truncates), ``SkipRecord("image_token_in_text")``
+    if the texts still map to image placeholder ids (``chat.check_placeholders``). ``image_token_count`` may depend on
     the record (LLaVA-NeXT: ``model.num_image_tokens(image size)``)."""
 
     def text_fn(record: PreferenceRecord) -> dict[str, np.ndarray]:
         kw = dict(image_token_id=image_token_id, template=template)
         count = image_token_count(record) if callable(image_token_count) else image_token_count
-        chosen = encode_prompt_answer(tokenizer, record.question, record.chosen, count, **kw)
-        rejected = encode_prompt_answer(tokenizer, record.question, record.rejected, count, **kw)
+        try:
+            chosen = encode_prompt_answer(tokenizer, record.question, record.chosen, count, **kw)
+            rejected = encode_prompt_answer(tokenizer, record.question, record.rejected, count, **kw)
+        except PlaceholderMismatch:
+            raise SkipRecord("image_token_in_text") from None
         longest = len(chosen.prompt_ids) + max(len(chosen.answer_ids), len(rejected.answer_ids))
         if longest > max_length:
             raise SkipRecord("too_long")

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from rlaifv_jax.engine import generate as sampler, prefill as prefill_lib, prompt_checks
+from rlaifv_jax.engine import generate as sampler, logits as logits_lib, prefill as prefill_lib, prompt_checks
 
 NEG = -1.0e9  # transformers' "impossible" score offset
 
@@ -61,7 +61,7 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _select(logits, state, t, stop_ids, active, length_penalty, early_stopping):
+def _select(logits, state, t, stop_ids, active, length_penalty, early_stopping, banned=()):
     """One beam step (transformers' top-k continuations, running beams, finished beams, early-stop
     heuristic) for ``logits [B * k, V]`` of the token at index ``t``. Returns the new state, each
     running beam's parent beam, and whether the loop must continue."""
@@ -69,7 +69,7 @@ def _select(logits, state, t, stop_ids, active, length_penalty, early_stopping):
     b, k, m = run_tok.shape
     vocab = logits.shape[-1]
     n_keep = max(2, 1 + stop_ids.shape[0]) * k
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
+    logp = logits_lib.ban_ids(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), banned).reshape(b, k, vocab)
     scores = (logp + run_score[:, :, None]).reshape(b, k * vocab)
     top_score, top_index = jax.lax.top_k(scores, n_keep)
     beam, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
@@ -111,11 +111,11 @@ def _prefill_fn(graphdef, state, ids, features, mask, num_beams: int, positions=
 
 
 def _search_fn(graphdef, state, prefix, logits, prompt_mask, active, stop_ids, length_penalty, early_stopping,
-               num_beams: int, max_new_tokens: int, rope_deltas=None):
+               num_beams: int, max_new_tokens: int, rope_deltas=None, banned=()):
     model = nnx.merge(graphdef, state)
     text = getattr(model, "language_model", model)
     batch, k, m = prompt_mask.shape[0], num_beams, max_new_tokens
-    options = (length_penalty, early_stopping)
+    options = (length_penalty, early_stopping, banned)
     rows = batch * k
     own_slots = max(m - 1, 1)
     start = jnp.repeat(prompt_mask.sum(axis=1), k).astype(jnp.int32)
@@ -191,7 +191,7 @@ def beam_search(model: nnx.Module, prompts: Sequence[dict], *, num_beams: int, m
                                  num_beams, device(b.positions))
         out = _search(graphdef, state, cache, logits, jnp.asarray(b.mask), jnp.asarray(b.active), stop,
                       jnp.float32(cfg.length_penalty), jnp.bool_(cfg.early_stopping), num_beams, max_new_tokens,
-                      device(b.rope_deltas))
+                      device(b.rope_deltas), jnp.asarray(logits_lib.reserved_ids(model, stop_token_ids), jnp.int32))
         tokens, lengths, stopped, scores = map(np.asarray, out)
         for r, i in enumerate(members):
             results[i] = {"tokens": [tokens[r, :lengths[r]].tolist()], "stopped": [bool(stopped[r])],

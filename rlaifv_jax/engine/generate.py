@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from rlaifv_jax.core import sharding
 from rlaifv_jax.engine import vision
-from rlaifv_jax.engine.logits import SamplingConfig, choose_tokens, presence_mask, row_keys
+from rlaifv_jax.engine.logits import SamplingConfig, choose_tokens, presence_mask, reserved_ids, row_keys
 from rlaifv_jax.engine.prefill import left_padded, prefill
 from rlaifv_jax.engine.prompt_checks import check_options, check_prompts, text_config
 
@@ -178,7 +178,7 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
     checked before anything is compiled.
     """
     cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                         repetition_penalty=repetition_penalty)
+                         repetition_penalty=repetition_penalty, banned_ids=reserved_ids(model, stop_token_ids))
     tc = text_config(model)
     buckets = check_options(num_samples, max_new_tokens, stop_token_ids, seed, batch_size, buckets,
                              tc.vocab_size)

@@ -1,9 +1,11 @@
-"""Logits processors, in transformers' order: repetition penalty; then, when sampling,
+"""Logits processors, in transformers' order: reserved ids banned (the image placeholder and the
+model's other vision ids can never be emitted), repetition penalty; then, when sampling,
 temperature, top-k and top-p; and the token choice with per-row PRNG streams."""
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +19,12 @@ class SamplingConfig:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    banned_ids: tuple[int, ...] = ()  # ids never chosen (``reserved_ids``: image/vision placeholders)
 
     def __post_init__(self):
         t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.banned_ids):
+            raise ValueError(f"banned_ids must be non-negative ints, got {self.banned_ids!r}")
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -36,6 +41,23 @@ class SamplingConfig:
     @property
     def penalizes(self) -> bool:
         return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
+
+def reserved_ids(model, allowed: Sequence[int] = ()) -> tuple[int, ...]:
+    """Ids a model must never emit: every ``*token_id`` of its multimodal config (the image
+    placeholder; Qwen's video and vision start/end ids), except ``allowed`` (the stop ids)."""
+    cfg = getattr(model, "config", None)
+    names = [f.name for f in dataclasses.fields(cfg)] if dataclasses.is_dataclass(cfg) else []
+    ids = {getattr(cfg, n) for n in names if n.endswith("token_id")}
+    return tuple(sorted(int(i) for i in ids if isinstance(i, int) and i >= 0 and i not in set(allowed)))
+
+
+def ban_ids(scores: jax.Array, banned: Sequence[int] | jax.Array) -> jax.Array:
+    """``scores [..., V]`` with the ``banned`` ids set to -inf (ids outside the vocabulary ignored)."""
+    banned = jnp.asarray(banned, jnp.int32)
+    if banned.size == 0:
+        return scores
+    return scores.at[..., banned].set(-jnp.inf, mode="drop")
 
 
 def presence_mask(ids: jax.Array, vocab: int) -> jax.Array:
@@ -84,8 +106,10 @@ def top_k_top_p_filter(logits: jax.Array, k: int, p: float) -> jax.Array:
 
 
 def process_logits(logits: jax.Array, seen: jax.Array | None, cfg: SamplingConfig) -> jax.Array:
-    """The scores tokens are chosen from, in transformers' order: penalty; then (sampling only)
-    temperature, top-k, top-p."""
+    """The scores tokens are chosen from, in transformers' order: banned ids, penalty; then
+    (sampling only) temperature, top-k, top-p."""
+    if cfg.banned_ids:
+        logits = ban_ids(logits, cfg.banned_ids)
     if cfg.penalizes:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.greedy:

@@ -43,11 +43,12 @@ def toy(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
 
 
 @functools.lru_cache(maxsize=4)
-def _read_prompts(path: str, mtime_ns: int, size: int):
-    return prompts_lib.read_prompt_file(path)
+def _read_prompts(path: str, mtime_ns: int, size: int, image_root: str, allow_outside_root: bool):
+    return prompts_lib.read_prompt_file(path, image_root, allow_outside_root)
 
 
-def read_prompts(path: str) -> tuple[list[prompts_lib.PromptRecord], prompts_lib.PromptReport]:
+def read_prompts(path: str, image_root: str = "", allow_outside_root: bool = False
+                 ) -> tuple[list[prompts_lib.PromptRecord], prompts_lib.PromptReport]:
     """The prompt file's usable records and report, read once per file version (validation reads it
     before the workdir is touched; the run then reuses it). ``InputError`` if it cannot be used."""
     try:
@@ -55,7 +56,7 @@ def read_prompts(path: str) -> tuple[list[prompts_lib.PromptRecord], prompts_lib
     except OSError as e:
         raise InputError(f"prompts.path={path!r}: {e.strerror}") from None
     try:
-        return _read_prompts(path, st.st_mtime_ns, st.st_size)
+        return _read_prompts(path, st.st_mtime_ns, st.st_size, image_root, allow_outside_root)
     except ValueError as e:
         raise InputError(f"prompts.path: {e}") from None
 
@@ -63,7 +64,7 @@ def read_prompts(path: str) -> tuple[list[prompts_lib.PromptRecord], prompts_lib
 def prompt_file(config: ml_collections.ConfigDict) -> Inputs:
     """A prompt JSONL (bad lines skipped and reported); ``prompts.per_iteration`` prompts per
     iteration, taken in turn."""
-    good, report = read_prompts(config.prompts.path)
+    good, report = read_prompts(config.prompts.path, config.prompts.image_root, config.prompts.allow_outside_root)
     log.info("prompts: kept %d, skipped %s", report.kept, dict(report.skipped))
     for line in report.problems:
         log.warning("prompt file %s", line)

@@ -61,9 +61,12 @@ def content_key(record: PreferenceRecord, reference: str) -> str:
     return h.hexdigest()[:32]
 
 
-def read_pairs(data: list[str], max_pairs: int = 0) -> tuple[list[PreferenceRecord], collections.Counter, list[str]]:
+def read_pairs(data: list[str], max_pairs: int = 0, image_root: str = "", allow_outside_root: bool = False
+               ) -> tuple[list[PreferenceRecord], collections.Counter, list[str]]:
     """Usable pairs of the data files (directories read whole), the skip counts by reason and one
     ``"file:row: reason"`` line per skipped row; ``max_pairs`` > 0 keeps only the first N pairs.
+    Image paths resolve against ``image_root`` (default: each data file's folder); a path outside
+    it is skipped (``image_outside_root``) unless ``allow_outside_root``.
     ``InputError`` when a file cannot be read or no pair is usable."""
     records: list[PreferenceRecord] = []
     skipped: collections.Counter = collections.Counter()
@@ -71,10 +74,11 @@ def read_pairs(data: list[str], max_pairs: int = 0) -> tuple[list[PreferenceReco
     try:
         files = data_files(data)
         for path in files:
-            base_dir = os.path.dirname(os.path.abspath(path))
+            base_dir = os.path.abspath(image_root) if image_root else os.path.dirname(os.path.abspath(path))
             for row, raw in enumerate(iter_rows(path)):
                 source = f"{path}:{row}"
-                result = raw if isinstance(raw, SkipRecord) else validate_row(raw, source, base_dir)
+                result = raw if isinstance(raw, SkipRecord) else validate_row(
+                    raw, source, base_dir, allow_outside_root=allow_outside_root)
                 if isinstance(result, SkipRecord):
                     skipped[result.reason] += 1
                     named.append(f"{source}: {result.reason}")
@@ -127,7 +131,8 @@ def suite_evaluator(spec) -> select.Evaluate | None:
 def run(config, workdir: str) -> dict[str, Any]:
     """Offline DPO (see module docstring). Returns a summary dict (also printed)."""
     spec = offline_spec(config)  # every field, path and checkpoint config checked: nothing written yet
-    records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs)
+    records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs, config.data.image_root,
+                                         config.data.allow_outside_root)
     evaluate = suite_evaluator(spec)
     check_or_save_config(config, workdir)
     mesh = sharding.make_mesh(*spec.mesh)
@@ -150,6 +155,13 @@ def run(config, workdir: str) -> dict[str, Any]:
         image_of=lambda key: np.asarray(open_image(keyed[key].image)))
     encoded = [e for e in encoded if e["key"] in keyed]  # records of edited-away pairs are ignored
     usable = [e for e in encoded if "prompt_ids" in e]
+    noted = collections.Counter(w for e in encoded for w in e.get("warnings", ()))
+    for reason in ("image_token_in_text", encode.SPECIAL_TEXT):
+        names = [keyed[e["key"]].source for e in encoded if reason in e.get("warnings", ())]
+        if names:
+            log.warning("%d pairs %s: %s", len(names), "skipped (their text maps to the image token)"
+                        if reason == "image_token_in_text" else "hold special-token strings, encoded as text",
+                        ", ".join(names[:SHOWN_SKIPS]) + (" ..." if len(names) > SHOWN_SKIPS else ""))
     if not usable:
         raise InputError(f"data.path: none of the {len(encoded)} pairs fits data.max_length={spec.dpo.max_length} "
                          "tokens (prompt + image + the longer answer); raise data.max_length")
@@ -168,10 +180,11 @@ def run(config, workdir: str) -> dict[str, Any]:
     result = dpo.run(os.path.join(workdir, "train"), examples, image, spec.policy, spec.dpo, seed=spec.seed,
                      mesh=mesh, desc="dpo", save=save,
                      save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")), evaluate=evaluate)
-    too_long = sum("too_long" in e.get("warnings", ()) for e in encoded)
+    encode_skips = {k: noted[k] for k in ("too_long", "image_token_in_text") if noted[k]}
     history = result["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
-    summary = {"pairs": len(examples), "skipped": {**dict(skipped), **({"too_long": too_long} if too_long else {})},
+    summary = {"pairs": len(examples), "skipped": {**dict(skipped), **encode_skips},
+               "special_token_text": noted[encode.SPECIAL_TEXT],
                "steps": result["steps"], "steps_per_epoch": result.get("steps_per_epoch"),
                "checkpoint_every": result.get("checkpoint_every"), "resumed_from": result["resumed_from"],
                "kept_checkpoints": result.get("kept_steps"), "best_checkpoint": result.get("best_step"),

@@ -19,8 +19,8 @@ from rlaifv_jax.pipelines import export, inputs as inputs_lib
 from rlaifv_jax.pipelines.report import write_report
 from rlaifv_jax.pipelines.summary import Summary
 from rlaifv_jax.pipelines.spec import online_spec
-from rlaifv_jax.stages import (bundle, claims, dpo, encode, eval as eval_stage, label, pairs, ref, runner, sample,
-                               select)
+from rlaifv_jax.stages import (bundle, claims, dpo, encode, eval as eval_stage, label, pairs, provenance, ref,
+                               runner, sample, select)
 
 STAGES = ("samples", "claims", "labels", "pairs", "encoded", "ref_logps")
 
@@ -54,11 +54,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         it = os.path.join(workdir, f"iter_{k:02d}")
         seed = spec.seed * 1000 + k
         prompts = inputs.prompts_for(k)
+        fingerprints = provenance.fingerprints_of(prompts, k)  # the policy after k iterations samples them
+        provenance.reconcile(it, fingerprints, config.resume.on_input_change)
         image_of = {str(p["id"]): p for p in prompts}
         image = lambda key: image_of[key]["image"]  # noqa: E731
         progress = spec.progress
         samples = sample.run(os.path.join(it, "samples"), prompts, policy_at(k), spec.sample, seed=seed, mesh=serve,
-                             progress=progress)
+                             progress=progress, fingerprints=fingerprints)
         claim_recs = claims.run(os.path.join(it, "claims"), samples, spec.claims, world=inputs.world, mesh=serve,
                                 seed=spec.seed, progress=progress)
         labels = label.run(os.path.join(it, "labels"), claim_recs, image, spec.labeler, spec.label, mesh=serve,

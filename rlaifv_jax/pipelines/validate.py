@@ -270,7 +270,7 @@ def _online(p: Problems) -> None:
         else:
             from rlaifv_jax.pipelines import inputs
             try:
-                inputs.read_prompts(path)  # reads every line now; the run reuses the result
+                inputs.read_prompts(path, c.prompts.image_root, c.prompts.allow_outside_root)  # the run reuses it
             except UserError as e:
                 p.add(str(e))
         if p.hf_dir("policy.path", multimodal=True, trainable=True, assets=True):

@@ -2,7 +2,9 @@
 
 The reference pass and every DPO epoch read these ids; pixels are produced from the pair's image
 when a batch is built (``example``). Pairs longer than ``max_length`` are kept out and counted
-(``too_long``), never truncated.
+(``too_long``), never truncated; so are pairs whose texts still map to image placeholder ids
+(``image_token_in_text``). Pairs whose texts hold special-token strings (``<image>``, ``</s>``) are
+encoded with those strings as text and counted (``special_token_text``).
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rlaifv_jax.data.chat import has_special_text
 from rlaifv_jax.data.rlaifv_dataset import PreferenceRecord, SkipRecord, pair_text_fn
 from rlaifv_jax.engine.logps import pair_image_arrays
 from rlaifv_jax.stages import bundle, runner
 
 ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+SPECIAL_TEXT = "special_token_text"  # a kept pair whose texts hold special-token strings (encoded as text)
 
 
 def run(stage_dir: str, pairs: list[dict[str, Any]], policy: bundle.ModelSpec, *, max_length: int,
@@ -43,7 +47,9 @@ def run(stage_dir: str, pairs: list[dict[str, Any]], policy: bundle.ModelSpec, *
                 except SkipRecord as skip:
                     out.append({"image_key": p["image_key"], "warnings": [skip.reason]})
                     continue
-                out.append({"image_key": p["image_key"], **{k: np.asarray(ids[k]).tolist() for k in ID_FIELDS}})
+                special = any(has_special_text(tokenizer, p[k]) for k in ("question", "chosen", "rejected"))
+                out.append({"image_key": p["image_key"], **{k: np.asarray(ids[k]).tolist() for k in ID_FIELDS},
+                            **({"warnings": [SPECIAL_TEXT]} if special else {})})
             return out
         yield fn
 

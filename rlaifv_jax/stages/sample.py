@@ -1,11 +1,14 @@
 """Stage 1, deconfounded sampling: n responses per (image, instruction) from the policy, same
-decoding settings, one PRNG stream per (prompt, sample). Empty responses are kept and counted."""
+decoding settings, one PRNG stream per (prompt, sample). Empty responses are kept and counted; a
+prompt whose question text still maps to the image token (``chat.PlaceholderMismatch``) gets no
+responses and the warning ``image_token_in_text``."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 from typing import Any
 
+from rlaifv_jax.data.chat import PlaceholderMismatch
 from rlaifv_jax.engine.generate import generate
 from rlaifv_jax.stages import bundle, runner
 
@@ -24,22 +27,36 @@ class SampleSettings:
 
 
 def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSpec, settings: SampleSettings, *,
-        seed: int, mesh, progress: bool) -> list[dict[str, Any]]:
-    """``{"key": prompt id, "question", "responses": [n texts], "num_tokens"}`` per prompt."""
+        seed: int, mesh, progress: bool, fingerprints: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """``{"key": prompt id, "question", "responses": [n texts], "num_tokens", "fingerprint"}`` per
+    prompt (``fingerprints``: prompt id → ``provenance.prompt_fingerprint``)."""
+    fingerprints = fingerprints or {}
 
     @contextlib.contextmanager
     def open_fn():
         with bundle.loaded(policy, mesh) as b:
             def fn(chunk):
-                outs = generate(b.model, [b.prompt(p) for p in chunk], num_samples=settings.num_samples,
-                                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                top_k=settings.top_k, top_p=settings.top_p,
-                                repetition_penalty=settings.repetition_penalty, stop_token_ids=b.stop_ids(),
-                                seed=seed, batch_size=settings.batch_size, mesh=mesh, progress=False)
+                inputs, skipped = [], {}
+                for i, p in enumerate(chunk):
+                    try:
+                        inputs.append(b.prompt(p))
+                    except PlaceholderMismatch:  # the question's text maps to the image token: a named skip
+                        skipped[i] = {"question": p["question"], "responses": [], "num_tokens": [],
+                                      "fingerprint": fingerprints.get(str(p["id"])), "warnings": ["image_token_in_text"]}
+                outs = iter(generate(b.model, inputs, num_samples=settings.num_samples,
+                                     max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                     top_k=settings.top_k, top_p=settings.top_p,
+                                     repetition_penalty=settings.repetition_penalty, stop_token_ids=b.stop_ids(),
+                                     seed=seed, batch_size=settings.batch_size, mesh=mesh, progress=False))
                 result = []
-                for p, out in zip(chunk, outs):
+                for i, p in enumerate(chunk):
+                    if i in skipped:
+                        result.append(skipped[i])
+                        continue
+                    out = next(outs)
                     texts = [b.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out["tokens"]]
                     result.append({"question": p["question"], "responses": texts,
+                                   "fingerprint": fingerprints.get(str(p["id"])),
                                    "num_tokens": [len(t) for t in out["tokens"]],
                                    "warnings": ["empty_response"] * sum(not t for t in texts)})
                 return result
