@@ -68,13 +68,13 @@ def test_offline_dpo_end_to_end(setup, tmp_path):
     root, model_dir = setup
     config = offline_dpo.get_config()
     config.data.path = str(root / "*.parquet")
-    config.data.max_length = 80
+    config.dpo.max_length = 80
     config.policy.path = str(model_dir)
-    config.policy.compute_dtype = "float32"
-    config.train.learning_rate = 2e-3
-    config.train.num_epochs = 4  # 24 pairs / batch 8 = 3 steps per epoch
-    config.train.checkpoints_per_epoch = 1
-    config.train.max_to_keep = 2
+    config.policy.dtype = "float32"
+    config.dpo.learning_rate = 2e-3
+    config.dpo.epochs = 4  # 24 pairs / batch 8 = 3 steps per epoch
+    config.dpo.checkpoints_per_epoch = 1
+    config.dpo.max_to_keep = 2
     config.export.dtype = ""  # float32, so unchanged weights compare exactly
     summary = offline.run(config, str(tmp_path))
     assert summary["pairs"] == 24 and summary["skipped"] == {"chosen_equals_rejected": 1}

@@ -63,9 +63,9 @@ def test_offline_selects_by_a_suite_metric_and_exports_it(setup, tmp_path):  # n
     from rlaifv_jax.pipelines import offline
     root, model_dir = setup
     c = offline_dpo.get_config()
-    c.data.path, c.data.max_length, c.progress = str(root / "*.parquet"), 80, False
-    c.policy.path, c.policy.compute_dtype, c.export.dtype = str(model_dir), "float32", ""
-    c.train.learning_rate, c.train.num_epochs = 2e-3, 1  # 24 pairs / batch 8: 3 steps
+    c.data.path, c.dpo.max_length, c.progress = str(root / "*.parquet"), 80, False
+    c.policy.path, c.policy.dtype, c.export.dtype = str(model_dir), "float32", ""
+    c.dpo.learning_rate, c.dpo.epochs = 2e-3, 1  # 24 pairs / batch 8: 3 steps
     c.eval.every_epochs, c.eval.suite = 0.5, "pope"
     c.eval.data, c.eval.images = os.path.join(FIX, "coco_pope_random.json"), os.path.join(FIX, "images")
     c.eval.max_new_tokens, c.eval.limit, c.eval.batch_size = 2, 4, 4

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlaifv_jax.core import paths, records, sharding
+from rlaifv_jax.core import paths, records, sharding, vocabulary
 from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.core.workdir import check_or_save_config
 from rlaifv_jax.data.rlaifv_dataset import (DatasetFileError, PreferenceRecord, SkipRecord, data_files, iter_rows,
@@ -126,6 +126,7 @@ def suite_evaluator(spec) -> select.Evaluate | None:
 
 def run(config, workdir: str) -> dict[str, Any]:
     """Offline DPO (see module docstring). Returns a summary dict (also printed)."""
+    config = vocabulary.canonicalize(config)  # deprecated field names -> the canonical ones
     spec = offline_spec(config)  # every field, path and checkpoint config checked: nothing written yet
     records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs)
     evaluate = suite_evaluator(spec)
@@ -151,8 +152,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     encoded = [e for e in encoded if e["key"] in keyed]  # records of edited-away pairs are ignored
     usable = [e for e in encoded if "prompt_ids" in e]
     if not usable:
-        raise InputError(f"data.path: none of the {len(encoded)} pairs fits data.max_length={spec.dpo.max_length} "
-                         "tokens (prompt + image + the longer answer); raise data.max_length")
+        raise InputError(f"data.path: none of the {len(encoded)} pairs fits dpo.max_length={spec.dpo.max_length} "
+                         "tokens (prompt + image + the longer answer); raise dpo.max_length")
     image = lambda key: np.asarray(open_image(keyed[key].image))  # noqa: E731
     reopen_stage(os.path.join(workdir, "ref_logps"), {e["key"] for e in usable})
     refs = {r["key"]: r for r in ref.run(os.path.join(workdir, "ref_logps"), usable, image, spec.policy,

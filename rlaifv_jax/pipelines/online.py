@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from rlaifv_jax.core import distributed, sharding
+from rlaifv_jax.core import distributed, sharding, vocabulary
 from rlaifv_jax.core.workdir import check_or_save_config
 from rlaifv_jax.pipelines import export, inputs as inputs_lib
 from rlaifv_jax.pipelines.report import write_report
@@ -28,6 +28,7 @@ STAGES = ("samples", "claims", "labels", "pairs", "encoded", "ref_logps")
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Run (or resume) the whole online loop; returns the summary entries."""
     t_start = time.time()
+    config = vocabulary.canonicalize(config)  # deprecated field names -> the canonical ones
     spec = online_spec(config, workdir)
     distributed.writer_first(lambda: check_or_save_config(config, workdir), "config")
     mesh = sharding.make_mesh(*spec.mesh)  # training (DPO) over every device of every host
