@@ -1,4 +1,4 @@
-"""Checkpoint selection inside DPO (issue 13): the pure selection math, the config checks and offline
+"""Checkpoint selection inside DPO: the pure selection math, the config checks and offline
 DPO selecting by a POPE metric (the online loop with ``eval.every_epochs=0.25`` is in
 tests/test_online.py, on its smoke run)."""
 import numpy as np

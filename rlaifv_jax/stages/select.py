@@ -1,4 +1,4 @@
-"""Checkpoint selection inside DPO (issue 13): the DPO stage checkpoints every ``every_epochs`` of an
+"""Checkpoint selection inside DPO: the DPO stage checkpoints every ``every_epochs`` of an
 epoch, each checkpoint's policy is evaluated with the run's evaluation (toy world: exact CHAIR on the
 held-out images, ``stages/eval.py``), and the best by a named metric becomes the stage's policy.
 
