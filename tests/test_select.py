@@ -7,7 +7,8 @@ import pytest
 from configs import default
 from rlaifv_jax.pipelines import validate
 from rlaifv_jax.stages import select
-from test_offline_dpo import offline_dpo, setup  # noqa: F401  (the tiny policy + parquet fixture)
+from configs import offline_dpo
+from offline_data import setup  # noqa: F401  (the tiny policy + parquet fixture)
 
 
 def test_best_step_is_the_argmin_and_never_worse_than_the_last():
@@ -81,7 +82,7 @@ def test_offline_selects_by_a_suite_metric_and_exports_it(setup, tmp_path):  # n
     assert values[chosen["selected_step"]] == max(values.values()) >= values[3]
     assert summary["exported_step"] == summary["selected_step"] == chosen["selected_step"]
     exported = flat_values(nnx.state(hf.load_pretrained(str(tmp_path / "export")), nnx.Param))
-    from test_online import _policy_params
-    theirs = _policy_params(tmp_path / "train" / "select" / "candidates", chosen["selected_step"])
+    from offline_data import policy_params
+    theirs = policy_params(tmp_path / "train" / "select" / "candidates", chosen["selected_step"])
     for k, v in theirs.items():
         np.testing.assert_array_equal(np.asarray(exported[k]), v, err_msg=k)

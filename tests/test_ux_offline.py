@@ -15,7 +15,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from rlaifv_jax.core import records
 from rlaifv_jax.core.errors import ConfigError, InputError
 from rlaifv_jax.pipelines import offline
-from test_offline_dpo import offline_dpo, setup  # noqa: F401  (the tiny policy + parquet fixture)
+from configs import offline_dpo
+from offline_data import setup  # noqa: F401  (the tiny policy + parquet fixture)
 
 
 def _config(root, model_dir, data):
