@@ -34,7 +34,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     mesh = sharding.make_mesh(*spec.mesh)  # training (DPO) over every device of every host
     serve = sharding.serve_mesh(spec.mesh[2])  # inference: each host its own devices (split over tensor), its own share
     inputs = distributed.writer_first(
-        lambda: inputs_lib.toy(config, workdir) if spec.toy else inputs_lib.prompt_file(config), "inputs")
+        lambda: inputs_lib.toy(spec.inputs, workdir) if spec.toy else inputs_lib.prompt_file(spec.inputs), "inputs")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     summary = Summary(workdir)
 

@@ -7,7 +7,8 @@ import os
 
 import ml_collections
 
-from rlaifv_jax.pipelines.validate import data_paths, field_value, validate
+from rlaifv_jax.pipelines.inputs import PromptFileSpec, ToyModelSpec, ToySpec, WarmstartSpec
+from rlaifv_jax.pipelines.validate import Checked, data_paths, field_value, validate
 from rlaifv_jax.stages.bundle import ModelSpec
 from rlaifv_jax.stages.claims import ClaimSettings
 from rlaifv_jax.stages.dpo import DPOSettings, LoraSettings
@@ -57,11 +58,31 @@ class OnlineSpec:
     pairs: PairSettings
     dpo: DPOSettings
     eval: EvalSettings
+    inputs: ToySpec | PromptFileSpec  # where prompts come from (and the toy models' warm start)
+
+
+def _toy_model(m: ml_collections.ConfigDict) -> ToyModelSpec:
+    return ToyModelSpec(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads,
+                        vision_hidden=m.vision_hidden, vision_layers=m.vision_layers, patch=m.patch)
+
+
+def _warmstart(w: ml_collections.ConfigDict) -> WarmstartSpec:
+    return WarmstartSpec(steps=w.steps, batch_size=w.batch_size, learning_rate=w.learning_rate)
+
+
+def _inputs(c: ml_collections.ConfigDict, checked: Checked) -> ToySpec | PromptFileSpec:
+    if c.source != "toy":
+        return PromptFileSpec(*checked.prompts, per_iteration=c.prompts.per_iteration)
+    labeler = ((_toy_model(c.toy_labeler.model), _warmstart(c.toy_labeler.warmstart))
+               if c.labeler.kind == "toy" else None)
+    return ToySpec(seed=c.seed, progress=c.progress, caption_partner_rate=c.world.caption_partner_rate,
+                   n_warmstart=c.world.n_warmstart, n_prompts=c.world.n_prompts, n_eval=c.world.n_eval,
+                   model=_toy_model(c.model), warmstart=_warmstart(c.warmstart), labeler=labeler)
 
 
 def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
     """Validate ``c`` (``validate``) and build the run's typed settings."""
-    validate(c, "online")
+    checked = validate(c, "online")
     toy = c.source == "toy"
     policy_path = os.path.join(workdir, "warmstart") if toy else c.policy.path
     labeler_path = {"self": policy_path, "model": c.labeler.path,
@@ -91,7 +112,8 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
                 seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
                 max_steps=field_value(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
             batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length, select=_select(c, RECORD_KEYS)),
-        eval=EvalSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size))
+        eval=EvalSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size),
+        inputs=_inputs(c, checked))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ take (stages never read a ConfigDict).
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import math
@@ -87,6 +88,7 @@ class Problems:
     def __init__(self, c: ml_collections.ConfigDict):
         self.c = c
         self.lines: list[str] = []
+        self.prompts: tuple[list, Any] | None = None  # what the prompt file check read
 
     def add(self, line: str) -> None:
         self.lines.append(line)
@@ -271,7 +273,7 @@ def _online(p: Problems) -> None:
         else:
             from rlaifv_jax.pipelines import inputs
             try:
-                inputs.read_prompts(path)  # reads every line now; the run reuses the result
+                p.prompts = inputs.read_prompts(path)  # every line read now, handed to the spec (Checked)
             except UserError as e:
                 p.add(str(e))
         if p.hf_dir("policy.path", multimodal=True, trainable=True, assets=True):
@@ -361,8 +363,16 @@ def _offline_selection(p: Problems) -> None:
               "checkpoint is exported; use 'last'")
 
 
-def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
-    """Raise ``ConfigError`` listing every invalid field of ``c`` for ``mode`` (default ``c.mode``)."""
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What validation had to read anyway, handed on to the spec so that nothing is read twice."""
+
+    prompts: tuple[list, Any] | None = None  # the prompt file's usable records and report (source="files")
+
+
+def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> Checked:
+    """Raise ``ConfigError`` listing every invalid field of ``c`` for ``mode`` (default ``c.mode``);
+    else return what the checks read (``Checked``)."""
     mode = mode or field_value(c, "mode", "online")
     p = Problems(c)
     if c.get("mode", mode) != mode or mode not in MODES:
@@ -372,3 +382,4 @@ def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
     (_online if mode == "online" else _offline)(p)
     if p.lines:
         raise ConfigError(p.lines)
+    return Checked(prompts=p.prompts)
