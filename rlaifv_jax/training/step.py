@@ -163,9 +163,6 @@ class DPOStep:
         self.optim, self.loss = optim, loss
         self.tx, self.schedule = make_optimizer(optim)
         self.prepare = prepare  # hook(model, rng, train) run on the merged model (LoRA dropout keys)
-        if loss.remat != "none":  # a second module object on the same arrays, its decoder rematerialised
-            model = nnx.merge(*nnx.split(model))
-            getattr(model, "language_model", model).remat = loss.remat
         self.graphdef, self.trainable_template, self.frozen_template = nnx.split(model, trainable, ...)
         self.replicated = NamedSharding(self.mesh, P())
         t_sh = shd.state_shardings(self.trainable_template, self.mesh, rules)
@@ -233,7 +230,7 @@ class DPOStep:
         if self.prepare is not None:
             self.prepare(model, rng, True)
         c = self.loss
-        lp = pair_logps(model, batch, answer_window=c.answer_window)
+        lp = pair_logps(model, batch, answer_window=c.answer_window, remat=c.remat)
         loss_sum, sums = dpo_loss_sums(
             lp["chosen"], lp["rejected"], batch["ref_chosen_logps"], batch["ref_rejected_logps"],
             weights=batch.get("weights"), beta=c.beta, loss_type=c.loss_type,
