@@ -63,6 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.policy.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.policy.param_dtype = "float32"  # stored (master) weights: keep float32 so small DPO updates survive
     c.policy.template = "llava_v1"  # chat format: llava_v1 or chat (the tokenizer's template)
+    c.policy.arch = ""  # architecture preset (configs/arch/<name>/config.json) that python -m rlaifv_jax.plan
+    # builds when policy.path is empty (the run itself always reads policy.path)
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.num_samples = 10  # responses per prompt (deconfounded: same settings, own seeds)
@@ -77,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.claims.kind = "rule"  # "rule" (toy language) or "llm" (split/convert chat LLMs)
     c.claims.split_path = ""  # HF dir of the split LLM (kind="llm")
     c.claims.convert_path = ""  # HF dir of the convert LLM (kind="llm"; empty: same as split)
+    c.claims.split_arch = ""  # architecture presets (configs/arch/) the planner builds when the paths above
+    c.claims.convert_arch = ""  # are empty (convert_arch empty: same as split)
     c.claims.batch_size = 16  # prompts per claims shard; all their responses go to the LLM in one call
     c.claims.llm_batch_size = 64  # messages the claims LLM decodes together (kind="llm"; memory vs speed:
     # decoding is memory bound, so a step of 64 rows costs about what a step of 8 does)
@@ -85,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.labeler.kind = "self"  # "self": the initial policy labels itself (self-feedback); "model": the
     # MLLM at labeler.path; "toy": a larger toy model warm-started like the policy (toy_labeler.*)
     c.labeler.path = ""  # HF dir of a separate labeler MLLM (kind="model")
+    c.labeler.arch = ""  # architecture preset (configs/arch/) the planner builds when labeler.path is empty
     c.labeler.template = "llava_v1"  # the labeler's chat format
     c.labeler.repetition_penalty = 1.0  # applied to the yes/no logits, as the official code did (1.0 = off)
     c.labeler.batch_size = 64  # questions scored per batch against one cached image prefix
@@ -126,12 +131,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 40  # greedy captions for CHAIR
     c.eval.batch_size = 64
-    # Checkpoint selection (issue 13): every_epochs=1/N keeps a DPO checkpoint every 1/N epoch, evaluates
+    # Checkpoint selection: every_epochs=1/N keeps a DPO checkpoint every 1/N epoch, evaluates
     # each one as above (exact CHAIR on the held-out images; source="toy" only) and makes the best by
     # select_metric the iteration's policy (the next iteration's start, and the export). 0 = off: the
     # last step, as before. Costs one eval pass per checkpoint (4 per epoch at every_epochs=0.25).
     c.eval.every_epochs = 0.0
-    c.eval.select_metric = "chair_mention"  # chair_mention | chair_response | chair_s | recall | yesno_accuracy | yesno_f1
+    c.eval.select_metric = "mention_hall"  # mention_hall | response_hall | chair_s | recall | yesno_accuracy | yesno_f1
+    # (Object HalBench's names, as offline selection uses them; mention_hall is CHAIR's mention-level rate)
     c.eval.select_mode = ""  # "min" | "max" | "" (the metric's own direction: lower CHAIR, higher recall/accuracy)
     if arg == "smoke":
         smoke(c)

@@ -13,6 +13,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = llava15_7b_self.get_config(arg)
     c.labeler.kind = "model"
     c.labeler.path = ""  # llava-hf/llava-v1.6-34b-hf (LlavaNextForConditionalGeneration, Yi-34B)
+    c.labeler.arch = "llava-v1.6-34b"  # its config.json, for the planner
     c.labeler.template = "chat"  # LLaVA-NeXT-34B uses its tokenizer's (ChatML) template
     c.labeler.batch_size = 32
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4  # the 34B labeler wants tensor parallelism

@@ -1,4 +1,4 @@
-"""Offline DPO on RLAIF-V-Dataset files (METHOD.md §5 hyper-parameters for LLaVA-1.5-7B).
+"""Offline DPO on RLAIF-V-Dataset files (docs/METHOD.md §5 hyper-parameters for LLaVA-1.5-7B).
 
 python -m rlaifv_jax.main --config configs/offline_dpo.py --workdir DIR \\
     --config.data.path=/data/RLAIF-V-Dataset --config.policy.path=/models/llava-1.5-7b-hf
@@ -16,43 +16,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.path = ""  # parquet/JSONL files or directories of them: comma-separated, globs allowed
     # (RLAIF-V-Dataset schema; a directory stands for every *.parquet / *.jsonl file in it)
     c.data.max_pairs = 0  # use only the first N usable pairs, for quick trials (0: all)
-    c.data.max_length = 2048  # prompt (image tokens included) + longer answer; longer pairs are skipped
     c.data.image_root = ""  # folder image paths in the data resolve against ("": each data file's folder)
     c.data.allow_outside_root = False  # True: image paths may leave image_root (../, absolute); default: a counted skip
-    c.data.template = "llava_v1"  # chat format: "llava_v1" (LLaVA-1.5) or "chat" (tokenizer's template)
 
     c.policy = ml_collections.ConfigDict()
     c.policy.path = ""  # local Hugging Face LLaVA directory (config.json, safetensors, tokenizer, processor)
-    c.policy.compute_dtype = "bfloat16"  # forward/backward dtype ("bfloat16" or "float32")
+    c.policy.dtype = "bfloat16"  # forward/backward dtype ("bfloat16" or "float32")
     c.policy.param_dtype = "float32"  # master-weight dtype (optimizer works on these)
+    c.policy.template = "llava_v1"  # chat format: "llava_v1" (LLaVA-1.5) or "chat" (tokenizer's template)
 
+    # DPO: the same field names as the online loop's dpo.* (the former train.* / data.max_length /
+    # policy.compute_dtype / data.template names still work for one release: core/vocabulary.py).
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1  # β of the DPO loss
     c.dpo.loss_type = "sigmoid"  # sigmoid | ipo | hinge | robust (TRL definitions)
     c.dpo.label_smoothing = 0.0  # ε for sigmoid / robust
     c.dpo.sft_weight = 0.0  # weight of the −π(y_w) SFT term (0 = off)
     c.dpo.average = False  # average log-probs over answer tokens instead of summing
-
-    c.train = ml_collections.ConfigDict()
-    c.train.learning_rate = 5e-7  # peak learning rate (LoRA variant in METHOD.md: 1e-5)
-    c.train.schedule = "cosine"  # "cosine" (to 0 at the last step) or "constant", after warm-up
-    c.train.warmup_ratio = 0.05  # linear warm-up over ceil(ratio × total steps)
-    c.train.weight_decay = 0.01  # AdamW decoupled weight decay on ≥2-D params
-    c.train.adam_b1 = 0.9  # AdamW β1
-    c.train.adam_b2 = 0.999  # AdamW β2
-    c.train.adam_eps = 1e-8  # AdamW ε
-    c.train.max_grad_norm = 1.0  # global-norm gradient clipping (≤ 0: off)
-    c.train.global_batch_size = 8  # pairs per optimizer step, over all hosts
-    c.train.grad_accum = 1  # micro-batches per step (exact: same result as the full batch)
-    c.train.num_epochs = 4  # passes over the data (each reshuffled)
-    c.train.checkpoints_per_epoch = 4  # a checkpoint every 1/4 epoch (and at the end)
-    c.train.max_to_keep = 2  # latest train-state checkpoints kept, besides the best one (0 = all)
-    c.train.best_metric = "loss"  # also keep the checkpoint with the best mean of this metric since the
+    c.dpo.learning_rate = 5e-7  # peak learning rate (LoRA variant in docs/METHOD.md §5: 1e-5)
+    c.dpo.schedule = "cosine"  # "cosine" (to 0 at the last step) or "constant", after warm-up
+    c.dpo.warmup_ratio = 0.05  # linear warm-up over ceil(ratio × total steps)
+    c.dpo.weight_decay = 0.01  # AdamW decoupled weight decay on ≥2-D params
+    c.dpo.adam_b1 = 0.9  # AdamW β1
+    c.dpo.adam_b2 = 0.999  # AdamW β2
+    c.dpo.adam_eps = 1e-8  # AdamW ε
+    c.dpo.max_grad_norm = 1.0  # global-norm gradient clipping (≤ 0: off)
+    c.dpo.batch_size = 8  # pairs per optimizer step, over all hosts
+    c.dpo.grad_accum = 1  # micro-batches per step (exact: same result as the full batch)
+    c.dpo.epochs = 4  # passes over the data (each reshuffled)
+    c.dpo.max_steps = 0  # stop after this many optimizer steps, for quick trials (0: all epochs)
+    c.dpo.max_length = 2048  # prompt (image tokens included) + longer answer; longer pairs are skipped
+    c.dpo.checkpoints_per_epoch = 4  # a checkpoint every 1/4 epoch (and at the end)
+    c.dpo.max_to_keep = 2  # latest train-state checkpoints kept, besides the best one (0 = all)
+    c.dpo.best_metric = "loss"  # also keep the checkpoint with the best mean of this metric since the
     # previous checkpoint ("" = none): loss, rewards/accuracies, rewards/margins, ...
-    c.train.best_mode = "min"  # "min" or "max" of best_metric
-    c.train.max_steps = 0  # stop after this many optimizer steps, for quick trials (0: all epochs)
-    c.train.log_every = 1  # write metrics every N steps
-    c.train.ref_batch_size = 8  # pairs per forward in the reference log-prob pass
+    c.dpo.best_mode = "min"  # "min" or "max" of best_metric
+    c.dpo.log_every = 1  # write metrics every N steps
+    c.dpo.ref_batch_size = 8  # pairs per forward in the reference log-prob pass
 
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = False  # train LoRA adapters on every LM linear layer instead of the full LM
@@ -68,11 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.dtype = "bfloat16"  # dtype of the exported Hugging Face weights ("" = master dtype)
     # Which train checkpoints become Hugging Face exports: "last" (export/ = the final step), "best"
-    # (export/ = the kept checkpoint with the best train.best_metric), "all" (export/ = the final step,
+    # (export/ = the kept checkpoint with the best dpo.best_metric), "all" (export/ = the final step,
     # and export/step_N/ for every other kept checkpoint).
     c.export.checkpoints = "last"
 
-    # Checkpoint selection (issue 13): every_epochs=1/N keeps a checkpoint every 1/N epoch, answers the
+    # Checkpoint selection: every_epochs=1/N keeps a checkpoint every 1/N epoch, answers the
     # suite's questions with each one (its official decoding; python -m rlaifv_jax.evaluate's scoring, no
     # judge) and exports the best by select_metric instead of the last step. 0 = off.
     c.eval = ml_collections.ConfigDict()
@@ -84,8 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.num_beams = 0  # 0: the suite's official decoding
     c.eval.max_new_tokens = 0  # 0: the suite's official limit
     c.eval.batch_size = 8  # prompts per sampler batch
-    c.eval.select_metric = "mention_hall"  # a dotted name of the suite's metrics: object_halbench
-    # mention_hall / response_hall / chair_s / recall; pope random.f1 / all.accuracy ...; amber discriminative.f1,
+    c.eval.select_metric = "mention_hall"  # a dotted name of the suite's metrics (the online loop uses the
+    # same names for its toy CHAIR): object_halbench mention_hall / response_hall / chair_s / recall; pope random.f1 / all.accuracy ...; amber discriminative.f1,
     # generative.chair ...
     c.eval.select_mode = "min"  # "min" (lower is better) or "max"
 

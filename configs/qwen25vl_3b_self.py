@@ -7,7 +7,7 @@ python -m rlaifv_jax.main --config configs/qwen25vl_3b_self.py --workdir runs/qw
   --config.claims.split_path=/ckpt/split-llama3-8b --config.claims.convert_path=/ckpt/convert-llama3-8b
 
 Set ``max_pixels`` in the checkpoint's ``preprocessor_config.json`` as the 7B config explains. Plan:
-``--config.policy.path=configs/arch/qwen2.5-vl-3b-instruct``.
+``python -m rlaifv_jax.plan --config configs/qwen25vl_3b_self.py --topology v5p-8``.
 """
 import ml_collections
 
@@ -17,4 +17,5 @@ from configs import qwen25vl_7b_self
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = qwen25vl_7b_self.get_config(arg)
     c.policy.path = ""  # Qwen/Qwen2.5-VL-3B-Instruct (tied embeddings), downloaded beforehand
+    c.policy.arch = "qwen2.5-vl-3b-instruct"  # its config.json, for the planner
     return c

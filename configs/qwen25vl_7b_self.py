@@ -11,9 +11,8 @@ before the run; the hub default (12845056: up to 16384 tokens) lets large images
 ``dpo.max_length`` (such pairs are counted as ``too_long`` and left out) and makes each DPO pair pad its
 image to ``4 · dpo.max_length`` patches. The vision tower compiles once per chunk bucket of 64 patches
 (images resized near ``max_pixels`` share 2–3 programs; see models/qwen_vision.py).
-Plan it without weights: ``python -m rlaifv_jax.plan --config configs/qwen25vl_7b_self.py
---config.policy.path=configs/arch/qwen2.5-vl-7b-instruct --config.claims.split_path=configs/arch/llama-3-8b-instruct
---topology v5p-8``.
+Plan it without weights (``policy.arch`` / ``claims.split_arch`` name the presets in configs/arch/):
+``python -m rlaifv_jax.plan --config configs/qwen25vl_7b_self.py --topology v5p-8``.
 """
 import ml_collections
 
@@ -27,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prompts.path = ""  # JSONL: {"id", "image_path" | "image" (base64), "question"}
     c.prompts.per_iteration = 4000  # ~4k prompts per iteration
     c.policy.path = ""  # Qwen/Qwen2.5-VL-7B-Instruct, downloaded beforehand (see the module docstring)
+    c.policy.arch = "qwen2.5-vl-7b-instruct"  # its config.json, for the planner
     c.policy.dtype = "bfloat16"  # compute dtype
     c.policy.param_dtype = "float32"  # master weights: float32 so lr 5e-7 updates survive
     c.policy.template = "chat"  # the tokenizer's ChatML template (default system message; the image as
@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 512
     c.sampling.batch_size = 8  # prompts per sampler call (each prompt's 10 rows share its prefix cache)
     c.claims.kind = "llm"  # Llama-3-8B-Instruct (or the released split/convert fine-tunes)
+    c.claims.split_arch = "llama-3-8b-instruct"  # both fine-tunes have its architecture (for the planner)
     c.claims.batch_size = 32  # prompts per claims shard
     c.pairs.length_ratio = -1.0  # METHOD.md §4: search the length-balancing threshold
     c.labeler.kind = "self"  # the initial policy labels its own samples (self-feedback)

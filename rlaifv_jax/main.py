@@ -94,15 +94,28 @@ def _load_config(argv: list[str]) -> tuple[str, Any] | None:
         return None
 
 
-def check_overrides(argv: list[str]) -> None:
+def _renamed_arg(arg: str, renamed: dict[str, str]) -> str:
+    name, sep, value = arg[len("--config."):].partition("=")
+    return f"--config.{renamed[name]}{sep}{value}"
+
+
+def check_overrides(argv: list[str]) -> list[str]:
     """Refuse ``--config.FIELD`` overrides naming no field of the config, in one line with the
-    closest field names (ml_collections would raise an AttributeError deep in flag parsing)."""
+    closest field names (ml_collections would raise an AttributeError deep in flag parsing).
+    Returns ``argv`` with deprecated field names renamed (``core.vocabulary``)."""
     names = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     loaded = _load_config(argv) if names else None
     if loaded is None:
-        return
+        return argv
     path, config = loaded
     fields = _flatten(config.to_dict())
+    from rlaifv_jax.core import vocabulary
+    renamed = {n: vocabulary.rename_override(n, set(fields)) for n in names}
+    if any(n != new for n, new in renamed.items()):
+        print("warning: deprecated --config names (read for one more release): "
+              + ", ".join(f"{n} -> {new}" for n, new in renamed.items() if n != new), file=sys.stderr)
+        argv = [_renamed_arg(a, renamed) if a.startswith("--config.") else a for a in argv]
+        names = list(renamed.values())
     groups = {f.rsplit(".", i)[0] for f in fields for i in range(1, f.count(".") + 1)}
     for name in names:
         if name in fields:
@@ -115,6 +128,7 @@ def check_overrides(argv: list[str]) -> None:
         close = close or [f for f in fields if tail and f.endswith("." + tail[0])][:3]
         hint = f"; did you mean {' or '.join('--config.' + c for c in close)}?" if close else ""
         _fail(f"--config.{name}: {path} has no field {name!r}{hint}")
+    return argv
 
 
 def _expected_type(argv: list[str], message: str) -> str:
@@ -138,8 +152,7 @@ def _expected_type(argv: list[str], message: str) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors (unknown config fields, values of the wrong type)."""
     debug = _debug_requested(argv)
-    if not debug:
-        check_overrides(argv)
+    argv = check_overrides(argv) if not debug else argv
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

@@ -3,9 +3,12 @@ should it run? Nothing runs and no weights are read: models are built abstractly
 ``config.json`` (``nnx.eval_shape``; ``configs/arch/`` holds presets of the paper's models), and
 every stage's jitted programs are compiled for the named slice from abstract arguments.
 
-python -m rlaifv_jax.plan --config configs/llava15_7b_self.py \\
-  --config.policy.path=configs/arch/llava-1.5-7b --config.claims.split_path=configs/arch/llama-3-8b-instruct \\
-  --topology v5p-8 [--json plan.json] [--stages sample,dpo_step]
+python -m rlaifv_jax.plan --config configs/llava15_7b_self.py --topology v5p-8 \\
+  [--json plan.json] [--stages sample,dpo_step]
+
+A model whose checkpoint path is empty is built from the architecture preset the config names
+(``policy.arch``, ``labeler.arch``, ``claims.split_arch``, ``claims.convert_arch``: a directory under
+``configs/arch/`` holding a ``config.json``); a path wins over a preset.
 
 Per program: peak HBM per chip (arguments + outputs - donated aliases + temporaries, from
 ``memory_analysis``), FLOPs per chip and the compiler's time estimate (``cost_analysis``), implied
@@ -20,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from typing import Any
 
@@ -29,15 +33,19 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlaifv_jax.core import aot, hardware, sharding as shd
+from rlaifv_jax.core import aot, hardware, sharding as shd, vocabulary
 from rlaifv_jax.data import buckets
 from rlaifv_jax import plan_report
 from rlaifv_jax.engine import generate, logps, score, vision
-from rlaifv_jax.engine.logits import SamplingConfig
+from rlaifv_jax.engine.logits import DecodeSettings
 from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING
 from rlaifv_jax.models import anyres, hf
 from rlaifv_jax.models.llava import LlavaNext
 from rlaifv_jax.training import step as dpo
+
+# The architecture presets of the paper's models (config.json only; no weights).
+ARCH_PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "arch")
+
 
 @dataclasses.dataclass(frozen=True)
 class Assumptions:
@@ -62,14 +70,25 @@ def architecture(config: ml_collections.ConfigDict, role: str) -> tuple[str, dic
         world = toy_world.WorldConfig(caption_partner_rate=config.world.caption_partner_rate)
         size = config.toy_labeler.model if role == "labeler" and config.labeler.kind == "toy" else config.model
         return "LlavaForConditionalGeneration", toy_model_config(toy_world.build_tokenizer(world), world, size)
-    field = {"policy": "policy.path", "labeler": "labeler.path", "claims_split": "claims.split_path",
-             "claims_convert": "claims.convert_path"}[role]
-    section, name = field.split(".")
-    path = config[section][name]
+    field, preset = {"policy": ("policy.path", "policy.arch"), "labeler": ("labeler.path", "labeler.arch"),
+                     "claims_split": ("claims.split_path", "claims.split_arch"),
+                     "claims_convert": ("claims.convert_path", "claims.convert_arch")}[role]
+    path = model_dir(config, field, preset)
     if not path:
-        raise ValueError(f"{field} is empty: point it at a checkpoint or an architecture preset "
-                         f"(e.g. configs/arch/llava-1.5-7b, configs/arch/llama-3-8b-instruct)")
+        raise ValueError(f"{field} and {preset} are empty: name a checkpoint directory or an architecture preset "
+                         f"({', '.join(sorted(os.listdir(ARCH_PRESETS)))})")
     return hf.read_config(path)
+
+
+def model_dir(config: ml_collections.ConfigDict, path_field: str, preset_field: str) -> str:
+    """The directory whose ``config.json`` describes a model: ``path_field``'s checkpoint, else the
+    preset ``preset_field`` names in ``configs/arch/`` (a path with a ``/`` is taken as given); "" if neither."""
+    section, name = path_field.split(".")
+    path = config[section][name]
+    preset = config[section].get(preset_field.split(".")[1], "")
+    if path or not preset:
+        return path
+    return preset if os.sep in preset else os.path.join(ARCH_PRESETS, preset)
 
 
 def abstract_model(arch: tuple[str, dict], dtype: str, param_dtype: str) -> nnx.Module:
@@ -102,7 +121,7 @@ def prompt_image(model: nnx.Module, assume: Assumptions) -> tuple[np.ndarray, An
 
 
 def tower_input(model: nnx.Module, mesh: Any, pixels: np.ndarray, layout: Any) -> Any:
-    """The abstract argument of ``engine.vision._tile_features`` for one image, as ``engine.vision``
+    """The abstract argument of ``engine.vision.lower_features`` for one image, as ``engine.vision``
     builds it: the model's own ``vision_inputs`` (Qwen2.5-VL's bucketed tower layout) or the pixels."""
     x = model.vision_inputs(pixels, layout) if hasattr(model, "vision_inputs") else pixels
     return jax.tree.map(lambda a: aot.replicated(mesh, np.shape(a), np.asarray(a).dtype), x)
@@ -119,14 +138,14 @@ def pair_image(model: nnx.Module, assume: Assumptions, length: int) -> dict[str,
                                    max_patches=assume.max_pixels // model.config.vision.patch_size ** 2)
 
 
-def dpo_configs(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.OptimConfig, dpo.LossConfig]:
+def dpo_settings(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.OptimSettings, dpo.LossSettings]:
     """The train step's settings as the online loop builds them (plus the remat / dtype options)."""
     d = config.dpo
-    optim = dpo.OptimConfig(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
+    optim = dpo.OptimSettings(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
                             max_grad_norm=d.max_grad_norm, total_steps=max(steps, 1),
                             master_dtype=d.get("master_dtype", "float32"),
                             state_dtype=d.get("optimizer_state_dtype", "float32"))
-    loss = dpo.LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+    loss = dpo.LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                           grad_accum=d.grad_accum, remat=d.get("remat", "none"))
     return optim, loss
 
@@ -167,17 +186,13 @@ class Planner:
         pixels, layout, tokens = prompt_image(model, self.assume)
         px = tower_input(model, self.mesh, pixels, layout)
 
-        def build():
-            with jax.set_mesh(self.mesh):
-                return {"vision": vision._tile_features.lower(nnx.graphdef(model), state, px).compile()}
-
         aot.run_stage(self.stages, self.topo, aot.Stage(name, "serve", resident_bytes=aot.per_chip_bytes(state),
                                                 tokens_per_step=tokens, calls=self.counts["prompts"]),
-                  build, state, ("vision",))
+                  lambda: {"vision": vision.lower_features(model, state, px, self.mesh)}, state, ("vision",))
         return tokens
 
     def generation(self, name: str, model: nnx.Module, *, batch: int, length: int, num_samples: int, max_new: int,
-                   sampling: SamplingConfig, calls: int) -> None:
+                   sampling: DecodeSettings, calls: int) -> None:
         state = aot.sharded(nnx.state(model), self.mesh, shd.SERVE_RULES)
         extra = {"prefill": dict(tokens_per_step=batch * length, calls=calls),
                  "decode": dict(tokens_per_step=batch * num_samples, calls=calls * max_new,
@@ -190,7 +205,7 @@ class Planner:
     def sample(self, policy: nnx.Module) -> None:
         s = self.config.sampling
         tokens = self.vision("sample/vision", policy, aot.sharded(nnx.state(policy), self.mesh, shd.SERVE_RULES))
-        sampling = SamplingConfig(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None,
+        sampling = DecodeSettings(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None,
                                   repetition_penalty=s.repetition_penalty if s.repetition_penalty != 1 else None)
         self.generation("sample", policy, batch=s.batch_size, length=_bucket(tokens + self.assume.prompt_text_tokens),
                         num_samples=s.num_samples, max_new=s.max_new_tokens, sampling=sampling,
@@ -201,7 +216,7 @@ class Planner:
         c, dec = self.config, CLAIM_LLM_DECODING
         batch = c.claims.llm_batch_size  # rows the claims stage decodes together
         archs = {"claims/split": architecture(c, "claims_split")}
-        if c.claims.convert_path:
+        if c.claims.convert_path or c.claims.get("convert_arch"):
             archs["claims/convert"] = architecture(c, "claims_convert")
         calls = math.ceil(self.counts["responses"] / batch)
         if len(archs) == 1 or archs["claims/convert"] == archs["claims/split"]:
@@ -210,14 +225,15 @@ class Planner:
             llm = abstract_model(arch, c.policy.dtype, c.policy.dtype)
             self.generation(name, llm, batch=batch, num_samples=1, max_new=dec.max_new_tokens, calls=calls,
                             length=_bucket(self.assume.claims_prompt_tokens + min(c.sampling.max_new_tokens, 400)),
-                            sampling=SamplingConfig(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p))
+                            sampling=DecodeSettings(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p))
 
     def label(self, labeler: nnx.Module) -> None:
         c, a, questions = self.config, self.assume, self.counts["questions_per_prompt"]
         state = aot.sharded(nnx.state(labeler), self.mesh, shd.SERVE_RULES)
         tokens = self.vision("label/vision", labeler, state)
-        rows = min(c.labeler.batch_size, score._row_bucket(questions))
-        pb, cb = score._round_up(tokens + a.prefix_text_tokens, 64), score._round_up(a.question_tokens, 16)
+        rows = min(c.labeler.batch_size, score.row_bucket(questions))
+        pb = score.round_up(tokens + a.prefix_text_tokens, score.PREFIX_MULTIPLE)
+        cb = score.round_up(a.question_tokens, score.CONTINUATION_MULTIPLE)
         rep = None if c.labeler.repetition_penalty == 1.0 else c.labeler.repetition_penalty
         aot.run_stage(self.stages, self.topo, aot.Stage("label", "serve", resident_bytes=aot.per_chip_bytes(state)),
                   lambda: score.lower_programs(labeler, state, self.mesh, prefix_bucket=pb, rows=rows,
@@ -242,19 +258,16 @@ class Planner:
     def ref_logps(self, policy: nnx.Module) -> None:
         state, batch = aot.sharded(nnx.state(policy), self.mesh, shd.SERVE_RULES), self.pair_batch(policy, False)
 
-        def build():
-            with jax.set_mesh(self.mesh):
-                return {"ref": logps._pair_logps_jit.lower(nnx.graphdef(policy), state, batch).compile()}
-
         aot.run_stage(self.stages, self.topo, aot.Stage(
             "ref_logps", "serve", resident_bytes=aot.per_chip_bytes(state),
             tokens_per_step=2 * math.prod(batch["chosen_tokens"].shape),
-            calls=math.ceil(self.counts["pairs"] / self.config.dpo.batch_size)), build, (state, batch), ("ref",))
+            calls=math.ceil(self.counts["pairs"] / self.config.dpo.batch_size)),
+            lambda: {"ref": logps.lower_reference(policy, state, batch, self.mesh)}, (state, batch), ("ref",))
 
     def dpo_step(self, policy: nnx.Module, variants: bool) -> None:
         """The train step as configured and, with ``variants``, with remat / bf16 optimizer state /
         bf16 master weights to show what each saves."""
-        optim, loss = dpo_configs(self.config, self.counts["dpo_steps"])
+        optim, loss = dpo_settings(self.config, self.counts["dpo_steps"])
         runs = [("dpo_step", optim, loss)]
         if variants:  # remat on when it is off, off when it is on
             other = "full" if loss.remat == "none" else "none"
@@ -330,6 +343,18 @@ def report(p: Planner) -> dict[str, Any]:
             "counts": p.counts, "iteration_seconds": times, "iteration_total_seconds": total, "iteration_notes": notes}
 
 
+def quiet_libtpu(accelerator_type: str) -> None:
+    """Keep libtpu's start-up lines off stderr; call before libtpu loads. Off a TPU VM libtpu's metadata
+    lookup fails and leaves its warning text as the accelerator type and worker hostnames, which it then
+    reports (``Logging before InitGoogle()``, ``E0000 ... unexpected worker hostname``). Compile-only
+    planning takes its slice from the topology description, so naming the slice and this host changes no
+    program; an explicitly set variable is kept."""
+    for name, value in (("TPU_ACCELERATOR_TYPE", accelerator_type), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                        ("TPU_SKIP_MDS_QUERY", "1"), ("TPU_STDERR_LOG_LEVEL", "3"), ("TPU_MIN_LOG_LEVEL", "3"),
+                        ("GRPC_VERBOSITY", "NONE")):
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str]) -> int:
     """The command line (``argv[0]`` is the program name); returns the exit status: 0 fits, 1 a
     stage does not fit, 2 bad input (config, topology, missing libtpu)."""
@@ -345,6 +370,7 @@ def main(argv: list[str]) -> int:
                                            "(sample, claims, label, ref_logps, dpo_step).", flag_values=fv)
     variants = flags.DEFINE_bool("variants", True, "Also compile the DPO step with remat / bf16 optimizer state "
                                                    "/ bf16 master weights to show their effect.", flag_values=fv)
+    verbosity = flags.DEFINE_integer("verbosity", 0, "≥ 1: also show libtpu's start-up lines.", flag_values=fv)
     fv(argv)
     progress = logging.getLogger(aot.__name__)  # one line per compiled stage, on stderr
     if not progress.handlers:
@@ -354,8 +380,10 @@ def main(argv: list[str]) -> int:
     if not config_flag.value or not topology.value:
         print("error: --config and --topology are required", file=sys.stderr)
         return 2
+    if verbosity.value < 1:
+        quiet_libtpu(topology.value)
     try:
-        r = plan(config_flag.value, topology.value, only=tuple(only.value), variants=variants.value)
+        r = plan(vocabulary.canonicalize(config_flag.value), topology.value, only=tuple(only.value), variants=variants.value)
     except (hardware.MissingLibtpu, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

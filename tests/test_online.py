@@ -16,6 +16,7 @@ from PIL import Image
 
 import tiny_hf
 from configs import default
+from offline_data import policy_params
 from rlaifv_jax.pipelines import online
 from rlaifv_jax.core import records
 from rlaifv_jax.core.workdir import check_or_save_config
@@ -199,16 +200,6 @@ def test_invalid_config_names_every_field(tmp_path):
     assert not os.path.exists(tmp_path / "config.json")
 
 
-def _policy_params(directory, step):
-    """A policy checkpoint's flat parameters as saved (numpy)."""
-    import orbax.checkpoint as ocp
-    from rlaifv_jax.core.checkpoint import Checkpointer
-    with Checkpointer(str(directory), max_to_keep=None, async_save=False) as ckpt:
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                 extra=ocp.args.JsonRestore()))
-    return {k: np.asarray(v) for k, v in out["state"].items()}
-
-
 def check_selection(ref_dir, workdir, monkeypatch):
     """Iteration 1 of the smoke run (stages up to the reference log-probs reused from ``ref_dir``)
     with ``eval.every_epochs=0.25`` (4 epochs of one step each: 4 candidates): a crash during the second
@@ -253,8 +244,8 @@ def check_selection(ref_dir, workdir, monkeypatch):
     assert entries[1]["checkpoint_evals"] == chosen["checkpoints"]
     for key in ("chair_mention", "chair_response", "recall", "yesno_accuracy"):  # eval/01 is the selected one
         assert entries[1][key] == best[key], key
-    ours = _policy_params(os.path.join(workdir, "checkpoints"), 1)  # the next iteration's starting policy
-    theirs = _policy_params(os.path.join(sel_dir, "candidates"), chosen["selected_step"])
+    ours = policy_params(os.path.join(workdir, "checkpoints"), 1)  # the next iteration's starting policy
+    theirs = policy_params(os.path.join(sel_dir, "candidates"), chosen["selected_step"])
     assert ours.keys() == theirs.keys()
     for k in ours:
         np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
@@ -262,7 +253,7 @@ def check_selection(ref_dir, workdir, monkeypatch):
     for k in ours:
         np.testing.assert_array_equal(np.asarray(exported[k]), ours[k], err_msg=k)
     if chosen["selected_step"] != chosen["last_step"]:
-        last = _policy_params(os.path.join(sel_dir, "candidates"), chosen["last_step"])
+        last = policy_params(os.path.join(sel_dir, "candidates"), chosen["last_step"])
         assert any(not np.array_equal(ours[k], last[k]) for k in ours)
     return chosen
 

@@ -1,9 +1,13 @@
 """``python -m rlaifv_jax.plan``: topology names, abstract DPO steps, plans on the local CPU mesh and
 on a compile-only TPU slice, and the "does not fit" verdict."""
 import dataclasses
+import importlib
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -73,7 +77,7 @@ def test_local_plan_dpo_bytes_equal_the_real_step(local_plan):
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     with jax.set_mesh(mesh):
         policy = hf.build_model(*plan.architecture(config, "policy"))
-    optim, loss = plan.dpo_configs(config, local_plan["counts"]["dpo_steps"])
+    optim, loss = plan.dpo_settings(config, local_plan["counts"]["dpo_steps"])
     step = dpo.DPOStep(policy, optim, loss, mesh=mesh)
     batch = buckets.with_answer_window(_real_batch(policy, config, np.random.RandomState(0)), plan.dpo_window(config))
     assert buckets.WINDOW_KEY in batch  # the run's automatic LM-head window, as planned
@@ -117,8 +121,9 @@ def test_smoke_plan_on_a_tpu_slice(tmp_path, capsys):
 
 @needs_libtpu
 def test_7b_with_float32_master_weights_does_not_fit_v5litepod_4(capsys):
-    rc = plan.main(["plan", "--config", "configs/llava15_7b_self.py", "--config.policy.path=configs/arch/llava-1.5-7b",
-                    "--topology", "v5litepod-4", "--stages", "dpo_step", "--novariants"])
+    """No path flag: the config's policy.arch preset (configs/arch/llava-1.5-7b) stands in for weights."""
+    rc = plan.main(["plan", "--config", "configs/llava15_7b_self.py", "--topology", "v5litepod-4",
+                    "--stages", "dpo_step", "--novariants"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "does not fit: stage dpo_step needs" in err and "v5litepod-4 has 16 GiB" in err
@@ -152,6 +157,26 @@ def _qwen_plan(tmp_path, topology, only):
     return stages
 
 
+@needs_libtpu
+def test_libtpu_start_up_lines_are_silenced(tmp_path):
+    """Off a TPU VM libtpu reports its failed metadata lookup on stderr; plan.quiet_libtpu keeps it quiet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "GRPC_"))}
+    code = ("from rlaifv_jax import plan; plan.quiet_libtpu('v5p-8'); from rlaifv_jax.core import hardware; "
+            "print(len(hardware.devices(hardware.parse_topology('v5p-8'))))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0 and proc.stdout.strip() == "4", proc.stderr
+    assert "InitGoogle" not in proc.stderr and "E0000" not in proc.stderr and "TPU_" not in proc.stderr, proc.stderr
+
+
+def test_paper_configs_name_existing_architecture_presets():
+    for name in ("llava15_7b_self", "llava15_7b_next34b", "qwen25vl_3b_self", "qwen25vl_7b_self"):
+        c = importlib.import_module(f"configs.{name}").get_config()
+        for role in ("policy", "claims_split") + (("labeler",) if c.labeler.kind == "model" else ()):
+            arch, _ = plan.architecture(c, role)
+            assert arch in hf.ARCHITECTURES, (name, role, arch)
+
+
 def test_qwen25vl_plan_on_local_devices(tmp_path):
     """Qwen2.5-VL's tower layout (image_grid_thw), M-RoPE positions and pair arrays, every stage."""
     stages = _qwen_plan(tmp_path, "local", ("sample", "label", "ref_logps", "dpo_step"))
@@ -172,32 +197,41 @@ def test_remat_recomputes_the_same_gradients(remat):
     model = llama.Llama(cfg, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 12)))
 
-    def loss(m):
-        return jnp.mean(m(ids) ** 2)
+    key_mask = jnp.ones(ids.shape, bool)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
 
-    want = nnx.grad(loss)(model)
-    model.remat = remat
-    got = nnx.grad(loss)(model)
+    def loss(m, mode):
+        hidden, _ = m.forward_embeds(m.embed(ids), positions=positions, key_mask=key_mask, remat=mode)
+        return jnp.mean(m.logits(hidden) ** 2)
+
+    want = nnx.grad(loss)(model, "none")
+    got = nnx.grad(loss)(model, remat)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), got, want)
     graphdef, state = nnx.split(model)
-    assert "remat2" in str(jax.make_jaxpr(lambda st: loss(nnx.merge(graphdef, st)))(state))
+    assert "remat2" in str(jax.make_jaxpr(lambda st: loss(nnx.merge(graphdef, st), remat))(state))
+    assert "remat2" not in str(jax.make_jaxpr(lambda st: loss(nnx.merge(graphdef, st), "none"))(state))
 
 
-def test_dpo_step_remat_option_reaches_the_decoder_only_of_its_own_copy():
+def test_dpo_step_remat_option_reaches_the_decoder_as_an_argument():
     config = smoke()
     policy = plan.abstract_model(plan.architecture(config, "policy"), "float32", "float32")
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    step = dpo.DPOStep(policy, dpo.OptimConfig(), dpo.LossConfig(remat="full"), mesh=mesh)
-    assert "remat" in repr(step.graphdef) and "remat" not in repr(dpo.DPOStep(policy, dpo.OptimConfig(), mesh=mesh).graphdef)
-    assert not hasattr(policy.language_model, "remat")  # the caller's model is untouched
+    batch = plan.Planner(config, hardware.parse_topology("local"), mesh, plan.Assumptions(), {}).pair_batch(policy, True)
+    jaxprs = {}
+    for mode in ("none", "full"):
+        step = dpo.DPOStep(policy, dpo.OptimSettings(), dpo.LossSettings(remat=mode), mesh=mesh)
+        params = {k: v for k, v in step.abstract_state()["params"].items()}
+        jaxprs[mode] = str(jax.make_jaxpr(step._loss_fn)(params, step.frozen, batch, 1.0, jax.random.key(0)))
+    assert "remat2" in jaxprs["full"] and "remat2" not in jaxprs["none"]
+    assert not hasattr(policy.language_model, "remat")  # no hidden state on the model
     with pytest.raises(ValueError, match="remat"):
-        dpo.LossConfig(remat="some")
+        dpo.LossSettings(remat="some")
 
 
 def test_bf16_optimizer_state_is_stored_in_bf16_and_updated_in_float32():
     params = {"w": jnp.linspace(-1, 1, 12, dtype=jnp.float32).reshape(3, 4), "b": jnp.ones((4,), jnp.float32)}
     grads = jax.tree.map(lambda p: jnp.cos(p * 3.0), params)
-    cfg = dpo.OptimConfig(learning_rate=1e-2, total_steps=10, warmup_ratio=0.0)
+    cfg = dpo.OptimSettings(learning_rate=1e-2, total_steps=10, warmup_ratio=0.0)
     tx32, _ = dpo.make_optimizer(cfg)
     tx16, _ = dpo.make_optimizer(dataclasses.replace(cfg, state_dtype="bfloat16"))
     s32, s16 = tx32.init(params), tx16.init(params)
@@ -210,7 +244,7 @@ def test_bf16_optimizer_state_is_stored_in_bf16_and_updated_in_float32():
     mu16 = jax.tree.leaves(s16)[1]
     assert mu16.dtype == jnp.bfloat16 and np.allclose(np.asarray(mu16, np.float32), np.asarray(mu32), rtol=1e-2)
     with pytest.raises(ValueError, match="state_dtype"):
-        dpo.OptimConfig(state_dtype="float16")
+        dpo.OptimSettings(state_dtype="float16")
 
 
 def test_abstract_step_state_bytes_follow_the_dtype_options():
@@ -222,7 +256,7 @@ def test_abstract_step_state_bytes_follow_the_dtype_options():
     n = sum(math.prod(x.shape) for p, x in nnx.to_flat_state(nnx.state(policy, nnx.Param)) if p[0] != "vision_tower")
     got = {}
     for master, state in (("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")):
-        step = dpo.DPOStep(policy, dpo.OptimConfig(master_dtype=master, state_dtype=state), mesh=mesh)
+        step = dpo.DPOStep(policy, dpo.OptimSettings(master_dtype=master, state_dtype=state), mesh=mesh)
         assert step.is_abstract
         got[master, state] = aot.per_chip_bytes({k: v for k, v in step.abstract_state().items() if k != "rng"})
     overhead = got["float32", "float32"] - 12 * n  # step counters

@@ -10,49 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from rlaifv_jax.data.chat import llava_image_preprocess
-from rlaifv_jax.data.rlaifv_dataset import (
-    DatasetFileError,
-    make_iterator,
-    make_pair_dataset,
-    pair_example_fn,
-    pair_text_fn,
-    read_rlaifv,
-)
-from rlaifv_jax.data.tokenized import pair_lengths, tokenize_records
+from rlaifv_jax.data.pairs import (make_iterator, make_pair_dataset, pair_example_fn, pair_lengths, pair_text_fn,
+                                   tokenize_records)
+from rlaifv_jax.data.rlaifv_dataset import DatasetFileError, read_rlaifv
 from rlaifv_jax.data.prompts import read_prompt_file
-
-WORDS = "what is in the image ? a red blue circle square cat dog there yes no and".split()
-IMAGE_ID = 3
-
-
-def png_bytes(seed, size=(9, 6)):
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def row(idx, *, image_bytes=None, image_path=None, question="what is in the image ?",
-        chosen="a red circle", rejected="a blue square and a cat"):
-    return {
-        "ds_name": "toy", "image": {"bytes": image_bytes, "path": None}, "question": question,
-        "chosen": chosen, "rejected": rejected, "origin_dataset": "unit", "origin_split": json.dumps({"model": "m"}),
-        "idx": idx, "image_path": image_path,
-    }
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<image>", "<pad>", *WORDS, *"ABCDEFGHIJKLMNOPQRSTUVWXYZ", "USER", "ASSISTANT", ":", ".", ",", "'", "s", "human", "chat", "between", "curious", "an", "artificial", "intelligence", "assistant", "The", "gives", "helpful", "detailed", "polite", "answers", "to", "questions"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-    assert t.convert_tokens_to_ids("<image>") == IMAGE_ID
-    return t
+from rlaifv_rows import IMAGE_ID, png_bytes, row, tokenizer  # noqa: F401  (tokenizer: fixture)
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""Checkpoint selection inside DPO (issue 13): the pure selection math, the config checks and offline
+"""Checkpoint selection inside DPO: the pure selection math, the config checks and offline
 DPO selecting by a POPE metric (the online loop with ``eval.every_epochs=0.25`` is in
 tests/test_online.py, on its smoke run)."""
 import numpy as np
@@ -7,7 +7,8 @@ import pytest
 from configs import default
 from rlaifv_jax.pipelines import validate
 from rlaifv_jax.stages import select
-from test_offline_dpo import offline_dpo, setup  # noqa: F401  (the tiny policy + parquet fixture)
+from configs import offline_dpo
+from offline_data import setup  # noqa: F401  (the tiny policy + parquet fixture)
 
 
 def test_best_step_is_the_argmin_and_never_worse_than_the_last():
@@ -63,9 +64,9 @@ def test_offline_selects_by_a_suite_metric_and_exports_it(setup, tmp_path):  # n
     from rlaifv_jax.pipelines import offline
     root, model_dir = setup
     c = offline_dpo.get_config()
-    c.data.path, c.data.max_length, c.progress = str(root / "*.parquet"), 80, False
-    c.policy.path, c.policy.compute_dtype, c.export.dtype = str(model_dir), "float32", ""
-    c.train.learning_rate, c.train.num_epochs = 2e-3, 1  # 24 pairs / batch 8: 3 steps
+    c.data.path, c.dpo.max_length, c.progress = str(root / "*.parquet"), 80, False
+    c.policy.path, c.policy.dtype, c.export.dtype = str(model_dir), "float32", ""
+    c.dpo.learning_rate, c.dpo.epochs = 2e-3, 1  # 24 pairs / batch 8: 3 steps
     c.eval.every_epochs, c.eval.suite = 0.5, "pope"
     c.eval.data, c.eval.images = os.path.join(FIX, "coco_pope_random.json"), os.path.join(FIX, "images")
     c.eval.max_new_tokens, c.eval.limit, c.eval.batch_size = 2, 4, 4
@@ -81,7 +82,7 @@ def test_offline_selects_by_a_suite_metric_and_exports_it(setup, tmp_path):  # n
     assert values[chosen["selected_step"]] == max(values.values()) >= values[3]
     assert summary["exported_step"] == summary["selected_step"] == chosen["selected_step"]
     exported = flat_values(nnx.state(hf.load_pretrained(str(tmp_path / "export")), nnx.Param))
-    from test_online import _policy_params
-    theirs = _policy_params(tmp_path / "train" / "select" / "candidates", chosen["selected_step"])
+    from offline_data import policy_params
+    theirs = policy_params(tmp_path / "train" / "select" / "candidates", chosen["selected_step"])
     for k, v in theirs.items():
         np.testing.assert_array_equal(np.asarray(exported[k]), v, err_msg=k)

@@ -85,7 +85,7 @@ def test_wandb_without_the_package_is_a_config_error():
 def _files_setup(root):
     policy = root / "policy"
     tiny_hf.llava(policy)
-    from test_offline_dpo import build_tokenizer
+    from offline_data import build_tokenizer
     build_tokenizer().save_pretrained(policy)
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(policy)
     split = root / "split"

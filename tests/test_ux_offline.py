@@ -15,16 +15,17 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from rlaifv_jax.core import records
 from rlaifv_jax.core.errors import ConfigError, InputError
 from rlaifv_jax.pipelines import offline
-from test_offline_dpo import offline_dpo, setup  # noqa: F401  (the tiny policy + parquet fixture)
+from configs import offline_dpo
+from offline_data import setup  # noqa: F401  (the tiny policy + parquet fixture)
 
 
 def _config(root, model_dir, data):
     c = offline_dpo.get_config()
-    c.data.path, c.data.max_length = str(data), 80
-    c.policy.path, c.policy.compute_dtype = str(model_dir), "float32"
-    c.train.learning_rate, c.train.checkpoints_per_epoch, c.train.num_epochs = 2e-3, 3, 2  # 3 steps an epoch
-    c.train.max_steps = 3  # a quick trial: the first 3 of 6 steps (the schedule spans 3)
-    c.train.max_to_keep, c.export.checkpoints, c.export.dtype = 2, "all", ""
+    c.data.path, c.dpo.max_length = str(data), 80
+    c.policy.path, c.policy.dtype = str(model_dir), "float32"
+    c.dpo.learning_rate, c.dpo.checkpoints_per_epoch, c.dpo.epochs = 2e-3, 3, 2  # 3 steps an epoch
+    c.dpo.max_steps = 3  # a quick trial: the first 3 of 6 steps (the schedule spans 3)
+    c.dpo.max_to_keep, c.export.checkpoints, c.export.dtype = 2, "all", ""
     c.progress = False
     return c
 

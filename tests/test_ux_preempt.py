@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import tiny_hf
-from test_ux_train import EXAMPLES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,10 +31,10 @@ WORKER = textwrap.dedent('''
     from rlaifv_jax.core.errors import Preempted
     from rlaifv_jax.models import hf
     from rlaifv_jax.training import loop, step as dpo_step
-    ''') + EXAMPLES + textwrap.dedent('''
+    from dpo_examples import examples
     model_dir, workdir, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     ds = grain.MapDataset.source(examples()).shuffle(seed=1).repeat(2).batch(2)  # 12 steps
-    cfg = loop.TrainConfig(optim=dpo_step.OptimConfig(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
+    cfg = loop.TrainSettings(optim=dpo_step.OptimSettings(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
                            save_every=4, max_to_keep=2, progress=False)
     try:
         res = loop.train(hf.load_pretrained(model_dir), ds, cfg, workdir, hook=lambda *a: time.sleep(delay))
@@ -47,7 +46,8 @@ WORKER = textwrap.dedent('''
 
 
 def _worker(script, tiny, workdir, out, delay=0.0):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="")
     return subprocess.Popen([sys.executable, str(script), tiny, str(workdir), str(out), str(delay)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -14,26 +14,8 @@ from rlaifv_jax.core import jsonl, sharding
 from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.core.errors import InputError, NonFiniteError
 from rlaifv_jax.models import hf
+from dpo_examples import examples  # the same pairs here and in test_ux_preempt's worker
 from rlaifv_jax.training import loop, step as dpo_step
-
-EXAMPLES = '''
-def examples(n=12, length=20):
-    rng = np.random.RandomState(0)
-    out = []
-    for i in range(n):
-        start, n_c, n_r = 9, rng.randint(2, 8), rng.randint(2, 8)
-        prompt = [1, 5, 6, *[96] * 4, 7, 8]
-        ex = {"pixel_values": rng.randn(3, 28, 28).astype(np.float32), "answer_start": np.int32(start),
-              "chosen_len": np.int32(n_c), "rejected_len": np.int32(n_r),
-              "ref_chosen_logps": np.float32(-4.0 * n_c + rng.randn()), "ref_rejected_logps": np.float32(-4.0 * n_r)}
-        for name, k in (("chosen", n_c), ("rejected", n_r)):
-            row = np.zeros(length, np.int32)
-            row[: start + k] = prompt + list(rng.randint(10, 90, k - 1)) + [2]
-            ex[name + "_tokens"] = row
-        out.append(ex)
-    return out
-'''
-exec(EXAMPLES)  # the same pairs here and in the subprocess worker
 
 
 def dataset(exs, batch=2):
@@ -41,9 +23,9 @@ def dataset(exs, batch=2):
 
 
 def config(**kw):
-    base = dict(optim=dpo_step.OptimConfig(learning_rate=1e-3, total_steps=0, warmup_ratio=0.0), save_every=1,
+    base = dict(optim=dpo_step.OptimSettings(learning_rate=1e-3, total_steps=0, warmup_ratio=0.0), save_every=1,
                 max_to_keep=2, progress=False, async_checkpoint=False)
-    return loop.TrainConfig(**{**base, **kw})
+    return loop.TrainSettings(**{**base, **kw})
 
 
 def one_device():

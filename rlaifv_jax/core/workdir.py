@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from rlaifv_jax.core import jsonl, paths
+from rlaifv_jax.core import jsonl, paths, vocabulary
 from rlaifv_jax.core.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,9 @@ RUN_FIELDS = (
     "mesh",  # device layout (sharded and unsharded results agree to float rounding)
     "sampling.batch_size", "claims.batch_size", "claims.llm_batch_size", "labeler.batch_size",  # per-call batches
     "eval.batch_size",
-    "train.ref_batch_size", "train.log_every",  # offline: reference-pass batch, metric interval
-    "train.max_to_keep", "export.checkpoints",  # which checkpoints are kept / exported
+    "policy.arch", "labeler.arch", "claims.split_arch", "claims.convert_arch",  # read by the planner only
+    "dpo.ref_batch_size", "dpo.log_every",  # offline: reference-pass batch, metric interval
+    "dpo.max_to_keep", "export.checkpoints",  # which checkpoints are kept / exported
     "resume",  # what a rerun does with records whose inputs changed (they are never silently reused)
 )
 HISTORY = "config_history.jsonl"
@@ -69,6 +70,8 @@ def check_or_save_config(config: ml_collections.ConfigDict, workdir: str) -> dic
         raise InputError(f"workdir {workdir} is a file, not a directory")
     current = json.loads(config.to_json())
     saved = json.loads(paths.read_text(path)) if paths.exists(path) else None
+    if saved is not None:  # a workdir saved with deprecated names resumes under the canonical ones
+        saved = vocabulary.nest(vocabulary.canonical_fields(_flatten(saved)))
     diff = config_diff(saved, current) if saved is not None else {}
     refused = {k: v for k, v in diff.items() if not is_run_field(k)}
     if refused:

@@ -63,7 +63,7 @@ def answer_logps(
 
 
 def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None,
-               answer_window: int | None = None) -> dict[str, jax.Array]:
+               answer_window: int | None = None, remat: str = "none") -> dict[str, jax.Array]:
     """Summed answer log-probs of the chosen and rejected responses of a pair batch.
 
     ``batch``: ``chosen_tokens``/``rejected_tokens`` ``[B, L]`` (right-padded; image placeholders
@@ -71,11 +71,13 @@ def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None,
     ``pixel_values`` ``[B, C, H, W]`` (one image per pair; Qwen2.5-VL: the arrays of
     ``pair_image_arrays``; LLaVA-NeXT: ``[B, max_tiles, C, H, W]`` and ``image_pack [B, L]``, each
     pair's ``anyres.pack_indices`` with ``buckets.PACK_NEWLINE`` / ``PACK_PAD``, see
-    ``data.rlaifv_dataset.pair_example_fn``). Each image is encoded ONCE: its features are tiled over
+    ``data.pairs.pair_example_fn``). Each image is encoded ONCE: its features are tiled over
     the chosen and the rejected rows, which run as one ``2B`` batch (Qwen2.5-VL: per-row features, each row reading its
     own image's tokens). The vision tower runs under ``stop_gradient`` (frozen); the projector is
     differentiable. Positions are ``arange(L)`` (Qwen2.5-VL: the batch's ``positions``) and the key
     mask comes from lengths (``t < answer_start + len``), never from ids.
+
+    ``remat``: the decoder's rematerialisation in the backward pass (``Llama.forward_embeds``).
 
     With ``answer_window = W`` (static, ≥ every answer length) the LM head and log-softmax run only
     on the ``W + 1`` positions from ``answer_start - 1`` on, instead of all ``L``; a batch carrying
@@ -123,7 +125,7 @@ def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None,
         pos = jnp.asarray(batch["positions"], jnp.int32)[..., :length]
         positions = jnp.moveaxis(jnp.concatenate([pos, pos], axis=0), 1, 0)
     key_mask = index < (starts + lens)[:, None]
-    hidden, _ = model.forward_embeds(x, positions=positions, key_mask=key_mask)
+    hidden, _ = model.forward_embeds(x, positions=positions, key_mask=key_mask, remat=remat)
     window = batch.get(WINDOW_KEY)
     if answer_window is not None and window is not None:
         raise ValueError(f"give answer_window ({answer_window}) or a batch with {WINDOW_KEY}, not both")
@@ -149,6 +151,13 @@ def _pad_batch(batch: Batch, size: int) -> dict[str, np.ndarray]:
 def _pair_logps_jit(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch) -> dict[str, jax.Array]:
     # Module-level so the compiled forward is reused across calls (keyed by graphdef and shapes).
     return pair_logps(nnx.merge(graphdef, state), batch)
+
+
+def lower_reference(model: nnx.Module, state: nnx.State, batch: Batch, mesh: Mesh) -> Any:
+    """The compiled forward ``reference_logps`` runs for one pair batch, from abstract ``state`` and
+    ``batch`` (``jax.ShapeDtypeStruct``s with shardings; ``mesh`` may hold compile-only TPU devices)."""
+    with jax.set_mesh(mesh):
+        return _pair_logps_jit.lower(nnx.graphdef(model), state, batch).compile()
 
 
 def reference_logps(model: nnx.Module, batches: Iterable[Batch], *, mesh: Mesh | None = None,

@@ -115,7 +115,12 @@ def _as_item(item: Any) -> ImageQuestions:
     raise TypeError(f"labeler items are ImageQuestions or mappings with 'questions', got {type(item)}")
 
 
-def _round_up(n: int, multiple: int) -> int:
+PREFIX_MULTIPLE = 64  # image prefixes pad to a multiple of this many tokens (one program per bucket)
+CONTINUATION_MULTIPLE = 16  # questions pad to a multiple of this many tokens
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (at least one): the prefix and continuation buckets."""
     return max(multiple, -(-n // multiple) * multiple)
 
 
@@ -123,9 +128,9 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _row_bucket(n: int) -> int:
+def row_bucket(n: int) -> int:
     """Rows of a question batch: 1, 2, 4, 8, then multiples of 8."""
-    return _pow2_at_least(n) if n <= 8 else _round_up(n, 8)
+    return _pow2_at_least(n) if n <= 8 else round_up(n, 8)
 
 
 def _tile(x: jax.Array, rows: int) -> jax.Array:
@@ -189,8 +194,8 @@ class Labeler:
         word_prefix: str | None = None,
         repetition_penalty: float | None = None,
         batch_size: int = 16,
-        continuation_multiple: int = 16,
-        prefix_multiple: int = 64,
+        continuation_multiple: int = CONTINUATION_MULTIPLE,
+        prefix_multiple: int = PREFIX_MULTIPLE,
     ):
         if template not in chat.TEMPLATES:
             raise ValueError(f"template must be one of {chat.TEMPLATES}, got {template!r}")
@@ -263,7 +268,7 @@ class Labeler:
         if item.pixel_values is not None:
             features = self.image_features(item.pixel_values, layout)
             check_image_tokens(prefix, self.image_token_id, int(features.shape[0]))
-        pb = _round_up(len(prefix), self.prefix_multiple)
+        pb = round_up(len(prefix), self.prefix_multiple)
         ids = np.full((1, pb), -1, np.int32)
         ids[0, : len(prefix)] = prefix
         if features is not None and features.shape[0] < pb:  # pad to a bucket: one program per Pb
@@ -296,8 +301,8 @@ class Labeler:
         chunks = []
         for start in range(0, len(order), self.batch_size):
             idx = np.asarray(order[start: start + self.batch_size])
-            rows = min(self.batch_size, _row_bucket(len(idx)))
-            cb = _round_up(max(len(conts[i]) for i in idx), self.continuation_multiple)
+            rows = min(self.batch_size, row_bucket(len(idx)))
+            cb = round_up(max(len(conts[i]) for i in idx), self.continuation_multiple)
             ids = np.zeros((rows, cb), np.int32)
             lens = np.ones((rows,), np.int32)  # padding rows: one pad token, result dropped
             for r, i in enumerate(idx):

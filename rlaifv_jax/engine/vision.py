@@ -41,6 +41,14 @@ def _tile_features(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Any) 
     return nnx.merge(graphdef, state).tile_features(pixel_values)
 
 
+def lower_features(model: nnx.Module, state: nnx.State, inputs: Any, mesh: Any) -> Any:
+    """The compiled tile-feature program ``image_features`` runs, for ``inputs`` (pixels, or Qwen2.5-VL's
+    ``model.vision_inputs``) given abstractly (``jax.ShapeDtypeStruct``s with shardings); ``mesh`` may hold
+    compile-only TPU devices (the planner)."""
+    with jax.set_mesh(mesh):
+        return _tile_features.lower(nnx.graphdef(model), state, inputs).compile()
+
+
 def image_features(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Any, layout: Any = None) -> jax.Array:
     """``[image_tokens, D]`` features of ``pixel_values`` in transformers' layout, in placeholder
     order, on device: ``[images, C, H, W]`` for LLaVA-1.5, ``[images, tiles, C, H, W]`` with

@@ -1,7 +1,7 @@
 """Basic NNX layers whose parameters carry logical axis names (``Param(..., axes=(...))``).
 
 Every parameter of every model is created by one of these layers (or with the same ``axes``
-metadata), so `rlaifv_jax.sharding` can map any model onto a mesh with one rules table.
+metadata), so `rlaifv_jax.core.sharding` can map any model onto a mesh with one rules table.
 Parameters are stored in ``param_dtype``; computation runs in ``dtype``.
 """
 from __future__ import annotations

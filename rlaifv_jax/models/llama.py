@@ -227,7 +227,7 @@ class Llama(nnx.Module):
     def forward_embeds(self, x: jax.Array, *, positions: jax.Array | None = None, key_mask: jax.Array,
                        cache: Cache | None = None, cache_index: jax.Array | int = 0,
                        prefix: tuple[Cache, jax.Array] | None = None,
-                       angles: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+                       angles: jax.Array | None = None, remat: str = "none") -> tuple[jax.Array, Cache | None]:
         """Run the decoder on embeddings ``x [B, T, D]``.
 
         ``positions [B, T]``: RoPE positions; or, instead, ``angles [B, T, head_dim / 2]``: the
@@ -236,7 +236,8 @@ class Llama(nnx.Module):
         ``prefix = (prefix_cache, prefix_mask [Bp, P])``: a cache of ``Bp`` prompts shared by
         ``B / Bp`` consecutive rows each, attended before the rows' own ``cache`` (n samples of one
         prompt read its prefix once). Returns final-normed hidden states ``[B, T, D]`` and the
-        updated cache.
+        updated cache. ``remat`` (teacher-forced passes without a cache only): "none", "full" (recompute
+        each decoder layer in the backward pass) or "dots" (keep its matmul outputs).
         """
         window = self.config.sliding_window
         seen = key_mask.shape[1] + (0 if prefix is None else prefix[1].shape[1])
@@ -252,7 +253,6 @@ class Llama(nnx.Module):
         else:
             positions, inv_freq = jnp.ones(x.shape[:2], jnp.float32), angles
         new_cache = []
-        remat = getattr(self, "remat", "none")  # set by training.step.DPOStep (LossConfig.remat)
         for i, layer in enumerate(self.layers):
             if remat != "none" and cache is None and prefix is None:  # teacher-forced passes only
                 policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable

@@ -248,7 +248,8 @@ class Qwen25VL(nnx.Module):
 
     def forward_embeds(self, x: jax.Array, *, positions: jax.Array, key_mask: jax.Array,
                        cache: Cache | None = None, cache_index: jax.Array | int = 0,
-                       prefix: tuple[Cache, jax.Array] | None = None) -> tuple[jax.Array, Cache | None]:
+                       prefix: tuple[Cache, jax.Array] | None = None,
+                       remat: str = "none") -> tuple[jax.Array, Cache | None]:
         """The decoder on embeddings ``x [B, T, D]`` (arguments as ``Llama.forward_embeds``), with
         ``positions [3, B, T]`` (M-RoPE) or ``[B, T]`` (one position for all three sections)."""
         positions = jnp.asarray(positions)
@@ -256,7 +257,7 @@ class Qwen25VL(nnx.Module):
             positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
         angles = mrope_angles(positions, rope_inv_freq(self.language_model.config), self.config.mrope_section)
         return self.language_model.forward_embeds(x, key_mask=key_mask, cache=cache, cache_index=cache_index,
-                                                  prefix=prefix, angles=angles)
+                                                  prefix=prefix, angles=angles, remat=remat)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.language_model.logits(hidden)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from typing import Any, Callable
-
-import ml_collections
 
 from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.data import prompts as prompts_lib, toy_world
@@ -25,50 +22,87 @@ class Inputs:
     prompt_report: dict[str, Any] | None  # what happened to every line of a prompt file
 
 
-def toy(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
+@dataclasses.dataclass(frozen=True)
+class ToyModelSettings:
+    """A toy policy's (or toy labeler's) size: ``model.*`` / ``toy_labeler.model.*``."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vision_hidden: int
+    vision_layers: int
+    patch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmstartSettings:
+    """The supervised warm start of a toy model: ``warmstart.*`` / ``toy_labeler.warmstart.*``."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ToySettings:
+    """The embedded world (``source="toy"``): its sizes and the toy models to warm-start."""
+
+    seed: int
+    progress: bool
+    caption_partner_rate: float
+    n_warmstart: int
+    n_prompts: int
+    n_eval: int
+    model: ToyModelSettings
+    warmstart: WarmstartSettings
+    labeler: tuple[ToyModelSettings, WarmstartSettings] | None  # labeler.kind="toy": its size and warm start
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFileSettings:
+    """A prompt JSONL (``source="files"``), read once by validation."""
+
+    records: list[prompts_lib.PromptRecord]  # the usable lines
+    report: prompts_lib.PromptReport  # what happened to every line
+    per_iteration: int  # prompts per iteration (0: all)
+
+
+def toy(spec: ToySettings, workdir: str) -> Inputs:
     """The embedded world: warm-start the policy (and a toy labeler) into ``workdir``."""
-    world = toy_world.WorldConfig(caption_partner_rate=config.world.caption_partner_rate)
-    warm = toy_world.warmstart_split(world, config.world.n_warmstart, config.seed)
-    warmstart.warm_start(config.model, config.warmstart, world, warm, os.path.join(workdir, "warmstart"),
-                         seed=config.seed, progress=config.progress)
-    if config.labeler.kind == "toy":
-        warmstart.warm_start(config.toy_labeler.model, config.toy_labeler.warmstart, world, warm,
-                             os.path.join(workdir, "labeler_warmstart"), seed=config.seed + 1, progress=config.progress)
-    n = config.world.n_prompts
+    world = toy_world.WorldConfig(caption_partner_rate=spec.caption_partner_rate)
+    warm = toy_world.warmstart_split(world, spec.n_warmstart, spec.seed)
+    warmstart.warm_start(spec.model, spec.warmstart, world, warm, os.path.join(workdir, "warmstart"),
+                         seed=spec.seed, progress=spec.progress)
+    if spec.labeler is not None:
+        warmstart.warm_start(*spec.labeler, world, warm, os.path.join(workdir, "labeler_warmstart"),
+                             seed=spec.seed + 1, progress=spec.progress)
+    n = spec.n_prompts
 
     def prompts_for(k: int) -> list[dict[str, Any]]:
-        return toy_world.prompt_split(world, n, config.seed, name=f"iter{k}", stream=100 + k)
+        return toy_world.prompt_split(world, n, spec.seed, name=f"iter{k}", stream=100 + k)
 
-    return Inputs(prompts_for, toy_world.eval_split(world, config.world.n_eval, config.seed), world, None)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_prompts(path: str, mtime_ns: int, size: int, image_root: str, allow_outside_root: bool):
-    return prompts_lib.read_prompt_file(path, image_root, allow_outside_root)
+    return Inputs(prompts_for, toy_world.eval_split(world, spec.n_eval, spec.seed), world, None)
 
 
 def read_prompts(path: str, image_root: str = "", allow_outside_root: bool = False
                  ) -> tuple[list[prompts_lib.PromptRecord], prompts_lib.PromptReport]:
-    """The prompt file's usable records and report, read once per file version (validation reads it
-    before the workdir is touched; the run then reuses it). ``InputError`` if it cannot be used."""
+    """The prompt file's usable records and report (image paths confined to ``image_root``, default
+    the file's folder, unless ``allow_outside_root``). ``InputError`` if it cannot be used."""
     try:
-        st = os.stat(path)
-    except OSError as e:
-        raise InputError(f"prompts.path={path!r}: {e.strerror}") from None
-    try:
-        return _read_prompts(path, st.st_mtime_ns, st.st_size, image_root, allow_outside_root)
+        return prompts_lib.read_prompt_file(path, image_root, allow_outside_root)
     except ValueError as e:
         raise InputError(f"prompts.path: {e}") from None
 
 
-def prompt_file(config: ml_collections.ConfigDict) -> Inputs:
-    """A prompt JSONL (bad lines skipped and reported); ``prompts.per_iteration`` prompts per
-    iteration, taken in turn."""
-    good, report = read_prompts(config.prompts.path, config.prompts.image_root, config.prompts.allow_outside_root)
+def prompt_file(spec: PromptFileSettings) -> Inputs:
+    """A prompt JSONL (bad lines skipped and reported); ``per_iteration`` prompts per iteration, taken
+    in turn."""
+    good, report = spec.records, spec.report
     log.info("prompts: kept %d, skipped %s", report.kept, dict(report.skipped))
     for line in report.problems:
         log.warning("prompt file %s", line)
-    per = config.prompts.per_iteration or len(good)
+    per = spec.per_iteration or len(good)
 
     def prompts_for(k: int) -> list[dict[str, Any]]:
         start = (k * per) % len(good)

@@ -19,11 +19,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlaifv_jax.core import paths, records, sharding
+from rlaifv_jax.core import paths, records, sharding, vocabulary
 from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.core.workdir import check_or_save_config
-from rlaifv_jax.data.rlaifv_dataset import (DatasetFileError, PreferenceRecord, SkipRecord, data_files, iter_rows,
-                                            open_image, validate_row)
+from rlaifv_jax.data.pairs import PreferenceRecord, SkipRecord, open_image
+from rlaifv_jax.data.rlaifv_dataset import DatasetFileError, data_files, iter_rows, validate_row
 from rlaifv_jax.models import hf
 from rlaifv_jax.pipelines import export
 from rlaifv_jax.pipelines.spec import offline_spec
@@ -130,6 +130,7 @@ def suite_evaluator(spec) -> select.Evaluate | None:
 
 def run(config, workdir: str) -> dict[str, Any]:
     """Offline DPO (see module docstring). Returns a summary dict (also printed)."""
+    config = vocabulary.canonicalize(config)  # deprecated field names -> the canonical ones
     spec = offline_spec(config)  # every field, path and checkpoint config checked: nothing written yet
     records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs, config.data.image_root,
                                          config.data.allow_outside_root)
@@ -163,8 +164,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                         if reason == "image_token_in_text" else "hold special-token strings, encoded as text",
                         ", ".join(names[:SHOWN_SKIPS]) + (" ..." if len(names) > SHOWN_SKIPS else ""))
     if not usable:
-        raise InputError(f"data.path: none of the {len(encoded)} pairs fits data.max_length={spec.dpo.max_length} "
-                         "tokens (prompt + image + the longer answer); raise data.max_length")
+        raise InputError(f"data.path: none of the {len(encoded)} pairs fits dpo.max_length={spec.dpo.max_length} "
+                         "tokens (prompt + image + the longer answer); raise dpo.max_length")
     image = lambda key: np.asarray(open_image(keyed[key].image))  # noqa: E731
     reopen_stage(os.path.join(workdir, "ref_logps"), {e["key"] for e in usable})
     refs = {r["key"]: r for r in ref.run(os.path.join(workdir, "ref_logps"), usable, image, spec.policy,
@@ -177,9 +178,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     def save(model, directory=export_dir):
         export.save(model, directory, dtype=dtype, assets_from=spec.policy.path)
 
-    result = dpo.run(os.path.join(workdir, "train"), examples, image, spec.policy, spec.dpo, seed=spec.seed,
-                     mesh=mesh, desc="dpo", save=save,
-                     save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")), evaluate=evaluate)
+    train_dir = os.path.join(workdir, "train")
+    result = dpo.run(train_dir, examples, image, spec.policy, spec.dpo, seed=spec.seed, mesh=mesh, desc="dpo",
+                     save=save, save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")))
+    if evaluate is not None:
+        result = select.run(os.path.join(train_dir, "select"), result, spec.policy, evaluate, spec.dpo.select,
+                            mesh=mesh, save=save)
     encode_skips = {k: noted[k] for k in ("too_long", "image_token_in_text") if noted[k]}
     history = result["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
@@ -191,6 +195,6 @@ def run(config, workdir: str) -> dict[str, Any]:
                "exported_step": result.get("exported_step"),
                "first": {k: first.get(k) for k in ("loss", "rewards/accuracies", "rewards/margins")},
                "last": {k: last.get(k) for k in ("loss", "rewards/accuracies", "rewards/margins")},
-               "export": export_dir, **select.summary(os.path.join(workdir, "train", "select"))}
+               "export": export_dir, **select.summary(os.path.join(train_dir, "select"))}
     print(json.dumps(summary, indent=2, allow_nan=False))
     return summary

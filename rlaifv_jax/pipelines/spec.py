@@ -7,17 +7,18 @@ import os
 
 import ml_collections
 
-from rlaifv_jax.pipelines.validate import _get, data_paths, validate
+from rlaifv_jax.pipelines.inputs import PromptFileSettings, ToyModelSettings, ToySettings, WarmstartSettings
+from rlaifv_jax.pipelines.validate import Checked, data_paths, field_value, validate
 from rlaifv_jax.stages.bundle import ModelSpec
 from rlaifv_jax.stages.claims import ClaimSettings
 from rlaifv_jax.stages.dpo import DPOSettings, LoraSettings
-from rlaifv_jax.stages.eval import DIRECTIONS, EvalSettings, SuiteSettings
+from rlaifv_jax.stages.eval import DIRECTIONS, RECORD_KEYS, EvalSettings, SuiteSettings
 from rlaifv_jax.stages.label import LabelSettings
 from rlaifv_jax.stages.pairs import PairSettings
 from rlaifv_jax.stages.sample import SampleSettings
 from rlaifv_jax.stages.select import SelectSettings
-from rlaifv_jax.training.loop import TrainConfig
-from rlaifv_jax.training.step import LossConfig, OptimConfig
+from rlaifv_jax.training.loop import TrainSettings
+from rlaifv_jax.training.step import LossSettings, OptimSettings
 
 
 def _off(value, off):
@@ -25,18 +26,19 @@ def _off(value, off):
     return None if value == off else value
 
 
-def _select(c: ml_collections.ConfigDict) -> SelectSettings | None:
-    """``eval.every_epochs`` / ``select_metric`` / ``select_mode`` → checkpoint selection (None: off)."""
-    every = _get(c, "eval.every_epochs", 0)
+def _select(c: ml_collections.ConfigDict, record_keys: dict[str, str]) -> SelectSettings | None:
+    """``eval.every_epochs`` / ``select_metric`` / ``select_mode`` → checkpoint selection (None: off);
+    ``record_keys`` maps a metric name to the key the run's evaluation records hold it under."""
+    every = field_value(c, "eval.every_epochs", 0)
     if not every:
         return None
-    metric = _get(c, "eval.select_metric", "chair_mention")
-    return SelectSettings(every_epochs=float(every), metric=metric,
-                          mode=_get(c, "eval.select_mode", "") or DIRECTIONS.get(metric, "min"))
+    metric = field_value(c, "eval.select_metric", "mention_hall")
+    return SelectSettings(every_epochs=float(every), metric=record_keys.get(metric, metric),
+                          mode=field_value(c, "eval.select_mode", "") or DIRECTIONS.get(metric, "min"))
 
 
 def _wandb_project(c: ml_collections.ConfigDict) -> str:
-    return _get(c, "log.wandb_project", "rlaifv_jax") if _get(c, "log.wandb", False) else ""
+    return field_value(c, "log.wandb_project", "rlaifv_jax") if field_value(c, "log.wandb", False) else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +58,31 @@ class OnlineSpec:
     pairs: PairSettings
     dpo: DPOSettings
     eval: EvalSettings
+    inputs: ToySettings | PromptFileSettings  # where prompts come from (and the toy models' warm start)
+
+
+def _toy_model(m: ml_collections.ConfigDict) -> ToyModelSettings:
+    return ToyModelSettings(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads,
+                        vision_hidden=m.vision_hidden, vision_layers=m.vision_layers, patch=m.patch)
+
+
+def _warmstart(w: ml_collections.ConfigDict) -> WarmstartSettings:
+    return WarmstartSettings(steps=w.steps, batch_size=w.batch_size, learning_rate=w.learning_rate)
+
+
+def _inputs(c: ml_collections.ConfigDict, checked: Checked) -> ToySettings | PromptFileSettings:
+    if c.source != "toy":
+        return PromptFileSettings(*checked.prompts, per_iteration=c.prompts.per_iteration)
+    labeler = ((_toy_model(c.toy_labeler.model), _warmstart(c.toy_labeler.warmstart))
+               if c.labeler.kind == "toy" else None)
+    return ToySettings(seed=c.seed, progress=c.progress, caption_partner_rate=c.world.caption_partner_rate,
+                   n_warmstart=c.world.n_warmstart, n_prompts=c.world.n_prompts, n_eval=c.world.n_eval,
+                   model=_toy_model(c.model), warmstart=_warmstart(c.warmstart), labeler=labeler)
 
 
 def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
     """Validate ``c`` (``validate``) and build the run's typed settings."""
-    validate(c, "online")
+    checked = validate(c, "online")
     toy = c.source == "toy"
     policy_path = os.path.join(workdir, "warmstart") if toy else c.policy.path
     labeler_path = {"self": policy_path, "model": c.labeler.path,
@@ -82,15 +104,16 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
         pairs=PairSettings(per_prompt=c.pairs.per_prompt, min_score_gap=c.pairs.min_score_gap,
                            balance_lengths=c.pairs.balance_lengths, length_ratio=_off(c.pairs.length_ratio, -1)),
         dpo=DPOSettings(
-            train=TrainConfig(
-                optim=OptimConfig(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio,
+            train=TrainSettings(
+                optim=OptimSettings(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio,
                                   weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, total_steps=0),
-                loss=LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                                grad_accum=d.grad_accum, remat=_get(c, "dpo.remat", "none")),
+                loss=LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                                grad_accum=d.grad_accum, remat=field_value(c, "dpo.remat", "none")),
                 seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
-                max_steps=_get(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
-            batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length, select=_select(c)),
-        eval=EvalSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size))
+                max_steps=field_value(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
+            batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length, select=_select(c, RECORD_KEYS)),
+        eval=EvalSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size),
+        inputs=_inputs(c, checked))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,33 +133,33 @@ class OfflineSpec:
 def offline_spec(c: ml_collections.ConfigDict) -> OfflineSpec:
     """Validate an offline-DPO config and build its typed settings."""
     validate(c, "offline_dpo")
-    t = c.train
+    d = c.dpo
     return OfflineSpec(
         seed=c.seed, mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
-        policy=ModelSpec(c.policy.path, c.data.template, c.policy.compute_dtype, c.policy.param_dtype),
-        data_paths=data_paths(c.data.path), max_pairs=_get(c, "data.max_pairs", 0), ref_batch_size=t.ref_batch_size,
-        progress=_get(c, "progress", True),
+        policy=ModelSpec(c.policy.path, c.policy.template, c.policy.dtype, c.policy.param_dtype),
+        data_paths=data_paths(c.data.path), max_pairs=field_value(c, "data.max_pairs", 0), ref_batch_size=d.ref_batch_size,
+        progress=field_value(c, "progress", True),
         dpo=DPOSettings(
-            train=TrainConfig(
-                optim=OptimConfig(learning_rate=t.learning_rate, total_steps=0, warmup_ratio=t.warmup_ratio,
-                                  weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, b1=t.adam_b1,
-                                  b2=t.adam_b2, eps=t.adam_eps, schedule=t.schedule),
-                loss=LossConfig(beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
-                                sft_weight=c.dpo.sft_weight, average=c.dpo.average, grad_accum=t.grad_accum),
-                seed=c.seed, max_to_keep=t.max_to_keep or None, log_every=t.log_every,
-                best_metric=_get(c, "train.best_metric", ""), best_mode=_get(c, "train.best_mode", "min"),
-                max_steps=_get(c, "train.max_steps", 0), progress=_get(c, "progress", True),
+            train=TrainSettings(
+                optim=OptimSettings(learning_rate=d.learning_rate, total_steps=0, warmup_ratio=d.warmup_ratio,
+                                  weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, b1=d.adam_b1,
+                                  b2=d.adam_b2, eps=d.adam_eps, schedule=d.schedule),
+                loss=LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                                sft_weight=d.sft_weight, average=d.average, grad_accum=d.grad_accum),
+                seed=c.seed, max_to_keep=d.max_to_keep or None, log_every=d.log_every,
+                best_metric=field_value(c, "dpo.best_metric", ""), best_mode=field_value(c, "dpo.best_mode", "min"),
+                max_steps=field_value(c, "dpo.max_steps", 0), progress=field_value(c, "progress", True),
                 wandb_project=_wandb_project(c)),
-            batch_size=t.global_batch_size, epochs=t.num_epochs, max_length=c.data.max_length,
-            checkpoints_per_epoch=t.checkpoints_per_epoch,
+            batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length,
+            checkpoints_per_epoch=d.checkpoints_per_epoch,
             lora=LoraSettings(c.lora.rank, c.lora.alpha, c.lora.dropout) if c.lora.enabled else None,
-            export=_get(c, "export.checkpoints", "last"), select=_select(c)),
+            export=field_value(c, "export.checkpoints", "last"), select=_select(c, {})),
         export_dtype=c.export.dtype, suite=_suite(c))
 
 
 def _suite(c: ml_collections.ConfigDict) -> SuiteSettings | None:
     """``eval.suite`` and its files (offline checkpoint selection), or None when selection is off."""
-    if not _get(c, "eval.every_epochs", 0):
+    if not field_value(c, "eval.every_epochs", 0):
         return None
     e = c.eval
     return SuiteSettings(name=e.suite, data=e.data, images=e.images or None, num_beams=e.num_beams,

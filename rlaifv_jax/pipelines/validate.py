@@ -9,6 +9,7 @@ take (stages never read a ConfigDict).
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import math
@@ -54,23 +55,24 @@ _ONLINE_NONNEG = ("prompts.per_iteration", "sampling.top_k", "sampling.temperatu
                   "dpo.label_smoothing", "dpo.weight_decay", "dpo.warmup_ratio")
 
 _OFFLINE_CHOICES = {
-    "policy.compute_dtype": tuple(sorted(hf.DTYPES)),
+    "policy.dtype": tuple(sorted(hf.DTYPES)),
     "policy.param_dtype": tuple(sorted(hf.DTYPES)),
     "dpo.loss_type": LOSS_TYPES,
-    "data.template": TEMPLATES,
-    "train.schedule": ("cosine", "constant"),
-    "train.best_mode": ("min", "max"),
-    "train.best_metric": ("",) + METRIC_NAMES + ("grad_norm",),
+    "policy.template": TEMPLATES,
+    "dpo.schedule": ("cosine", "constant"),
+    "dpo.best_mode": ("min", "max"),
+    "dpo.best_metric": ("",) + METRIC_NAMES + ("grad_norm",),
     "export.checkpoints": EXPORT_CHOICES,
 }
-_OFFLINE_POSITIVE = ("train.global_batch_size", "train.grad_accum", "train.num_epochs", "train.ref_batch_size",
-                     "train.checkpoints_per_epoch", "train.log_every", "data.max_length", "dpo.beta",
-                     "train.learning_rate")
-_OFFLINE_NONNEG = ("train.max_to_keep", "train.max_steps", "data.max_pairs", "train.warmup_ratio",
-                   "train.weight_decay", "dpo.label_smoothing", "dpo.sft_weight")
+_OFFLINE_POSITIVE = ("dpo.batch_size", "dpo.grad_accum", "dpo.epochs", "dpo.ref_batch_size",
+                     "dpo.checkpoints_per_epoch", "dpo.log_every", "dpo.max_length", "dpo.beta",
+                     "dpo.learning_rate")
+_OFFLINE_NONNEG = ("dpo.max_to_keep", "dpo.max_steps", "data.max_pairs", "dpo.warmup_ratio",
+                   "dpo.weight_decay", "dpo.label_smoothing", "dpo.sft_weight")
 
 
-def _get(c: ml_collections.ConfigDict, field: str, default: Any = _MISSING) -> Any:
+def field_value(c: ml_collections.ConfigDict, field: str, default: Any = _MISSING) -> Any:
+    """The value of dotted ``field`` in ``c``; ``default`` when ``c`` lacks it (``KeyError`` without one)."""
     for part in field.split("."):
         if not isinstance(c, (ml_collections.ConfigDict, dict)) or part not in c:
             if default is _MISSING:
@@ -86,12 +88,13 @@ class Problems:
     def __init__(self, c: ml_collections.ConfigDict):
         self.c = c
         self.lines: list[str] = []
+        self.prompts: tuple[list, Any] | None = None  # what the prompt file check read
 
     def add(self, line: str) -> None:
         self.lines.append(line)
 
     def value(self, field: str) -> Any:
-        return _get(self.c, field, _MISSING)
+        return field_value(self.c, field, _MISSING)
 
     def number(self, field: str) -> float | None:
         """The field's value if it is a number (else a problem line and None)."""
@@ -270,7 +273,8 @@ def _online(p: Problems) -> None:
         else:
             from rlaifv_jax.pipelines import inputs
             try:
-                inputs.read_prompts(path, c.prompts.image_root, c.prompts.allow_outside_root)  # the run reuses it
+                # every line read now, handed to the spec (Checked)
+                p.prompts = inputs.read_prompts(path, c.prompts.image_root, c.prompts.allow_outside_root)
             except UserError as e:
                 p.add(str(e))
         if p.hf_dir("policy.path", multimodal=True, trainable=True, assets=True):
@@ -323,11 +327,11 @@ def _offline(p: Problems) -> None:
         p.choice("export.dtype", tuple(sorted(hf.DTYPES)))
     p.positive(*_OFFLINE_POSITIVE)
     p.nonneg(*_OFFLINE_NONNEG)
-    _mesh(p, ("train.global_batch_size",), "train.grad_accum")
-    ref = p.number("train.ref_batch_size")
+    _mesh(p, ("dpo.batch_size",), "dpo.grad_accum")
+    ref = p.number("dpo.ref_batch_size")
     local = jax.local_device_count()
     if ref and ref % local:
-        p.add(f"train.ref_batch_size={ref} must be a multiple of this host's {local} devices (the reference "
+        p.add(f"dpo.ref_batch_size={ref} must be a multiple of this host's {local} devices (the reference "
               "pass splits each batch over them)")
     _wandb(p)
     try:
@@ -335,7 +339,7 @@ def _offline(p: Problems) -> None:
     except ConfigError as e:
         p.lines.extend(e.problems)
     if p.hf_dir("policy.path", multimodal=True, trainable=True, assets=True):
-        _max_length(p, "data.max_length", _image_tokens(p, c.policy.path))
+        _max_length(p, "dpo.max_length", _image_tokens(p, c.policy.path))
     _offline_selection(p)
 
 
@@ -360,9 +364,17 @@ def _offline_selection(p: Problems) -> None:
               "checkpoint is exported; use 'last'")
 
 
-def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
-    """Raise ``ConfigError`` listing every invalid field of ``c`` for ``mode`` (default ``c.mode``)."""
-    mode = mode or _get(c, "mode", "online")
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What validation had to read anyway, handed on to the spec so that nothing is read twice."""
+
+    prompts: tuple[list, Any] | None = None  # the prompt file's usable records and report (source="files")
+
+
+def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> Checked:
+    """Raise ``ConfigError`` listing every invalid field of ``c`` for ``mode`` (default ``c.mode``);
+    else return what the checks read (``Checked``)."""
+    mode = mode or field_value(c, "mode", "online")
     p = Problems(c)
     if c.get("mode", mode) != mode or mode not in MODES:
         p.add(f"mode={c.get('mode')!r} must be {mode!r} here" if mode in MODES else
@@ -371,3 +383,4 @@ def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
     (_online if mode == "online" else _offline)(p)
     if p.lines:
         raise ConfigError(p.lines)
+    return Checked(prompts=p.prompts)

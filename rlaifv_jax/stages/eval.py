@@ -15,9 +15,11 @@ from rlaifv_jax.feedback.verdicts import accept_claim
 from rlaifv_jax.stages import bundle, runner
 
 NO_GROUND_TRUTH = {"chair_response": None, "chair_mention": None, "recall": None, "yesno_accuracy": None}
-# The metrics a checkpoint can be selected by (eval.select_metric) and which way is better.
-DIRECTIONS = {"chair_response": "min", "chair_mention": "min", "chair_s": "min", "recall": "max",
+# The metrics a checkpoint can be selected by (eval.select_metric, named as offline selection names
+# Object HalBench's) and which way is better; RECORD_KEYS: where this stage's record holds each one.
+DIRECTIONS = {"response_hall": "min", "mention_hall": "min", "chair_s": "min", "recall": "max",
               "yesno_accuracy": "max", "yesno_f1": "max"}
+RECORD_KEYS = {"response_hall": "chair_response", "mention_hall": "chair_mention"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""One config vocabulary: offline DPO's former field names (``train.*``, ``policy.compute_dtype``, ...)
+and the former online selection metric still work for one release, with one deprecation line, and a
+workdir saved under them resumes."""
+import json
+import logging
+
+import ml_collections
+import pytest
+
+from configs import default, offline_dpo
+from rlaifv_jax import main
+from rlaifv_jax.core import vocabulary, workdir as workdir_lib
+from rlaifv_jax.core.errors import ConfigError
+
+
+def _old_offline() -> ml_collections.ConfigDict:
+    """configs/offline_dpo.py as it was written before the rename."""
+    flat = vocabulary._flatten(offline_dpo.get_config().to_dict())
+    back = {new: old for old, new in vocabulary.DEPRECATED.items()}
+    return ml_collections.ConfigDict(vocabulary.nest({back.get(k, k): v for k, v in flat.items()}))
+
+
+def test_old_offline_names_map_to_the_canonical_config_with_one_line(caplog):
+    old = _old_offline()
+    assert "train" in old and "compute_dtype" in old.policy and "batch_size" not in old.dpo
+    with caplog.at_level(logging.WARNING, logger=vocabulary.__name__):
+        new = vocabulary.canonicalize(old)
+    assert new.to_dict() == offline_dpo.get_config().to_dict()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "train.global_batch_size -> dpo.batch_size" in lines[0], lines
+
+
+def test_canonical_config_is_returned_unchanged(caplog):
+    c = default.get_config()
+    with caplog.at_level(logging.WARNING, logger=vocabulary.__name__):
+        assert vocabulary.canonicalize(c) is c
+    assert not caplog.records
+
+
+def test_old_selection_metric_name_maps_to_the_shared_one():
+    c = default.get_config()
+    c.eval.select_metric = "chair_mention"
+    assert vocabulary.canonicalize(c).eval.select_metric == "mention_hall"
+
+
+def test_both_names_of_one_field_with_different_values_are_refused():
+    with pytest.raises(ConfigError, match="train.num_epochs=3 .deprecated. and dpo.epochs=4"):
+        vocabulary.canonical_fields({"train.num_epochs": 3, "dpo.epochs": 4})
+
+
+def test_workdir_saved_with_old_names_resumes_and_still_refuses_a_changed_result(tmp_path):
+    work = str(tmp_path / "w")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps(_old_offline().to_dict()))
+    assert workdir_lib.check_or_save_config(offline_dpo.get_config(), work) == {}
+    c = offline_dpo.get_config()
+    c.dpo.epochs = 1
+    with pytest.raises(ConfigError, match="dpo.epochs: workdir has 4, this run has 1"):
+        workdir_lib.check_or_save_config(c, work)
+
+
+def test_old_override_name_is_renamed_on_the_command_line(capsys):
+    argv = ["prog", "--config", "configs/offline_dpo.py", "--config.train.num_epochs=2", "--config.dpo.beta=0.2"]
+    assert main.check_overrides(argv)[3:] == ["--config.dpo.epochs=2", "--config.dpo.beta=0.2"]
+    assert "train.num_epochs -> dpo.epochs" in capsys.readouterr().err
