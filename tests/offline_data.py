@@ -2,6 +2,7 @@
 shared by the offline DPO tests (``setup`` is a module-scoped fixture: import it into a test module)."""
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 
 import tiny_hf
+from configs import offline_dpo
 
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant . The assistant gives "
           "helpful , detailed , and polite answers to the human ' s questions").split()
@@ -67,3 +69,26 @@ def policy_params(directory, step) -> dict[str, np.ndarray]:
         out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                                  extra=ocp.args.JsonRestore()))
     return {k: np.asarray(v) for k, v in out["state"].items()}
+
+
+def offline_config(root, model_dir, data):
+    """A quick offline DPO config on the tiny policy: 3 steps of an 80-token, float32 run."""
+    c = offline_dpo.get_config()
+    c.data.path, c.dpo.max_length = str(data), 80
+    c.policy.path, c.policy.dtype = str(model_dir), "float32"
+    c.dpo.learning_rate, c.dpo.checkpoints_per_epoch, c.dpo.epochs = 2e-3, 3, 2  # 3 steps an epoch
+    c.dpo.max_steps = 3  # a quick trial: the first 3 of 6 steps (the schedule spans 3)
+    c.dpo.max_to_keep, c.export.checkpoints, c.export.dtype = 2, "all", ""
+    c.progress = False
+    return c
+
+
+def read_rows(root):
+    """The fixture parquet's rows as dicts."""
+    return pq.read_table(root / "train-0.parquet").to_pylist()
+
+
+def write_rows(path, rows):
+    """Write ``rows`` as a parquet file at ``path``."""
+    os.makedirs(path.parent, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)

@@ -8,7 +8,7 @@ import sys
 
 from rlaifv_jax.core import records
 from rlaifv_jax.core.errors import fault_message
-from test_offline_dpo import setup  # noqa: F401  (the tiny policy + parquet fixture)
+from offline_data import setup  # noqa: F401  (the tiny policy + parquet fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,8 +13,8 @@ from rlaifv_jax.data import chat, yesno
 from rlaifv_jax.engine import beam, generate
 from rlaifv_jax.models import hf
 from rlaifv_jax.pipelines import offline
-from test_offline_dpo import setup  # noqa: F401  (the tiny policy + parquet fixture)
-from test_ux_offline import _config, _rows, _write
+from offline_data import build_tokenizer, offline_config, read_rows, setup, write_rows  # noqa: F401
+from chat_tokenizers import word_tokenizer
 
 
 def _reference_logps(setup, tmp_path, monkeypatch, ending, name):  # noqa: F811
@@ -28,13 +28,13 @@ def _reference_logps(setup, tmp_path, monkeypatch, ending, name):  # noqa: F811
         raise KeyboardInterrupt
 
     monkeypatch.setattr(offline.dpo, "run", stop_before_training)
-    rows = _rows(root)
+    rows = read_rows(root)
     for i in (0, 5, 10):
         rows[i] = dict(rows[i], chosen=rows[i]["chosen"] + ending)
     data = tmp_path / name / "train-0.parquet"
-    _write(data, rows)
+    write_rows(data, rows)
     with pytest.raises(KeyboardInterrupt):
-        offline.run(_config(root, model_dir, data), str(tmp_path / name / "work"))
+        offline.run(offline_config(root, model_dir, data), str(tmp_path / name / "work"))
     return captured, records.read_stage(str(tmp_path / name / "work" / "encoded"))
 
 
@@ -87,7 +87,6 @@ def test_sampler_never_emits_the_image_token(llava, monkeypatch):
 
 def test_llava_question_with_leading_image_marker_runs(llava):
     """LLaVA data's "<image>\\nquestion": the marker is moved where the template wants it, not doubled."""
-    from test_offline_dpo import build_tokenizer
     tok, model = build_tokenizer(), llava
     n = model.num_image_tokens()
     ids = chat.encode_prompt(tok, "<image>\nwhat is in the image ?", n, image_token_id=tiny_hf.IMAGE_TOKEN)
@@ -100,7 +99,6 @@ def test_llava_question_with_leading_image_marker_runs(llava):
 
 def test_response_with_image_text_is_labeled():
     """A sampled response holding the text "<image>" becomes claims questions the labeler scores."""
-    from test_labeler_model import word_tokenizer
     tok = word_tokenizer()
     questions = ["is there a <image> cat ?", "is there a cat ?"]
     prefix, conts = yesno.split_prompts(tok, questions, 4, image_token_id=tiny_hf.IMAGE_TOKEN)

@@ -16,28 +16,7 @@ from rlaifv_jax.core import records
 from rlaifv_jax.core.errors import ConfigError, InputError
 from rlaifv_jax.pipelines import offline
 from configs import offline_dpo
-from offline_data import setup  # noqa: F401  (the tiny policy + parquet fixture)
-
-
-def _config(root, model_dir, data):
-    c = offline_dpo.get_config()
-    c.data.path, c.dpo.max_length = str(data), 80
-    c.policy.path, c.policy.dtype = str(model_dir), "float32"
-    c.dpo.learning_rate, c.dpo.checkpoints_per_epoch, c.dpo.epochs = 2e-3, 3, 2  # 3 steps an epoch
-    c.dpo.max_steps = 3  # a quick trial: the first 3 of 6 steps (the schedule spans 3)
-    c.dpo.max_to_keep, c.export.checkpoints, c.export.dtype = 2, "all", ""
-    c.progress = False
-    return c
-
-
-def _rows(root):
-    return pq.read_table(root / "train-0.parquet").to_pylist()
-
-
-def _write(path, rows):
-    import pyarrow as pa
-    os.makedirs(path.parent, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
+from offline_data import offline_config, read_rows, setup, write_rows  # noqa: F401  (setup: the tiny policy + parquet fixture)
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +25,15 @@ def trained(setup, tmp_path_factory):  # noqa: F811
     root, model_dir = setup
     work = tmp_path_factory.mktemp("work")
     data = tmp_path_factory.mktemp("data") / "train-0.parquet"
-    _write(data, _rows(root))
-    c = _config(root, model_dir, data.parent / "missing-*.parquet")
+    write_rows(data, read_rows(root))
+    c = offline_config(root, model_dir, data.parent / "missing-*.parquet")
     with pytest.raises(ConfigError, match=r"data.path: '.*missing-\*.parquet' matches no file"):
         offline.run(c, str(work))
-    c = _config(root, root / "no-model", data.parent)  # a directory of parquet files is fine
+    c = offline_config(root, root / "no-model", data.parent)  # a directory of parquet files is fine
     with pytest.raises(ConfigError, match=r"policy.path='.*no-model' is not a directory"):
         offline.run(c, str(work))
     assert os.listdir(work) == []
-    c = _config(root, model_dir, data.parent)
+    c = offline_config(root, model_dir, data.parent)
     return c, work, data, offline.run(c, str(work))
 
 
@@ -94,17 +73,17 @@ def test_edited_data_never_reuses_another_rows_reference_logps(setup, tmp_path, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(offline.dpo, "run", stop_before_training)
-    rows = _rows(root)
+    rows = read_rows(root)
     data = tmp_path / "data" / "train-0.parquet"
-    _write(data, rows)
-    c = _config(root, model_dir, data)
+    write_rows(data, rows)
+    c = offline_config(root, model_dir, data)
     with pytest.raises(KeyboardInterrupt):
         offline.run(c, str(tmp_path / "a"))
     first = captured.pop(str(tmp_path / "a" / "train"))
     # the user edits the file: a row removed (every later row moves up), an answer changed
     edited = rows[1:]
     edited[4] = dict(edited[4], chosen=edited[4]["chosen"] + " there")
-    _write(data, edited)
+    write_rows(data, edited)
     with pytest.raises(KeyboardInterrupt):
         offline.run(c, str(tmp_path / "a"))
     resumed = captured.pop(str(tmp_path / "a" / "train"))
@@ -119,6 +98,6 @@ def test_edited_data_never_reuses_another_rows_reference_logps(setup, tmp_path, 
 
 def test_changed_data_refuses_to_resume_training(trained):
     c, work, data, _ = trained
-    _write(data, _rows(data.parent)[2:])
+    write_rows(data, read_rows(data.parent)[2:])
     with pytest.raises(InputError, match=r"training started on other pairs \(24\) than this run has \(22\)"):
         offline.run(c, str(work))
