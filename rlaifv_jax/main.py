@@ -152,7 +152,9 @@ def _expected_type(argv: list[str], message: str) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors (unknown config fields, values of the wrong type)."""
     debug = _debug_requested(argv)
-    argv = check_overrides(argv) if not debug else argv
+    if not debug:
+        argv = check_overrides(argv)
+        sys.argv = list(argv)  # ml_collections reads --config.FIELD overrides from sys.argv itself
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
