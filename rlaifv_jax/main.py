@@ -99,9 +99,10 @@ def _renamed_arg(arg: str, renamed: dict[str, str]) -> str:
     return f"--config.{renamed[name]}{sep}{value}"
 
 
-def check_overrides(argv: list[str]) -> list[str]:
+def check_overrides(argv: list[str], refuse_unknown: bool = True) -> list[str]:
     """Refuse ``--config.FIELD`` overrides naming no field of the config, in one line with the
-    closest field names (ml_collections would raise an AttributeError deep in flag parsing).
+    closest field names (ml_collections would raise an AttributeError deep in flag parsing; with
+    ``refuse_unknown=False``, as under ``--debug``, it is left to do so).
     Returns ``argv`` with deprecated field names renamed (``core.vocabulary``)."""
     names = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     loaded = _load_config(argv) if names else None
@@ -116,6 +117,8 @@ def check_overrides(argv: list[str]) -> list[str]:
               + ", ".join(f"{n} -> {new}" for n, new in renamed.items() if n != new), file=sys.stderr)
         argv = [_renamed_arg(a, renamed) if a.startswith("--config.") else a for a in argv]
         names = list(renamed.values())
+    if not refuse_unknown:
+        return argv
     groups = {f.rsplit(".", i)[0] for f in fields for i in range(1, f.count(".") + 1)}
     for name in names:
         if name in fields:
@@ -152,9 +155,8 @@ def _expected_type(argv: list[str], message: str) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors (unknown config fields, values of the wrong type)."""
     debug = _debug_requested(argv)
-    if not debug:
-        argv = check_overrides(argv)
-        sys.argv = list(argv)  # ml_collections reads --config.FIELD overrides from sys.argv itself
+    argv = check_overrides(argv, refuse_unknown=not debug)
+    sys.argv = list(argv)  # ml_collections reads --config.FIELD overrides from sys.argv itself
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
