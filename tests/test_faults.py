@@ -57,11 +57,12 @@ def test_full_disk_mid_stage_then_rerun_finishes(setup, tmp_path):  # noqa: F811
     assert summary["steps"] == 2 and summary["pairs"] == 24
 
 
-def test_read_only_workdir_one_line_and_debug_traceback(setup, tmp_path):  # noqa: F811
-    proc, errors, lines = _main("erofs", setup, tmp_path / "ro")
+def test_read_only_workdir_one_line_and_debug_traceback(tmp_path):
+    unused = (tmp_path / "data", tmp_path / "policy")  # the first write fails before inputs are read
+    proc, errors, lines = _main("erofs", unused, tmp_path / "ro")
     assert proc.returncode == 3 and errors == [lines[-1]] and "read-only" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    proc, errors, _ = _main("erofs", setup, tmp_path / "ro", "--debug")
+    proc, errors, _ = _main("erofs", unused, tmp_path / "ro", "--debug")
     assert proc.returncode == 3 and "Traceback" in proc.stderr and "read-only" in errors[0]
 
 

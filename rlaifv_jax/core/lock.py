@@ -1,6 +1,6 @@
 """One run per workdir: an exclusive lock file, ``<workdir>/run.lock``.
 
-The file is created with ``O_EXCL`` (atomic on local and NFS filesystems) and holds the holder's
+The file is created complete by ``link`` (atomic on local and NFS filesystems) and holds the holder's
 host, pid, start time and a heartbeat (rewritten every ``HEARTBEAT_S`` seconds by a daemon
 thread). A second run on the same workdir is refused (``WorkdirLocked``, exit 2, one line naming the
 holder). A lock left by a dead run is taken over with a notice: on the same host when its pid no
@@ -80,13 +80,18 @@ class WorkdirLock:
         self._created_dir = False
 
     def _write_new(self) -> bool:
+        """Create the lock file complete or not at all: its content goes to a temp file first, which
+        is then hard-linked into place (``link`` fails when the lock exists, also on NFS)."""
+        tmp = os.path.join(self.workdir, f"{paths.TMP_PREFIX}{LOCK_NAME}.{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({**self.info, "heartbeat": _now(), "heartbeat_unix": time.time()}, f)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, self.path)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({**self.info, "heartbeat": _now(), "heartbeat_unix": time.time()}, f)
-        return True
+        finally:
+            os.remove(tmp)
 
     def acquire(self) -> None:
         """Take the lock, or raise ``WorkdirLocked`` naming its holder."""
