@@ -106,13 +106,13 @@ def processor3(path=None) -> Qwen2VLImageProcessorPil:
     return proc
 
 
-def model3(path, variant: str = "a", seed: int = 0):
+def model3(path, variant: str = "a", seed: int = 0, text: dict | None = None):
     """A random transformers Qwen3-VL of layout ``variant`` saved to ``path`` (the root-level size
-    fields set as well as the text-config ones) with tokenizer and image processor."""
+    fields set as well as the text-config ones; ``text`` overrides some) with tokenizer and image processor."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     torch.manual_seed(seed)
     spec = QWEN3[variant]
-    text = {**QWEN3_TEXT, **spec["text"]}
+    text = {**QWEN3_TEXT, **spec["text"], **(text or {})}
     root = {k: v for k, v in text.items() if k != "rope_parameters"}
     cfg = Qwen3VLConfig(text_config=text, vision_config={**QWEN3_VISION, **spec["vision"]}, image_token_id=IMAGE,
                         vision_start_token_id=START, vision_end_token_id=END, tie_word_embeddings=spec["tie"], **root)

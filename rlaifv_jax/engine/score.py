@@ -351,7 +351,7 @@ def lower_programs(model: nnx.Module, state: nnx.State, mesh: Any, *, prefix_buc
     def arg(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
-    features = arg((prefix_bucket, model.config.text.hidden_size), model.dtype) if with_image else None
+    features = arg((prefix_bucket, vision.feature_size(model)), model.dtype) if with_image else None
     positions = arg((3, 1, prefix_bucket), jnp.int32) if vision.uses_mrope(model) else None
     with jax.set_mesh(mesh):
         prefill = prefill_fn.lower(state, arg((1, prefix_bucket), jnp.int32), arg((), jnp.int32), features,

@@ -69,6 +69,10 @@ _OFFLINE_POSITIVE = ("train.global_batch_size", "train.grad_accum", "train.num_e
 _OFFLINE_NONNEG = ("train.max_to_keep", "train.max_steps", "data.max_pairs", "train.warmup_ratio",
                    "train.weight_decay", "dpo.label_smoothing", "dpo.sft_weight")
 
+# The architectures DPO trains (the others work as labelers).
+POLICY_ARCHITECTURES = ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                        "Qwen3VLForConditionalGeneration")
+
 
 def _get(c: ml_collections.ConfigDict, field: str, default: Any = _MISSING) -> Any:
     for part in field.split("."):
@@ -137,10 +141,9 @@ class Problems:
             return None
         if multimodal and not arch.startswith(("Llava", "Qwen")):
             self.add(f"{field}={path!r}: {arch} is not a multimodal model")
-        if trainable and arch not in ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
+        if trainable and arch not in POLICY_ARCHITECTURES:
             self.add(f"{field}={path!r}: {arch} cannot be the policy yet (DPO trains "
-                     "LlavaForConditionalGeneration and Qwen2_5_VLForConditionalGeneration; LLaVA-NeXT works as a "
-                     "labeler)")
+                     f"{', '.join(POLICY_ARCHITECTURES)}; LLaVA-NeXT works as a labeler)")
         if assets and not remote:
             if not any(os.path.exists(os.path.join(path, f)) for f in
                        ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
