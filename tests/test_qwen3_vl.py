@@ -195,3 +195,30 @@ def test_zz_report_diffs():
     print("\nQwen3-VL parity (max abs diff, float32):")
     for k, v in sorted(DIFFS.items()):
         print(f"  {k}: {v:.3g}")
+
+
+@pytest.mark.parametrize("size, layers, tied, deepstack", [("8b", 36, False, (8, 16, 24)), ("2b", 28, True, (5, 11, 17))])
+def test_hub_architecture_configs(size, layers, tied, deepstack):
+    with open(os.path.join(ARCH_DIR, f"qwen3-vl-{size}-instruct", "config.json")) as f:
+        cfg = json.load(f)
+    config = OurConfig.from_hf(cfg)
+    ref = Qwen3VLConfig(**cfg)
+    t, v = config.text, config.vision
+    assert (t.num_hidden_layers, t.tie_word_embeddings, t.qk_norm, t.attention_bias) == (layers, tied, True, False)
+    assert (t.hidden_size, t.num_key_value_heads, t.head_dim, t.rope_theta) == (
+        ref.text_config.hidden_size, ref.text_config.num_key_value_heads, ref.text_config.head_dim, 5e6)
+    assert config.mrope_section == tuple(ref.text_config.rope_parameters["mrope_section"]) == (24, 20, 20)
+    assert v.deepstack_visual_indexes == tuple(ref.vision_config.deepstack_visual_indexes) == deepstack
+    assert (v.patch_dim, v.grid_side, v.out_hidden_size) == (1536, 48, t.hidden_size)
+    assert OurConfig.from_hf(config.to_hf()) == config
+    # Every parameter has logical axes that shard on a mesh, and the count equals transformers' (a
+    # short decoder and tower keep it quick; the DeepStack blocks stay inside the short tower).
+    short = {**cfg, "text_config": {**cfg["text_config"], "num_hidden_layers": 4},
+             "vision_config": {**cfg["vision_config"], "depth": 3, "deepstack_visual_indexes": [0, 1, 2]}}
+    params = nnx.state(nnx.eval_shape(lambda: Qwen3VL(OurConfig.from_hf(short), rngs=nnx.Rngs(0))), nnx.Param)
+    flat = [v for _, v in nnx.to_flat_state(params)]
+    assert all(len(v.axes) == v.get_value().ndim for v in flat)
+    sharding.state_shardings(params, sharding.make_mesh(fsdp=4, tensor=2))
+    with torch.device("meta"):
+        ref_model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**short))
+    assert sum(v.get_value().size for v in flat) == sum(p.numel() for p in ref_model.parameters())
