@@ -46,7 +46,7 @@ from flax import nnx
 from rlaifv_jax.models.layers import Embed, LayerNorm, Linear, activation
 from rlaifv_jax.models.llama import Cache, Llama, LlamaConfig
 from rlaifv_jax.models.qwen2_5_vl import Qwen25VL, mrope_axes
-from rlaifv_jax.models.qwen_vision import PatchEmbed, VisionAttention, axial_angles
+from rlaifv_jax.models.qwen_vision import PatchEmbed, PatchGeometry, VisionAttention, axial_angles
 
 _EPS = 1e-6  # transformers hard-codes the vision LayerNorm epsilon
 _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -55,7 +55,7 @@ _TEXT_DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 128000, "hidd
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3VisionConfig:
+class Qwen3VisionConfig(PatchGeometry):
     """The fields of a transformers ``qwen3_vl_vision`` config this module uses."""
 
     depth: int
@@ -106,15 +106,6 @@ class Qwen3VisionConfig:
         out["deepstack_visual_indexes"] = list(self.deepstack_visual_indexes)
         out["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.rope_theta}
         return {"model_type": "qwen3_vl_vision", **out}
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Values per flattened patch row of ``pixel_values`` (C · T · p · p = 1536)."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
     @property
     def grid_side(self) -> int:

@@ -44,8 +44,21 @@ CHUNK_BUCKETS: tuple[int, ...] = tuple(sorted({b for k in range(11) for b in (2 
 _EPS = 1e-6  # transformers hard-codes the vision RMSNorm epsilon
 
 
+class PatchGeometry:
+    """Head and patch sizes of a Qwen vision config (Qwen2.5-VL's and Qwen3-VL's)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch row of ``pixel_values`` (C · T · p · p: 1176 at patch 14, 1536 at 16)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
 @dataclasses.dataclass(frozen=True)
-class QwenVisionConfig:
+class QwenVisionConfig(PatchGeometry):
     """The fields of a transformers ``qwen2_5_vl_vision`` config this module uses."""
 
     depth: int
@@ -93,15 +106,6 @@ class QwenVisionConfig:
         return {"model_type": "qwen2_5_vl_vision", **out}
 
     mlp_bias = True  # read by llama.MLP, which the vision blocks reuse
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Values per flattened patch row of ``pixel_values`` (C · T · p · p = 1176)."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
     @property
     def window_units(self) -> int:
