@@ -87,7 +87,7 @@ def run(family: str, args):
     text = rng.randint(3, 31000, 34).tolist()
     ids = np.asarray([text[:12] + [START] + [IMAGE] * n_img + [END] + text[12:]])
     grid = np.asarray([shape])
-    px = rng.randn(int(np.prod(GRID)), ours.config.vision.patch_dim).astype(np.float32)
+    px = rng.randn(int(np.prod(shape)), ours.config.vision.patch_dim).astype(np.float32)
     graphdef, state = nnx.split(ours)
     forward = jax.jit(lambda s, i, inputs, pos: nnx.merge(graphdef, s)(i, pixel_values=inputs, positions=pos))
 
@@ -106,9 +106,10 @@ def run(family: str, args):
     diff = float(np.max(np.abs(np.asarray(run_ours()) - run_hf().numpy())))  # also compiles ours
     times = common.median_times({"ours": run_ours, "hf": run_hf}, args.repeats)
     t_ours, t_hf = times["ours"], times["hf"]
-    windows = qwen_vision.num_windows(grid, ours.config.vision)
-    print(f"\n{name}-shaped model, {n_params / 1e6:.1f}M params, batch 1 x {ids.shape[1]} tokens ({n_img} image, "
-          f"{windows} windows), median of {args.repeats}; {common.threads()}; max |logit diff| {diff:.1e}")
+    windows = (f", {qwen_vision.num_windows(grid, ours.config.vision)} windows"
+               if ours.config.vision.window_units else ", full attention")
+    print(f"\n{name}-shaped model, {n_params / 1e6:.1f}M params, batch 1 x {ids.shape[1]} tokens ({n_img} image"
+          f"{windows}), median of {args.repeats}; {common.threads()}; max |logit diff| {diff:.1e}")
     print("| forward | ms | ratio |")
     print("|---|---|---|")
     print(f"| transformers (no_grad, eval, {ref.config._attn_implementation}) | {t_hf * 1e3:.1f} | 1.00 |")
