@@ -93,6 +93,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.labeler.template = "llava_v1"  # the labeler's chat format
     c.labeler.repetition_penalty = 1.0  # applied to the yes/no logits, as the official code did (1.0 = off)
     c.labeler.batch_size = 64  # questions scored per batch against one cached image prefix
+    c.labeler.answer_prefix = "auto"  # the text before the yes/no word of the labeler's answer, read from its
+    # own tokenizer and template: the answer's first token is one of prefix + "yes" / "Yes" / "no" / "No".
+    # "auto": " " after llava_v1's "ASSISTANT:", "" after a chat template's generation prompt, else the other,
+    # whichever the labeler's tokenizer encodes as one token per word; a labeler with neither is refused at
+    # start, naming its tokenizer and what each surface form gave. Or set " " / "" explicitly.
 
     c.toy_labeler = ml_collections.ConfigDict()  # used when labeler.kind="toy"
     c.toy_labeler.model = ml_collections.ConfigDict(c.model.to_dict())  # same fields as c.model

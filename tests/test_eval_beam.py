@@ -1,5 +1,5 @@
 """Beam search equals transformers' ``generate(num_beams=k, do_sample=False)`` token for token
-(Llama, LLaVA, and Qwen2.5-VL with images of different sizes at its multimodal positions)."""
+(Llama, LLaVA, and Qwen2.5-VL / Qwen3-VL with images of different sizes at their multimodal positions)."""
 import numpy as np
 import pytest
 import torch
@@ -11,7 +11,9 @@ from rlaifv_jax.models import hf
 
 IMG = tiny_hf.IMAGE_TOKEN
 BUILD = {"llama": tiny_hf.llama, "llava": lambda path, **kw: tiny_hf.llava(path, text=kw),
-         "qwen": lambda path, **kw: tiny_qwen.model(path, text=kw)}
+         "qwen": lambda path, **kw: tiny_qwen.model(path, text=kw),
+         "qwen3": lambda path, **kw: tiny_qwen.model3(path, "a", seed=1, text=kw)}
+ENCODE = {"qwen": tiny_qwen.encode, "qwen3": tiny_qwen.encode3}
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +30,14 @@ def _prompts(name, model, lengths, seed=0):
     rng = np.random.RandomState(seed)
     prompts = []
     for i, n in enumerate(lengths):
-        ids = [1] + rng.randint(3, 80 if name == "qwen" else 90, n - 1).tolist()  # words, not special tokens
+        ids = [1] + rng.randint(3, 80 if name in ENCODE else 90, n - 1).tolist()  # words, not special tokens
         p = {"input_ids": ids}
         if name == "llava":
             p["pixel_values"] = rng.randn(1, 3, 28, 28).astype(np.float32)
             ids[2:2] = [IMG] * model.num_image_tokens()
-        if name == "qwen":  # 10x8, 6x14, 4x4 and 6x6 patch grids
+        if name in ENCODE:  # Qwen2.5-VL: 10x8, 6x14, 4x4 and 6x6 patch grids; Qwen3-VL: 10x6, 6x12, 4x4, 6x6
             size = [(150, 100), (84, 196), (56, 56), (84, 84)][i % 4]
-            p["pixel_values"], p["image_grid_thw"] = tiny_qwen.encode(tiny_qwen.image(*size, seed=i))
+            p["pixel_values"], p["image_grid_thw"] = ENCODE[name](tiny_qwen.image(*size, seed=i))
             ids[2:2] = [tiny_qwen.START] + [tiny_qwen.IMAGE] * model.num_image_tokens(p["image_grid_thw"]) + [tiny_qwen.END]
         prompts.append(p)
     return prompts

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from rlaifv_jax.data.yesno import yes_no_token_ids
+from rlaifv_jax.data.yesno import answer_forms, resolve_answer_ids, yes_no_token_ids
 from rlaifv_jax.engine.score import yes_no_probs
 from rlaifv_jax.feedback.verdicts import accept_claim
 
@@ -49,6 +49,27 @@ def test_yes_no_token_ids_errors_name_word_and_config():
         yes_no_token_ids(full, "ASSISTANT")  # "ASSISTANTyes" is one (unknown) word
     with pytest.raises(ValueError, match="unknown words"):
         yes_no_token_ids(full, "ASSISTANT:", overrides={"YES": 1})
+
+
+def test_answer_prefix_auto_tries_the_template_prefix_then_the_other():
+    tok = word_tokenizer(["ASSISTANT", ":", "yes", "Yes", "no", "No"])
+    ids = {"yes": 3, "Yes": 4, "no": 5, "No": 6}
+    assert resolve_answer_ids(tok, "ASSISTANT:", template_prefix=" ") == (ids, " ")
+    # "ASSISTANTyes" is one (unknown) word: the template's "" fails, " " reads the answer
+    assert resolve_answer_ids(tok, "ASSISTANT", template_prefix="") == (ids, " ")
+    with pytest.raises(ValueError, match="merges with the end"):
+        resolve_answer_ids(tok, "ASSISTANT", template_prefix="", answer_prefix="")  # explicit: no fallback
+    forms = answer_forms(tok, "ASSISTANT")
+    assert forms["yes"] is None and forms[" Yes"] == [4] and len(forms) == 8
+
+
+def test_unresolvable_labeler_answer_is_one_line_naming_tokenizer_and_forms():
+    tok = word_tokenizer(["ASSISTANT", ":", "yes", "Yes", "no"])  # no "No"
+    with pytest.raises(ValueError) as err:
+        resolve_answer_ids(tok, "ASSISTANT:", template_prefix=" ")
+    msg = str(err.value)
+    assert "\n" not in msg and type(tok).__name__ in msg and "'No' -> [0]" in msg and "' yes' -> [3]" in msg
+    assert "labeler.answer_prefix" in msg
 
 
 def np_softmax(x):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default, qwen25vl_7b_self
+from configs import default, qwen25vl_7b_self, qwen3vl_8b_self
 from rlaifv_jax import plan
 from rlaifv_jax.core import aot, hardware, sharding
 from rlaifv_jax.data import buckets
@@ -182,6 +182,27 @@ def test_qwen25vl_plan_on_local_devices(tmp_path):
     stages = _qwen_plan(tmp_path, "local", ("sample", "label", "ref_logps", "dpo_step"))
     assert list(stages) == ["sample/vision", "sample/prefill", "sample/decode", "label/vision", "label/prefill",
                             "label/score", "ref_logps", "dpo_step"]
+
+
+def test_qwen3vl_plan_on_local_devices(tmp_path):
+    """configs/qwen3vl_8b_self.py on the Qwen3-VL-8B preset shrunk to a few units: DeepStack-wide image
+    features through the sampler and labeler programs, pair arrays through ref_logps and the DPO step."""
+    arch = json.loads(Path("configs/arch/qwen3-vl-8b-instruct/config.json").read_text())
+    arch["text_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8)
+    arch["text_config"]["rope_scaling"]["mrope_section"] = [2, 1, 1]
+    arch["vision_config"].update(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32,
+                                 deepstack_visual_indexes=[0, 1])
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    c = qwen3vl_8b_self.get_config()
+    c.policy.path = str(tmp_path)
+    c.prompts.per_iteration, c.sampling.max_new_tokens, c.sampling.num_samples = 8, 16, 2
+    c.labeler.batch_size, c.dpo.max_length = 16, 256
+    r = plan.plan(c, "local", only=("sample", "label", "ref_logps", "dpo_step"), variants=False,
+                  assume=plan.Assumptions(image_size=(256, 256)))  # 16 x 16 patches of 16 px: 64 image tokens
+    stages = {s["name"]: s for s in r["stages"]}
+    assert r["fits"] and stages["sample/vision"]["tokens_per_step"] == 64
+    assert all(s["bytes_per_chip"] > 0 and s["flops_per_chip"] > 0 for s in r["stages"]), r["stages"]
 
 
 @needs_libtpu

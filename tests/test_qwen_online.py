@@ -1,4 +1,4 @@
-"""A tiny Qwen2.5-VL runs the online loop end to end with self-feedback: prompt file → sampling →
+"""A tiny Qwen2.5-VL, and a tiny Qwen3-VL, runs the online loop end to end with self-feedback: prompt file → sampling →
 claims (a tiny split/convert LLM) → labels → pairs → encoded → reference log-probs → DPO →
 checkpoint → export, which transformers loads and generates from.
 
@@ -11,9 +11,10 @@ words (checked for this seed), and prompts get pairs to train on.
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
 
 import tiny_hf
 import tiny_qwen
@@ -50,11 +51,23 @@ def _bigram_splitter(path):
     llm.save_pretrained(str(path))
 
 
-def test_tiny_qwen_runs_the_online_loop_and_exports(tmp_path):
+# family: (build, seed at which the labeler's verdicts differ between claim words, encode, architecture,
+# a merger weight that trains)
+FAMILIES = {
+    "qwen2_5": (tiny_qwen.model, 3, tiny_qwen.encode, "Qwen2_5_VLForConditionalGeneration",
+                "model.visual.merger.mlp.0.weight"),
+    "qwen3": (tiny_qwen.model3, 4, tiny_qwen.encode3, "Qwen3VLForConditionalGeneration",
+              "model.visual.deepstack_merger_list.0.linear_fc1.weight"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tiny_qwen_runs_the_online_loop_and_exports(tmp_path, family):
+    build, seed, encode, architecture, merger = FAMILIES[family]
     policy, splitter = tmp_path / "policy", tmp_path / "splitter"
     # Weights 5x transformers' default scale: the labeler's verdicts then depend on the claim word
     # (at 0.02 a tiny random model says "yes" or "no" to every question alike: no pairs).
-    initial = tiny_qwen.model(policy, seed=3, text=dict(initializer_range=0.1))
+    initial = build(policy, seed=seed, text=dict(initializer_range=0.1))
     _bigram_splitter(splitter)
     lines, images = [], {}
     for i, (h, w) in enumerate([(40, 30), (60, 90), (100, 100)]):
@@ -77,19 +90,19 @@ def test_tiny_qwen_runs_the_online_loop_and_exports(tmp_path):
     claims = records.read_stage(str(workdir / "iter_00" / "claims"))
     assert {q for r in claims for cl in r["claims"] for q in cl["questions"]} <= {f"w{i}" for i in range(BRANCHES)}
     for e in records.read_stage(str(workdir / "iter_00" / "encoded")):  # image tokens counted per image
-        grid = tiny_qwen.encode(images[e["image_key"]])[1]
+        grid = encode(images[e["image_key"]])[1]
         assert sum(t == tiny_qwen.IMAGE for t in e["prompt_ids"]) == np.prod(grid) // 4
     assert (workdir / "checkpoints" / "1").exists()
 
     export = workdir / "export"
-    assert json.load(open(export / "config.json"))["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
-    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(export)).eval()
+    assert json.load(open(export / "config.json"))["architectures"] == [architecture]
+    back = AutoModelForImageTextToText.from_pretrained(str(export)).eval()
     before, after = initial.state_dict(), back.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.visual.blocks"))  # frozen
-    assert not torch.equal(before["model.visual.merger.mlp.0.weight"], after["model.visual.merger.mlp.0.weight"])
+    assert not torch.equal(before[merger], after[merger])
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
     tok = tiny_qwen.tokenizer()
-    px, grid = tiny_qwen.encode(tiny_qwen.image(60, 90, seed=11))
+    px, grid = encode(tiny_qwen.image(60, 90, seed=11))
     text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
                                    tokenize=False, add_generation_prompt=True)
     ids = np.asarray([tok(text.replace("<|image_pad|>", "<|image_pad|>" * (int(np.prod(grid)) // 4)),

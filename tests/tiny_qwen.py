@@ -77,3 +77,54 @@ def encode(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(pixel_values, image_grid_thw)`` of the tiny processor."""
     out = processor()(images=Image.fromarray(img), return_tensors="np")
     return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"])
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL
+# Two tiny layouts that differ in DeepStack blocks, position-table side, head_dim / M-RoPE sections,
+# decoder depth and tied embeddings (patch 16, 2 x 2 merge: 32 px per image token side).
+QWEN3 = {
+    "a": dict(text=dict(num_hidden_layers=3, head_dim=16, rope_parameters={
+                  "rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 10000.0}),
+              vision=dict(depth=3, num_position_embeddings=16, deepstack_visual_indexes=[0, 2]), tie=True),
+    "b": dict(text=dict(num_hidden_layers=2, head_dim=8, rope_parameters={
+                  "rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True, "rope_theta": 10000.0}),
+              vision=dict(depth=4, num_position_embeddings=36, deepstack_visual_indexes=[1]), tie=False),
+}
+QWEN3_TEXT = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=None, eos_token_id=IM_END,
+                  pad_token_id=EOS)
+QWEN3_VISION = dict(hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32)
+QWEN3_MIN_PIXELS, QWEN3_MAX_PIXELS = 32 * 32 * 4, 32 * 32 * 40
+
+
+def processor3(path=None) -> Qwen2VLImageProcessorPil:
+    """Qwen3-VL's image processor without torchvision (patch 16, merge 2, mean = std = 0.5)."""
+    proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                    min_pixels=QWEN3_MIN_PIXELS, max_pixels=QWEN3_MAX_PIXELS)
+    if path is not None:
+        proc.save_pretrained(str(path))
+    return proc
+
+
+def model3(path, variant: str = "a", seed: int = 0, text: dict | None = None):
+    """A random transformers Qwen3-VL of layout ``variant`` saved to ``path`` (the root-level size
+    fields set as well as the text-config ones; ``text`` overrides some) with tokenizer and image processor."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    torch.manual_seed(seed)
+    spec = QWEN3[variant]
+    text = {**QWEN3_TEXT, **spec["text"], **(text or {})}
+    root = {k: v for k, v in text.items() if k != "rope_parameters"}
+    cfg = Qwen3VLConfig(text_config=text, vision_config={**QWEN3_VISION, **spec["vision"]}, image_token_id=IMAGE,
+                        vision_start_token_id=START, vision_end_token_id=END, tie_word_embeddings=spec["tie"], **root)
+    ref = Qwen3VLForConditionalGeneration(cfg).eval()
+    ref.generation_config.pad_token_id = EOS
+    ref.save_pretrained(str(path))
+    tokenizer(path)
+    processor3(path)
+    return ref
+
+
+def encode3(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixel_values, image_grid_thw)`` of the tiny Qwen3-VL processor."""
+    out = processor3()(images=Image.fromarray(img), return_tensors="np")
+    return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"])

@@ -195,9 +195,9 @@ def hf_image_encoder(model_dir: str, architecture: str) -> ImageEncoder:
 
     LLaVA-1.5: pad to square with the processor mean, then CLIP preprocessing (METHOD.md §2).
     LLaVA-NeXT: transformers' anyres image processor (PIL backend), giving ``image_sizes``.
-    Qwen2.5-VL: ``QwenImageEncoder``, giving ``image_grid_thw``.
+    Qwen2.5-VL and Qwen3-VL: ``QwenImageEncoder``, giving ``image_grid_thw``.
     """
-    if architecture == "Qwen2_5_VLForConditionalGeneration":
+    if architecture in ("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"):
         return QwenImageEncoder(model_dir)
     if architecture == "LlavaNextForConditionalGeneration":
         from transformers import LlavaNextImageProcessor

@@ -13,6 +13,7 @@ from rlaifv_jax.data.chat import labeler_question
 YES_WORDS: tuple[str, ...] = ("yes", "Yes")
 NO_WORDS: tuple[str, ...] = ("no", "No")
 ANSWER_WORDS: tuple[str, ...] = YES_WORDS + NO_WORDS
+AUTO = "auto"  # answer prefix: the template's (" " after llava_v1's "ASSISTANT:", "" after a chat template), else the other
 _SENTINEL = "\x00QUESTION\x00"
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,51 @@ def yes_no_token_ids(
             raise ValueError(
                 f"labeler answer word {word_prefix + word!r} after the assistant prompt {problem}; "
                 f"pass its token id explicitly (overrides={{{word!r}: id}}, engine.score.Labeler(yes_no_ids=...)) "
-                f"or the text emitted before the word (word_prefix=..., Labeler(word_prefix=...)); no config "
-                f"field sets either"
+                f"or the text emitted before the word (config labeler.answer_prefix, Labeler(word_prefix=...))"
             )
         ids[word] = new[0]
     return {w: ids[w] for w in ANSWER_WORDS}
+
+
+def answer_forms(tokenizer: Any, assistant_prompt: str) -> dict[str, list[int] | None]:
+    """The tokens each surface form of the answer words ("yes", " yes", "Yes", " Yes", "no", …) adds
+    after ``assistant_prompt`` in ``tokenizer`` (None: the form merges with the prompt's end)."""
+    head = _encode(tokenizer, assistant_prompt)
+    out: dict[str, list[int] | None] = {}
+    for prefix in ("", " "):
+        for word in ANSWER_WORDS:
+            full = _encode(tokenizer, assistant_prompt + prefix + word)
+            out[prefix + word] = full[len(head):] if full[: len(head)] == head else None
+    return out
+
+
+def resolve_answer_ids(
+    tokenizer: Any,
+    assistant_prompt: str,
+    *,
+    template_prefix: str,
+    answer_prefix: str = AUTO,
+    overrides: Mapping[str, int] | None = None,
+) -> tuple[dict[str, int], str]:
+    """``(yes/no token ids, the answer prefix used)`` of a labeler's own tokenizer and template.
+
+    The answer words' surface forms are ``answer_prefix + word`` for "yes", "Yes", "no", "No".
+    ``answer_prefix = "auto"``: the template's ``template_prefix`` (``assistant_prompt``'s), else the
+    other of ``""`` / ``" "``, whichever makes every word one token of its own. Raises a one-line
+    ValueError naming the tokenizer and what each surface form gave when none does.
+    """
+    if answer_prefix != AUTO:
+        return yes_no_token_ids(tokenizer, assistant_prompt, word_prefix=answer_prefix, overrides=overrides), answer_prefix
+    for prefix in (template_prefix, "" if template_prefix else " "):
+        try:
+            return yes_no_token_ids(tokenizer, assistant_prompt, word_prefix=prefix, overrides=overrides), prefix
+        except ValueError:
+            continue
+    name = getattr(tokenizer, "name_or_path", "") or "?"
+    forms = ", ".join(f"{f!r} -> {'merges with the prompt' if ids is None else ids}"
+                      for f, ids in answer_forms(tokenizer, assistant_prompt).items())
+    raise ValueError(f"labeler tokenizer {name!r} ({type(tokenizer).__name__}) gives no single-token yes/no answer "
+                     f"after its assistant prompt: {forms}; set labeler.answer_prefix or pass yes_no_ids")
 
 
 def prompt_head(tokenizer: Any, template: str, with_image: bool) -> str:

@@ -266,7 +266,7 @@ def lower_programs(model: nnx.Module, state: nnx.State, mesh: Mesh, *, batch: in
     ids, mask = arg((batch, length), jnp.int32, ("batch", None)), arg((batch, length), jnp.bool_, ("batch", None))
     features = positions = deltas = None
     if getattr(model.config, "image_token_id", None) is not None:
-        features = arg((batch * length, text_config(model).hidden_size), model.dtype, (None, None))
+        features = arg((batch * length, vision.feature_size(model)), model.dtype, (None, None))
     if vision.uses_mrope(model):
         positions = arg((3, batch, length), jnp.int32, (None, "batch", None))
         deltas = arg((batch,), jnp.int32, ("batch",))

@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from rlaifv_jax.data import chat
-from rlaifv_jax.data.yesno import NO_WORDS, YES_WORDS, assistant_prompt, split_prompts, yes_no_token_ids
+from rlaifv_jax.data.yesno import AUTO, NO_WORDS, YES_WORDS, assistant_prompt, resolve_answer_ids, split_prompts
 from rlaifv_jax.engine import vision
 from rlaifv_jax.engine.logits import apply_repetition_penalty, presence_mask
 from rlaifv_jax.engine.prefill import prefill
@@ -176,7 +176,8 @@ class Labeler:
     ``model``: any model of ``rlaifv_jax.models`` (LLaVA-1.5, LLaVA-NeXT, or a text-only Llama for
     ``pixel_values=None`` items). ``template``: ``'llava_v1'`` or ``'chat'`` (the tokenizer's chat
     template). ``yes_no_ids`` overrides derived token ids per word; ``word_prefix`` is the text emitted
-    before the answer word (default ``" "`` for llava_v1, ``""`` for chat). ``repetition_penalty``
+    before the answer word (default ``"auto"``: ``" "`` for llava_v1, ``""`` for chat, else the other
+    one, whichever the labeler's tokenizer encodes as one token per word; ``data.yesno.resolve_answer_ids``). ``repetition_penalty``
     (default off) penalises the prompt's tokens before the softmax, as the official code did.
     ``batch_size`` questions (max) run per scoring call.
 
@@ -209,10 +210,10 @@ class Labeler:
         self.continuation_multiple = int(continuation_multiple)
         self.prefix_multiple = int(prefix_multiple)
         prompt, default_prefix = assistant_prompt(tokenizer, template)
-        self.answer_ids = yes_no_token_ids(
-            tokenizer, prompt, word_prefix=default_prefix if word_prefix is None else word_prefix,
-            overrides=yes_no_ids)
-        log.info("labeler yes/no token ids: %s (%s%s)", self.answer_ids, template,
+        self.answer_ids, self.word_prefix = resolve_answer_ids(
+            tokenizer, prompt, template_prefix=default_prefix,
+            answer_prefix=AUTO if word_prefix is None else word_prefix, overrides=yes_no_ids)
+        log.info("labeler yes/no token ids: %s (%s, answer prefix %r%s)", self.answer_ids, template, self.word_prefix,
                  ", overrides " + str(dict(yes_no_ids)) if yes_no_ids else "")
         self.image_token_id = getattr(model.config, "image_token_id", None)
         self.mrope = vision.uses_mrope(model)
@@ -356,7 +357,7 @@ def lower_programs(model: nnx.Module, state: nnx.State, mesh: Any, *, prefix_buc
     def arg(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
-    features = arg((prefix_bucket, model.config.text.hidden_size), model.dtype) if with_image else None
+    features = arg((prefix_bucket, vision.feature_size(model)), model.dtype) if with_image else None
     positions = arg((3, 1, prefix_bucket), jnp.int32) if vision.uses_mrope(model) else None
     with jax.set_mesh(mesh):
         prefill = prefill_fn.lower(state, arg((1, prefix_bucket), jnp.int32), arg((), jnp.int32), features,

@@ -35,6 +35,13 @@ def uses_mrope(model: nnx.Module) -> bool:
     return hasattr(model, "position_ids")
 
 
+def feature_size(model: nnx.Module) -> int:
+    """Width of an image-feature row: the decoder width, or (Qwen3-VL) the decoder width times
+    1 + its DeepStack layers (the features the decoder adds after its first layers ride along)."""
+    text = getattr(model.config, "text", model.config)
+    return getattr(model, "feature_size", text.hidden_size)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _tile_features(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Any) -> jax.Array:
     TRACES["vision"] += 1

@@ -40,6 +40,7 @@ from rlaifv_jax.models.clip import CLIPVision, CLIPVisionConfig
 from rlaifv_jax.models.llama import Llama, LlamaConfig
 from rlaifv_jax.models.llava import Llava, LlavaConfig, LlavaNext
 from rlaifv_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+from rlaifv_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Files of a checkpoint directory that are not weights or config: copied along on export.
@@ -69,6 +70,7 @@ ARCHITECTURES: dict[str, tuple[type, Callable[[dict], Any]]] = {
     "LlavaForConditionalGeneration": (Llava, LlavaConfig.from_hf),
     "LlavaNextForConditionalGeneration": (LlavaNext, LlavaConfig.from_hf),
     "Qwen2_5_VLForConditionalGeneration": (Qwen25VL, Qwen25VLConfig.from_hf),
+    "Qwen3VLForConditionalGeneration": (Qwen3VL, Qwen3VLConfig.from_hf),
 }
 
 

@@ -1,4 +1,5 @@
-"""Llama-family decoder LM (Llama-2/3/3.1, Vicuna, Mistral, Yi; Qwen2 via ``attention_bias``).
+"""Llama-family decoder LM (Llama-2/3/3.1, Vicuna, Mistral, Yi; Qwen2 via ``attention_bias``; Qwen3 via
+``qk_norm``: RMSNorm over each head's query and key before the rotary).
 
 One forward serves training, prefill and decode: ``forward_embeds`` takes embeddings, per-row
 positions, a key-validity mask and an optional KV cache (a tuple of per-layer ``(k, v)`` arrays
@@ -42,13 +43,14 @@ class LlamaConfig:
     hidden_act: str = "silu"
     sliding_window: int | None = None
     model_type: str = "llama"
+    qk_norm: bool = False  # Qwen3: q_norm / k_norm (RMSNorm over head_dim) before the rotary
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any], *, tie_word_embeddings: bool | None = None) -> "LlamaConfig":
         """Build from a transformers config dict (v4 ``rope_scaling``/``rope_theta`` or v5 ``rope_parameters``)."""
         model_type = cfg.get("model_type", "llama")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"unsupported text model_type {model_type!r} (llama, mistral, qwen2)")
+        if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"unsupported text model_type {model_type!r} (llama, mistral, qwen2, qwen3)")
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -70,7 +72,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(tie),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             mlp_bias=bool(cfg.get("mlp_bias", False)), hidden_act=cfg.get("hidden_act", "silu"),
-            sliding_window=sliding, model_type=model_type)
+            sliding_window=sliding, model_type=model_type, qk_norm=model_type == "qwen3")
 
     def to_hf(self) -> dict[str, Any]:
         """The transformers (v5) config dict for this model."""
@@ -85,7 +87,7 @@ class LlamaConfig:
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
             hidden_act=self.hidden_act, sliding_window=self.sliding_window)
-        if self.model_type != "qwen2":
+        if self.model_type not in ("qwen2", "qwen3"):
             out["mlp_bias"] = self.mlp_bias
         return out
 
@@ -132,10 +134,16 @@ class Attention(nnx.Module):
         self.v_proj = Linear((d,), (k, hd), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
                              use_bias=config.attention_bias, **kw)
         self.o_proj = Linear((h, hd), (d,), in_axes=("heads", "head_dim"), out_axes=("embed",), **kw)
+        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.q_norm = RMSNorm(hd, **norm) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, **norm) if config.qk_norm else None
 
     def __call__(self, x, positions, inv_freq, mask, kv=None, cache_index=None, prefix=None):
-        q = apply_rope(self.q_proj(x), positions, inv_freq)
-        k = apply_rope(self.k_proj(x), positions, inv_freq)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
         v = self.v_proj(x)
         if kv is not None:
             ck, cv = kv
@@ -227,7 +235,8 @@ class Llama(nnx.Module):
     def forward_embeds(self, x: jax.Array, *, positions: jax.Array | None = None, key_mask: jax.Array,
                        cache: Cache | None = None, cache_index: jax.Array | int = 0,
                        prefix: tuple[Cache, jax.Array] | None = None,
-                       angles: jax.Array | None = None, remat: str = "none") -> tuple[jax.Array, Cache | None]:
+                       angles: jax.Array | None = None, deepstack: jax.Array | None = None,
+                       remat: str = "none") -> tuple[jax.Array, Cache | None]:
         """Run the decoder on embeddings ``x [B, T, D]``.
 
         ``positions [B, T]``: RoPE positions; or, instead, ``angles [B, T, head_dim / 2]``: the
@@ -235,9 +244,10 @@ class Llama(nnx.Module):
         where S = T without a cache, else the cache length (the new tokens' slots included).
         ``prefix = (prefix_cache, prefix_mask [Bp, P])``: a cache of ``Bp`` prompts shared by
         ``B / Bp`` consecutive rows each, attended before the rows' own ``cache`` (n samples of one
-        prompt read its prefix once). Returns final-normed hidden states ``[B, T, D]`` and the
-        updated cache. ``remat`` (teacher-forced passes without a cache only): "none", "full" (recompute
-        each decoder layer in the backward pass) or "dots" (keep its matmul outputs).
+        prompt read its prefix once). ``deepstack [K, B, T, D]`` (Qwen3-VL): added to the hidden states
+        after layer k, for k < K (zero away from the image tokens). Returns final-normed hidden states
+        ``[B, T, D]`` and the updated cache. ``remat`` (teacher-forced passes without a cache only):
+        "none", "full" (recompute each decoder layer in the backward pass) or "dots" (keep its matmul outputs).
         """
         window = self.config.sliding_window
         seen = key_mask.shape[1] + (0 if prefix is None else prefix[1].shape[1])
@@ -262,6 +272,8 @@ class Llama(nnx.Module):
             else:
                 x, kv = layer(x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index,
                               None if prefix is None else (prefix[0][i], prefix[1]))
+            if deepstack is not None and i < deepstack.shape[0]:
+                x = x + deepstack[i].astype(x.dtype)
             new_cache.append(kv)
         return self.norm(x), (None if cache is None else tuple(new_cache))
 

@@ -149,12 +149,26 @@ def rope_index(input_ids: Any, attention_mask: Any, image_grid_thw: Any, *, imag
     return positions, deltas
 
 
-def mrope_angles(positions: jax.Array, inv_freq: jax.Array, sections: Sequence[int]) -> jax.Array:
-    """Rotary angles ``[B, T, head_dim/2]`` of ``positions [3, B, T]``: frequency j of chunk i of
-    ``sections`` turns by position i (transformers' ``recomposition_frequencies``)."""
-    which = np.repeat(np.arange(len(sections)) % 3, sections)
+def mrope_axes(sections: Sequence[int], interleaved: bool = False) -> np.ndarray:
+    """Which position (0 temporal, 1 row, 2 column) turns each rotary frequency, ``[sum(sections)]``.
+
+    Chunked (Qwen2.5-VL, transformers' ``recomposition_frequencies``): frequency j of chunk i of
+    ``sections`` turns by position i. Interleaved (Qwen3-VL): frequencies 1, 4, 7, … below
+    ``3 · sections[1]`` turn by the row, 2, 5, 8, … below ``3 · sections[2]`` by the column, the rest by time."""
+    if not interleaved:
+        return np.repeat(np.arange(len(sections)) % 3, sections)
+    j = np.arange(sum(sections))
+    axes = np.zeros_like(j)
+    for axis in (1, 2):
+        axes[(j % 3 == axis) & (j < 3 * sections[axis])] = axis
+    return axes
+
+
+def mrope_angles(positions: jax.Array, inv_freq: jax.Array, axes: np.ndarray) -> jax.Array:
+    """Rotary angles ``[B, T, head_dim/2]`` of ``positions [3, B, T]``: frequency j turns by position
+    ``axes[j]`` (``mrope_axes``)."""
     pos = jnp.moveaxis(positions, 0, -1).astype(jnp.float32)  # [B, T, 3]
-    return pos[..., which] * inv_freq
+    return pos[..., axes] * inv_freq
 
 
 class Qwen25VL(nnx.Module):
@@ -225,7 +239,9 @@ class Qwen25VL(nnx.Module):
     def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
         """Text embeddings with image features written at the image-token positions, in order:
         ``image_features [N, D]`` over the whole batch (row-major), or ``[B, N, D]`` per row (row b's
-        image tokens take ``image_features[b, :count]``; the padding rows after are not read)."""
+        image tokens take ``image_features[b, :count]``; the padding rows after are not read).
+        Features wider than the text embeddings (Qwen3-VL's DeepStack channels) widen the text
+        embeddings with zeros."""
         ids = jnp.asarray(input_ids)
         token = self.config.image_token_id
         text = self.language_model.embed(jnp.where(ids == token, 0, ids))
@@ -233,6 +249,9 @@ class Qwen25VL(nnx.Module):
             if not isinstance(input_ids, jax.core.Tracer) and np.any(np.asarray(input_ids) == token):
                 raise ValueError("input_ids hold image tokens but no pixel_values were given")
             return text
+        extra = image_features.shape[-1] - text.shape[-1]
+        if extra:
+            text = jnp.pad(text, [(0, 0)] * (text.ndim - 1) + [(0, extra)])
         if image_features.ndim == 2:
             check_image_tokens(input_ids, token, image_features.shape[0])
             return merge_image_features(text, ids, image_features, token)
@@ -249,15 +268,20 @@ class Qwen25VL(nnx.Module):
     def forward_embeds(self, x: jax.Array, *, positions: jax.Array, key_mask: jax.Array,
                        cache: Cache | None = None, cache_index: jax.Array | int = 0,
                        prefix: tuple[Cache, jax.Array] | None = None,
-                       remat: str = "none") -> tuple[jax.Array, Cache | None]:
+                       deepstack: jax.Array | None = None, remat: str = "none") -> tuple[jax.Array, Cache | None]:
         """The decoder on embeddings ``x [B, T, D]`` (arguments as ``Llama.forward_embeds``), with
         ``positions [3, B, T]`` (M-RoPE) or ``[B, T]`` (one position for all three sections)."""
         positions = jnp.asarray(positions)
         if positions.ndim == 2:
             positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
-        angles = mrope_angles(positions, rope_inv_freq(self.language_model.config), self.config.mrope_section)
+        angles = mrope_angles(positions, rope_inv_freq(self.language_model.config), self.mrope_axes)
         return self.language_model.forward_embeds(x, key_mask=key_mask, cache=cache, cache_index=cache_index,
-                                                  prefix=prefix, angles=angles, remat=remat)
+                                                  prefix=prefix, angles=angles, deepstack=deepstack, remat=remat)
+
+    @property
+    def mrope_axes(self) -> np.ndarray:
+        """The position axis of each rotary frequency (chunked ``mrope_section``)."""
+        return mrope_axes(self.config.mrope_section)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.language_model.logits(hidden)

@@ -44,8 +44,21 @@ CHUNK_BUCKETS: tuple[int, ...] = tuple(sorted({b for k in range(11) for b in (2 
 _EPS = 1e-6  # transformers hard-codes the vision RMSNorm epsilon
 
 
+class PatchGeometry:
+    """Head and patch sizes of a Qwen vision config (Qwen2.5-VL's and Qwen3-VL's)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch row of ``pixel_values`` (C · T · p · p: 1176 at patch 14, 1536 at 16)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
 @dataclasses.dataclass(frozen=True)
-class QwenVisionConfig:
+class QwenVisionConfig(PatchGeometry):
     """The fields of a transformers ``qwen2_5_vl_vision`` config this module uses."""
 
     depth: int
@@ -95,15 +108,6 @@ class QwenVisionConfig:
     mlp_bias = True  # read by llama.MLP, which the vision blocks reuse
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Values per flattened patch row of ``pixel_values`` (C · T · p · p = 1176)."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
-
-    @property
     def window_units(self) -> int:
         """Merged units per window side (transformers' ``vit_merger_window_size``)."""
         return self.window_size // self.spatial_merge_size // self.patch_size
@@ -127,8 +131,9 @@ def _grid(image_grid_thw: Any) -> np.ndarray:
 
 def num_windows(image_grid_thw: Any, config: QwenVisionConfig) -> int:
     """Attention windows of the images ``image_grid_thw [images, 3]``."""
-    m, u = config.spatial_merge_size, config.window_units
-    return int(sum(t * -(-(h // m) // u) * -(-(w // m) // u) for t, h, w in _grid(image_grid_thw)))
+    m = config.spatial_merge_size
+    units = [(t, h // m, w // m, config.window_units or max(h // m, w // m)) for t, h, w in _grid(image_grid_thw)]
+    return int(sum(t * -(-hm // u) * -(-wm // u) for t, hm, wm, u in units))
 
 
 def num_chunks(image_grid_thw: Any, config: QwenVisionConfig) -> int:
@@ -156,10 +161,11 @@ def vision_inputs(pixel_values: Any, image_grid_thw: Any, config: QwenVisionConf
     (the patch's (row, col) for the 2D rotary), ``segments [S]`` (frame id), ``windows [S]``
     (attention window id; both -1 for padding) and ``order [S / merge²]`` (the merged slot of each
     image token, in placeholder order, then padding). Windows and their unit order are
-    transformers' ``get_vision_window_index``, packed without padding.
+    transformers' ``get_vision_window_index``, packed without padding; a config without windows
+    (``window_units = None``, Qwen3-VL) makes each frame one window, its units in row-major order.
     """
     grid = _grid(image_grid_thw)
-    m, u = config.spatial_merge_size, config.window_units
+    m = config.spatial_merge_size
     unit = m * m
     rows = int(np.sum(np.prod(grid, axis=1)))
     if tuple(np.shape(pixel_values)) != (rows, config.patch_dim):
@@ -170,6 +176,7 @@ def vision_inputs(pixel_values: Any, image_grid_thw: Any, config: QwenVisionConf
     merged = frame = window = 0
     for t, h, w in grid:
         hm, wm = h // m, w // m
+        u = config.window_units or max(hm, wm)
         nh, nw = -(-hm // u), -(-wm // u)
         index = np.full((t, nh * u, nw * u), -1, np.int64)
         index[:, :hm, :wm] = merged + np.arange(t * hm * wm).reshape(t, hm, wm)
@@ -223,13 +230,15 @@ def rotate(x: jax.Array, angles: jax.Array) -> jax.Array:
 
 
 class PatchEmbed(nnx.Module):
-    """Conv3d with stride = kernel = (T, p, p), no bias: a linear map of each flattened patch."""
+    """Conv3d with stride = kernel = (T, p, p) (bias: ``config.patch_bias``, Qwen3-VL): a linear map of
+    each flattened patch."""
 
     def __init__(self, config: QwenVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c, t, p = config.in_channels, config.temporal_patch_size, config.patch_size
         self.shape = (c, t, p, p)
         self.proj = Linear(self.shape, (config.hidden_size,), in_axes=("channels", "patch", "patch", "patch"),
-                           out_axes=("embed",), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                           out_axes=("embed",), use_bias=getattr(config, "patch_bias", False), dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, patches: jax.Array) -> jax.Array:
         return self.proj(patches.reshape(patches.shape[:-1] + self.shape))
@@ -255,6 +264,15 @@ class VisionAttention(nnx.Module):
         if neighbors:
             k, v = chunk_neighbors(k, 0), chunk_neighbors(v, 0)
         return self.proj(dot_product_attention(q, k, v, mask))
+
+
+def axial_angles(positions: jax.Array, head_dim: int, theta: float) -> jax.Array:
+    """``[S, head_dim/2]`` angles of patch ``positions [S, 2]``: row frequencies then column
+    frequencies (axial 2D rotary, ``head_dim / 4`` frequencies each)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [S, 2, head_dim/4]
+    return freqs.reshape(freqs.shape[0], -1)
 
 
 def chunk_neighbors(x: jax.Array, fill: Any) -> jax.Array:
@@ -306,19 +324,12 @@ class QwenVision(nnx.Module):
         self.patch_embed = PatchEmbed(config, **kw)
         self.blocks = nnx.List([VisionBlock(config, **kw) for _ in range(config.depth)])
 
-    def rope_angles(self, positions: jax.Array) -> jax.Array:
-        """``[S, head_dim/2]`` angles: row frequencies then column frequencies (axial 2D rotary)."""
-        half = self.config.head_dim // 2
-        inv_freq = 1.0 / (self.config.rope_theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
-        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [S, 2, head_dim/4]
-        return freqs.reshape(freqs.shape[0], -1)
-
     def __call__(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
         c = self.config
         slots = jnp.asarray(inputs["slots"])
         n, chunk = slots.shape[0], c.window_slots
         x = self.patch_embed(jnp.take(jnp.asarray(inputs["pixel_values"]), slots, axis=0).astype(self.dtype))
-        angles = self.rope_angles(jnp.asarray(inputs["positions"]))
+        angles = axial_angles(jnp.asarray(inputs["positions"]), c.head_dim, c.rope_theta)
         seg = jnp.asarray(inputs["segments"])
         full_mask = (seg[:, None] == seg[None, :])[None]
         win = jnp.asarray(inputs["windows"]).reshape(-1, chunk)

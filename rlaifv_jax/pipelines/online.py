@@ -29,6 +29,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     t_start = time.time()
     config = vocabulary.canonicalize(config)  # deprecated field names -> the canonical ones
     spec = online_spec(config, workdir)
+    if not spec.labeler.toy:  # a labeler whose yes/no answers its tokenizer cannot read: refused now
+        label.check_answer_tokens(spec.labeler, spec.label)
     distributed.writer_first(lambda: check_or_save_config(config, workdir), "config")
     mesh = sharding.make_mesh(*spec.mesh)  # training (DPO) over every device of every host
     serve = sharding.serve_mesh(spec.mesh[2])  # inference: each host its own devices (split over tensor), its own share

@@ -42,6 +42,7 @@ _ONLINE_CHOICES = {
     "labeler.template": TEMPLATES,
     "claims.kind": ("rule", "llm"),
     "labeler.kind": ("self", "model", "toy"),
+    "labeler.answer_prefix": ("auto", "", " "),
     "dpo.loss_type": LOSS_TYPES,
     "dpo.remat": REMAT_CHOICES,
 }
@@ -69,6 +70,10 @@ _OFFLINE_POSITIVE = ("dpo.batch_size", "dpo.grad_accum", "dpo.epochs", "dpo.ref_
                      "dpo.learning_rate")
 _OFFLINE_NONNEG = ("dpo.max_to_keep", "dpo.max_steps", "data.max_pairs", "dpo.warmup_ratio",
                    "dpo.weight_decay", "dpo.label_smoothing", "dpo.sft_weight")
+
+# The architectures DPO trains (the others work as labelers).
+POLICY_ARCHITECTURES = ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                        "Qwen3VLForConditionalGeneration")
 
 
 def field_value(c: ml_collections.ConfigDict, field: str, default: Any = _MISSING) -> Any:
@@ -140,10 +145,9 @@ class Problems:
             return None
         if multimodal and not arch.startswith(("Llava", "Qwen")):
             self.add(f"{field}={path!r}: {arch} is not a multimodal model")
-        if trainable and arch not in ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
+        if trainable and arch not in POLICY_ARCHITECTURES:
             self.add(f"{field}={path!r}: {arch} cannot be the policy yet (DPO trains "
-                     "LlavaForConditionalGeneration and Qwen2_5_VLForConditionalGeneration; LLaVA-NeXT works as a "
-                     "labeler)")
+                     f"{', '.join(POLICY_ARCHITECTURES)}; LLaVA-NeXT works as a labeler)")
         if assets and not remote:
             if not any(os.path.exists(os.path.join(path, f)) for f in
                        ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):

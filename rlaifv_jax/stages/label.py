@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rlaifv_jax.data.yesno import AUTO, assistant_prompt, resolve_answer_ids
 from rlaifv_jax.engine.score import Labeler
 from rlaifv_jax.engine.vision import layout_key
 from rlaifv_jax.feedback.claims import ClaimResult
@@ -19,6 +20,16 @@ class LabelSettings:
     repetition_penalty: float | None = None  # on the yes/no logits, as the official code (None = off)
     batch_size: int = 64  # questions per scoring batch against one cached prefix
     chunk_size: int = 32  # prompts per record shard
+    answer_prefix: str = AUTO  # text before the yes/no word in the labeler's answer ("auto": data.yesno.resolve_answer_ids)
+
+
+def check_answer_tokens(labeler: bundle.ModelSpec, settings: LabelSettings) -> dict[str, int]:
+    """The labeler's yes/no token ids from its own tokenizer and template (before any stage runs: a
+    labeler whose answers cannot be read is refused at start with one line)."""
+    tok = bundle.tokenizer(labeler.path)
+    prompt, template_prefix = assistant_prompt(tok, labeler.template)
+    ids, _ = resolve_answer_ids(tok, prompt, template_prefix=template_prefix, answer_prefix=settings.answer_prefix)
+    return ids
 
 
 def run(stage_dir: str, claims: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
@@ -30,7 +41,7 @@ def run(stage_dir: str, claims: list[dict[str, Any]], image_of: Callable[[str], 
     @contextlib.contextmanager
     def open_fn():
         with bundle.loaded(labeler, mesh) as b:
-            scorer = Labeler(b.model, b.tokenizer, template=b.template,
+            scorer = Labeler(b.model, b.tokenizer, template=b.template, word_prefix=settings.answer_prefix,
                              repetition_penalty=settings.repetition_penalty, batch_size=settings.batch_size)
 
             def fn(chunk):
