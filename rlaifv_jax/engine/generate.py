@@ -137,10 +137,10 @@ def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_
 
     def body(state):
         t, cache, tok, out = state
-        own = jnp.broadcast_to(jnp.arange(own_slots) < t, (rows, own_slots))
+        own = jnp.ones((rows, own_slots), bool)  # not read: the rows attend over their first t slots
         hidden, cache = model.forward_embeds(text.embed(tok[:, None]), positions=(start + t - 1)[:, None],
                                              key_mask=own, cache=cache, cache_index=t - 1,
-                                             prefix=(prefix, prompt_mask))
+                                             prefix=(prefix, prompt_mask, t, None))
         cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), cache)
         tok, out = record(out, model.logits(hidden[:, 0]).astype(jnp.float32), t)
         return t + 1, cache, tok, out
