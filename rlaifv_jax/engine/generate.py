@@ -172,25 +172,36 @@ def _continuous_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, pro
         start = start + rope_deltas.astype(jnp.int32)
     seen_prompt = presence_mask(jnp.where(prompt_mask, prompt_ids, -1), vocab) if cfg.penalizes else None
     waiting = active.sum().astype(jnp.int32) * n  # active prompts come first (left_padded)
+    window = min(batch, -(-slots // n) + 1)  # prompts whose prefixes the slots may read at once
+
+    def lowest(row, next_row):
+        """The lowest prompt a slot holds (the next waiting one if none does)."""
+        return jnp.min(jnp.where(row < none, row // n, next_row // n))
 
     def assign(free, row, t, next_row, seen):
-        """Free slots take the next waiting rows, in slot order."""
+        """Free slots take the next waiting rows, in slot order, of the ``window`` prompts from the
+        lowest one held (so that a step reads ``window`` prefixes, not the whole batch's)."""
+        held = jnp.where(free, none, row)
+        limit = jnp.minimum(waiting, (lowest(held, next_row) + window) * n)
         new = next_row + jnp.cumsum(free) - 1
-        row = jnp.where(free, jnp.where(new < waiting, new, none), row)
+        take = free & (new < limit)
+        row = jnp.where(free, jnp.where(take, new, none), row)
         if seen is not None:
             seen = jnp.where(free[:, None], seen_prompt[jnp.minimum(row // n, batch - 1)], seen)
-        return row, jnp.where(free, 0, t), next_row + free.sum(), seen
+        return row, jnp.where(free, 0, t), next_row + take.sum(), seen
 
     def cond(carry):
-        return jnp.any(carry[1] < none)
+        return jnp.any(carry[1] < none) | (carry[4] < waiting)
 
     def body(carry):
         cache, row, t, tok, next_row, seen, out = carry
         prompt = jnp.minimum(row // n, batch - 1)
+        lo = jnp.minimum(lowest(row, next_row), batch - window)
+        near = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, lo, window, axis=0), (prefix, prompt_mask))
         hidden, cache = model.forward_embeds(
             text.embed(tok[:, None]), positions=(start[prompt] + t - 1)[:, None],
             key_mask=jnp.ones((slots, own_slots), bool), cache=cache, cache_index=jnp.maximum(t - 1, 0),
-            prefix=(prefix, prompt_mask, jnp.maximum(t, 1), prompt))
+            prefix=(*near, jnp.maximum(t, 1), jnp.clip(prompt - lo, 0, window - 1)))
         cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), cache)
         fresh = (t == 0)[:, None]
         step_logits = jnp.where(fresh, logits[jnp.minimum(row, rows - 1)], model.logits(hidden[:, 0]).astype(jnp.float32))

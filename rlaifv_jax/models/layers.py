@@ -200,13 +200,15 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.Arra
         acc = jnp.einsum("bnkgp,bpkd->bnkgd", w.astype(v.dtype), prefix_v, preferred_element_type=f32)
         m, l, acc = m.reshape(r, kv, g), w.sum(-1).reshape(r, kv, g), acc.reshape(r, kv, g, d)
     else:
-        pk, pv, pm = prefix_k[prefix_rows], prefix_v[prefix_rows], prefix_mask[prefix_rows]
-        pre = jnp.einsum("rkgd,rpkd->rkgp", q4, pk, preferred_element_type=f32) * scale
-        pre = jnp.where(pm[:, None, None, :], pre, low)
-        m = pre.max(axis=-1)
-        w = jnp.exp(pre - m[..., None]) * pm[:, None, None, :]
-        l = w.sum(-1)
-        acc = jnp.einsum("rkgp,rpkd->rkgd", w.astype(v.dtype), pv, preferred_element_type=f32)
+        # Every row scores the whole pool and keeps its own prompt: each prefix is read once per
+        # step (as in the shared layout), for pool-size times the (small) prefix FLOPs of a gather.
+        pm = (jnp.arange(prefix_k.shape[0])[None, :, None] == prefix_rows[:, None, None]) & prefix_mask[None]
+        pre = jnp.einsum("rkgd,bpkd->rkgbp", q4, prefix_k, preferred_element_type=f32) * scale
+        pre = jnp.where(pm[:, None, None], pre, low)
+        m = pre.max(axis=(-2, -1))
+        w = jnp.exp(pre - m[..., None, None]) * pm[:, None, None]
+        l = w.sum((-2, -1))
+        acc = jnp.einsum("rkgbp,bpkd->rkgd", w.astype(v.dtype), prefix_v, preferred_element_type=f32)
     blk = min(block, s)
     own_len = jnp.broadcast_to(own_len, (r,)).astype(jnp.int32)
 
