@@ -208,7 +208,8 @@ def _continuous_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, pro
             prefix=(*near, jnp.maximum(t, 1), jnp.clip(prompt - lo, 0, window - 1)))
         cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), cache)
         fresh = (t == 0)[:, None]
-        step_logits = jnp.where(fresh, logits[jnp.minimum(row, rows - 1)], model.logits(hidden[:, 0]).astype(jnp.float32))
+        step_logits = jnp.where(fresh, logits[jnp.minimum(row, rows - 1)],
+                                model.logits(hidden[:, 0]).astype(jnp.float32))
         keys = None if cfg.greedy else row_keys(seed, prompt_keys[prompt], row % n)
         tok, logp = choose_tokens(step_logits, seen, keys, t, cfg)
         tokens, logps, lengths, stopped = out
@@ -224,8 +225,8 @@ def _continuous_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, pro
     out = (jnp.zeros((rows, max_new), jnp.int32), jnp.zeros((rows, max_new), jnp.float32),
            jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool))
     seen = None if seen_prompt is None else jnp.zeros((slots, vocab), bool)
-    row, t, next_row, seen = assign(jnp.ones((slots,), bool), jnp.full((slots,), none), jnp.zeros((slots,), jnp.int32),
-                                    jnp.int32(0), seen)
+    row, t, next_row, seen = assign(jnp.ones((slots,), bool), jnp.full((slots,), none),
+                                    jnp.zeros((slots,), jnp.int32), jnp.int32(0), seen)
     carry = (cache, row, t, jnp.zeros((slots,), jnp.int32), next_row, seen, out)
     return jax.lax.while_loop(cond, body, carry)[-1]
 
