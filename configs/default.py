@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.repetition_penalty = 1.0  # 1.0 = off
     c.sampling.max_new_tokens = 40
     c.sampling.batch_size = 32  # prompts per sampler call
+    c.sampling.decode_rows = 0  # continuous batching: decode slots per call (0 = off: batch_size x num_samples rows)
 
     c.claims = ml_collections.ConfigDict()
     c.claims.kind = "rule"  # "rule" (toy language) or "llm" (split/convert chat LLMs)

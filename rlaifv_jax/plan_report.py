@@ -50,6 +50,10 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{_fmt(s['resident_bytes'], GIB):>9} {_fmt(s['flops_per_chip'], 1e12):>11} "
                      f"{_fmt(s['seconds'], 1e-3):>9} {_pct(s['mfu']):>6} {_pct(s['hbm_roofline']):>8} "
                      f"{s['tokens_per_step']:>8} {s['calls']:>11,.0f}  {mark}{'  ' + s['note'] if s['note'] else ''}")
+    rates = decode_rates(r)
+    if rates:
+        lines.append("generated tokens/s per chip (one decode step of the full batch): "
+                     + ", ".join(f"{name} {rate:,.0f}" for name, rate in rates.items()))
     times = r["iteration_seconds"]
     if times and r["iteration_total_seconds"] is not None:
         parts = ", ".join(f"{k} {_duration(v)}" for k, v in times.items())
@@ -63,6 +67,13 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"per iteration: {c['prompts']} prompts, {c['responses']} responses, "
                  f"{c['questions_per_prompt']} questions per prompt, ≤ {c['pairs']} pairs, {c['dpo_steps']} DPO steps")
     return "\n".join(lines)
+
+
+def decode_rates(r: dict[str, Any]) -> dict[str, float]:
+    """Generated tokens per second per chip of every decode stage: its rows (one token each per step)
+    over the compiler's step time, divided by the slice's chips."""
+    return {s["name"]: s["tokens_per_step"] / s["seconds"] / r["chips"] for s in r["stages"]
+            if s["name"].endswith("/decode") and s["seconds"] and not s["variant"]}
 
 
 def verdicts(r: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import default, qwen25vl_7b_self, qwen3vl_8b_self
-from rlaifv_jax import plan
+from rlaifv_jax import plan, plan_report
 from rlaifv_jax.core import aot, hardware, sharding
 from rlaifv_jax.data import buckets
 from rlaifv_jax.models import hf, llama
@@ -116,7 +116,11 @@ def test_smoke_plan_on_a_tpu_slice(tmp_path, capsys):
     (decode,) = [s for s in r["stages"] if s["name"] == "sample/decode"]
     assert 0 < decode["hbm_roofline"] <= 1.01 and decode["calls"] == 3 * smoke().sampling.max_new_tokens
     assert r["iteration_total_seconds"] == pytest.approx(sum(s["seconds"] * s["calls"] for s in r["stages"]))
-    assert "estimated wall time per online iteration" in capsys.readouterr().out
+    rates = plan_report.decode_rates(r)
+    assert list(rates) == ["sample/decode"]
+    assert rates["sample/decode"] == pytest.approx(decode["tokens_per_step"] / decode["seconds"] / r["chips"])
+    out = capsys.readouterr().out
+    assert "estimated wall time per online iteration" in out and "generated tokens/s per chip" in out
 
 
 @needs_libtpu

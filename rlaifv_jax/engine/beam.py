@@ -137,10 +137,10 @@ def _search_fn(graphdef, state, prefix, logits, prompt_mask, active, stop_ids, l
         rows_from = (row_base + parent).reshape(rows)
         cache = jax.tree.map(lambda a: a[rows_from], cache)
         tok = beams[0][:, :, t - 1].reshape(rows)
-        own = jnp.broadcast_to(jnp.arange(own_slots) < t, (rows, own_slots))
+        own = jnp.ones((rows, own_slots), bool)  # not read: the rows attend over their first t slots
         hidden, cache = model.forward_embeds(text.embed(tok[:, None]), positions=(start + t - 1)[:, None],
                                              key_mask=own, cache=cache, cache_index=t - 1,
-                                             prefix=(prefix, prompt_mask))
+                                             prefix=(prefix, prompt_mask, t, None))
         beams, parent, go = _select(model.logits(hidden[:, 0]), beams, t, stop_ids, active, *options)
         return t + 1, cache, beams, parent, go
 

@@ -4,7 +4,11 @@
 one *prefill* program (image features merged, one KV cache per prompt) and one *decode* program
 (a ``lax.while_loop`` over all ``batch × num_samples`` rows; each row attends to its prompt's
 shared prefix cache, read once for all n samples, plus its own generated tokens' cache, updated in
-place; per-row early stop). A run compiles two programs per length bucket
+place, and read up to the filled slot only: ``layers.decode_attention`` walks it in blocks with an
+online softmax; per-row early stop). With ``decode_rows`` the decode program is the *continuous*
+one: the batch's rows go through that many slots, a slot whose row stopped taking the next waiting
+(prompt, sample) row at once, inside the same ``while_loop`` (each slot reads its prompt's prefix
+from a window of the batch's prompts). A run compiles two programs per length bucket
 it meets (plus one vision program per pixel shape); ``compiled_programs()`` counts them.
 
 Decoding follows transformers' ``generate``: the repetition penalty (over prompt + generated
@@ -78,6 +82,7 @@ class _Static:
     max_new_tokens: int
     cache_spec: P | None
     rows_spec: P | None
+    slots: int = 0  # decode slots of the continuous decoder (0: the static decoder, one slot per row)
 
 
 def _prefill_fn(graphdef, state, ids, features, mask, static: _Static, positions=None):
@@ -137,10 +142,10 @@ def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_
 
     def body(state):
         t, cache, tok, out = state
-        own = jnp.broadcast_to(jnp.arange(own_slots) < t, (rows, own_slots))
+        own = jnp.ones((rows, own_slots), bool)  # not read: the rows attend over their first t slots
         hidden, cache = model.forward_embeds(text.embed(tok[:, None]), positions=(start + t - 1)[:, None],
                                              key_mask=own, cache=cache, cache_index=t - 1,
-                                             prefix=(prefix, prompt_mask))
+                                             prefix=(prefix, prompt_mask, t, None))
         cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), cache)
         tok, out = record(out, model.logits(hidden[:, 0]).astype(jnp.float32), t)
         return t + 1, cache, tok, out
@@ -149,8 +154,86 @@ def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_
     return tokens, logps, lengths, done
 
 
+def _continuous_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_keys, active, seed,
+                   stop_ids, static: _Static, cfg: SamplingConfig, rope_deltas=None):
+    """Decode the ``batch × n`` (prompt, sample) rows of a prefilled batch through ``static.slots`` decode
+    slots (continuous batching): a slot whose row stops takes the next waiting row at once, inside one
+    ``while_loop``. Row ``w = b * n + j`` reads prompt ``b``'s prefix (``prefix_rows``), its own cache
+    restarted at slot 0, and draws with the key of ``(prompt_keys[b], j)`` folded with its own step,
+    so its tokens are the static decoder's. A fresh slot spends one step on its first token (taken from
+    the prefill's logits). Returns what ``_decode_fn`` returns, in row order."""
+    _TRACES["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    text = getattr(model, "language_model", model)
+    n, max_new, slots = static.num_samples, static.max_new_tokens, static.slots
+    batch, vocab = prompt_ids.shape[0], logits.shape[-1]
+    rows = batch * n
+    none = rows  # the row index of an idle slot (writes are dropped)
+    own_slots = max(max_new - 1, 1)
+    cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), model.init_cache(slots, own_slots))
+    start = prompt_mask.sum(axis=1).astype(jnp.int32)  # position of token 0, per prompt
+    if rope_deltas is not None:
+        start = start + rope_deltas.astype(jnp.int32)
+    seen_prompt = presence_mask(jnp.where(prompt_mask, prompt_ids, -1), vocab) if cfg.penalizes else None
+    waiting = active.sum().astype(jnp.int32) * n  # active prompts come first (left_padded)
+    window = min(batch, -(-slots // n) + 1)  # prompts whose prefixes the slots may read at once
+
+    def lowest(row, next_row):
+        """The lowest prompt a slot holds (the next waiting one if none does)."""
+        return jnp.min(jnp.where(row < none, row // n, next_row // n))
+
+    def assign(free, row, t, next_row, seen):
+        """Free slots take the next waiting rows, in slot order, of the ``window`` prompts from the
+        lowest one held (so that a step reads ``window`` prefixes, not the whole batch's)."""
+        held = jnp.where(free, none, row)
+        limit = jnp.minimum(waiting, (lowest(held, next_row) + window) * n)
+        new = next_row + jnp.cumsum(free) - 1
+        take = free & (new < limit)
+        row = jnp.where(free, jnp.where(take, new, none), row)
+        if seen is not None:
+            seen = jnp.where(free[:, None], seen_prompt[jnp.minimum(row // n, batch - 1)], seen)
+        return row, jnp.where(free, 0, t), next_row + take.sum(), seen
+
+    def cond(carry):
+        return jnp.any(carry[1] < none) | (carry[4] < waiting)
+
+    def body(carry):
+        cache, row, t, tok, next_row, seen, out = carry
+        prompt = jnp.minimum(row // n, batch - 1)
+        lo = jnp.minimum(lowest(row, next_row), batch - window)
+        near = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, lo, window, axis=0), (prefix, prompt_mask))
+        hidden, cache = model.forward_embeds(
+            text.embed(tok[:, None]), positions=(start[prompt] + t - 1)[:, None],
+            key_mask=jnp.ones((slots, own_slots), bool), cache=cache, cache_index=jnp.maximum(t - 1, 0),
+            prefix=(*near, jnp.maximum(t, 1), jnp.clip(prompt - lo, 0, window - 1)))
+        cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), cache)
+        fresh = (t == 0)[:, None]
+        step_logits = jnp.where(fresh, logits[jnp.minimum(row, rows - 1)],
+                                model.logits(hidden[:, 0]).astype(jnp.float32))
+        keys = None if cfg.greedy else row_keys(seed, prompt_keys[prompt], row % n)
+        tok, logp = choose_tokens(step_logits, seen, keys, t, cfg)
+        tokens, logps, lengths, stopped = out
+        stop = jnp.isin(tok, stop_ids)
+        tokens, logps = tokens.at[row, t].set(tok, mode="drop"), logps.at[row, t].set(logp, mode="drop")
+        lengths = lengths.at[row].set(jnp.where(stop, t, t + 1), mode="drop")
+        stopped = stopped.at[row].set(stop, mode="drop")
+        if seen is not None:
+            seen = seen.at[jnp.arange(slots), tok].set(True)
+        row, t, next_row, seen = assign(stop | (t + 1 >= max_new) | (row == none), row, t + 1, next_row, seen)
+        return cache, row, t, tok, next_row, seen, (tokens, logps, lengths, stopped)
+
+    out = (jnp.zeros((rows, max_new), jnp.int32), jnp.zeros((rows, max_new), jnp.float32),
+           jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool))
+    seen = None if seen_prompt is None else jnp.zeros((slots, vocab), bool)
+    row, t, next_row, seen = assign(jnp.ones((slots,), bool), jnp.full((slots,), none),
+                                    jnp.zeros((slots,), jnp.int32), jnp.int32(0), seen)
+    carry = (cache, row, t, jnp.zeros((slots,), jnp.int32), next_row, seen, out)
+    return jax.lax.while_loop(cond, body, carry)[-1]
+
+
 _prefill = jax.jit(_prefill_fn, static_argnums=(0, 5))
 _decode = jax.jit(_decode_fn, static_argnums=(0, 10, 11))
+_continuous = jax.jit(_continuous_fn, static_argnums=(0, 10, 11))
 
 
 def _spec(mesh: Mesh | None, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> P | None:
@@ -161,7 +244,7 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float | None = None, stop_token_ids: Sequence[int], seed: int = 0,
              batch_size: int = 8, buckets: Sequence[int] = DEFAULT_BUCKETS, mesh: Mesh | None = None,
-             progress: bool = True) -> list[dict[str, list]]:
+             decode_rows: int | None = None, progress: bool = True) -> list[dict[str, list]]:
     """Sample ``num_samples`` responses for each prompt.
 
     ``prompts``: dicts with ``input_ids`` (image placeholders expanded), optional ``pixel_values``
@@ -169,7 +252,10 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
     str; the prompt's PRNG identity, default its list index; prompts sharing an id share their
     random streams, which is harmless for identical prompts). ``batch_size`` prompts share a
     prefill; their ``batch_size × num_samples`` rows decode together (the batch size is rounded down
-    to the power of two that covers all prompts, once per run). Under ``mesh`` rows are split over
+    to the power of two that covers all prompts, once per run). With ``decode_rows`` (continuous
+    batching), they decode through that many slots instead, a slot taking the batch's next waiting
+    (prompt, sample) row as soon as its row stops; tokens are the same as without it (per-row PRNG
+    streams). Under ``mesh`` rows are split over
     ``data``/``fsdp`` and KV heads over ``tensor``; load the model with ``rules=SERVE_RULES``.
 
     Returns one dict per prompt: ``tokens`` (``num_samples`` lists of ids, stop token excluded),
@@ -190,6 +276,10 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
     n = num_samples
     batch = min(batch_size, 1 << (len(prompts) - 1).bit_length())
     rows = batch * n
+    if decode_rows is not None and (isinstance(decode_rows, bool) or not isinstance(decode_rows, int)
+                                    or decode_rows < 1):
+        raise ValueError(f"decode_rows must be an integer >= 1 or None, got {decode_rows!r}")
+    slots = 0 if decode_rows is None else min(decode_rows, rows)
     stop = jnp.asarray(sorted(set(int(t) for t in stop_token_ids)), jnp.int32)
     batches = []  # prompts grouped by bucket, in input order within a bucket
     for b in sorted(set(chosen)):
@@ -205,8 +295,8 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
             cache_len = length + max_new_tokens - 1
             static = _Static(num_samples=n, max_new_tokens=max_new_tokens,
                              cache_spec=_spec(mesh, ("batch", None, "kv_heads", "head_dim"),
-                                              (rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
-                             rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)))
+                                              (slots or rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
+                             rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)), slots=slots)
             padded = left_padded(model, graphdef, state, [prompts[i] for i in members], batch, length)
             keys = np.zeros((batch,), np.uint32)
             keys[:len(members)] = [prompt_keys[i] for i in members]
@@ -217,7 +307,7 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
             positions = None if padded.positions is None else put(padded.positions, (None, "batch", None))
             deltas = None if padded.rope_deltas is None else put(padded.rope_deltas, ("batch",))
             cache, logits = _prefill(graphdef, state, ids_d, features_d, mask_d, static, positions)
-            tokens, logps, lengths, done = _decode(
+            tokens, logps, lengths, done = (_continuous if slots else _decode)(
                 graphdef, state, cache, logits, ids_d, mask_d, put(keys, ("batch",)),
                 put(padded.active, ("batch",)), jnp.uint32(seed), stop, static, cfg, deltas)
             tokens, logps, lengths, done = map(np.asarray, (tokens, logps, lengths, done))

@@ -132,13 +132,14 @@ def row_keys(seed: jax.Array, prompt_ids: jax.Array, sample_ids: jax.Array) -> j
 
 def choose_tokens(logits: jax.Array, seen: jax.Array | None, keys: jax.Array | None, step: jax.Array,
                   cfg: DecodeSettings) -> tuple[jax.Array, jax.Array]:
-    """Next tokens ``[R]`` (argmax, or a categorical draw with each row's key folded with ``step``)
+    """Next tokens ``[R]`` (argmax, or a categorical draw with each row's key folded with ``step``,
+    a scalar or one per row)
     and their raw-model log-probs ``[R]``."""
     scores = process_logits(logits, seen, cfg)
     if cfg.greedy:
         tokens = jnp.argmax(scores, axis=-1)
     else:
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+        step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape))
         tokens = jax.vmap(jax.random.categorical)(step_keys, scores)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logp

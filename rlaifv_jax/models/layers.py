@@ -161,3 +161,74 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     out = (jnp.einsum("bnkgtp,bpkd->bntkgd", probs[..., :p], prefix_v)
            + jnp.einsum("bnkgts,bnskd->bntkgd", probs[..., p:], v.reshape(b, n, s, kv, d)))
     return out.reshape(r, t, h, d)
+
+
+DECODE_BLOCK = 128  # own-cache slots one step of ``decode_attention`` reads at a time
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.Array, prefix_k: jax.Array,
+                     prefix_v: jax.Array, prefix_mask: jax.Array, prefix_rows: jax.Array | None = None,
+                     block: int = DECODE_BLOCK) -> jax.Array:
+    """One decode step's attention over each row's prompt prefix plus the *filled* part of its own cache.
+
+    q: ``[R, 1, H, D]``; k, v: ``[R, S, K, D]`` (each row's own generated-token slots, slot i valid
+    iff ``i < own_len[r]``); prefix_k, prefix_v: ``[B, P, K, D]`` with ``prefix_mask [B, P]``. Rows
+    read prefix ``prefix_rows[r]`` (any prompt of the pool, for continuous batching), or, when
+    ``prefix_rows`` is None, the shared layout of ``shared_prefix_attention`` (rows ``b * n .. b * n
+    + n - 1`` read prefix ``b``, each prefix read once). The own cache is walked in blocks of
+    ``block`` slots with an online softmax, for ``ceil(max(own_len) / block)`` blocks only (a
+    dynamic trip count), so a step costs the filled length, not ``S``. Equal to
+    ``shared_prefix_attention`` with the own mask ``slot < own_len`` up to float rounding.
+    Pure JAX (CPU, GPU, TPU); every row needs at least one valid prefix key.
+    """
+    r, t, h, d = q.shape
+    if t != 1:
+        raise ValueError(f"decode_attention takes one query per row, got {t}")
+    kv, s = k.shape[2], k.shape[1]
+    g = h // kv
+    scale = 1.0 / math.sqrt(d)
+    low = jnp.finfo(jnp.float32).min
+    f32 = jnp.float32
+    q4 = q.reshape(r, kv, g, d)
+    if prefix_rows is None:
+        b, p = prefix_k.shape[0], prefix_k.shape[1]
+        q5 = q4.reshape(b, r // b, kv, g, d)
+        pre = jnp.einsum("bnkgd,bpkd->bnkgp", q5, prefix_k, preferred_element_type=f32) * scale
+        pre = jnp.where(prefix_mask[:, None, None, None, :], pre, low)
+        m = pre.max(axis=-1)
+        w = jnp.exp(pre - m[..., None]) * prefix_mask[:, None, None, None, :]
+        acc = jnp.einsum("bnkgp,bpkd->bnkgd", w.astype(v.dtype), prefix_v, preferred_element_type=f32)
+        m, l, acc = m.reshape(r, kv, g), w.sum(-1).reshape(r, kv, g), acc.reshape(r, kv, g, d)
+    else:
+        # Every row scores the whole pool and keeps its own prompt: each prefix is read once per
+        # step (as in the shared layout), for pool-size times the (small) prefix FLOPs of a gather.
+        pm = (jnp.arange(prefix_k.shape[0])[None, :, None] == prefix_rows[:, None, None]) & prefix_mask[None]
+        pre = jnp.einsum("rkgd,bpkd->rkgbp", q4, prefix_k, preferred_element_type=f32) * scale
+        pre = jnp.where(pm[:, None, None], pre, low)
+        m = pre.max(axis=(-2, -1))
+        w = jnp.exp(pre - m[..., None, None]) * pm[:, None, None]
+        l = w.sum((-2, -1))
+        acc = jnp.einsum("rkgbp,bpkd->rkgd", w.astype(v.dtype), prefix_v, preferred_element_type=f32)
+    blk = min(block, s)
+    own_len = jnp.broadcast_to(own_len, (r,)).astype(jnp.int32)
+
+    def step(i, carry):
+        m, l, acc = carry
+        first = i * blk
+        start = jnp.minimum(first, s - blk)  # the last block may overlap the previous one
+        slots = start + jnp.arange(blk)
+        valid = (slots[None, :] >= first) & (slots[None, :] < own_len[:, None])  # [R, blk]
+        kb = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=1)
+        sc = jnp.einsum("rkgd,rskd->rkgs", q4, kb, preferred_element_type=f32) * scale
+        sc = jnp.where(valid[:, None, None, :], sc, low)
+        m_new = jnp.maximum(m, sc.max(axis=-1))
+        w = jnp.exp(sc - m_new[..., None]) * valid[:, None, None, :]
+        rescale = jnp.exp(m - m_new)
+        acc = acc * rescale[..., None] + jnp.einsum("rkgs,rskd->rkgd", w.astype(v.dtype), vb,
+                                                    preferred_element_type=f32)
+        return m_new, l * rescale + w.sum(-1), acc
+
+    blocks = (jnp.minimum(own_len.max(), s) + blk - 1) // blk
+    m, l, acc = jax.lax.fori_loop(0, blocks, step, (m, l, acc))
+    return (acc / l[..., None]).astype(q.dtype).reshape(r, 1, h, d)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlaifv_jax.models.layers import (Embed, Linear, RMSNorm, activation, dot_product_attention,
-                                      shared_prefix_attention)
+                                      decode_attention, shared_prefix_attention)
 
 Cache = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -146,16 +146,17 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
         v = self.v_proj(x)
         if kv is not None:
-            ck, cv = kv
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-            kv = (k, v)
+            k, v = kv = write_cache(kv, k, v, cache_index)
         if prefix is None:
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        else:
+        elif len(prefix) == 2:
             (pk, pv), prefix_mask = prefix
             out = shared_prefix_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, pk.astype(q.dtype),
                                           pv.astype(q.dtype), prefix_mask)
+        else:  # decoding: attend over the filled own slots only
+            (pk, pv), prefix_mask, own_len, prefix_rows = prefix
+            out = decode_attention(q, k.astype(q.dtype), v.astype(q.dtype), own_len, pk.astype(q.dtype),
+                                   pv.astype(q.dtype), prefix_mask, prefix_rows)
         return self.o_proj(out), kv
 
 
@@ -190,12 +191,26 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
+def write_cache(kv: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array,
+                cache_index: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """The cache ``kv`` (``[B, S, K, D]`` each) with ``k, v [B, T, K, D]`` written at slot ``cache_index``
+    (a scalar: every row at the same slot; ``[B]``: each row at its own slot, as continuous batching needs)."""
+    def put(c, x, i):
+        return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=-3)
+
+    if jnp.ndim(cache_index) != 0:
+        put = jax.vmap(put)
+    return tuple(put(c, x, cache_index) for c, x in zip(kv, (k, v)))
+
+
 def attention_mask(key_mask: jax.Array, num_queries: int, cache_index: jax.Array | int) -> jax.Array:
-    """``[B, T, S]`` boolean: query t (at cache slot ``cache_index + t``) sees valid keys at slots ≤ its own."""
+    """``[B, T, S]`` boolean: query t (at cache slot ``cache_index + t``, a scalar or one per row ``[B]``)
+    sees valid keys at slots ≤ its own."""
     slots = jnp.arange(key_mask.shape[1])
-    query_slots = cache_index + jnp.arange(num_queries)
-    causal = slots[None, :] <= query_slots[:, None]
-    return causal[None] & key_mask[:, None, :].astype(bool)
+    query_slots = jnp.asarray(cache_index)[..., None, None] + jnp.arange(num_queries)[:, None]
+    causal = slots <= query_slots  # [T, S] or [B, T, S]
+    shape = (key_mask.shape[0], num_queries, key_mask.shape[1])
+    return jnp.broadcast_to(causal, shape) & key_mask[:, None, :].astype(bool)
 
 
 class Llama(nnx.Module):
@@ -244,8 +259,12 @@ class Llama(nnx.Module):
         where S = T without a cache, else the cache length (the new tokens' slots included).
         ``prefix = (prefix_cache, prefix_mask [Bp, P])``: a cache of ``Bp`` prompts shared by
         ``B / Bp`` consecutive rows each, attended before the rows' own ``cache`` (n samples of one
-        prompt read its prefix once). ``deepstack [K, B, T, D]`` (Qwen3-VL): added to the hidden states
-        after layer k, for k < K (zero away from the image tokens). Returns final-normed hidden states
+        prompt read its prefix once). Decoding (``T = 1``) may pass ``prefix = (prefix_cache,
+        prefix_mask, own_len [B], prefix_rows [B] or None)``: each row then attends over its first
+        ``own_len`` own slots only (``layers.decode_attention``, walked in blocks; ``key_mask`` is not
+        read) and, given ``prefix_rows``, over prefix ``prefix_rows[b]``. ``cache_index`` may be one
+        slot per row ``[B]``. ``deepstack [K, B, T, D]`` (Qwen3-VL): added to the hidden states after
+        layer k, for k < K (zero away from the image tokens). Returns final-normed hidden states
         ``[B, T, D]`` and the updated cache. ``remat`` (teacher-forced passes without a cache only):
         "none", "full" (recompute each decoder layer in the backward pass) or "dots" (keep its matmul outputs).
         """
@@ -271,7 +290,7 @@ class Llama(nnx.Module):
                     layer_state, x, positions, inv_freq, mask)
             else:
                 x, kv = layer(x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index,
-                              None if prefix is None else (prefix[0][i], prefix[1]))
+                              None if prefix is None else (prefix[0][i], *prefix[1:]))
             if deepstack is not None and i < deepstack.shape[0]:
                 x = x + deepstack[i].astype(x.dtype)
             new_cache.append(kv)

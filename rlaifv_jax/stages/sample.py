@@ -24,6 +24,7 @@ class SampleSettings:
     top_p: float | None
     repetition_penalty: float | None
     batch_size: int  # prompts per sampler call (and per record shard)
+    decode_rows: int | None = None  # continuous batching through this many decode slots (None: off)
 
 
 def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSpec, settings: SampleSettings, *,
@@ -47,7 +48,8 @@ def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSpec,
                                      max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                      top_k=settings.top_k, top_p=settings.top_p,
                                      repetition_penalty=settings.repetition_penalty, stop_token_ids=b.stop_ids(),
-                                     seed=seed, batch_size=settings.batch_size, mesh=mesh, progress=False))
+                                     seed=seed, batch_size=settings.batch_size, mesh=mesh,
+                                     decode_rows=settings.decode_rows, progress=False))
                 result = []
                 for i, p in enumerate(chunk):
                     if i in skipped:
