@@ -7,8 +7,8 @@ windows, real patch 14 / merge 2). Input: one 448x672 px image (32x48 patches = 
 24 windows: exactly a bucket) in a 420-token ChatML-like sequence. A Qwen3-VL-shaped model of the same
 widths (text: q/k RMSNorm, head_dim 64, interleaved M-RoPE 8/12/12; vision: 4 full-attention blocks,
 a 48x48 learned position table, DeepStack from blocks 1-3 into decoder layers 0-2, real patch 16 /
-merge 2); input: one 448x672 px image (28x42 patches = 294 image tokens) in a 330-token sequence. Output: logits for every
-position, vision tower included on both sides. Our timed call includes the host-side work
+merge 2); input: one 448x672 px image (28x42 patches = 294 image tokens) in a 330-token sequence.
+Output: logits for every position, vision tower included on both sides. Our timed call includes the host-side work
 (``vision_inputs`` layout, ``position_ids``); the program is compiled first.
 
 Sampler: ``engine.generate`` (one prefill, the n samples decode in one jitted ``while_loop`` over the

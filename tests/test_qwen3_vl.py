@@ -58,11 +58,6 @@ def _hf(ref, ids, mask, px, grid):
                    mm_token_type_ids=t((ids == IMAGE).astype(np.int64))).logits.numpy()
 
 
-@jax.jit
-def _logits(state, ids, inputs, positions, mask, graphdef=None):
-    return nnx.merge(graphdef, state)(ids, pixel_values=inputs, positions=positions, attention_mask=mask)
-
-
 def _ours(model, ids, mask, px, grid):
     """The engine's way: host layout and positions, one jitted forward (feature packing inside)."""
     graphdef, state = nnx.split(model)
@@ -197,7 +192,8 @@ def test_zz_report_diffs():
         print(f"  {k}: {v:.3g}")
 
 
-@pytest.mark.parametrize("size, layers, tied, deepstack", [("8b", 36, False, (8, 16, 24)), ("2b", 28, True, (5, 11, 17))])
+@pytest.mark.parametrize("size, layers, tied, deepstack",
+                         [("8b", 36, False, (8, 16, 24)), ("2b", 28, True, (5, 11, 17))])
 def test_hub_architecture_configs(size, layers, tied, deepstack):
     with open(os.path.join(ARCH_DIR, f"qwen3-vl-{size}-instruct", "config.json")) as f:
         cfg = json.load(f)

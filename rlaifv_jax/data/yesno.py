@@ -13,7 +13,9 @@ from rlaifv_jax.data.chat import labeler_question
 YES_WORDS: tuple[str, ...] = ("yes", "Yes")
 NO_WORDS: tuple[str, ...] = ("no", "No")
 ANSWER_WORDS: tuple[str, ...] = YES_WORDS + NO_WORDS
-AUTO = "auto"  # answer prefix: the template's (" " after llava_v1's "ASSISTANT:", "" after a chat template), else the other
+# The automatic answer prefix: the template's (" " after llava_v1's "ASSISTANT:", "" after a chat
+# template's generation prompt), else the other.
+AUTO = "auto"
 _SENTINEL = "\x00QUESTION\x00"
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ def resolve_answer_ids(
     ValueError naming the tokenizer and what each surface form gave when none does.
     """
     if answer_prefix != AUTO:
-        return yes_no_token_ids(tokenizer, assistant_prompt, word_prefix=answer_prefix, overrides=overrides), answer_prefix
+        ids = yes_no_token_ids(tokenizer, assistant_prompt, word_prefix=answer_prefix, overrides=overrides)
+        return ids, answer_prefix
     for prefix in (template_prefix, "" if template_prefix else " "):
         try:
             return yes_no_token_ids(tokenizer, assistant_prompt, word_prefix=prefix, overrides=overrides), prefix

@@ -177,7 +177,8 @@ class Labeler:
     ``pixel_values=None`` items). ``template``: ``'llava_v1'`` or ``'chat'`` (the tokenizer's chat
     template). ``yes_no_ids`` overrides derived token ids per word; ``word_prefix`` is the text emitted
     before the answer word (default ``"auto"``: ``" "`` for llava_v1, ``""`` for chat, else the other
-    one, whichever the labeler's tokenizer encodes as one token per word; ``data.yesno.resolve_answer_ids``). ``repetition_penalty``
+    one, whichever the labeler's tokenizer encodes as one token per word;
+    ``data.yesno.resolve_answer_ids``). ``repetition_penalty``
     (default off) penalises the prompt's tokens before the softmax, as the official code did.
     ``batch_size`` questions (max) run per scoring call.
 

@@ -20,7 +20,7 @@ class LabelSettings:
     repetition_penalty: float | None = None  # on the yes/no logits, as the official code (None = off)
     batch_size: int = 64  # questions per scoring batch against one cached prefix
     chunk_size: int = 32  # prompts per record shard
-    answer_prefix: str = AUTO  # text before the yes/no word in the labeler's answer ("auto": data.yesno.resolve_answer_ids)
+    answer_prefix: str = AUTO  # text before the labeler's yes/no word ("auto": data.yesno.resolve_answer_ids)
 
 
 def check_answer_tokens(labeler: bundle.ModelSpec, settings: LabelSettings) -> dict[str, int]:
