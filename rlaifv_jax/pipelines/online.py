@@ -15,6 +15,7 @@ import ml_collections
 
 from rlaifv_jax.core import distributed, sharding
 from rlaifv_jax.core.workdir import check_or_save_config
+from rlaifv_jax.eval import labeler_truth
 from rlaifv_jax.pipelines import export, inputs as inputs_lib
 from rlaifv_jax.pipelines.report import write_report
 from rlaifv_jax.pipelines.summary import Summary
@@ -87,6 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             shutil.rmtree(select.candidates_dir(os.path.join(train_dir, "select")), ignore_errors=True)
         summary.put({"iteration": k + 1, **evaluate(k + 1), "pairs": len(examples), "length_ratio": ratio,
                      **dpo.summary(train_dir), **select.summary(os.path.join(train_dir, "select")),
+                     **(labeler_truth.audit(prompts, claim_recs, labels, pair_recs) if spec.toy else {}),
                      "warnings": runner.stage_warnings([os.path.join(it, s) for s in STAGES]),
                      "wall_s": round(time.time() - t_start, 1)})
     with bundle.loaded(policy_at(spec.iterations), mesh, training=True) as final:  # master weights, collectively
