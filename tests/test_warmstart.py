@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks.warmstart import full_sequence_loss
 from rlaifv_jax.core import compile_cache
-from rlaifv_jax.data import chat, toy_world
-from rlaifv_jax.engine.logps import answer_logps
+from rlaifv_jax.data import toy_world
 from rlaifv_jax.models import hf
 from rlaifv_jax.pipelines import warmstart
 
@@ -18,29 +18,13 @@ SIZE = ml_collections.ConfigDict(dict(hidden=32, layers=2, heads=4, kv_heads=2, 
                                       vision_layers=1, patch=8))
 
 
-def _reference_loss(model, records, tokenizer):
-    """Mean answer NLL of whole right-padded sequences through ``model(...)``: the textbook formula."""
-    n_img, img_id = model.num_image_tokens(), model.config.image_token_id
-    encs = [chat.encode_prompt_answer(tokenizer, r["question"], r["answer"], n_img, image_token_id=img_id)
-            for r in records]
-    rows = [np.concatenate([e.prompt_ids, e.answer_ids]) for e in encs]
-    tokens = np.full((len(rows), max(map(len, rows)) + 3), tokenizer.pad_token_id, np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-    start = np.asarray([len(e.prompt_ids) for e in encs], np.int32)
-    lens = np.asarray([len(e.answer_ids) for e in encs], np.int32)
-    pixels = toy_world.encode_image(np.stack([r["image"] for r in records]))
-    logits = model(jnp.asarray(tokens), pixel_values=jnp.asarray(pixels))
-    total, count = answer_logps(logits, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(lens))
-    return -jnp.sum(total) / jnp.sum(count)
-
-
 def test_sft_loss_and_gradient_equal_the_full_sequence_formula():
     world = toy_world.WorldConfig()
     tokenizer = toy_world.build_tokenizer(world)
     records = toy_world.warmstart_split(world, 6, seed=3)  # 6 captions + 12 yes/no answers
     model = hf.build_model("LlavaForConditionalGeneration", warmstart.toy_model_config(tokenizer, world, SIZE), seed=1)
-    ex = warmstart.encode_examples(records, tokenizer, model.num_image_tokens(), model.config.image_token_id)
+    ex = warmstart.encode_examples(records, tokenizer, model.num_image_tokens(), model.config.image_token_id,
+                                   max_groups=2)
     assert tokenizer.decode(ex["prefix"]).endswith("questions . user :") and len(ex["groups"]) == 2
     assert len(ex["pixel_values"]) == 6  # one per image, shared by its three records
     # every record once, found back by its (prefix-less) token row
@@ -52,7 +36,8 @@ def test_sft_loss_and_gradient_equal_the_full_sequence_formula():
     graphdef, params = nnx.split(model)
     got, got_grad = jax.jit(jax.value_and_grad(
         lambda p: warmstart.sft_loss(nnx.merge(graphdef, p), jnp.asarray(ex["prefix"]), batches, windows)))(params)
-    want, want_grad = jax.jit(jax.value_and_grad(lambda p: _reference_loss(nnx.merge(graphdef, p), records, tokenizer)))(params)
+    reference, _ = full_sequence_loss(model, records, tokenizer, extra_pad=3)
+    want, want_grad = jax.jit(jax.value_and_grad(lambda p: reference(nnx.merge(graphdef, p))))(params)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-4)

@@ -61,7 +61,7 @@ def image_processor(world: toy_world.WorldConfig):
 
 
 def encode_examples(records: list[dict[str, Any]], tokenizer, image_tokens: int, image_token_id: int,
-                    max_groups: int = 2) -> dict[str, Any]:
+                    max_groups: int = 1) -> dict[str, Any]:
     """SFT records → arrays: ``prefix [P]``, the tokens every row starts with (the chat template up to
     the first image token); ``pixel_values [M, C, H, W]``, one entry per distinct ``image_id``; and
     ``groups``, the rows split by length into at most ``max_groups`` groups (the split that pads
@@ -223,7 +223,8 @@ def warm_start(size: ml_collections.ConfigDict, opt: ml_collections.ConfigDict, 
     t0 = time.time()
     tokenizer = toy_world.build_tokenizer(world)
     model = hf.build_model("LlavaForConditionalGeneration", toy_model_config(tokenizer, world, size), seed=seed)
-    examples = encode_examples(warm_records, tokenizer, model.num_image_tokens(), model.config.image_token_id)
+    examples = encode_examples(warm_records, tokenizer, model.num_image_tokens(), model.config.image_token_id,
+                               max_groups=opt.get("length_groups", 1))
     losses = train_sft(model, examples, steps=opt.steps, batch_size=opt.batch_size,
                        learning_rate=opt.learning_rate, seed=seed, progress=progress)
     os.makedirs(out_dir, exist_ok=True)
