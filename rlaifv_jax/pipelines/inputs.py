@@ -32,7 +32,9 @@ def toy(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     warmstart.warm_start(config.model, config.warmstart, world, warm, os.path.join(workdir, "warmstart"),
                          seed=config.seed, progress=config.progress)
     if config.labeler.kind == "toy":
-        warmstart.warm_start(config.toy_labeler.model, config.toy_labeler.warmstart, world, warm,
+        labeler_records = (toy_world.labeler_split(world, config.world.n_warmstart, config.seed)
+                           if config.toy_labeler.data == "yesno" else warm)
+        warmstart.warm_start(config.toy_labeler.model, config.toy_labeler.warmstart, world, labeler_records,
                              os.path.join(workdir, "labeler_warmstart"), seed=config.seed + 1, progress=config.progress)
     n = config.world.n_prompts
 

@@ -41,6 +41,7 @@ _ONLINE_CHOICES = {
     "labeler.template": TEMPLATES,
     "claims.kind": ("rule", "llm"),
     "labeler.kind": ("self", "model", "toy"),
+    "toy_labeler.data": ("yesno", "policy"),
     "dpo.loss_type": LOSS_TYPES,
     "dpo.remat": REMAT_CHOICES,
 }
