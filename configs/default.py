@@ -51,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.steps = 1500  # supervised steps on captions + yes/no answers
     c.warmstart.batch_size = 64
     c.warmstart.learning_rate = 3e-3
+    # Rows padded to at most this many lengths (the split that pads least); each batch then takes from
+    # each length group its share of rows. 1: one length, batches drawn uniformly from all records.
+    c.warmstart.length_groups = 1
 
     c.prompts = ml_collections.ConfigDict()
     c.prompts.path = ""  # JSONL of {"id", "image_path" | "image" (base64), "question"} (source="files")
@@ -107,6 +110,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.toy_labeler.model.vision_hidden = 96
     c.toy_labeler.warmstart = ml_collections.ConfigDict(c.warmstart.to_dict())  # same fields as c.warmstart
     c.toy_labeler.warmstart.steps = 2000
+    # Its warm-start data: "yesno" asks, per image, about every object in it, every absent usual partner
+    # (the co-occurrence bias the policy's captions carry) and enough other absent objects to balance
+    # yes and no, no captions (toy_world.labeler_split); "policy": the policy's records (captions + 2 yes/no).
+    c.toy_labeler.data = "yesno"
 
     c.pairs = ml_collections.ConfigDict()
     c.pairs.per_prompt = 2  # at most this many pairs per prompt, sampled with the seed

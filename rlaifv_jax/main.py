@@ -264,6 +264,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_logging()
     skip_absent_tpu()
+    from rlaifv_jax.core import compile_cache
+    compile_cache.enable()
     from rlaifv_jax.core.errors import UserError
     debug = _DEBUG.value or flags.FLAGS["verbosity"].value >= 1
     from rlaifv_jax.core import distributed

@@ -102,13 +102,6 @@ def _pairs(rng, n, max_length):
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llava")
-    tiny_hf.llava(path)
-    return str(path)
-
-
 def test_bucketed_windowed_step_equals_fixed_padding(tiny):
     model = hf.load_pretrained(tiny)
     examples = _pairs(np.random.default_rng(2), 4, max_length=256)

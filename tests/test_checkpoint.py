@@ -8,22 +8,13 @@ import textwrap
 
 import jax
 import numpy as np
-import pytest
 
-import tiny_hf
 from rlaifv_jax.training import step as dpo_step
 from rlaifv_jax.core import sharding
 from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.models import hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llava")
-    tiny_hf.llava(path)
-    return str(path)
 
 
 def test_save_restore_across_meshes_and_retention(tiny, tmp_path):

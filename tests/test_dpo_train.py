@@ -35,13 +35,6 @@ def make_batch(rng, batch=4, length=24):
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llava")
-    ref = tiny_hf.llava(path)
-    return str(path), ref
-
-
 def torch_answer_logps(ref, tokens, px, start, lens):
     mask = np.arange(tokens.shape[1])[None] < (start + lens)[:, None]
     with torch.no_grad():
@@ -53,8 +46,8 @@ def torch_answer_logps(ref, tokens, px, start, lens):
     return (logp.numpy() * amask).sum(-1)
 
 
-def test_pair_logps_match_transformers(tiny):
-    path, ref = tiny
+def test_pair_logps_match_transformers(tiny_llava):
+    path, ref = tiny_llava
     model = hf.load_pretrained(path)
     batch = make_batch(np.random.RandomState(0))
     got = jax.jit(lambda b: logps.pair_logps(model, b))(batch)
@@ -68,8 +61,8 @@ def test_pair_logps_match_transformers(tiny):
     np.testing.assert_allclose(refs["ref_rejected_logps"], np.asarray(got["rejected"]), atol=1e-5)
 
 
-def test_answer_window_equals_full_head_and_checks_lengths(tiny):
-    path, _ = tiny
+def test_answer_window_equals_full_head_and_checks_lengths(tiny_llava):
+    path, _ = tiny_llava
     model = hf.load_pretrained(path)
     batch = make_batch(np.random.RandomState(1))
     window = int(max(batch["chosen_len"].max(), batch["rejected_len"].max()))
@@ -89,8 +82,8 @@ def _with_refs(model, batch):
 OPT = dpo_step.OptimSettings(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, weight_decay=0.01)
 
 
-def test_step0_loss_is_log2_and_vision_tower_has_no_state(tiny):
-    path, _ = tiny
+def test_step0_loss_is_log2_and_vision_tower_has_no_state(tiny_llava):
+    path, _ = tiny_llava
     model = hf.load_pretrained(path)
     batch = _with_refs(model, make_batch(np.random.RandomState(1)))
     step = dpo_step.DPOStep(model, OPT)
@@ -110,8 +103,8 @@ def test_step0_loss_is_log2_and_vision_tower_has_no_state(tiny):
     assert step.compiles == 1 and len(step._jitted) == 1
 
 
-def test_bf16_compute_keeps_float32_master_weights(tiny):
-    path, _ = tiny
+def test_bf16_compute_keeps_float32_master_weights(tiny_llava):
+    path, _ = tiny_llava
     model = hf.load_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     batch = _with_refs(model, make_batch(np.random.RandomState(1)))
     step = dpo_step.DPOStep(model, OPT)
@@ -121,8 +114,8 @@ def test_bf16_compute_keeps_float32_master_weights(tiny):
     assert abs(float(m["loss"]) - math.log(2)) < 1e-6  # same bf16 forward as the reference pass
 
 
-def test_grad_accumulation_equals_full_batch(tiny):
-    path, _ = tiny
+def test_grad_accumulation_equals_full_batch(tiny_llava):
+    path, _ = tiny_llava
     model = hf.load_pretrained(path)
     batch = _with_refs(model, make_batch(np.random.RandomState(2), batch=8))
     batch["ref_chosen_logps"] = batch["ref_chosen_logps"] + np.linspace(-3, 3, 8).astype(np.float32)  # non-trivial loss
@@ -138,8 +131,8 @@ def test_grad_accumulation_equals_full_batch(tiny):
     assert abs(float(m1["loss"]) - math.log(2)) > 1e-3  # the shifted references make the loss non-trivial
 
 
-def test_sharded_step_equals_unsharded_and_compiles_once(tiny):
-    path, _ = tiny
+def test_sharded_step_equals_unsharded_and_compiles_once(tiny_llava):
+    path, _ = tiny_llava
     plain_model = hf.load_pretrained(path)
     batches = [_with_refs(plain_model, make_batch(np.random.RandomState(10 + i), batch=8)) for i in range(2)]
     plain = dpo_step.DPOStep(plain_model, OPT)
@@ -163,9 +156,9 @@ def test_sharded_step_equals_unsharded_and_compiles_once(tiny):
     assert s_sh["step"].sharding == sharded.state_shardings["step"]
 
 
-def test_lora_trains_adapters_only_and_merges(tiny):
+def test_lora_trains_adapters_only_and_merges(tiny_llava):
     from rlaifv_jax.training import lora
-    path, _ = tiny
+    path, _ = tiny_llava
     base = hf.load_pretrained(path)
     batch = make_batch(np.random.RandomState(5), batch=4)
     base_logps = logps.reference_logps(base, [batch])

@@ -16,7 +16,7 @@ from rlaifv_jax.core import records
 from rlaifv_jax.data.yesno import ANSWER_WORDS
 from rlaifv_jax.pipelines import online
 from rlaifv_jax.stages import bundle
-from test_qwen_online import BRANCHES, _bigram_splitter
+from claims_llm import BRANCHES, bigram_splitter
 
 
 def _config(tmp_path, labeler):
@@ -24,7 +24,7 @@ def _config(tmp_path, labeler):
     tiny_hf.llava(policy, seed=1)
     tiny_hf.word_tokenizer(policy)
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(str(policy))
-    _bigram_splitter(splitter)
+    bigram_splitter(splitter)
     lines = []
     for i, (h, w) in enumerate([(40, 30), (60, 90), (100, 100)]):
         Image.fromarray(tiny_qwen.image(h, w, seed=10 + i)).save(tmp_path / f"{i}.png")

@@ -58,8 +58,10 @@ def _summary(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, smoke_warmstart):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    smoke_warmstart(one)
+    smoke_warmstart(two)
     _finish(_start(one, 1))
     _finish(_start(two, 2))
     return one, two
@@ -93,8 +95,9 @@ def test_two_processes_match_one(runs):
     assert (two / "export" / "model.safetensors").exists() or (two / "export" / "model.safetensors.index.json").exists()
 
 
-def test_kill_one_process_then_restart_with_another_count(runs, tmp_path):
+def test_kill_one_process_then_restart_with_another_count(runs, tmp_path, smoke_warmstart):
     one, _ = runs
+    smoke_warmstart(tmp_path)
     procs = _start(tmp_path, 2)
     target = tmp_path / "iter_00" / "labels"
     deadline = time.time() + 900

@@ -53,14 +53,8 @@ def torch_logps(ref, ex, size):
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("next")
-    return str(path), tiny_hf.llava_next(path)
-
-
-def test_next_pair_logps_match_transformers_and_train(tiny, tmp_path):
-    path, ref = tiny
+def test_next_pair_logps_match_transformers_and_train(tiny_next, tmp_path):
+    path, ref = tiny_next
     model = hf.load_pretrained(path)
     rng = np.random.default_rng(0)
     sizes = [(30, 50), (50, 30), (28, 28), (57, 29)]

@@ -44,8 +44,9 @@ def _run_to_end(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, smoke_warmstart):
     workdir = tmp_path_factory.mktemp("reference")
+    smoke_warmstart(workdir)  # the session's warm start (its own training and saving: test_ux_export.py)
     stdout = _run_to_end(workdir)
     return workdir, stdout
 
@@ -94,12 +95,13 @@ def _wait_and_kill(proc, path, delay):
     return True
 
 
-def test_sigkill_anywhere_then_resume_equals_uninterrupted(reference, tmp_path):
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(reference, tmp_path, smoke_warmstart):
     ref_dir, _ = reference
+    smoke_warmstart(tmp_path)
     rng = random.Random(1234)
     # Each target path appears at a different moment; "checkpoints/N" lands between the policy
     # checkpoint and the summary write, the train targets inside DPO (checkpoints every 1/4 epoch).
-    targets = ["warmstart", "iter_00/samples", "iter_00/labels", "iter_00/train", "checkpoints/1",
+    targets = ["eval/00", "iter_00/samples", "iter_00/labels", "iter_00/train", "checkpoints/1",
                "iter_01/claims", "iter_01/ref_logps", "iter_01/train", "checkpoints/2"]
     kills = 0
     for target in targets:

@@ -2,11 +2,9 @@
 claims (a tiny split/convert LLM) → labels → pairs → encoded → reference log-probs → DPO →
 checkpoint → export, which transformers loads and generates from.
 
-The claims LLM is a tiny Llama wired as a bigram machine (no attention or MLP output: the next
-token depends on the current one only): after ``ASSISTANT:`` it writes ``-``, then one of
-``w0..w7`` (equally likely, drawn from the sampler's per-message stream), then ``</s>``. So every
-response gets one claim whose word depends on the response, the labeler's verdicts differ between
-words (checked for this seed), and prompts get pairs to train on.
+The claims LLM is ``claims_llm.bigram_splitter``: every response gets one claim whose word depends on
+the response, the labeler's verdicts differ between words (checked for this seed), and prompts get
+pairs to train on.
 """
 import json
 
@@ -14,42 +12,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForImageTextToText
 
-import tiny_hf
 import tiny_qwen
+from claims_llm import BRANCHES, bigram_splitter
 from configs import default
 from rlaifv_jax.core import records
 from rlaifv_jax.pipelines import online
-
-SPLIT_WORDS = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:", "-"] + [f"w{i}" for i in range(60)]
-BRANCHES = 8  # claim words w0..w7
-
-
-def _bigram_splitter(path):
-    """A 1-layer Llama whose next token is a fixed function of the current one (see module docstring)."""
-    vocab = {w: i for i, w in enumerate(SPLIT_WORDS)}
-    tiny_hf.word_tokenizer(path, SPLIT_WORDS, image_token=None)
-    torch.manual_seed(3)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    llm = LlamaForCausalLM(cfg).eval()
-    words = [f"w{i}" for i in range(BRANCHES)]
-    transitions = {"ASSISTANT:": ["-"], "-": words, **{w: ["</s>"] for w in words}}
-    with torch.no_grad():
-        layer = llm.model.layers[0]
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
-        llm.model.embed_tokens.weight.mul_(0.01)
-        llm.lm_head.weight.zero_()
-        for dim, (source, targets) in enumerate(transitions.items()):
-            llm.model.embed_tokens.weight[vocab[source]] = 0.0
-            llm.model.embed_tokens.weight[vocab[source], dim] = 1.0  # normed: sqrt(32) on its own axis
-            for target in targets:
-                llm.lm_head.weight[vocab[target], dim] = 4.0  # logit 4 * sqrt(32) ~ 23
-    llm.save_pretrained(str(path))
-
 
 # family: (build, seed at which the labeler's verdicts differ between claim words, encode, architecture,
 # a merger weight that trains)
@@ -68,7 +37,7 @@ def test_tiny_qwen_runs_the_online_loop_and_exports(tmp_path, family):
     # Weights 5x transformers' default scale: the labeler's verdicts then depend on the claim word
     # (at 0.02 a tiny random model says "yes" or "no" to every question alike: no pairs).
     initial = build(policy, seed=seed, text=dict(initializer_range=0.1))
-    _bigram_splitter(splitter)
+    bigram_splitter(splitter)
     lines, images = [], {}
     for i, (h, w) in enumerate([(40, 30), (60, 90), (100, 100)]):
         images[f"p{i}"] = tiny_qwen.image(h, w, seed=10 + i)

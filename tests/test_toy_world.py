@@ -170,3 +170,20 @@ def test_config_validation():
         tw.WorldConfig(pairs=((("red", "circle"), ("blue", "square")), (("red", "circle"), ("green", "cross"))))
     with pytest.raises(ValueError):
         tw.WorldConfig(max_objects=5)
+
+
+def test_labeler_split_asks_every_object_and_every_absent_partner():
+    cfg = tw.WorldConfig()
+    partners = tw.partner_map(cfg)
+    records = tw.labeler_split(cfg, 60, seed=0)
+    answers = [r["answer"] for r in records]
+    assert {r["kind"] for r in records} == {"yesno"} and answers.count("no") >= answers.count("yes")
+    for image_id in {r["image_id"] for r in records}:
+        mine = [r for r in records if r["image_id"] == image_id]
+        objects = mine[0]["objects"]
+        for r in mine:
+            assert r["answer"] == ("yes" if r["target"] in objects else "no")
+            assert r["question"] == tw.labeler_prompt(tw.yesno_question(r["target"]))
+        asked = {r["target"] for r in mine}
+        assert set(objects) <= asked
+        assert {partners[o] for o in objects if o in partners and partners[o] not in objects} <= asked

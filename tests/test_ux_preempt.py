@@ -10,18 +10,9 @@ import textwrap
 import time
 
 import numpy as np
-import pytest
 
-import tiny_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llava")
-    tiny_hf.llava(path)
-    return str(path)
 
 
 WORKER = textwrap.dedent('''

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 
-import tiny_hf
 from rlaifv_jax.core import jsonl, sharding
 from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.core.errors import InputError, NonFiniteError
@@ -30,13 +29,6 @@ def config(**kw):
 
 def one_device():
     return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llava")
-    tiny_hf.llava(path)
-    return str(path)
 
 
 def test_non_finite_step_stops_before_saving_it(tiny, tmp_path):

@@ -257,6 +257,30 @@ def warmstart_split(cfg: WorldConfig, n_images: int, seed: int) -> list[dict[str
     return records
 
 
+def labeler_split(cfg: WorldConfig, n_images: int, seed: int) -> list[dict[str, Any]]:
+    """Yes/no records for a separate labeler (``warmstart_split``'s record format, same images and
+    stream): per image a "yes" for every object in it, a "no" for every absent usual partner of one of
+    them (the co-occurrence bias the policy's captions carry) and a "no" for other absent objects, as
+    many as make the no's at least as many as the yes's (at least one). No captions: the labeler only
+    answers questions, and noisy captions teach the partner bias."""
+    rng = np.random.default_rng([seed, 0])
+    partners = partner_map(cfg)
+    records = []
+    for i in range(n_images):
+        base = sample_image(rng, cfg, f"warm-{i}")
+        shared = {"image_id": base["id"], "image": base["image"], "objects": base["objects"]}
+        present = base["objects"]
+        hard = sorted({partners[o] for o in present if o in partners and partners[o] not in present})
+        other = [o for o in all_objects(cfg) if o not in present and o not in hard]
+        n_other = min(len(other), max(1, len(present) - len(hard)))
+        asked = ([(o, "yes") for o in present] + [(o, "no") for o in hard]
+                 + [(other[int(j)], "no") for j in rng.choice(len(other), n_other, replace=False)])
+        for j, (target, answer) in enumerate(asked):
+            records.append({"id": f"{base['id']}-yn{j}", **shared, "kind": "yesno",
+                            "question": labeler_prompt(yesno_question(target)), "answer": answer, "target": target})
+    return records
+
+
 def prompt_split(cfg: WorldConfig, n_images: int, seed: int, name: str = "prompt", stream: int = 1) -> list[dict[str, Any]]:
     """Caption prompts: ``{"id", "image", "objects", "cells", "boxes", "question"}``, instruction drawn
     per image. ``objects``/``cells``/``boxes`` are ground truth, for evaluation only; the RLAIF-V loop

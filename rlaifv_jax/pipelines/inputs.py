@@ -42,6 +42,7 @@ class WarmstartSettings:
     steps: int
     batch_size: int
     learning_rate: float
+    length_groups: int = 1  # rows padded to at most this many lengths (warmstart.length_groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class ToySettings:
     model: ToyModelSettings
     warmstart: WarmstartSettings
     labeler: tuple[ToyModelSettings, WarmstartSettings] | None  # labeler.kind="toy": its size and warm start
+    labeler_data: str = "yesno"  # the toy labeler's warm-start data (toy_labeler.data): "yesno" or "policy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,9 @@ def toy(spec: ToySettings, workdir: str) -> Inputs:
     warmstart.warm_start(spec.model, spec.warmstart, world, warm, os.path.join(workdir, "warmstart"),
                          seed=spec.seed, progress=spec.progress)
     if spec.labeler is not None:
-        warmstart.warm_start(*spec.labeler, world, warm, os.path.join(workdir, "labeler_warmstart"),
+        labeler_records = (toy_world.labeler_split(world, spec.n_warmstart, spec.seed)
+                           if spec.labeler_data == "yesno" else warm)
+        warmstart.warm_start(*spec.labeler, world, labeler_records, os.path.join(workdir, "labeler_warmstart"),
                              seed=spec.seed + 1, progress=spec.progress)
     n = spec.n_prompts
 

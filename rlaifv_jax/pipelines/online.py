@@ -14,6 +14,7 @@ import ml_collections
 
 from rlaifv_jax.core import distributed, sharding, vocabulary
 from rlaifv_jax.core.workdir import check_or_save_config
+from rlaifv_jax.eval import labeler_truth
 from rlaifv_jax.pipelines import export, inputs as inputs_lib
 from rlaifv_jax.pipelines.report import write_report
 from rlaifv_jax.pipelines.summary import Summary
@@ -93,6 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         select.discard_candidates(select_dir)
         summary.put({"iteration": k + 1, **evaluate(k + 1), "pairs": len(examples), "length_ratio": ratio,
                      **dpo.summary(train_dir), **select.summary(select_dir),
+                     **(labeler_truth.audit(prompts, claim_recs, labels, pair_recs) if spec.toy else {}),
                      "warnings": runner.stage_warnings([os.path.join(it, s) for s in STAGES]),
                      "wall_s": round(time.time() - t_start, 1)})
     with bundle.loaded(policy_at(spec.iterations), mesh, training=True) as final:  # master weights, collectively

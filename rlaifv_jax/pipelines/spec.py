@@ -67,7 +67,8 @@ def _toy_model(m: ml_collections.ConfigDict) -> ToyModelSettings:
 
 
 def _warmstart(w: ml_collections.ConfigDict) -> WarmstartSettings:
-    return WarmstartSettings(steps=w.steps, batch_size=w.batch_size, learning_rate=w.learning_rate)
+    return WarmstartSettings(steps=w.steps, batch_size=w.batch_size, learning_rate=w.learning_rate,
+                             length_groups=w.length_groups)
 
 
 def _inputs(c: ml_collections.ConfigDict, checked: Checked) -> ToySettings | PromptFileSettings:
@@ -77,7 +78,8 @@ def _inputs(c: ml_collections.ConfigDict, checked: Checked) -> ToySettings | Pro
                if c.labeler.kind == "toy" else None)
     return ToySettings(seed=c.seed, progress=c.progress, caption_partner_rate=c.world.caption_partner_rate,
                    n_warmstart=c.world.n_warmstart, n_prompts=c.world.n_prompts, n_eval=c.world.n_eval,
-                   model=_toy_model(c.model), warmstart=_warmstart(c.warmstart), labeler=labeler)
+                   model=_toy_model(c.model), warmstart=_warmstart(c.warmstart), labeler=labeler,
+                   labeler_data=c.toy_labeler.data)
 
 
 def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
