@@ -1,7 +1,7 @@
 """The labeler audit counts right and wrong yes/no decisions on the policy's claims against ground truth."""
 import pytest
 
-from rlaifv_jax.eval.labeler_truth import audit
+from rlaifv_jax.feedback.labeler_truth import audit
 from rlaifv_jax.feedback.toy_claims import RuleClaimExtractor
 
 

@@ -14,7 +14,7 @@ import ml_collections
 
 from rlaifv_jax.core import distributed, sharding, vocabulary
 from rlaifv_jax.core.workdir import check_or_save_config
-from rlaifv_jax.eval import labeler_truth
+from rlaifv_jax.feedback import labeler_truth
 from rlaifv_jax.pipelines import export, inputs as inputs_lib
 from rlaifv_jax.pipelines.report import write_report
 from rlaifv_jax.pipelines.summary import Summary
