@@ -178,6 +178,7 @@ def beam_search(model: nnx.Module, prompts: Sequence[dict], *, num_beams: int, m
     graphdef, state = nnx.split(model)
     batch = min(batch_size, 1 << (len(prompts) - 1).bit_length())
     stop = jnp.asarray(sorted(set(int(t) for t in stop_token_ids)), jnp.int32)
+    banned = jnp.asarray(logits_lib.reserved_ids(model, stop_token_ids), jnp.int32)  # never the image token
     groups = []
     for bucket in sorted(set(chosen)):
         members = [i for i, c in enumerate(chosen) if c == bucket]
@@ -191,7 +192,7 @@ def beam_search(model: nnx.Module, prompts: Sequence[dict], *, num_beams: int, m
                                  num_beams, device(b.positions))
         out = _search(graphdef, state, cache, logits, jnp.asarray(b.mask), jnp.asarray(b.active), stop,
                       jnp.float32(cfg.length_penalty), jnp.bool_(cfg.early_stopping), num_beams, max_new_tokens,
-                      device(b.rope_deltas), jnp.asarray(logits_lib.reserved_ids(model, stop_token_ids), jnp.int32))
+                      device(b.rope_deltas), banned)
         tokens, lengths, stopped, scores = map(np.asarray, out)
         for r, i in enumerate(members):
             results[i] = {"tokens": [tokens[r, :lengths[r]].tolist()], "stopped": [bool(stopped[r])],

@@ -43,7 +43,8 @@ def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSpec,
                         inputs.append(b.prompt(p))
                     except PlaceholderMismatch:  # the question's text maps to the image token: a named skip
                         skipped[i] = {"question": p["question"], "responses": [], "num_tokens": [],
-                                      "fingerprint": fingerprints.get(str(p["id"])), "warnings": ["image_token_in_text"]}
+                                      "fingerprint": fingerprints.get(str(p["id"])),
+                                      "warnings": ["image_token_in_text"]}
                 outs = iter(generate(b.model, inputs, num_samples=settings.num_samples,
                                      max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                      top_k=settings.top_k, top_p=settings.top_p,
