@@ -132,8 +132,8 @@ def main():
     from rlaifv_jax.models import hf
     jmodel = hf.load_pretrained(tmp)
     window = int(max(batch["chosen_len"].max(), batch["rejected_len"].max()))  # LM head on answers only
-    step = dpo_step.DPOStep(jmodel, dpo_step.OptimConfig(learning_rate=1e-5, total_steps=1000, warmup_ratio=0.0),
-                       dpo_step.LossConfig(answer_window=window))
+    step = dpo_step.DPOStep(jmodel, dpo_step.OptimSettings(learning_rate=1e-5, total_steps=1000, warmup_ratio=0.0),
+                       dpo_step.LossSettings(answer_window=window))
     state = {"s": step.init_state(0)}
 
     def jax_run():

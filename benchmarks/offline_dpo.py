@@ -45,7 +45,7 @@ def _png(rng, size=96) -> bytes:
 
 def synthetic_pairs(n: int, vocab: int, image_token: int, seed: int = 0):
     """``PreferenceRecord``s with token features drawn from the distribution in the module docstring."""
-    from rlaifv_jax.data.rlaifv_dataset import PreferenceRecord
+    from rlaifv_jax.data.pairs import PreferenceRecord
     rng = np.random.default_rng(seed)
     records, too_long = [], 0
     image = _png(rng)
@@ -86,8 +86,7 @@ def throughput(args) -> None:
 
     from rlaifv_jax.data import buckets
     from rlaifv_jax.data.chat import llava_image_preprocess
-    from rlaifv_jax.data.rlaifv_dataset import make_iterator, make_pair_dataset, pair_example_fn
-    from rlaifv_jax.data.tokenized import pair_lengths
+    from rlaifv_jax.data.pairs import make_iterator, make_pair_dataset, pair_example_fn, pair_lengths
     from rlaifv_jax.models import hf
     from rlaifv_jax.training import step as step_lib
 
@@ -102,12 +101,12 @@ def throughput(args) -> None:
 
     grid = buckets.length_buckets(MAX_LENGTH)
     variants = {
-        "fixed/full-head": (dict(), step_lib.LossConfig(answer_window=MAX_LENGTH - 1)),
-        "fixed/window": (dict(), step_lib.LossConfig()),
-        "buckets/window": (dict(buckets=grid), step_lib.LossConfig()),
-        "sorted/window": (dict(buckets=grid, sort_window=16), step_lib.LossConfig()),
+        "fixed/full-head": (dict(), step_lib.LossSettings(answer_window=MAX_LENGTH - 1)),
+        "fixed/window": (dict(), step_lib.LossSettings()),
+        "buckets/window": (dict(buckets=grid), step_lib.LossSettings()),
+        "sorted/window": (dict(buckets=grid, sort_window=16), step_lib.LossSettings()),
     }
-    opt = step_lib.OptimConfig(learning_rate=1e-5, total_steps=1000, warmup_ratio=0.0)
+    opt = step_lib.OptimSettings(learning_rate=1e-5, total_steps=1000, warmup_ratio=0.0)
     runs = {}
     for name, (data_kw, loss) in variants.items():  # epoch 1: data path + every compile
         ds = make_pair_dataset(records, example_fn=example_fn, batch_size=args.batch, seed=0, shard_index=0,
@@ -152,9 +151,9 @@ def _memory_child(n: int, work: str, mode: str) -> dict:
 
     from rlaifv_jax.data import buckets, rlaifv_tfds
     from rlaifv_jax.data.chat import llava_image_preprocess
-    from rlaifv_jax.data.rlaifv_dataset import (make_iterator, make_pair_dataset, pair_example_fn, pair_text_fn,
-                                                read_rlaifv)
-    from rlaifv_jax.data.tokenized import tokenize_records
+    from rlaifv_jax.data.pairs import (make_iterator, make_pair_dataset, pair_example_fn, pair_text_fn,
+                                       tokenize_records)
+    from rlaifv_jax.data.rlaifv_dataset import read_rlaifv
     words = "a the red blue cat dog is on in of image what ? describe".split()
     shards = os.path.join(work, f"shards{n}")
     if mode == "build":

@@ -37,7 +37,7 @@ from rlaifv_jax.core import aot, hardware, sharding as shd, vocabulary
 from rlaifv_jax.data import buckets
 from rlaifv_jax import plan_report
 from rlaifv_jax.engine import generate, logps, score, vision
-from rlaifv_jax.engine.logits import SamplingConfig
+from rlaifv_jax.engine.logits import DecodeSettings
 from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING
 from rlaifv_jax.models import anyres, hf
 from rlaifv_jax.models.llava import LlavaNext
@@ -138,14 +138,14 @@ def pair_image(model: nnx.Module, assume: Assumptions, length: int) -> dict[str,
                                    max_patches=assume.max_pixels // model.config.vision.patch_size ** 2)
 
 
-def dpo_configs(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.OptimConfig, dpo.LossConfig]:
+def dpo_settings(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.OptimSettings, dpo.LossSettings]:
     """The train step's settings as the online loop builds them (plus the remat / dtype options)."""
     d = config.dpo
-    optim = dpo.OptimConfig(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
+    optim = dpo.OptimSettings(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
                             max_grad_norm=d.max_grad_norm, total_steps=max(steps, 1),
                             master_dtype=d.get("master_dtype", "float32"),
                             state_dtype=d.get("optimizer_state_dtype", "float32"))
-    loss = dpo.LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+    loss = dpo.LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                           grad_accum=d.grad_accum, remat=d.get("remat", "none"))
     return optim, loss
 
@@ -192,7 +192,7 @@ class Planner:
         return tokens
 
     def generation(self, name: str, model: nnx.Module, *, batch: int, length: int, num_samples: int, max_new: int,
-                   sampling: SamplingConfig, calls: int) -> None:
+                   sampling: DecodeSettings, calls: int) -> None:
         state = aot.sharded(nnx.state(model), self.mesh, shd.SERVE_RULES)
         extra = {"prefill": dict(tokens_per_step=batch * length, calls=calls),
                  "decode": dict(tokens_per_step=batch * num_samples, calls=calls * max_new,
@@ -205,7 +205,7 @@ class Planner:
     def sample(self, policy: nnx.Module) -> None:
         s = self.config.sampling
         tokens = self.vision("sample/vision", policy, aot.sharded(nnx.state(policy), self.mesh, shd.SERVE_RULES))
-        sampling = SamplingConfig(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None,
+        sampling = DecodeSettings(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None,
                                   repetition_penalty=s.repetition_penalty if s.repetition_penalty != 1 else None)
         self.generation("sample", policy, batch=s.batch_size, length=_bucket(tokens + self.assume.prompt_text_tokens),
                         num_samples=s.num_samples, max_new=s.max_new_tokens, sampling=sampling,
@@ -225,7 +225,7 @@ class Planner:
             llm = abstract_model(arch, c.policy.dtype, c.policy.dtype)
             self.generation(name, llm, batch=batch, num_samples=1, max_new=dec.max_new_tokens, calls=calls,
                             length=_bucket(self.assume.claims_prompt_tokens + min(c.sampling.max_new_tokens, 400)),
-                            sampling=SamplingConfig(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p))
+                            sampling=DecodeSettings(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p))
 
     def label(self, labeler: nnx.Module) -> None:
         c, a, questions = self.config, self.assume, self.counts["questions_per_prompt"]
@@ -267,7 +267,7 @@ class Planner:
     def dpo_step(self, policy: nnx.Module, variants: bool) -> None:
         """The train step as configured and, with ``variants``, with remat / bf16 optimizer state /
         bf16 master weights to show what each saves."""
-        optim, loss = dpo_configs(self.config, self.counts["dpo_steps"])
+        optim, loss = dpo_settings(self.config, self.counts["dpo_steps"])
         runs = [("dpo_step", optim, loss)]
         if variants:  # remat on when it is off, off when it is on
             other = "full" if loss.remat == "none" else "none"

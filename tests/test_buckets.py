@@ -5,7 +5,7 @@ import pytest
 
 import tiny_hf
 from rlaifv_jax.data import buckets
-from rlaifv_jax.data.rlaifv_dataset import PreferenceRecord, make_pair_dataset
+from rlaifv_jax.data.pairs import PreferenceRecord, make_pair_dataset
 from rlaifv_jax.engine import logps
 from rlaifv_jax.models import hf
 from rlaifv_jax.training import step as step_lib
@@ -123,7 +123,7 @@ def test_bucketed_windowed_step_equals_fixed_padding(tiny):
     np.testing.assert_allclose(refs["ref_chosen_logps"], np.asarray(full_lp["chosen"]), atol=1e-4, rtol=1e-6)
     np.testing.assert_allclose(refs["ref_rejected_logps"], np.asarray(full_lp["rejected"]), atol=1e-4, rtol=1e-6)
 
-    opt = step_lib.OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0)
+    opt = step_lib.OptimSettings(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0)
     dpo = step_lib.DPOStep(model, opt)
     state = dpo.init_state(0)
     g_fixed, m_fixed = dpo.gradients(state, fixed)  # fixed padding, LM head on all 256 positions

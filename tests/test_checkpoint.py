@@ -30,7 +30,7 @@ def test_save_restore_across_meshes_and_retention(tiny, tmp_path):
     mesh = sharding.make_mesh(2, 2, 2)
     with jax.set_mesh(mesh):
         model = hf.load_pretrained(tiny, shardings=lambda s: sharding.state_shardings(s, mesh))
-    opt = dpo_step.OptimConfig(learning_rate=1e-3, total_steps=10)
+    opt = dpo_step.OptimSettings(learning_rate=1e-3, total_steps=10)
     step = dpo_step.DPOStep(model, opt, mesh=mesh)
     state = step.init_state(3)
     ck = Checkpointer(str(tmp_path / "ck"), max_to_keep=2, save_every=2)
@@ -79,7 +79,7 @@ WORKER = textwrap.dedent('''
             ex[name + "_tokens"] = row
         examples.append(ex)
     ds = grain.MapDataset.source(examples).shuffle(seed=1).repeat(3).batch(2)  # 15 steps
-    cfg = train.TrainConfig(optim=dpo_step.OptimConfig(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
+    cfg = train.TrainSettings(optim=dpo_step.OptimSettings(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
                             save_every=3, max_to_keep=2, progress=False)
 
     def hook(step, metrics, saved):

@@ -77,7 +77,7 @@ def test_answer_window_equals_full_head_and_checks_lengths(tiny):
     windowed = jax.jit(lambda b: logps.pair_logps(model, b, answer_window=window))(batch)
     for key in ("chosen", "rejected", "chosen_len", "rejected_len"):
         np.testing.assert_allclose(np.asarray(windowed[key]), np.asarray(full[key]), atol=1e-5, rtol=0)
-    step = dpo_step.DPOStep(model, OPT, dpo_step.LossConfig(answer_window=window - 1))
+    step = dpo_step.DPOStep(model, OPT, dpo_step.LossSettings(answer_window=window - 1))
     with pytest.raises(ValueError, match=f"exceeds loss.answer_window={window - 1}"):
         step(step.init_state(), _with_refs(model, batch))
 
@@ -86,7 +86,7 @@ def _with_refs(model, batch):
     return batch | logps.reference_logps(model, [batch])
 
 
-OPT = dpo_step.OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, weight_decay=0.01)
+OPT = dpo_step.OptimSettings(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, weight_decay=0.01)
 
 
 def test_step0_loss_is_log2_and_vision_tower_has_no_state(tiny):
@@ -128,7 +128,7 @@ def test_grad_accumulation_equals_full_batch(tiny):
     batch["ref_chosen_logps"] = batch["ref_chosen_logps"] + np.linspace(-3, 3, 8).astype(np.float32)  # non-trivial loss
     out = {}
     for k in (1, 4):
-        step = dpo_step.DPOStep(model, OPT, dpo_step.LossConfig(grad_accum=k))
+        step = dpo_step.DPOStep(model, OPT, dpo_step.LossSettings(grad_accum=k))
         out[k] = step.gradients(step.init_state(0), batch)
     (g1, m1), (g4, m4) = out[1], out[4]
     for key in g1:
@@ -146,7 +146,7 @@ def test_sharded_step_equals_unsharded_and_compiles_once(tiny):
     mesh = sharding.make_mesh(2, 2, 2)
     with jax.set_mesh(mesh):
         sharded_model = hf.load_pretrained(path, shardings=lambda s: sharding.state_shardings(s, mesh))
-    sharded = dpo_step.DPOStep(sharded_model, OPT, dpo_step.LossConfig(grad_accum=2), mesh=mesh)
+    sharded = dpo_step.DPOStep(sharded_model, OPT, dpo_step.LossSettings(grad_accum=2), mesh=mesh)
     s_plain, s_sh = plain.init_state(0), sharded.init_state(0)
     kernel = s_sh["params"]["language_model/layers/0/mlp/up_proj/kernel"]
     assert len(kernel.sharding.device_set) == 8

@@ -84,6 +84,6 @@ def test_beam_search_equals_transformers(models, name):
 
 def test_bad_options():
     with pytest.raises(ValueError, match="num_beams"):
-        beam.BeamConfig(num_beams=0, max_new_tokens=4)
+        beam.BeamSettings(num_beams=0, max_new_tokens=4)
     with pytest.raises(ValueError, match="early_stopping"):
-        beam.BeamConfig(num_beams=2, max_new_tokens=4, early_stopping="never")
+        beam.BeamSettings(num_beams=2, max_new_tokens=4, early_stopping="never")

@@ -11,7 +11,7 @@ from transformers import LlavaNextForConditionalGeneration
 
 import tiny_hf
 from rlaifv_jax.data import buckets
-from rlaifv_jax.data.rlaifv_dataset import PreferenceRecord, pair_example_fn
+from rlaifv_jax.data.pairs import PreferenceRecord, pair_example_fn
 from rlaifv_jax.engine import logps
 from rlaifv_jax.models import anyres, hf
 from rlaifv_jax.training import step as step_lib
@@ -76,7 +76,7 @@ def test_next_pair_logps_match_transformers_and_train(tiny, tmp_path):
         logps.pair_logps(model, bad)
 
     # a few DPO steps; batches of other image sizes reuse the one program
-    opt = step_lib.OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0)
+    opt = step_lib.OptimSettings(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0)
     dpo = step_lib.DPOStep(model, opt)
     state = dpo.init_state(0)
     first = batch | logps.reference_logps(model, [batch])

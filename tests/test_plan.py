@@ -77,7 +77,7 @@ def test_local_plan_dpo_bytes_equal_the_real_step(local_plan):
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     with jax.set_mesh(mesh):
         policy = hf.build_model(*plan.architecture(config, "policy"))
-    optim, loss = plan.dpo_configs(config, local_plan["counts"]["dpo_steps"])
+    optim, loss = plan.dpo_settings(config, local_plan["counts"]["dpo_steps"])
     step = dpo.DPOStep(policy, optim, loss, mesh=mesh)
     batch = buckets.with_answer_window(_real_batch(policy, config, np.random.RandomState(0)), plan.dpo_window(config))
     assert buckets.WINDOW_KEY in batch  # the run's automatic LM-head window, as planned
@@ -219,19 +219,19 @@ def test_dpo_step_remat_option_reaches_the_decoder_as_an_argument():
     batch = plan.Planner(config, hardware.parse_topology("local"), mesh, plan.Assumptions(), {}).pair_batch(policy, True)
     jaxprs = {}
     for mode in ("none", "full"):
-        step = dpo.DPOStep(policy, dpo.OptimConfig(), dpo.LossConfig(remat=mode), mesh=mesh)
+        step = dpo.DPOStep(policy, dpo.OptimSettings(), dpo.LossSettings(remat=mode), mesh=mesh)
         params = {k: v for k, v in step.abstract_state()["params"].items()}
         jaxprs[mode] = str(jax.make_jaxpr(step._loss_fn)(params, step.frozen, batch, 1.0, jax.random.key(0)))
     assert "remat2" in jaxprs["full"] and "remat2" not in jaxprs["none"]
     assert not hasattr(policy.language_model, "remat")  # no hidden state on the model
     with pytest.raises(ValueError, match="remat"):
-        dpo.LossConfig(remat="some")
+        dpo.LossSettings(remat="some")
 
 
 def test_bf16_optimizer_state_is_stored_in_bf16_and_updated_in_float32():
     params = {"w": jnp.linspace(-1, 1, 12, dtype=jnp.float32).reshape(3, 4), "b": jnp.ones((4,), jnp.float32)}
     grads = jax.tree.map(lambda p: jnp.cos(p * 3.0), params)
-    cfg = dpo.OptimConfig(learning_rate=1e-2, total_steps=10, warmup_ratio=0.0)
+    cfg = dpo.OptimSettings(learning_rate=1e-2, total_steps=10, warmup_ratio=0.0)
     tx32, _ = dpo.make_optimizer(cfg)
     tx16, _ = dpo.make_optimizer(dataclasses.replace(cfg, state_dtype="bfloat16"))
     s32, s16 = tx32.init(params), tx16.init(params)
@@ -244,7 +244,7 @@ def test_bf16_optimizer_state_is_stored_in_bf16_and_updated_in_float32():
     mu16 = jax.tree.leaves(s16)[1]
     assert mu16.dtype == jnp.bfloat16 and np.allclose(np.asarray(mu16, np.float32), np.asarray(mu32), rtol=1e-2)
     with pytest.raises(ValueError, match="state_dtype"):
-        dpo.OptimConfig(state_dtype="float16")
+        dpo.OptimSettings(state_dtype="float16")
 
 
 def test_abstract_step_state_bytes_follow_the_dtype_options():
@@ -256,7 +256,7 @@ def test_abstract_step_state_bytes_follow_the_dtype_options():
     n = sum(math.prod(x.shape) for p, x in nnx.to_flat_state(nnx.state(policy, nnx.Param)) if p[0] != "vision_tower")
     got = {}
     for master, state in (("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")):
-        step = dpo.DPOStep(policy, dpo.OptimConfig(master_dtype=master, state_dtype=state), mesh=mesh)
+        step = dpo.DPOStep(policy, dpo.OptimSettings(master_dtype=master, state_dtype=state), mesh=mesh)
         assert step.is_abstract
         got[master, state] = aot.per_chip_bytes({k: v for k, v in step.abstract_state().items() if k != "rng"})
     overhead = got["float32", "float32"] - 12 * n  # step counters

@@ -14,9 +14,9 @@ from rlaifv_jax.engine import generate as sampler
 from rlaifv_jax.engine.logps import reference_logps
 from rlaifv_jax.engine.score import Labeler
 from rlaifv_jax.models import hf
-from rlaifv_jax.stages import bundle, encode
+from rlaifv_jax.stages import bundle
 from rlaifv_jax.training import lora
-from rlaifv_jax.training.step import DPOStep, LossConfig, OptimConfig
+from rlaifv_jax.training.step import DPOStep, LossSettings, OptimSettings
 
 TOL = 1e-4
 QUESTIONS = ("describe the image .", "describe the image w1 w2 w3 w4 .")
@@ -119,7 +119,7 @@ def _pairs(setup, length=96):
                                          template="chat") for a in (chosen, rejected)]
         records.append({"key": str(i), "image_key": i, "prompt_ids": enc[0].prompt_ids.tolist(),
                         "chosen_ids": enc[0].answer_ids.tolist(), "rejected_ids": enc[1].answer_ids.tolist()})
-    examples = [encode.example_fn(lambda k: images[k], b, length)(r) for r in records]
+    examples = [bundle.pair_example_fn(lambda k: images[k], b, length)(r) for r in records]
     return records, {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
@@ -142,13 +142,13 @@ def test_dpo_freezes_the_tower_and_lora_wraps_the_language_model(setup):
     _, _, _, _, path = setup
     _, batch = _pairs(setup)
     model = hf.load_pretrained(path)
-    step = DPOStep(model, OptimConfig(total_steps=2))
+    step = DPOStep(model, OptimSettings(total_steps=2))
     heads = {p[0] for p, _ in nnx.to_flat_state(step.trainable_template)}
     assert heads == {"multi_modal_projector", "language_model"}  # the merger trains, the tower does not
     batch = {**batch, **reference_logps(model, [batch]), "weights": np.ones(2, np.float32)}
     lora.apply_lora(model, rank=4, alpha=8.0, dropout=0.0, seed=1)
     assert len(lora.lora_modules(model)) == 7 * model.config.text.num_hidden_layers
-    step = DPOStep(model, OptimConfig(learning_rate=1e-2, total_steps=2, warmup_ratio=0.0), LossConfig(remat="full"),
+    step = DPOStep(model, OptimSettings(learning_rate=1e-2, total_steps=2, warmup_ratio=0.0), LossSettings(remat="full"),
                    trainable=lora.lora_trainable, prepare=lora.prepare)  # remat: Qwen's decoder loop honours it
     state, metrics = step(step.init_state(), batch)
     assert float(metrics["loss"]) == pytest.approx(np.log(2), abs=1e-5)  # B = 0: the policy starts as the reference

@@ -12,15 +12,9 @@ import pytest
 from PIL import Image
 
 from rlaifv_jax.data.chat import llava_image_preprocess
-from rlaifv_jax.data.rlaifv_dataset import (
-    DatasetFileError,
-    make_iterator,
-    make_pair_dataset,
-    pair_example_fn,
-    pair_text_fn,
-    read_rlaifv,
-)
-from rlaifv_jax.data.tokenized import pair_lengths, tokenize_records
+from rlaifv_jax.data.pairs import (make_iterator, make_pair_dataset, pair_example_fn, pair_lengths, pair_text_fn,
+                                   tokenize_records)
+from rlaifv_jax.data.rlaifv_dataset import DatasetFileError, read_rlaifv
 from rlaifv_jax.data.prompts import read_prompt_file
 from rlaifv_rows import IMAGE_ID, png_bytes, row, tokenizer  # noqa: F401  (tokenizer: fixture)
 

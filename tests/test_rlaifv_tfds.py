@@ -10,9 +10,8 @@ from PIL import Image
 
 from rlaifv_jax.data import buckets, rlaifv_tfds
 from rlaifv_jax.data.chat import llava_image_preprocess
-from rlaifv_jax.data.rlaifv_dataset import (DatasetFileError, make_iterator, make_pair_dataset, pair_example_fn,
-                                            pair_text_fn)
-from rlaifv_jax.data.tokenized import tokenize_records
+from rlaifv_jax.data.pairs import make_iterator, make_pair_dataset, pair_example_fn, pair_text_fn, tokenize_records
+from rlaifv_jax.data.rlaifv_dataset import DatasetFileError
 from rlaifv_rows import IMAGE_ID, png_bytes, row, tokenizer  # noqa: F401  (tokenizer: fixture)
 
 ANSWERS = ["a red circle", "a blue square", "a cat and a dog", "yes", "no there is a dog", "a red square é"]

@@ -108,7 +108,7 @@ def test_logits_processors_equal_transformers():
         assert 1 <= np.isfinite(np.asarray(kept)).sum(axis=1).min() and np.isneginf(np.asarray(kept)).any()
     chain = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7),
                                  TopKLogitsWarper(20), TopPLogitsWarper(0.8)])
-    cfg = logits_lib.SamplingConfig(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.2)
+    cfg = logits_lib.DecodeSettings(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.2)
     same(logits_lib.process_logits(jnp.asarray(logits), jnp.asarray(seen), cfg), chain(hist, scores.clone()))
 
 

@@ -34,7 +34,7 @@ WORKER = textwrap.dedent('''
     from dpo_examples import examples
     model_dir, workdir, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     ds = grain.MapDataset.source(examples()).shuffle(seed=1).repeat(2).batch(2)  # 12 steps
-    cfg = loop.TrainConfig(optim=dpo_step.OptimConfig(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
+    cfg = loop.TrainSettings(optim=dpo_step.OptimSettings(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
                            save_every=4, max_to_keep=2, progress=False)
     try:
         res = loop.train(hf.load_pretrained(model_dir), ds, cfg, workdir, hook=lambda *a: time.sleep(delay))

@@ -23,9 +23,9 @@ def dataset(exs, batch=2):
 
 
 def config(**kw):
-    base = dict(optim=dpo_step.OptimConfig(learning_rate=1e-3, total_steps=0, warmup_ratio=0.0), save_every=1,
+    base = dict(optim=dpo_step.OptimSettings(learning_rate=1e-3, total_steps=0, warmup_ratio=0.0), save_every=1,
                 max_to_keep=2, progress=False, async_checkpoint=False)
-    return loop.TrainConfig(**{**base, **kw})
+    return loop.TrainSettings(**{**base, **kw})
 
 
 def one_device():

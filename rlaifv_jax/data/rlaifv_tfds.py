@@ -36,8 +36,8 @@ from typing import Any
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from rlaifv_jax.data.rlaifv_dataset import (META_FIELDS, DatasetFileError, PreferenceRecord, SkipRecord, iter_rows,
-                                            validate_row)
+from rlaifv_jax.data.pairs import PreferenceRecord, SkipRecord
+from rlaifv_jax.data.rlaifv_dataset import META_FIELDS, DatasetFileError, iter_rows, validate_row
 
 NAME = "rlaifv_dataset"
 SPLITS: tuple[str, ...] = ("train", "heldout")

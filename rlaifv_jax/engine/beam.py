@@ -39,7 +39,7 @@ NEG = -1.0e9  # transformers' "impossible" score offset
 
 
 @dataclasses.dataclass(frozen=True)
-class BeamConfig:
+class BeamSettings:
     """Static beam-search options (transformers' names and defaults)."""
 
     num_beams: int
@@ -168,7 +168,7 @@ def beam_search(model: nnx.Module, prompts: Sequence[dict], *, num_beams: int, m
     (``[bool]``: ended at a stop token rather than at ``max_new_tokens``) and ``score`` (its
     length-normalised log-probability).
     """
-    cfg = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=float(length_penalty),
+    cfg = BeamSettings(num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=float(length_penalty),
                      early_stopping=early_stopping)
     tc = prompt_checks.text_config(model)
     buckets = prompt_checks.check_options(num_beams, max_new_tokens, stop_token_ids, 0, batch_size, buckets, tc.vocab_size)

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from rlaifv_jax.core import sharding
 from rlaifv_jax.engine import vision
-from rlaifv_jax.engine.logits import SamplingConfig, choose_tokens, presence_mask, row_keys
+from rlaifv_jax.engine.logits import DecodeSettings, choose_tokens, presence_mask, row_keys
 from rlaifv_jax.engine.prefill import left_padded, prefill
 from rlaifv_jax.engine.prompt_checks import check_options, check_prompts, text_config
 
@@ -93,7 +93,7 @@ def _prefill_fn(graphdef, state, ids, features, mask, static: _Static, positions
 
 
 def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_keys, active, seed,
-               stop_ids, static: _Static, cfg: SamplingConfig, rope_deltas=None):
+               stop_ids, static: _Static, cfg: DecodeSettings, rope_deltas=None):
     """Decode all rows in one ``while_loop``: every row attends to its prompt's shared ``prefix``
     cache plus a cache of its own generated tokens (updated in place). ``rope_deltas [B]`` (Qwen2.5-VL)
     shift each prompt's decode positions. Returns tokens, raw log-probs, lengths (stop excluded) and
@@ -177,7 +177,7 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
     (whether each sample ended at a stop token rather than at ``max_new_tokens``). All inputs are
     checked before anything is compiled.
     """
-    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+    cfg = DecodeSettings(temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty)
     tc = text_config(model)
     buckets = check_options(num_samples, max_new_tokens, stop_token_ids, seed, batch_size, buckets,
@@ -250,7 +250,7 @@ def batch_static(mesh: Mesh | None, model: nnx.Module, *, rows: int, cache_len: 
 
 
 def lower_programs(model: nnx.Module, state: nnx.State, mesh: Mesh, *, batch: int, length: int, num_samples: int,
-                   max_new_tokens: int, sampling: SamplingConfig, num_stop_ids: int = 1) -> dict[str, Any]:
+                   max_new_tokens: int, sampling: DecodeSettings, num_stop_ids: int = 1) -> dict[str, Any]:
     """The prefill and decode programs ``generate`` runs for one batch of ``batch`` prompts padded to
     ``length`` tokens, compiled from abstract arguments (``state``: ``jax.ShapeDtypeStruct``s with
     shardings, e.g. of an ``nnx.eval_shape`` model; ``mesh`` may hold compile-only TPU devices).

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
+class DecodeSettings:
     """Decoding options (static: compiled into the decode program)."""
 
     temperature: float = 0.0
@@ -83,7 +83,7 @@ def top_k_top_p_filter(logits: jax.Array, k: int, p: float) -> jax.Array:
     return jnp.where(logits < lowest_kept, -jnp.inf, logits)
 
 
-def process_logits(logits: jax.Array, seen: jax.Array | None, cfg: SamplingConfig) -> jax.Array:
+def process_logits(logits: jax.Array, seen: jax.Array | None, cfg: DecodeSettings) -> jax.Array:
     """The scores tokens are chosen from, in transformers' order: penalty; then (sampling only)
     temperature, top-k, top-p."""
     if cfg.penalizes:
@@ -107,7 +107,7 @@ def row_keys(seed: jax.Array, prompt_ids: jax.Array, sample_ids: jax.Array) -> j
 
 
 def choose_tokens(logits: jax.Array, seen: jax.Array | None, keys: jax.Array | None, step: jax.Array,
-                  cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+                  cfg: DecodeSettings) -> tuple[jax.Array, jax.Array]:
     """Next tokens ``[R]`` (argmax, or a categorical draw with each row's key folded with ``step``)
     and their raw-model log-probs ``[R]``."""
     scores = process_logits(logits, seen, cfg)

@@ -71,7 +71,7 @@ def pair_logps(model: nnx.Module, batch: Batch, *, image_sizes: Any = None,
     ``pixel_values`` ``[B, C, H, W]`` (one image per pair; Qwen2.5-VL: the arrays of
     ``pair_image_arrays``; LLaVA-NeXT: ``[B, max_tiles, C, H, W]`` and ``image_pack [B, L]``, each
     pair's ``anyres.pack_indices`` with ``buckets.PACK_NEWLINE`` / ``PACK_PAD``, see
-    ``data.rlaifv_dataset.pair_example_fn``). Each image is encoded ONCE: its features are tiled over
+    ``data.pairs.pair_example_fn``). Each image is encoded ONCE: its features are tiled over
     the chosen and the rejected rows, which run as one ``2B`` batch (Qwen2.5-VL: per-row features, each row reading its
     own image's tokens). The vision tower runs under ``stop_gradient`` (frozen); the projector is
     differentiable. Positions are ``arange(L)`` (Qwen2.5-VL: the batch's ``positions``) and the key

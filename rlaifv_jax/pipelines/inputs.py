@@ -23,7 +23,7 @@ class Inputs:
 
 
 @dataclasses.dataclass(frozen=True)
-class ToyModelSpec:
+class ToyModelSettings:
     """A toy policy's (or toy labeler's) size: ``model.*`` / ``toy_labeler.model.*``."""
 
     hidden: int
@@ -36,7 +36,7 @@ class ToyModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class WarmstartSpec:
+class WarmstartSettings:
     """The supervised warm start of a toy model: ``warmstart.*`` / ``toy_labeler.warmstart.*``."""
 
     steps: int
@@ -45,7 +45,7 @@ class WarmstartSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class ToySpec:
+class ToySettings:
     """The embedded world (``source="toy"``): its sizes and the toy models to warm-start."""
 
     seed: int
@@ -54,13 +54,13 @@ class ToySpec:
     n_warmstart: int
     n_prompts: int
     n_eval: int
-    model: ToyModelSpec
-    warmstart: WarmstartSpec
-    labeler: tuple[ToyModelSpec, WarmstartSpec] | None  # labeler.kind="toy": its size and warm start
+    model: ToyModelSettings
+    warmstart: WarmstartSettings
+    labeler: tuple[ToyModelSettings, WarmstartSettings] | None  # labeler.kind="toy": its size and warm start
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptFileSpec:
+class PromptFileSettings:
     """A prompt JSONL (``source="files"``), read once by validation."""
 
     records: list[prompts_lib.PromptRecord]  # the usable lines
@@ -68,7 +68,7 @@ class PromptFileSpec:
     per_iteration: int  # prompts per iteration (0: all)
 
 
-def toy(spec: ToySpec, workdir: str) -> Inputs:
+def toy(spec: ToySettings, workdir: str) -> Inputs:
     """The embedded world: warm-start the policy (and a toy labeler) into ``workdir``."""
     world = toy_world.WorldConfig(caption_partner_rate=spec.caption_partner_rate)
     warm = toy_world.warmstart_split(world, spec.n_warmstart, spec.seed)
@@ -93,7 +93,7 @@ def read_prompts(path: str) -> tuple[list[prompts_lib.PromptRecord], prompts_lib
         raise InputError(f"prompts.path: {e}") from None
 
 
-def prompt_file(spec: PromptFileSpec) -> Inputs:
+def prompt_file(spec: PromptFileSettings) -> Inputs:
     """A prompt JSONL (bad lines skipped and reported); ``per_iteration`` prompts per iteration, taken
     in turn."""
     good, report = spec.records, spec.report

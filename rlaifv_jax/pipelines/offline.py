@@ -22,8 +22,8 @@ import numpy as np
 from rlaifv_jax.core import paths, records, sharding, vocabulary
 from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.core.workdir import check_or_save_config
-from rlaifv_jax.data.rlaifv_dataset import (DatasetFileError, PreferenceRecord, SkipRecord, data_files, iter_rows,
-                                            open_image, validate_row)
+from rlaifv_jax.data.pairs import PreferenceRecord, SkipRecord, open_image
+from rlaifv_jax.data.rlaifv_dataset import DatasetFileError, data_files, iter_rows, validate_row
 from rlaifv_jax.models import hf
 from rlaifv_jax.pipelines import export
 from rlaifv_jax.pipelines.spec import offline_spec
@@ -166,9 +166,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     def save(model, directory=export_dir):
         export.save(model, directory, dtype=dtype, assets_from=spec.policy.path)
 
-    result = dpo.run(os.path.join(workdir, "train"), examples, image, spec.policy, spec.dpo, seed=spec.seed,
-                     mesh=mesh, desc="dpo", save=save,
-                     save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")), evaluate=evaluate)
+    train_dir = os.path.join(workdir, "train")
+    result = dpo.run(train_dir, examples, image, spec.policy, spec.dpo, seed=spec.seed, mesh=mesh, desc="dpo",
+                     save=save, save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")))
+    if evaluate is not None:
+        result = select.run(os.path.join(train_dir, "select"), result, spec.policy, evaluate, spec.dpo.select,
+                            mesh=mesh, save=save)
     too_long = sum("too_long" in e.get("warnings", ()) for e in encoded)
     history = result["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
@@ -179,6 +182,6 @@ def run(config, workdir: str) -> dict[str, Any]:
                "exported_step": result.get("exported_step"),
                "first": {k: first.get(k) for k in ("loss", "rewards/accuracies", "rewards/margins")},
                "last": {k: last.get(k) for k in ("loss", "rewards/accuracies", "rewards/margins")},
-               "export": export_dir, **select.summary(os.path.join(workdir, "train", "select"))}
+               "export": export_dir, **select.summary(os.path.join(train_dir, "select"))}
     print(json.dumps(summary, indent=2, allow_nan=False))
     return summary

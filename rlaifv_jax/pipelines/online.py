@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from typing import Any
 
@@ -41,11 +40,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     def policy_at(k: int) -> bundle.ModelSpec:  # the policy after k iterations
         return dataclasses.replace(spec.policy, checkpoint=ckpt_dir, step=k)
 
-    def evaluate_spec(policy: bundle.ModelSpec, stage_dir: str) -> dict[str, Any]:
+    def evaluate_policy(policy: bundle.ModelSpec, stage_dir: str) -> dict[str, Any]:
         return eval_stage.run(stage_dir, policy, inputs.eval_records, inputs.world, spec.eval, mesh=serve)
 
     def evaluate(k: int) -> dict[str, Any]:
-        return evaluate_spec(policy_at(k), os.path.join(workdir, "eval", f"{k:02d}"))
+        return evaluate_policy(policy_at(k), os.path.join(workdir, "eval", f"{k:02d}"))
 
     if not summary.has(0):
         summary.put({"iteration": 0, **evaluate(0), "pairs": 0, "wall_s": round(time.time() - t_start, 1)})
@@ -55,39 +54,41 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         it = os.path.join(workdir, f"iter_{k:02d}")
         seed = spec.seed * 1000 + k
         prompts = inputs.prompts_for(k)
-        image_of = {str(p["id"]): p for p in prompts}
-        image = lambda key: image_of[key]["image"]  # noqa: E731
+        by_id = {str(p["id"]): p for p in prompts}
+        image_of = lambda key: by_id[key]["image"]  # noqa: E731  (the RGB image of a prompt id)
         progress = spec.progress
         samples = sample.run(os.path.join(it, "samples"), prompts, policy_at(k), spec.sample, seed=seed, mesh=serve,
                              progress=progress)
         claim_recs = claims.run(os.path.join(it, "claims"), samples, spec.claims, world=inputs.world, mesh=serve,
                                 seed=spec.seed, progress=progress)
-        labels = label.run(os.path.join(it, "labels"), claim_recs, image, spec.labeler, spec.label, mesh=serve,
+        labels = label.run(os.path.join(it, "labels"), claim_recs, image_of, spec.labeler, spec.label, mesh=serve,
                            progress=progress)
         pair_recs = pairs.run(os.path.join(it, "pairs"), samples, claim_recs, labels, spec.pairs, seed=seed,
                               progress=progress)
         chosen, ratio = pairs.balanced(pair_recs, spec.pairs)
-        encoded = encode.run(os.path.join(it, "encoded"), [
-            {"key": p["pair_id"], "image_key": p["prompt_id"], "question": p["question"], "chosen": p["chosen"],
-             "rejected": p["rejected"]} for p in chosen], policy_at(k), max_length=spec.dpo.max_length,
-            progress=progress, image_of=image)
+        to_encode = pairs.encode_inputs(chosen)
+        encoded = encode.run(os.path.join(it, "encoded"), to_encode, policy_at(k), max_length=spec.dpo.max_length,
+                             progress=progress, image_of=image_of)
         by_key = {e["key"]: e for e in encoded if "prompt_ids" in e}
-        usable = [by_key[p["pair_id"]] for p in chosen if p["pair_id"] in by_key]
-        refs = {r["key"]: r for r in ref.run(os.path.join(it, "ref_logps"), usable, image, policy_at(k),
+        usable = [by_key[p["key"]] for p in to_encode if p["key"] in by_key]
+        refs = {r["key"]: r for r in ref.run(os.path.join(it, "ref_logps"), usable, image_of, policy_at(k),
                                              batch_size=spec.dpo.batch_size, max_length=spec.dpo.max_length,
                                              mesh=serve, progress=progress)}
         examples = [{**e, **refs[key]} for key, e in sorted(by_key.items())]
         train_dir = os.path.join(it, "train")
+        select_dir = os.path.join(train_dir, "select")
         if k + 1 not in bundle.saved_steps(ckpt_dir):
-            dpo.run(train_dir, examples, image, policy_at(k), spec.dpo, seed=seed, mesh=mesh,
-                    desc=f"dpo {k + 1}/{spec.iterations}",
-                    save=lambda m: bundle.save_params(m, ckpt_dir, k + 1, {"iteration": k + 1}),
-                    evaluate=evaluate_spec)
-        if jax.process_index() == 0:  # superseded by the policy checkpoint
-            shutil.rmtree(os.path.join(train_dir, "checkpoints"), ignore_errors=True)
-            shutil.rmtree(select.candidates_dir(os.path.join(train_dir, "select")), ignore_errors=True)
+            desc = f"dpo {k + 1}/{spec.iterations}"
+            save = lambda m: bundle.save_params(m, ckpt_dir, k + 1, {"iteration": k + 1})  # noqa: E731
+            trained = dpo.run(train_dir, examples, image_of, policy_at(k), spec.dpo, seed=seed, mesh=mesh, desc=desc,
+                              save=save)
+            if spec.dpo.select is not None:
+                select.run(select_dir, trained, policy_at(k), evaluate_policy, spec.dpo.select, mesh=mesh, save=save,
+                           desc=desc)
+        dpo.discard_checkpoints(train_dir)  # superseded by the policy checkpoint
+        select.discard_candidates(select_dir)
         summary.put({"iteration": k + 1, **evaluate(k + 1), "pairs": len(examples), "length_ratio": ratio,
-                     **dpo.summary(train_dir), **select.summary(os.path.join(train_dir, "select")),
+                     **dpo.summary(train_dir), **select.summary(select_dir),
                      "warnings": runner.stage_warnings([os.path.join(it, s) for s in STAGES]),
                      "wall_s": round(time.time() - t_start, 1)})
     with bundle.loaded(policy_at(spec.iterations), mesh, training=True) as final:  # master weights, collectively

@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from rlaifv_jax.pipelines.inputs import PromptFileSpec, ToyModelSpec, ToySpec, WarmstartSpec
+from rlaifv_jax.pipelines.inputs import PromptFileSettings, ToyModelSettings, ToySettings, WarmstartSettings
 from rlaifv_jax.pipelines.validate import Checked, data_paths, field_value, validate
 from rlaifv_jax.stages.bundle import ModelSpec
 from rlaifv_jax.stages.claims import ClaimSettings
@@ -17,8 +17,8 @@ from rlaifv_jax.stages.label import LabelSettings
 from rlaifv_jax.stages.pairs import PairSettings
 from rlaifv_jax.stages.sample import SampleSettings
 from rlaifv_jax.stages.select import SelectSettings
-from rlaifv_jax.training.loop import TrainConfig
-from rlaifv_jax.training.step import LossConfig, OptimConfig
+from rlaifv_jax.training.loop import TrainSettings
+from rlaifv_jax.training.step import LossSettings, OptimSettings
 
 
 def _off(value, off):
@@ -58,24 +58,24 @@ class OnlineSpec:
     pairs: PairSettings
     dpo: DPOSettings
     eval: EvalSettings
-    inputs: ToySpec | PromptFileSpec  # where prompts come from (and the toy models' warm start)
+    inputs: ToySettings | PromptFileSettings  # where prompts come from (and the toy models' warm start)
 
 
-def _toy_model(m: ml_collections.ConfigDict) -> ToyModelSpec:
-    return ToyModelSpec(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads,
+def _toy_model(m: ml_collections.ConfigDict) -> ToyModelSettings:
+    return ToyModelSettings(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads,
                         vision_hidden=m.vision_hidden, vision_layers=m.vision_layers, patch=m.patch)
 
 
-def _warmstart(w: ml_collections.ConfigDict) -> WarmstartSpec:
-    return WarmstartSpec(steps=w.steps, batch_size=w.batch_size, learning_rate=w.learning_rate)
+def _warmstart(w: ml_collections.ConfigDict) -> WarmstartSettings:
+    return WarmstartSettings(steps=w.steps, batch_size=w.batch_size, learning_rate=w.learning_rate)
 
 
-def _inputs(c: ml_collections.ConfigDict, checked: Checked) -> ToySpec | PromptFileSpec:
+def _inputs(c: ml_collections.ConfigDict, checked: Checked) -> ToySettings | PromptFileSettings:
     if c.source != "toy":
-        return PromptFileSpec(*checked.prompts, per_iteration=c.prompts.per_iteration)
+        return PromptFileSettings(*checked.prompts, per_iteration=c.prompts.per_iteration)
     labeler = ((_toy_model(c.toy_labeler.model), _warmstart(c.toy_labeler.warmstart))
                if c.labeler.kind == "toy" else None)
-    return ToySpec(seed=c.seed, progress=c.progress, caption_partner_rate=c.world.caption_partner_rate,
+    return ToySettings(seed=c.seed, progress=c.progress, caption_partner_rate=c.world.caption_partner_rate,
                    n_warmstart=c.world.n_warmstart, n_prompts=c.world.n_prompts, n_eval=c.world.n_eval,
                    model=_toy_model(c.model), warmstart=_warmstart(c.warmstart), labeler=labeler)
 
@@ -104,10 +104,10 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
         pairs=PairSettings(per_prompt=c.pairs.per_prompt, min_score_gap=c.pairs.min_score_gap,
                            balance_lengths=c.pairs.balance_lengths, length_ratio=_off(c.pairs.length_ratio, -1)),
         dpo=DPOSettings(
-            train=TrainConfig(
-                optim=OptimConfig(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio,
+            train=TrainSettings(
+                optim=OptimSettings(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio,
                                   weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, total_steps=0),
-                loss=LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                loss=LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                                 grad_accum=d.grad_accum, remat=field_value(c, "dpo.remat", "none")),
                 seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
                 max_steps=field_value(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
@@ -140,11 +140,11 @@ def offline_spec(c: ml_collections.ConfigDict) -> OfflineSpec:
         data_paths=data_paths(c.data.path), max_pairs=field_value(c, "data.max_pairs", 0), ref_batch_size=d.ref_batch_size,
         progress=field_value(c, "progress", True),
         dpo=DPOSettings(
-            train=TrainConfig(
-                optim=OptimConfig(learning_rate=d.learning_rate, total_steps=0, warmup_ratio=d.warmup_ratio,
+            train=TrainSettings(
+                optim=OptimSettings(learning_rate=d.learning_rate, total_steps=0, warmup_ratio=d.warmup_ratio,
                                   weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, b1=d.adam_b1,
                                   b2=d.adam_b2, eps=d.adam_eps, schedule=d.schedule),
-                loss=LossConfig(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                loss=LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                                 sft_weight=d.sft_weight, average=d.average, grad_accum=d.grad_accum),
                 seed=c.seed, max_to_keep=d.max_to_keep or None, log_every=d.log_every,
                 best_metric=field_value(c, "dpo.best_metric", ""), best_mode=field_value(c, "dpo.best_mode", "min"),

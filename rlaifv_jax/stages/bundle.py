@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import os
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -17,6 +17,8 @@ from rlaifv_jax.core import sharding
 from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.core.tree import flat_values, unflat_values
 from rlaifv_jax.data import chat, prompts as prompts_lib
+from rlaifv_jax.data.pairs import pad_pair
+from rlaifv_jax.engine.logps import pair_image_arrays
 from rlaifv_jax.engine.vision import layout_key
 from rlaifv_jax.models import hf
 
@@ -173,3 +175,34 @@ def loaded(spec: ModelSpec, mesh, *, training: bool = False) -> Iterator[Bundle]
         yield bundle
     finally:
         bundle.free()
+
+
+def pair_example(record: dict[str, Any], pixel_values: np.ndarray, *, max_length: int,
+                 pad_id: int) -> dict[str, np.ndarray]:
+    """Fixed-shape arrays of one encoded pair (``stages/encode`` record): ``pixel_values``, the padded
+    tokens of ``data.pairs.pad_pair`` (the inputs of ``engine.logps.pair_logps``), ``weights`` (1, or 0 for
+    a padding row), plus any ``ref_*`` log-probs."""
+    out = {"pixel_values": pixel_values,
+           **pad_pair(record["prompt_ids"], record["chosen_ids"], record["rejected_ids"], max_length=max_length,
+                      pad_id=pad_id),
+           "weights": np.float32(record.get("weight", 1.0))}  # 0 for padding rows
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in record:
+            out[key] = np.float32(record[key])
+    return out
+
+
+def pair_example_fn(image_of: Callable[[str], np.ndarray], b: Bundle, max_length: int
+                    ) -> Callable[[dict[str, Any]], dict[str, np.ndarray]]:
+    """``pair_example`` with the pair's pixels from ``image_of(image_key)`` through the bundle's encoder
+    (Qwen2.5-VL: plus its tower layout and positions, ``engine.logps.pair_image_arrays``); the batches
+    of the reference pass and of DPO."""
+    pad = pad_id(b.tokenizer)
+    max_patches = getattr(b.encode_image, "max_patches", None)
+
+    def fn(rec: dict[str, Any]) -> dict[str, np.ndarray]:
+        pixel_values, layout = b.encode_image(image_of(rec["image_key"]))
+        image = pair_image_arrays(b.model, pixel_values, layout, rec["prompt_ids"], max_length, max_patches=max_patches)
+        return {**pair_example(rec, image.pop("pixel_values"), max_length=max_length, pad_id=pad), **image}
+
+    return fn

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -16,10 +17,10 @@ from flax import nnx
 from rlaifv_jax.core import jsonl, paths
 from rlaifv_jax.core.errors import InputError
 from rlaifv_jax.data.buckets import length_buckets
-from rlaifv_jax.data.rlaifv_dataset import make_pair_dataset
-from rlaifv_jax.stages import bundle, encode, select as select_lib
+from rlaifv_jax.data.pairs import make_pair_dataset
+from rlaifv_jax.stages import bundle, select as select_lib
 from rlaifv_jax.training import lora as lora_lib
-from rlaifv_jax.training.loop import TrainConfig, train
+from rlaifv_jax.training.loop import TrainSettings, train
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class LoraSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DPOSettings:
-    train: TrainConfig  # optimizer, loss, logging; total_steps and save_every are set from the data
+    train: TrainSettings  # optimizer, loss, logging; total_steps and save_every are set from the data
     batch_size: int  # pairs per optimizer step over all hosts
     epochs: int
     max_length: int  # tokens per sequence (prompt + image + answer)
@@ -41,44 +42,25 @@ class DPOSettings:
     lora: LoraSettings | None = None  # train LoRA adapters instead of the full language model
     export: str = "last"  # what ``save`` gets: "last" (final step), "best" (best kept checkpoint by
     # train.best_metric), "all" (the final step, and every other kept checkpoint through ``save_step``)
-    select: select_lib.SelectSettings | None = None  # evaluate a checkpoint every 1/N epoch and hand the
-    # best by select.metric to ``save`` (overrides ``export``; needs ``evaluate`` in ``run``)
+    select: select_lib.SelectSettings | None = None  # write a candidate policy every 1/N epoch instead of
+    # calling ``save``; the caller picks one (``stages/select.run``; overrides ``export``)
 
 
 def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
         policy: bundle.ModelSpec, settings: DPOSettings, *, seed: int, mesh, desc: str,
-        save: Callable[[nnx.Module], None], save_step: Callable[[nnx.Module, int], None] | None = None,
-        evaluate: select_lib.Evaluate | None = None) -> dict[str, Any]:
+        save: Callable[[nnx.Module], None], save_step: Callable[[nnx.Module, int], None] | None = None
+        ) -> dict[str, Any]:
     """Train ``policy`` on ``examples`` (encoded pairs carrying ``ref_*_logps``), call ``save`` with
     the trained model (LoRA merged; ``settings.export`` says which step) and, for ``export="all"``,
     ``save_step(model, step)`` with every other kept checkpoint; free it. Returns ``{"steps",
     "resumed_from", "history", "exported_step", "kept_steps", "best_step", ...}``. With no examples
     the policy is saved unchanged.
 
-    With ``settings.select`` and ``evaluate(spec, stage_dir) -> metrics``, a checkpoint is kept every
-    ``select.every_epochs``; once training is done and its state freed, each is evaluated
-    (``stages/select.py``, in ``train_dir/select``) and the best by ``select.metric`` goes to ``save``."""
-    selecting = settings.select is not None and evaluate is not None
-    out = _train(train_dir, examples, image_of, policy, settings, seed=seed, mesh=mesh, desc=desc, save=save,
-                 save_step=save_step, selecting=selecting)
-    if not selecting or not out["steps"]:
-        return out
-    select_dir = os.path.join(train_dir, "select")
-    chosen = select_lib.evaluate(select_dir, out["candidate_steps"], policy, evaluate, settings.select,
-                                 out["steps_per_epoch"], desc=desc)
-    step = chosen["selected_step"]
-    spec = dataclasses.replace(policy, checkpoint=select_lib.candidates_dir(select_dir), step=step)
-    with bundle.loaded(spec, mesh, training=True) as b:  # master weights of the selected checkpoint
-        save(b.model)
-    return {**out, "exported_step": step, "best_step": step, "selection": chosen}
-
-
-def _train(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
-           policy: bundle.ModelSpec, settings: DPOSettings, *, seed: int, mesh, desc: str,
-           save: Callable[[nnx.Module], None], save_step: Callable[[nnx.Module, int], None] | None,
-           selecting: bool) -> dict[str, Any]:
-    """The training half of ``run``; when ``selecting``, writes the candidates' policies instead of
-    calling ``save`` and frees the train state before returning."""
+    With ``settings.select`` a checkpoint is kept every ``select.every_epochs`` and its policy written
+    as a candidate (``train_dir/select/candidates``, ``stages/select.py``) instead of calling ``save``;
+    the train state is freed and the result lists ``candidate_steps`` for the caller's selection
+    (``select.run``)."""
+    selecting = settings.select is not None
     with bundle.loaded(policy, mesh, training=True) as b:
         if not examples:
             log.warning("%s: no preference pairs; the policy is unchanged", desc)
@@ -91,7 +73,7 @@ def _train(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[s
         batch = settings.batch_size // jax.process_count()
         # Each batch is cut to the length bucket of its longest pair (same batches, same results,
         # far fewer padded positions); the step's LM head runs on the batch's answer window only.
-        data = make_pair_dataset(examples, example_fn=encode.example_fn(image_of, b, settings.max_length),
+        data = make_pair_dataset(examples, example_fn=bundle.pair_example_fn(image_of, b, settings.max_length),
                                  batch_size=batch, seed=seed, num_epochs=settings.epochs,
                                  buckets=length_buckets(settings.max_length))
         per_epoch = len(data) // settings.epochs
@@ -133,6 +115,12 @@ def _train(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[s
                 if s != result.step:
                     save_step(merged(result.model_at(s)), s)
         return {**info, "exported_step": exported, "best_step": result.best_step}
+
+
+def discard_checkpoints(train_dir: str) -> None:
+    """Delete the stage's train-state checkpoints (process 0), once the trained policy is saved elsewhere."""
+    if jax.process_index() == 0:
+        shutil.rmtree(os.path.join(train_dir, "checkpoints"), ignore_errors=True)
 
 
 def check_data(train_dir: str, examples: list[dict[str, Any]], settings: DPOSettings) -> None:

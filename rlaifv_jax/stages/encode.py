@@ -1,7 +1,7 @@
 """Stage 5: tokenize each pair once (prompt with image placeholders, chosen and rejected answers).
 
 The reference pass and every DPO epoch read these ids; pixels are produced from the pair's image
-when a batch is built (``example``). Pairs longer than ``max_length`` are kept out and counted
+when a batch is built (``bundle.pair_example_fn``). Pairs longer than ``max_length`` are kept out and counted
 (``too_long``), never truncated.
 """
 from __future__ import annotations
@@ -11,8 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rlaifv_jax.data.rlaifv_dataset import PreferenceRecord, SkipRecord, pair_text_fn
-from rlaifv_jax.engine.logps import pair_image_arrays
+from rlaifv_jax.data.pairs import PreferenceRecord, SkipRecord, pair_text_fn
 from rlaifv_jax.stages import bundle, runner
 
 ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -63,39 +62,3 @@ def _image_token_count(model, policy: bundle.ModelSpec, image_of: Callable[[str]
         raise ValueError(f"{policy.path}: the image token count depends on the image; encode.run needs image_of")
     encoder = bundle.image_encoder(policy)
     return lambda key: int(model.num_image_tokens(tuple(np.asarray(encoder(image_of(key))[1])[0])))
-
-
-def example(record: dict[str, Any], pixel_values: np.ndarray, *, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Fixed-shape arrays of one encoded pair: ``pixel_values``, ``chosen_tokens``/``rejected_tokens``
-    ``[max_length]`` (prompt + answer, then ``pad_id``), ``answer_start``, ``chosen_len``,
-    ``rejected_len`` (the inputs of ``engine.logps.pair_logps``), ``weights`` (1, or 0 for a padding
-    row), plus any ``ref_*`` log-probs."""
-    out: dict[str, np.ndarray] = {"pixel_values": pixel_values}
-    prompt = record["prompt_ids"]
-    for name in ("chosen", "rejected"):
-        ids = prompt + record[f"{name}_ids"]
-        tokens = np.full((max_length,), pad_id, np.int32)
-        tokens[: len(ids)] = ids
-        out[f"{name}_tokens"] = tokens
-        out[f"{name}_len"] = np.int32(len(record[f"{name}_ids"]))
-    out["answer_start"] = np.int32(len(prompt))
-    out["weights"] = np.float32(record.get("weight", 1.0))  # 0 for padding rows
-    for key in ("ref_chosen_logps", "ref_rejected_logps"):
-        if key in record:
-            out[key] = np.float32(record[key])
-    return out
-
-
-def example_fn(image_of: Callable[[str], np.ndarray], b: "bundle.Bundle", max_length: int
-               ) -> Callable[[dict[str, Any]], dict[str, np.ndarray]]:
-    """``example`` with the pair's pixels from ``image_of(image_key)`` through the bundle's encoder
-    (Qwen2.5-VL: plus its tower layout and positions, ``engine.logps.pair_image_arrays``)."""
-    pad_id = bundle.pad_id(b.tokenizer)
-    max_patches = getattr(b.encode_image, "max_patches", None)
-
-    def fn(rec: dict[str, Any]) -> dict[str, np.ndarray]:
-        pixel_values, layout = b.encode_image(image_of(rec["image_key"]))
-        image = pair_image_arrays(b.model, pixel_values, layout, rec["prompt_ids"], max_length, max_patches=max_patches)
-        return {**example(rec, image.pop("pixel_values"), max_length=max_length, pad_id=pad_id), **image}
-
-    return fn

@@ -44,3 +44,10 @@ def balanced(pair_records: list[dict[str, Any]], settings: PairSettings) -> tupl
     if not settings.balance_lengths or not flat:
         return flat, None
     return pairs_lib.balance_lengths(flat, chosen_key="chosen", rejected_key="rejected", ratio=settings.length_ratio)
+
+
+def encode_inputs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pair records as ``stages/encode.run`` takes them: ``key`` (the pair's ``pair_id``), ``image_key``
+    (its ``prompt_id``), ``question``, ``chosen``, ``rejected``."""
+    return [{"key": p["pair_id"], "image_key": p["prompt_id"], "question": p["question"], "chosen": p["chosen"],
+             "rejected": p["rejected"]} for p in pairs]

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rlaifv_jax.engine.logps import reference_logps
-from rlaifv_jax.stages import bundle, encode, runner
+from rlaifv_jax.stages import bundle, runner
 
 
 def run(stage_dir: str, encoded: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
@@ -20,7 +20,7 @@ def run(stage_dir: str, encoded: list[dict[str, Any]], image_of: Callable[[str],
     @contextlib.contextmanager
     def open_fn():
         with bundle.loaded(reference, mesh) as b:
-            make = encode.example_fn(image_of, b, max_length)
+            make = bundle.pair_example_fn(image_of, b, max_length)
 
             def fn(chunk):
                 batch = [make(r) for r in chunk]

@@ -5,14 +5,15 @@ held-out images, ``stages/eval.py``), and the best by a named metric becomes the
 Layout under the stage's ``select/`` directory:
 
 * ``candidates/``  Orbax, params only (LoRA merged): the policy of every candidate step, written
-  collectively while the training state is loaded; deleted by the pipeline once its policy
-  checkpoint exists;
+  collectively by ``stages/dpo.run`` while the training state is loaded; deleted
+  (``discard_candidates``) once the selected policy is saved elsewhere;
 * ``step_NNNNNN/`` one evaluation record stage per candidate (atomic; a finished one is reused on
   rerun without loading a model);
 * ``selection.json`` every candidate's metrics and the selected step (process 0 writes it atomically).
 
-The selection math (``candidate_steps``, ``best_step``) is pure; ``write_candidates`` and
-``evaluate`` are the thin stateful shells.
+The selection math (``candidate_steps``, ``best_step``) is pure; ``write_candidates``, ``score_candidates``
+and ``run`` (evaluate, pick, save: called by the online and offline loops after DPO) are the thin
+stateful shells.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from typing import Any, Callable, Sequence
 
 import jax
@@ -84,7 +86,7 @@ def write_candidates(select_dir: str, steps: Sequence[int], model_at: Callable[[
             bundle.save_params(model_at(s), directory, s, {"dpo_step": s})
 
 
-def evaluate(select_dir: str, steps: Sequence[int], policy: bundle.ModelSpec, evaluate_fn: Evaluate,
+def score_candidates(select_dir: str, steps: Sequence[int], policy: bundle.ModelSpec, evaluate_fn: Evaluate,
              settings: SelectSettings, steps_per_epoch: int, desc: str = "dpo") -> dict[str, Any]:
     """Evaluate every candidate (finished evaluations are reused), select the best, write and return
     ``{"metric", "mode", "selected_step", "last_step", "checkpoints": [{"step", "epoch", metrics...}]}``."""
@@ -106,6 +108,30 @@ def evaluate(select_dir: str, steps: Sequence[int], policy: bundle.ModelSpec, ev
     if jax.process_index() == 0:
         paths.atomic_write_text(os.path.join(select_dir, SELECTION), json.dumps(out, indent=1, allow_nan=False))
     return out
+
+
+def run(select_dir: str, trained: dict[str, Any], policy: bundle.ModelSpec, evaluate_fn: Evaluate,
+        settings: SelectSettings, *, mesh, save: Callable[[nnx.Module], None], desc: str = "dpo") -> dict[str, Any]:
+    """Checkpoint selection after ``stages.dpo.run`` (``trained``: its result, with ``candidate_steps``):
+    score every candidate (``score_candidates`` with ``evaluate_fn``), load the best one's master weights
+    and hand them to ``save``; returns ``trained`` with ``exported_step`` / ``best_step`` / ``selection``. Without trained
+    steps (no pairs: DPO saved the policy unchanged) ``trained`` comes back as is."""
+    if not trained["steps"]:
+        return trained
+    chosen = score_candidates(select_dir, trained["candidate_steps"], policy, evaluate_fn, settings,
+                              trained["steps_per_epoch"], desc=desc)
+    step = chosen["selected_step"]
+    spec = dataclasses.replace(policy, checkpoint=candidates_dir(select_dir), step=step)
+    with bundle.loaded(spec, mesh, training=True) as b:  # master weights of the selected checkpoint
+        save(b.model)
+    return {**trained, "exported_step": step, "best_step": step, "selection": chosen}
+
+
+def discard_candidates(select_dir: str) -> None:
+    """Delete the candidates' policies (process 0), once the selected one is saved elsewhere; their
+    evaluations and ``selection.json`` stay."""
+    if jax.process_index() == 0:
+        shutil.rmtree(candidates_dir(select_dir), ignore_errors=True)
 
 
 def summary(select_dir: str) -> dict[str, Any]:

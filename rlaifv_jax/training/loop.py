@@ -45,7 +45,7 @@ from rlaifv_jax.core import hardware, jsonl, preemption, sharding as shd
 from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.core.errors import NonFiniteError, UserError
 from rlaifv_jax.core.tree import flat_values
-from rlaifv_jax.data.rlaifv_dataset import make_iterator
+from rlaifv_jax.data.pairs import make_iterator
 from rlaifv_jax.training import step as dpo_step
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ FINITE_KEYS = ("loss", "grad_norm")  # a non-finite value of either stops traini
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    optim: dpo_step.OptimConfig = dpo_step.OptimConfig()  # total_steps <= 0: set to the steps run
-    loss: dpo_step.LossConfig = dpo_step.LossConfig()
+class TrainSettings:
+    optim: dpo_step.OptimSettings = dpo_step.OptimSettings()  # total_steps <= 0: set to the steps run
+    loss: dpo_step.LossSettings = dpo_step.LossSettings()
     seed: int = 0  # RNG of the step (LoRA dropout); saved in checkpoints
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     save_steps: tuple[int, ...] = ()  # also checkpoint after exactly these steps (e.g. every 1/4 epoch)
@@ -159,7 +159,7 @@ def _model_params(model: nnx.Module) -> int:
                if not k.startswith("vision_tower"))
 
 
-def train(model: nnx.Module, dataset: grain.MapDataset, cfg: TrainConfig, workdir: str, *,
+def train(model: nnx.Module, dataset: grain.MapDataset, cfg: TrainSettings, workdir: str, *,
           mesh: Mesh | None = None, rules: shd.Rules = shd.TRAIN_RULES,
           trainable: Callable = dpo_step.default_trainable, prepare: Callable | None = None,
           checkpointer: Checkpointer | None = None,

@@ -35,7 +35,7 @@ STEP_KEYS = MODEL_KEYS + ("ref_chosen_logps", "ref_rejected_logps", "weights")
 
 # ----------------------------------------------------------------------------- optimizer
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
+class OptimSettings:
     """AdamW + clipping + warm-up/cosine schedule (METHOD.md §5 defaults; HF Trainer semantics)."""
 
     learning_rate: float = 5e-7
@@ -53,13 +53,13 @@ class OptimConfig:
     def __post_init__(self):
         for field in ("master_dtype", "state_dtype"):
             if getattr(self, field) not in FLOAT_DTYPES:
-                raise ValueError(f"OptimConfig.{field}={getattr(self, field)!r}: expected one of {sorted(FLOAT_DTYPES)}")
+                raise ValueError(f"OptimSettings.{field}={getattr(self, field)!r}: expected one of {sorted(FLOAT_DTYPES)}")
 
 
 FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+def make_schedule(cfg: OptimSettings) -> optax.Schedule:
     warmup = math.ceil(cfg.warmup_ratio * cfg.total_steps)
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.total_steps, warmup + 1), 0.0)
@@ -87,7 +87,7 @@ def stored_in(tx: optax.GradientTransformation, dtype) -> optax.GradientTransfor
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: OptimSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(cfg)
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
@@ -99,7 +99,7 @@ def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, opta
 
 # ----------------------------------------------------------------------------- train step
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
+class LossSettings:
     """Options of ``dpo_pair_terms`` plus gradient accumulation."""
 
     beta: float = 0.1
@@ -114,7 +114,7 @@ class LossConfig:
 
     def __post_init__(self):
         if self.remat not in REMAT_CHOICES:
-            raise ValueError(f"LossConfig.remat={self.remat!r}: expected one of {REMAT_CHOICES}")
+            raise ValueError(f"LossSettings.remat={self.remat!r}: expected one of {REMAT_CHOICES}")
 
 
 REMAT_CHOICES = ("none", "full", "dots")
@@ -154,7 +154,7 @@ class DPOStep:
     may then hold compile-only TPU devices); running it needs a concrete model.
     """
 
-    def __init__(self, model: nnx.Module, optim: OptimConfig, loss: LossConfig = LossConfig(), *,
+    def __init__(self, model: nnx.Module, optim: OptimSettings, loss: LossSettings = LossSettings(), *,
                  mesh: Mesh | None = None, rules: shd.Rules = shd.TRAIN_RULES,
                  trainable: Callable = default_trainable,
                  prepare: Callable[[nnx.Module, jax.Array, bool], None] | None = None):
