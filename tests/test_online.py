@@ -209,16 +209,15 @@ def check_selection(ref_dir, workdir, monkeypatch):
     a rerun that evaluates only the rest, the argmin of CHAIR selected, and checkpoints/1 and the
     export holding exactly the selected candidate's weights."""
     import shutil
-    import types
     from flax import nnx
     from rlaifv_jax.core.tree import flat_values
     from rlaifv_jax.models import hf
-    from rlaifv_jax.stages import eval as eval_stage
+    from rlaifv_jax.stages import eval as eval_stage, select
     for d in ["warmstart", "eval/00"] + [f"iter_00/{s}" for s in STAGES + ("encoded",)]:
         shutil.copytree(os.path.join(ref_dir, d), os.path.join(workdir, d))
     c = default.get_config("smoke")
     c.iterations, c.progress, c.eval.every_epochs = 1, False, 0.25
-    monkeypatch.setattr(online, "shutil", types.SimpleNamespace(rmtree=lambda *a, **k: None))  # keep candidates
+    monkeypatch.setattr(select, "discard_candidates", lambda select_dir: None)  # keep candidates
     real, calls = eval_stage.evaluate, []
 
     def evaluate(*args, **kwargs):
