@@ -4,7 +4,6 @@ runs the online loop to pairs and a DPO step (the machinery of ``test_qwen_onlin
 whose tokenizer cannot spell a one-token yes/no answer is refused at start, in one line."""
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 from transformers import CLIPImageProcessor

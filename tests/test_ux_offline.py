@@ -6,7 +6,6 @@ import json
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +14,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from rlaifv_jax.core import records
 from rlaifv_jax.core.errors import ConfigError, InputError
 from rlaifv_jax.pipelines import offline
-from configs import offline_dpo
 from offline_data import offline_config, read_rows, setup, write_rows  # noqa: F401  (setup: the tiny policy + parquet fixture)
 
 

@@ -155,7 +155,7 @@ def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_
 
 
 def _continuous_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_keys, active, seed,
-                   stop_ids, static: _Static, cfg: SamplingConfig, rope_deltas=None):
+                   stop_ids, static: _Static, cfg: DecodeSettings, rope_deltas=None):
     """Decode the ``batch × n`` (prompt, sample) rows of a prefilled batch through ``static.slots`` decode
     slots (continuous batching): a slot whose row stops takes the next waiting row at once, inside one
     ``while_loop``. Row ``w = b * n + j`` reads prompt ``b``'s prefix (``prefix_rows``), its own cache

@@ -191,7 +191,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.Arra
     f32 = jnp.float32
     q4 = q.reshape(r, kv, g, d)
     if prefix_rows is None:
-        b, p = prefix_k.shape[0], prefix_k.shape[1]
+        b = prefix_k.shape[0]
         q5 = q4.reshape(b, r // b, kv, g, d)
         pre = jnp.einsum("bnkgd,bpkd->bnkgp", q5, prefix_k, preferred_element_type=f32) * scale
         pre = jnp.where(prefix_mask[:, None, None, None, :], pre, low)

@@ -104,7 +104,7 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
                              llm_batch_size=c.claims.llm_batch_size),
         label=LabelSettings(repetition_penalty=_off(c.labeler.repetition_penalty, 1.0),
                             batch_size=c.labeler.batch_size, chunk_size=s.batch_size,
-                            answer_prefix=_get(c, "labeler.answer_prefix", "auto")),
+                            answer_prefix=field_value(c, "labeler.answer_prefix", "auto")),
         pairs=PairSettings(per_prompt=c.pairs.per_prompt, min_score_gap=c.pairs.min_score_gap,
                            balance_lengths=c.pairs.balance_lengths, length_ratio=_off(c.pairs.length_ratio, -1)),
         dpo=DPOSettings(
