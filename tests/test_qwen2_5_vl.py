@@ -13,6 +13,7 @@ from flax import nnx
 from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
+import tiny_qwen
 from rlaifv_jax.core import sharding
 from rlaifv_jax.models import hf, qwen_vision
 from rlaifv_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
@@ -147,26 +148,9 @@ def test_cached_greedy_decode_with_rope_deltas_matches_generate(models, images):
         want = ref.generate(input_ids=t(ids), attention_mask=t(mask), pixel_values=t(px), image_grid_thw=t(grid),
                             mm_token_type_ids=t((ids == IMAGE).astype(np.int64)), max_new_tokens=steps,
                             do_sample=False)[0, ids.shape[1]:].numpy()
-    n = ids.shape[1]
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def step(state, x, positions, key_mask, cache, index):
-        m = nnx.merge(graphdef, state)
-        hidden, cache = m.forward_embeds(x, positions=positions, key_mask=key_mask, cache=cache, cache_index=index)
-        return jnp.argmax(m.logits(hidden[:, -1]), axis=-1), cache
-
-    positions, deltas = model.position_ids(ids, mask, grid)
-    key_mask = jnp.zeros((1, n + steps), bool).at[:, :n].set(True)
     feats = model.pack_tile_features(_tile(graphdef, state, model.vision_inputs(px, grid)), None, grid)
-    cache = model.init_cache(1, n + steps)
-    token, cache = step(state, model.embed(jnp.asarray(ids), feats), positions, key_mask, cache, 0)
-    tokens = [int(token[0])]
-    for slot in range(n, n + steps - 1):
-        key_mask = key_mask.at[:, slot].set(True)
-        position = jnp.asarray([[slot + deltas[0]]])  # real tokens before the slot + rope delta
-        token, cache = step(state, model.embed(token[:, None]), position, key_mask, cache, slot)
-        tokens.append(int(token[0]))
+    tokens = tiny_qwen.cached_greedy(model, ids, mask, grid, feats, steps)
     np.testing.assert_array_equal(tokens, want)
 
 

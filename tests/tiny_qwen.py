@@ -128,3 +128,32 @@ def encode3(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(pixel_values, image_grid_thw)`` of the tiny Qwen3-VL processor."""
     out = processor3()(images=Image.fromarray(img), return_tensors="np")
     return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"])
+
+
+def cached_greedy(model, ids: np.ndarray, mask: np.ndarray, grid: np.ndarray, features, steps: int) -> list[int]:
+    """``steps`` greedy tokens of one row through ``forward_embeds`` with a cache: prefill (image
+    ``features`` in the embeddings) at the model's ``position_ids``, then decode plain text at ``real
+    tokens before the slot + rope_deltas``, as transformers does."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    n = ids.shape[1]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, x, positions, key_mask, cache, index):
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m.forward_embeds(x, positions=positions, key_mask=key_mask, cache=cache, cache_index=index)
+        return jnp.argmax(m.logits(hidden[:, -1]), axis=-1), cache
+
+    positions, deltas = model.position_ids(ids, mask, grid)
+    key_mask = jnp.zeros((1, n + steps), bool).at[:, :n].set(True)
+    cache = model.init_cache(1, n + steps)
+    token, cache = step(state, model.embed(jnp.asarray(ids), features), positions, key_mask, cache, 0)
+    tokens = [int(token[0])]
+    for slot in range(n, n + steps - 1):
+        key_mask = key_mask.at[:, slot].set(True)
+        token, cache = step(state, model.embed(token[:, None]), jnp.asarray([[slot + deltas[0]]]), key_mask,
+                            cache, slot)
+        tokens.append(int(token[0]))
+    return tokens
