@@ -51,9 +51,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.steps = 1500  # supervised steps on captions + yes/no answers
     c.warmstart.batch_size = 64
     c.warmstart.learning_rate = 3e-3
-    # Rows padded to at most this many lengths (the split that pads least); each batch then takes from
-    # each length group its share of rows. 1: one length, batches drawn uniformly from all records.
-    c.warmstart.length_groups = 1
 
     c.prompts = ml_collections.ConfigDict()
     c.prompts.path = ""  # JSONL of {"id", "image_path" | "image" (base64), "question"} (source="files")

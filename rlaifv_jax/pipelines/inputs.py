@@ -42,7 +42,6 @@ class WarmstartSettings:
     steps: int
     batch_size: int
     learning_rate: float
-    length_groups: int = 1  # rows padded to at most this many lengths (warmstart.length_groups)
 
 
 @dataclasses.dataclass(frozen=True)

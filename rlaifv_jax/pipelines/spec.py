@@ -67,8 +67,7 @@ def _toy_model(m: ml_collections.ConfigDict) -> ToyModelSettings:
 
 
 def _warmstart(w: ml_collections.ConfigDict) -> WarmstartSettings:
-    return WarmstartSettings(steps=w.steps, batch_size=w.batch_size, learning_rate=w.learning_rate,
-                             length_groups=w.length_groups)
+    return WarmstartSettings(steps=w.steps, batch_size=w.batch_size, learning_rate=w.learning_rate)
 
 
 def _inputs(c: ml_collections.ConfigDict, checked: Checked) -> ToySettings | PromptFileSettings:
