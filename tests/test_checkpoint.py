@@ -54,22 +54,11 @@ WORKER = textwrap.dedent('''
     from rlaifv_jax.training import loop as train
     from rlaifv_jax.training import step as dpo_step
     from rlaifv_jax.models import hf
+    from dpo_examples import examples
 
     model_dir, workdir, out = sys.argv[1:4]
     kill_at, kill_mode = int(os.environ.get("KILL_AT", "0")), os.environ.get("KILL_MODE", "step")
-    rng = np.random.RandomState(0)
-    examples = []
-    for i in range(10):
-        start, n_c, n_r = 9, rng.randint(2, 8), rng.randint(2, 8)
-        prompt = [1, 5, 6, *[96] * 4, 7, 8]
-        ex = {"pixel_values": rng.randn(3, 28, 28).astype(np.float32), "answer_start": np.int32(start),
-              "chosen_len": np.int32(n_c), "rejected_len": np.int32(n_r),
-              "ref_chosen_logps": np.float32(-4.0 * n_c + rng.randn()), "ref_rejected_logps": np.float32(-4.0 * n_r)}
-        for name, n in (("chosen", n_c), ("rejected", n_r)):
-            row = np.zeros(20, np.int32); row[: start + n] = prompt + list(rng.randint(10, 90, n - 1)) + [2]
-            ex[name + "_tokens"] = row
-        examples.append(ex)
-    ds = grain.MapDataset.source(examples).shuffle(seed=1).repeat(3).batch(2)  # 15 steps
+    ds = grain.MapDataset.source(examples(n=10)).shuffle(seed=1).repeat(3).batch(2)  # 15 steps
     cfg = train.TrainSettings(optim=dpo_step.OptimSettings(learning_rate=1e-3, total_steps=0, warmup_ratio=0.1),
                             save_every=3, max_to_keep=2, progress=False)
 
@@ -84,7 +73,7 @@ WORKER = textwrap.dedent('''
 
 
 def _run(script, tiny, workdir, out, **env):
-    e = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="", **{k: str(v) for k, v in env.items()})
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), JAX_PLATFORMS="cpu", XLA_FLAGS="", **{k: str(v) for k, v in env.items()})
     return subprocess.run([sys.executable, str(script), tiny, str(workdir), str(out)], env=e,
                           capture_output=True, text=True, timeout=120)
 
