@@ -9,9 +9,8 @@ The labeler reads each image with its own processor (set ``"longest_edge": 13107
 ``preprocessor_config.json``, see configs/qwen3vl_8b_self.py) and asks each question in its own chat
 template; the policy keeps LLaVA's ``llava_v1`` prompts. The labeler's yes/no ids are resolved from its
 tokenizer at start (a labeler whose answers cannot be read is refused then, in one line).
-Plan it without weights: ``python -m rlaifv_jax.plan --config configs/llava15_7b_qwen3vl_labeler.py
---config.policy.path=configs/arch/llava-1.5-7b --config.labeler.path=configs/arch/qwen3-vl-8b-instruct
---config.claims.split_path=configs/arch/llama-3-8b-instruct --topology v5p-8``.
+Plan it without weights (``policy.arch``, ``labeler.arch``, ``claims.split_arch`` name the presets in
+configs/arch/): ``python -m rlaifv_jax.plan --config configs/llava15_7b_qwen3vl_labeler.py --topology v5p-8``.
 """
 import ml_collections
 
@@ -22,6 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = llava15_7b_self.get_config(arg)
     c.labeler.kind = "model"
     c.labeler.path = ""  # Qwen/Qwen3-VL-8B-Instruct (Qwen3VLForConditionalGeneration)
+    c.labeler.arch = "qwen3-vl-8b-instruct"  # its config.json, for the planner
     c.labeler.template = "chat"  # the labeler's own ChatML template, not the policy's llava_v1
     c.labeler.answer_prefix = "auto"  # "" after "<|im_start|>assistant\n" (its tokens "yes"/"Yes"/"no"/"No")
     c.labeler.batch_size = 64

@@ -12,9 +12,8 @@ overflow ``dpo.max_length`` (counted as ``too_long``) and pad every DPO pair's i
 compiles once per chunk bucket of 64 patches and attends over each whole image (no windows); the
 DeepStack features of blocks 8, 16 and 24 ride with the image features into decoder layers 0–2
 (models/qwen3_vl.py).
-Plan it without weights: ``python -m rlaifv_jax.plan --config configs/qwen3vl_8b_self.py
---config.policy.path=configs/arch/qwen3-vl-8b-instruct --config.claims.split_path=configs/arch/llama-3-8b-instruct
---topology v5p-8``.
+Plan it without weights (``policy.arch`` / ``claims.split_arch`` name the presets in configs/arch/):
+``python -m rlaifv_jax.plan --config configs/qwen3vl_8b_self.py --topology v5p-8``.
 """
 import ml_collections
 
@@ -24,6 +23,7 @@ from configs import qwen25vl_7b_self
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = qwen25vl_7b_self.get_config(arg)  # the same loop, sampling, labeling and DPO settings
     c.policy.path = ""  # Qwen/Qwen3-VL-8B-Instruct, downloaded beforehand (see the module docstring)
+    c.policy.arch = "qwen3-vl-8b-instruct"  # its config.json, for the planner
     c.policy.template = "chat"  # the tokenizer's ChatML template (the image as
     # <|vision_start|><|image_pad|>…<|vision_end|> before the question, as Qwen's processor renders it)
     c.labeler.kind = "self"  # the initial policy labels its own samples (self-feedback)

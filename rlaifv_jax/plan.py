@@ -57,8 +57,14 @@ class Assumptions:
     question_tokens: int = 32  # labeler question + "Please answer yes or no." + assistant tag
     claims_per_response: int = 8  # yes/no questions per response
     claims_prompt_tokens: int = 160  # split/convert instructions, question; the answer adds its tokens
-    min_pixels: int = 56 * 56  # Qwen2.5-VL image processor's resize bounds: the hub's min_pixels and the
-    max_pixels: int = 1280 * 28 * 28  # max_pixels configs/qwen25vl_7b_self.py recommends (≤ 1280 image tokens)
+    min_image_tokens: int = 4  # Qwen-VL image processor's resize bounds in image tokens (the pixel bounds are
+    max_image_tokens: int = 1280  # these × (patch · merge)²): the hub's min_pixels, and the max_pixels (Qwen2.5-VL,
+    # 1280·28·28) / longest_edge (Qwen3-VL, 1280·32·32) that configs/qwen*_self.py recommend
+
+    def pixel_bounds(self, vision_config: Any) -> tuple[int, int]:
+        """``(min_pixels, max_pixels)`` of a Qwen-VL image processor for this tower's patch and merge."""
+        unit = (vision_config.patch_size * vision_config.spatial_merge_size) ** 2
+        return self.min_image_tokens * unit, self.max_image_tokens * unit
 
 
 # ----------------------------------------------------------------------------- models
@@ -109,8 +115,9 @@ def prompt_image(model: nnx.Module, assume: Assumptions) -> tuple[np.ndarray, An
     v = model.config.vision
     if vision.layout_key(model) == "image_grid_thw":  # the processor's resize to its pixel bounds
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        low, high = assume.pixel_bounds(v)
         h, w = smart_resize(*assume.image_size, factor=v.patch_size * v.spatial_merge_size,
-                            min_pixels=assume.min_pixels, max_pixels=assume.max_pixels)
+                            min_pixels=low, max_pixels=high)
         grid = np.array([[1, h // v.patch_size, w // v.patch_size]])
         return np.zeros((int(grid.prod()), v.patch_dim), np.float32), grid, model.num_image_tokens(grid)
     if isinstance(model, LlavaNext):
@@ -129,13 +136,14 @@ def tower_input(model: nnx.Module, mesh: Any, pixels: np.ndarray, layout: Any) -
 
 def pair_image(model: nnx.Module, assume: Assumptions, length: int) -> dict[str, np.ndarray]:
     """The image arrays of one DPO pair padded to ``length`` tokens (``engine.logps.pair_image_arrays``,
-    as the DPO stage encodes them; Qwen2.5-VL: padded to ``assume.max_pixels``' patches)."""
+    as the DPO stage encodes them; Qwen-VL: padded to the patches of ``assume.max_image_tokens``)."""
     pixels, layout, tokens = prompt_image(model, assume)
     text = assume.prompt_text_tokens // 2
     prompt = np.zeros(tokens + assume.prompt_text_tokens, np.int32)
     prompt[text:text + tokens] = model.config.image_token_id
     return logps.pair_image_arrays(model, pixels, layout, prompt, length,
-                                   max_patches=assume.max_pixels // model.config.vision.patch_size ** 2)
+                                   max_patches=assume.pixel_bounds(model.config.vision)[1]
+                                   // model.config.vision.patch_size ** 2)
 
 
 def dpo_settings(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.OptimSettings, dpo.LossSettings]:

@@ -173,12 +173,17 @@ def test_libtpu_start_up_lines_are_silenced(tmp_path):
     assert "InitGoogle" not in proc.stderr and "E0000" not in proc.stderr and "TPU_" not in proc.stderr, proc.stderr
 
 
-def test_paper_configs_name_existing_architecture_presets():
-    for name in ("llava15_7b_self", "llava15_7b_next34b", "qwen25vl_3b_self", "qwen25vl_7b_self"):
-        c = importlib.import_module(f"configs.{name}").get_config()
-        for role in ("policy", "claims_split") + (("labeler",) if c.labeler.kind == "model" else ()):
-            arch, _ = plan.architecture(c, role)
-            assert arch in hf.ARCHITECTURES, (name, role, arch)
+@pytest.mark.parametrize("name,policy,labeler", [
+    ("llava15_7b_self", "llava", None), ("llava15_7b_next34b", "llava", "llava_next"),
+    ("qwen25vl_3b_self", "qwen2_5_vl", None), ("qwen25vl_7b_self", "qwen2_5_vl", None),
+    ("qwen3vl_8b_self", "qwen3_vl", None), ("llava15_7b_qwen3vl_labeler", "llava", "qwen3_vl")])
+def test_paper_configs_name_the_presets_of_their_own_models(name, policy, labeler):
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert (c.labeler.kind == "model") == (labeler is not None)
+    for role, kind in (("policy", policy), ("claims_split", "llama"), ("labeler", labeler)):
+        if kind:
+            arch, cfg = plan.architecture(c, role)
+            assert arch in hf.ARCHITECTURES and cfg["model_type"] == kind, (name, role, arch, cfg["model_type"])
 
 
 def test_qwen25vl_plan_on_local_devices(tmp_path):
