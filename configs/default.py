@@ -83,8 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.claims.split_arch = ""  # architecture presets (configs/arch/) the planner builds when the paths above
     c.claims.convert_arch = ""  # are empty (convert_arch empty: same as split)
     c.claims.batch_size = 16  # prompts per claims shard; all their responses go to the LLM in one call
-    c.claims.llm_batch_size = 64  # messages the claims LLM decodes together (kind="llm"; memory vs speed:
+    c.claims.llm_batch_size = 64  # messages the claims LLM prefills together (kind="llm"; memory vs speed:
     # decoding is memory bound, so a step of 64 rows costs about what a step of 8 does)
+    c.claims.decode_rows = 0  # continuous batching of the claims LLM: decode slots per call (0 = off: one row
+    # per message of the batch); `python -m rlaifv_jax.plan --tune` suggests both for a slice
 
     c.labeler = ml_collections.ConfigDict()
     c.labeler.kind = "self"  # "self": the initial policy labels itself (self-feedback); "model": the

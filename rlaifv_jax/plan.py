@@ -30,153 +30,48 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from rlaifv_jax.core import aot, hardware, sharding as shd, vocabulary
 from rlaifv_jax.data import buckets
-from rlaifv_jax import plan_report
+from rlaifv_jax import plan_decode, plan_report, plan_tune
+from rlaifv_jax.plan_inputs import (Assumptions, abstract_model, architecture, dpo_settings, dpo_window,
+                                    iteration_counts, pair_image, prompt_bucket, prompt_image, tower_input)
 from rlaifv_jax.engine import generate, logps, score, vision
 from rlaifv_jax.engine.logits import DecodeSettings
+from rlaifv_jax.engine.prompt_checks import text_config
 from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING
-from rlaifv_jax.models import anyres, hf
-from rlaifv_jax.models.llava import LlavaNext
+from rlaifv_jax.models.layers import DECODE_BLOCK
 from rlaifv_jax.training import step as dpo
 
-# The architecture presets of the paper's models (config.json only; no weights).
-ARCH_PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "arch")
+
+def step_cost(model: nnx.Module, mesh: Any, *, weights: float, flops: float, batch: int, length: int,
+              num_samples: int, max_new: int, decode_rows: int | None) -> plan_decode.StepCost:
+    """One decode step's per-chip traffic and FLOPs: the compiled step's ``flops`` and resident
+    ``weights``, the KV caches' bytes as ``generate`` lays them out."""
+    caches = generate.decode_cache_bytes(model, mesh, batch=batch, length=length, num_samples=num_samples,
+                                         max_new_tokens=max_new, decode_rows=decode_rows)
+    tc = text_config(model)
+    # Every own-cache slot adds QK and PV for each (row, query head) on the chip: 4 · H · head_dim FLOPs per
+    # layer against the 2 · K · head_dim · itemsize bytes of its keys and values (H / K query heads per KV head).
+    flops_per_byte = 2 * (tc.num_attention_heads / tc.num_key_value_heads) / jnp.dtype(model.dtype).itemsize
+    return plan_decode.StepCost(weight_bytes=weights, prefix_bytes=caches.prefix, own_bytes=caches.own,
+                                own_slots=caches.own_slots, block=DECODE_BLOCK, flops=flops,
+                                attention_flops_per_slot=caches.own / caches.own_slots * flops_per_byte)
 
 
 @dataclasses.dataclass(frozen=True)
-class Assumptions:
-    """What a config does not say but the plan needs (shapes of typical inputs)."""
+class Generation:
+    """One generating stage's fixed inputs (the batch and slots are what ``--tune`` varies)."""
 
-    image_size: tuple[int, int] = (480, 640)  # (height, width) of a prompt image (anyres token count)
-    prompt_text_tokens: int = 64  # sampler prompt tokens besides the image (system prompt, question)
-    prefix_text_tokens: int = 48  # labeler image-prefix tokens besides the image
-    question_tokens: int = 32  # labeler question + "Please answer yes or no." + assistant tag
-    claims_per_response: int = 8  # yes/no questions per response
-    claims_prompt_tokens: int = 160  # split/convert instructions, question; the answer adds its tokens
-    min_image_tokens: int = 4  # Qwen-VL image processor's resize bounds in image tokens (the pixel bounds are
-    max_image_tokens: int = 1280  # these × (patch · merge)²): the hub's min_pixels, and the max_pixels (Qwen2.5-VL,
-    # 1280·28·28) / longest_edge (Qwen3-VL, 1280·32·32) that configs/qwen*_self.py recommend
-
-    def pixel_bounds(self, vision_config: Any) -> tuple[int, int]:
-        """``(min_pixels, max_pixels)`` of a Qwen-VL image processor for this tower's patch and merge."""
-        unit = (vision_config.patch_size * vision_config.spatial_merge_size) ** 2
-        return self.min_image_tokens * unit, self.max_image_tokens * unit
-
-
-# ----------------------------------------------------------------------------- models
-def architecture(config: ml_collections.ConfigDict, role: str) -> tuple[str, dict[str, Any]]:
-    """``(architecture, config.json dict)`` of ``role``: policy, labeler, claims_split, claims_convert."""
-    if config.source == "toy" and role in ("policy", "labeler"):
-        from rlaifv_jax.data import toy_world
-        from rlaifv_jax.pipelines.warmstart import toy_model_config
-        world = toy_world.WorldConfig(caption_partner_rate=config.world.caption_partner_rate)
-        size = config.toy_labeler.model if role == "labeler" and config.labeler.kind == "toy" else config.model
-        return "LlavaForConditionalGeneration", toy_model_config(toy_world.build_tokenizer(world), world, size)
-    field, preset = {"policy": ("policy.path", "policy.arch"), "labeler": ("labeler.path", "labeler.arch"),
-                     "claims_split": ("claims.split_path", "claims.split_arch"),
-                     "claims_convert": ("claims.convert_path", "claims.convert_arch")}[role]
-    path = model_dir(config, field, preset)
-    if not path:
-        raise ValueError(f"{field} and {preset} are empty: name a checkpoint directory or an architecture preset "
-                         f"({', '.join(sorted(os.listdir(ARCH_PRESETS)))})")
-    return hf.read_config(path)
-
-
-def model_dir(config: ml_collections.ConfigDict, path_field: str, preset_field: str) -> str:
-    """The directory whose ``config.json`` describes a model: ``path_field``'s checkpoint, else the
-    preset ``preset_field`` names in ``configs/arch/`` (a path with a ``/`` is taken as given); "" if neither."""
-    section, name = path_field.split(".")
-    path = config[section][name]
-    preset = config[section].get(preset_field.split(".")[1], "")
-    if path or not preset:
-        return path
-    return preset if os.sep in preset else os.path.join(ARCH_PRESETS, preset)
-
-
-def abstract_model(arch: tuple[str, dict], dtype: str, param_dtype: str) -> nnx.Module:
-    """The module of ``arch`` with ``jax.ShapeDtypeStruct`` leaves: no memory, no devices."""
-    return nnx.eval_shape(lambda: hf.build_model(arch[0], arch[1], dtype=hf.parse_dtype(dtype),
-                                                 param_dtype=hf.parse_dtype(param_dtype)))
-
-
-# ----------------------------------------------------------------------------- stages
-def _bucket(tokens: int) -> int:
-    return next((b for b in generate.DEFAULT_BUCKETS if b >= tokens), -(-tokens // 512) * 512)
-
-
-def prompt_image(model: nnx.Module, assume: Assumptions) -> tuple[np.ndarray, Any, int]:
-    """Zero ``pixel_values`` of one ``assume.image_size`` prompt image as ``model``'s image processor
-    shapes them, their layout (Qwen2.5-VL: ``image_grid_thw``; LLaVA-NeXT: ``image_sizes``; LLaVA-1.5:
-    None) and the image tokens they give."""
-    v = model.config.vision
-    if vision.layout_key(model) == "image_grid_thw":  # the processor's resize to its pixel bounds
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        low, high = assume.pixel_bounds(v)
-        h, w = smart_resize(*assume.image_size, factor=v.patch_size * v.spatial_merge_size,
-                            min_pixels=low, max_pixels=high)
-        grid = np.array([[1, h // v.patch_size, w // v.patch_size]])
-        return np.zeros((int(grid.prod()), v.patch_dim), np.float32), grid, model.num_image_tokens(grid)
-    if isinstance(model, LlavaNext):
-        tiles = anyres.num_patches(assume.image_size, model.config.image_grid_pinpoints, v.image_size)
-        pixels = np.zeros((1, tiles, v.num_channels, v.image_size, v.image_size), np.float32)
-        return pixels, np.array([assume.image_size]), model.num_image_tokens(assume.image_size)
-    return np.zeros((1, v.num_channels, v.image_size, v.image_size), np.float32), None, model.num_image_tokens()
-
-
-def tower_input(model: nnx.Module, mesh: Any, pixels: np.ndarray, layout: Any) -> Any:
-    """The abstract argument of ``engine.vision.lower_features`` for one image, as ``engine.vision``
-    builds it: the model's own ``vision_inputs`` (Qwen2.5-VL's bucketed tower layout) or the pixels."""
-    x = model.vision_inputs(pixels, layout) if hasattr(model, "vision_inputs") else pixels
-    return jax.tree.map(lambda a: aot.replicated(mesh, np.shape(a), np.asarray(a).dtype), x)
-
-
-def pair_image(model: nnx.Module, assume: Assumptions, length: int) -> dict[str, np.ndarray]:
-    """The image arrays of one DPO pair padded to ``length`` tokens (``engine.logps.pair_image_arrays``,
-    as the DPO stage encodes them; Qwen-VL: padded to the patches of ``assume.max_image_tokens``)."""
-    pixels, layout, tokens = prompt_image(model, assume)
-    text = assume.prompt_text_tokens // 2
-    prompt = np.zeros(tokens + assume.prompt_text_tokens, np.int32)
-    prompt[text:text + tokens] = model.config.image_token_id
-    return logps.pair_image_arrays(model, pixels, layout, prompt, length,
-                                   max_patches=assume.pixel_bounds(model.config.vision)[1]
-                                   // model.config.vision.patch_size ** 2)
-
-
-def dpo_settings(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.OptimSettings, dpo.LossSettings]:
-    """The train step's settings as the online loop builds them (plus the remat / dtype options)."""
-    d = config.dpo
-    optim = dpo.OptimSettings(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
-                            max_grad_norm=d.max_grad_norm, total_steps=max(steps, 1),
-                            master_dtype=d.get("master_dtype", "float32"),
-                            state_dtype=d.get("optimizer_state_dtype", "float32"))
-    loss = dpo.LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                          grad_accum=d.grad_accum, remat=d.get("remat", "none"))
-    return optim, loss
-
-
-def dpo_window(config: ml_collections.ConfigDict) -> int | None:
-    """The automatic LM-head window (``data.buckets``) of a batch of ``dpo.max_length`` tokens whose
-    longest answer is a full sampled response (``sampling.max_new_tokens`` + the end-of-turn token)."""
-    return buckets.answer_window(config.sampling.max_new_tokens + 1, config.dpo.max_length)
-
-
-def iteration_counts(config: ml_collections.ConfigDict, assume: Assumptions) -> dict[str, int]:
-    """Prompts, responses, questions, pairs and optimizer steps of one online iteration (upper bounds:
-    every prompt gives ``pairs.per_prompt`` pairs)."""
-    if config.source == "toy":
-        prompts = config.world.n_prompts
-    elif config.prompts.per_iteration:
-        prompts = config.prompts.per_iteration
-    else:
-        raise ValueError("prompts.per_iteration=0 (all prompts): set it to the prompts per iteration to plan")
-    pairs = prompts * config.pairs.per_prompt
-    return {"prompts": prompts, "responses": prompts * config.sampling.num_samples,
-            "questions_per_prompt": config.sampling.num_samples * assume.claims_per_response, "pairs": pairs,
-            "dpo_steps": math.ceil(pairs / config.dpo.batch_size) * config.dpo.epochs}
+    name: str
+    model: nnx.Module
+    length: int  # prompt bucket
+    num_samples: int
+    max_new: int
+    sampling: DecodeSettings
+    prompts: int  # prompts (messages) per online iteration
+    fields: tuple[str, str]  # the config fields of the prompt batch and the continuous slots
 
 
 @dataclasses.dataclass
@@ -188,7 +83,9 @@ class Planner:
     mesh: Any
     assume: Assumptions
     counts: dict[str, int]
+    tune: bool = False  # also plan each generating stage at the fastest decode batch that fits
     stages: list[aot.Stage] = dataclasses.field(default_factory=list)
+    overrides: dict[str, int] = dataclasses.field(default_factory=dict)  # what --tune chose
 
     def vision(self, name: str, model: nnx.Module, state: Any) -> int:
         pixels, layout, tokens = prompt_image(model, self.assume)
@@ -199,41 +96,101 @@ class Planner:
                   lambda: {"vision": vision.lower_features(model, state, px, self.mesh)}, state, ("vision",))
         return tokens
 
-    def generation(self, name: str, model: nnx.Module, *, batch: int, length: int, num_samples: int, max_new: int,
-                   sampling: DecodeSettings, calls: int) -> None:
-        state = aot.sharded(nnx.state(model), self.mesh, shd.SERVE_RULES)
-        extra = {"prefill": dict(tokens_per_step=batch * length, calls=calls),
-                 "decode": dict(tokens_per_step=batch * num_samples, calls=calls * max_new,
-                                note="one step; calls = steps at max_new_tokens")}
-        aot.run_stage(self.stages, self.topo, aot.Stage(name, "serve", resident_bytes=aot.per_chip_bytes(state)),
-                  lambda: generate.lower_programs(model, state, self.mesh, batch=batch, length=length,
-                                                  num_samples=num_samples, max_new_tokens=max_new, sampling=sampling),
-                  state, ("prefill", "decode"), extra)
+    def generation(self, g: Generation, batch: int, decode_rows: int | None) -> None:
+        """The prefill and decode programs of one generating stage as the run compiles them (with
+        ``tune``: also at the fastest batch that fits, the config's own rows then shown as ``(alt)``)."""
+        before = len(self.stages)
+        self._generation(g, plan_tune.Candidate(batch, decode_rows or 0))
+        if not self.tune or self.topo.chip is None or self.stages[before + 1].total_seconds is None:
+            return
+        prefill, decode = self.stages[before:before + 2]
+        caches = generate.decode_cache_bytes(g.model, self.mesh, batch=batch, length=g.length,
+                                             num_samples=g.num_samples, max_new_tokens=g.max_new,
+                                             decode_rows=decode_rows)
+        rows = decode_rows or batch * g.num_samples
+        fp = plan_tune.footprint(max(prefill.bytes_per_chip, decode.bytes_per_chip), decode.resident_bytes,
+                                 caches.prefix_all, caches.own, batch=batch, rows=batch * g.num_samples,
+                                 decode_rows=rows)
+        lengths = self.lengths(g.max_new)
+
+        def seconds(c: plan_tune.Candidate) -> float:
+            cost = step_cost(g.model, self.mesh, weights=decode.resident_bytes,
+                             flops=decode.flops_per_chip * (c.slots or c.batch * g.num_samples) / rows,
+                             batch=c.batch, length=g.length, num_samples=g.num_samples, max_new=g.max_new,
+                             decode_rows=c.slots or None)
+            return plan_decode.decode_time(cost, self.topo.chip, lengths, prompts=g.prompts,
+                                           num_samples=g.num_samples, batch=c.batch, slots=c.slots).seconds
+
+        hbm = plan_tune.HEADROOM * self.topo.hbm_bytes
+        for best in plan_tune.ranked(plan_tune.candidates(g.num_samples, g.prompts), seconds,
+                                     lambda c: plan_tune.peak_bytes(fp, c, g.num_samples) <= hbm)[:3]:
+            if best == plan_tune.Candidate(batch, decode_rows or 0) or seconds(best) >= decode.total_seconds:
+                return  # the config's batch is already the fastest that fits
+            start = len(self.stages)
+            self._generation(g, best)
+            if all(s.fits for s in self.stages[start:]):
+                prefill.variant = decode.variant = True
+                self.overrides.update({g.fields[0]: best.batch, g.fields[1]: best.slots})
+                return
+            del self.stages[start:]  # XLA says it does not fit after all: the next candidate
+
+    def _generation(self, g: Generation, c: plan_tune.Candidate) -> None:
+        """Compile one batch's prefill and decode; the decode row's time summed over its steps."""
+        state = aot.sharded(nnx.state(g.model), self.mesh, shd.SERVE_RULES)
+        rows, slots = c.batch * g.num_samples, c.slots or None
+        tag = f"{c.batch} prompts, " + (f"{c.slots} slots (continuous)" if c.slots else f"{rows} rows")
+        extra = {"prefill": dict(tokens_per_step=c.batch * g.length, calls=math.ceil(g.prompts / c.batch),
+                                 note=tag),
+                 "decode": dict(tokens_per_step=c.slots or rows, note=f"steps at filled length; {tag}")}
+        before = len(self.stages)
+        aot.run_stage(self.stages, self.topo, aot.Stage(g.name, "serve", resident_bytes=aot.per_chip_bytes(state)),
+                      lambda: generate.lower_programs(g.model, state, self.mesh, batch=c.batch, length=g.length,
+                                                      num_samples=g.num_samples, max_new_tokens=g.max_new,
+                                                      sampling=g.sampling, decode_rows=slots),
+                      state, ("prefill", "decode"), extra)
+        decode, chip = self.stages[before + 1], self.topo.chip
+        if chip is None or decode.flops_per_chip is None:
+            return
+        cost = step_cost(g.model, self.mesh, weights=decode.resident_bytes, flops=decode.flops_per_chip,
+                         batch=c.batch, length=g.length, num_samples=g.num_samples, max_new=g.max_new,
+                         decode_rows=slots)
+        run = dict(prompts=g.prompts, num_samples=g.num_samples, batch=c.batch, slots=c.slots)
+        t = plan_decode.decode_time(cost, chip, self.lengths(g.max_new), **run)
+        upper = plan_decode.decode_time(cost, chip, plan_decode.Lengths(g.max_new, g.max_new), **run)
+        decode.calls, decode.total_seconds, decode.upper_seconds = t.steps, t.seconds, upper.seconds
+        decode.tokens_per_s_chip = plan_decode.tokens_per_second_per_chip(t, self.topo.chips)
+
+    def lengths(self, max_new: int) -> plan_decode.Lengths:
+        """The response-length assumption for a stage that generates at most ``max_new`` tokens."""
+        return plan_decode.Lengths(min(self.assume.response_tokens, max_new),
+                                   min(self.assume.longest_response or max_new, max_new))
 
     def sample(self, policy: nnx.Module) -> None:
         s = self.config.sampling
         tokens = self.vision("sample/vision", policy, aot.sharded(nnx.state(policy), self.mesh, shd.SERVE_RULES))
         sampling = DecodeSettings(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None,
                                   repetition_penalty=s.repetition_penalty if s.repetition_penalty != 1 else None)
-        self.generation("sample", policy, batch=s.batch_size, length=_bucket(tokens + self.assume.prompt_text_tokens),
-                        num_samples=s.num_samples, max_new=s.max_new_tokens, sampling=sampling,
-                        calls=math.ceil(self.counts["prompts"] / s.batch_size))
+        g = Generation("sample", policy, prompt_bucket(tokens + self.assume.prompt_text_tokens), s.num_samples,
+                       s.max_new_tokens, sampling, self.counts["prompts"],
+                       ("sampling.batch_size", "sampling.decode_rows"))
+        self.generation(g, s.batch_size, s.get("decode_rows", 0) or None)
 
     def claims(self) -> None:
         """Split and convert calls of the claims LLM(s): each response goes through both."""
         c, dec = self.config, CLAIM_LLM_DECODING
-        batch = c.claims.llm_batch_size  # rows the claims stage decodes together
         archs = {"claims/split": architecture(c, "claims_split")}
         if c.claims.convert_path or c.claims.get("convert_arch"):
             archs["claims/convert"] = architecture(c, "claims_convert")
-        calls = math.ceil(self.counts["responses"] / batch)
+        messages = self.counts["responses"]
         if len(archs) == 1 or archs["claims/convert"] == archs["claims/split"]:
-            archs, calls = {"claims": archs["claims/split"]}, 2 * calls  # one model answers both calls
+            archs, messages = {"claims": archs["claims/split"]}, 2 * messages  # one model answers both calls
         for name, arch in archs.items():
             llm = abstract_model(arch, c.policy.dtype, c.policy.dtype)
-            self.generation(name, llm, batch=batch, num_samples=1, max_new=dec.max_new_tokens, calls=calls,
-                            length=_bucket(self.assume.claims_prompt_tokens + min(c.sampling.max_new_tokens, 400)),
-                            sampling=DecodeSettings(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p))
+            length = prompt_bucket(self.assume.claims_prompt_tokens + min(c.sampling.max_new_tokens, 400))
+            decoding = DecodeSettings(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p)
+            g = Generation(name, llm, length, 1, dec.max_new_tokens, decoding, messages,
+                           ("claims.llm_batch_size", "claims.decode_rows"))
+            self.generation(g, c.claims.llm_batch_size, c.claims.get("decode_rows", 0) or None)
 
     def label(self, labeler: nnx.Module) -> None:
         c, a, questions = self.config, self.assume, self.counts["questions_per_prompt"]
@@ -296,11 +253,13 @@ class Planner:
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, *, only: tuple[str, ...] = (), variants: bool = True,
-         assume: Assumptions = Assumptions()) -> dict[str, Any]:
-    """Compile every stage of ``config`` (or those named in ``only``) for ``topology``; the report."""
+         assume: Assumptions = Assumptions(), tune: bool = False) -> dict[str, Any]:
+    """Compile every stage of ``config`` (or those named in ``only``) for ``topology``; the report.
+    ``tune``: also compile each generating stage at the decode batch estimated fastest that fits, and
+    report the config overrides that select it."""
     topo = hardware.parse_topology(topology)
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=hardware.devices(topo))
-    p = Planner(config, topo, mesh, assume, iteration_counts(config, assume))
+    p = Planner(config, topo, mesh, assume, iteration_counts(config, assume), tune=tune)
     wanted = lambda name: not only or any(name.startswith(o) for o in only)  # noqa: E731
     c, arch = config, architecture(config, "policy")
     # As stages.bundle loads them, one stage at a time: inference (sampling, claims, labeling, the
@@ -320,10 +279,19 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, only: tuple[str, .
     return report(p)
 
 
-def iteration_times(stages: list[dict[str, Any]]) -> tuple[dict[str, float | None], float | None, list[str]]:
-    """Seconds per online iteration by stage group (sample, claims, label, ...) and in all, from the
-    compiler's per-call estimates × calls, and notes. A stage that does not fit counts as its fastest
-    fitting alternative (``dpo_step[remat=full]``), named in the notes; None where nothing is known."""
+def stage_seconds(s: dict[str, Any], upper: bool = False) -> float | None:
+    """A stage's seconds per online iteration: a decode row's sum over its steps (``upper``: every
+    response max_new_tokens long), otherwise the compiler's per-call estimate × calls."""
+    if s["total_seconds"] is not None:
+        return s["upper_seconds"] if upper else s["total_seconds"]
+    return None if s["seconds"] is None else s["seconds"] * s["calls"]
+
+
+def iteration_times(stages: list[dict[str, Any]], upper: bool = False
+                    ) -> tuple[dict[str, float | None], float | None, list[str]]:
+    """Seconds per online iteration by stage group (sample, claims, label, ...) and in all, and notes.
+    A stage that does not fit counts as its fastest fitting alternative (``dpo_step[remat=full]``),
+    named in the notes; None where nothing is known."""
     times: dict[str, float | None] = {}
     notes = []
     for s in stages:
@@ -336,19 +304,25 @@ def iteration_times(stages: list[dict[str, Any]]) -> tuple[dict[str, float | Non
                 s = min(fitting, key=lambda v: v["seconds"])
                 notes.append(f"{s['name']} in place of {s['name'].split('[')[0]}, which does not fit")
         group = s["name"].split("/")[0].split("[")[0]
-        known = s["seconds"] is not None and times.get(group, 0.0) is not None
-        times[group] = times.get(group, 0.0) + s["seconds"] * s["calls"] if known else None
+        seconds = stage_seconds(s, upper)
+        known = seconds is not None and times.get(group, 0.0) is not None
+        times[group] = times.get(group, 0.0) + seconds if known else None
     return times, (None if not times or None in times.values() else sum(times.values())), notes
 
 
 def report(p: Planner) -> dict[str, Any]:
-    """The JSON-able plan: slice, mesh, stages, counts, time per iteration (None when unknown)."""
+    """The JSON-able plan: slice, mesh, stages, counts, the length assumption, time per iteration
+    under it and its upper bound (None when unknown)."""
     stages = [s.public() for s in p.stages]
     times, total, notes = iteration_times(stages)
+    upper = iteration_times(stages, upper=True)[1]
     return {"topology": p.topo.name, "xla_topology": p.topo.xla_topology, "chips": p.topo.chips,
             "hbm_per_chip": p.topo.hbm_bytes, "device_kind": str(p.mesh.devices.flat[0].device_kind),
             "mesh": dict(p.mesh.shape), "fits": all(s["fits"] for s in stages if not s["variant"]), "stages": stages,
-            "counts": p.counts, "iteration_seconds": times, "iteration_total_seconds": total, "iteration_notes": notes}
+            "counts": p.counts, "lengths": {"response_tokens": p.assume.response_tokens,
+                                            "longest_response": p.assume.longest_response},
+            "iteration_seconds": times, "iteration_total_seconds": total, "iteration_upper_seconds": upper,
+            "iteration_notes": notes, "overrides": dict(p.overrides)}
 
 
 def quiet_libtpu(accelerator_type: str) -> None:
@@ -379,6 +353,13 @@ def main(argv: list[str]) -> int:
     variants = flags.DEFINE_bool("variants", True, "Also compile the DPO step with remat / bf16 optimizer state "
                                                    "/ bf16 master weights to show their effect.", flag_values=fv)
     verbosity = flags.DEFINE_integer("verbosity", 0, "≥ 1: also show libtpu's start-up lines.", flag_values=fv)
+    tune = flags.DEFINE_bool("tune", False, "Also plan each generating stage at the decode batch (prompts per "
+                                            "prefill, continuous slots) estimated fastest that fits, and print the "
+                                            "overrides that select it.", flag_values=fv)
+    mean = flags.DEFINE_float("response_tokens", Assumptions.response_tokens,
+                              "Assumed mean generated tokens per response (policy and claims LLM).", flag_values=fv)
+    longest = flags.DEFINE_integer("longest_response", 0, "Assumed longest response of a batch (0: each stage's "
+                                                          "max_new_tokens).", flag_values=fv)
     fv(argv)
     progress = logging.getLogger(aot.__name__)  # one line per compiled stage, on stderr
     if not progress.handlers:
@@ -391,7 +372,9 @@ def main(argv: list[str]) -> int:
     if verbosity.value < 1:
         quiet_libtpu(topology.value)
     try:
-        r = plan(vocabulary.canonicalize(config_flag.value), topology.value, only=tuple(only.value), variants=variants.value)
+        assume = dataclasses.replace(Assumptions(), response_tokens=mean.value, longest_response=longest.value)
+        r = plan(vocabulary.canonicalize(config_flag.value), topology.value, only=tuple(only.value),
+                 variants=variants.value, assume=assume, tune=tune.value)
     except (hardware.MissingLibtpu, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -50,19 +50,29 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{_fmt(s['resident_bytes'], GIB):>9} {_fmt(s['flops_per_chip'], 1e12):>11} "
                      f"{_fmt(s['seconds'], 1e-3):>9} {_pct(s['mfu']):>6} {_pct(s['hbm_roofline']):>8} "
                      f"{s['tokens_per_step']:>8} {s['calls']:>11,.0f}  {mark}{'  ' + s['note'] if s['note'] else ''}")
+    lengths = r.get("lengths") or {}
+    assumed = (f"responses {lengths.get('response_tokens', 0):g} tokens on average, the longest "
+               + (f"{lengths['longest_response']}" if lengths.get("longest_response") else "max_new_tokens")
+               + ", at most each stage's max_new_tokens (--response_tokens, --longest_response)")
     rates = decode_rates(r)
     if rates:
-        lines.append("generated tokens/s per chip (one decode step of the full batch): "
+        lines.append(f"generated tokens/s per chip (each step at its filled length; {assumed}): "
                      + ", ".join(f"{name} {rate:,.0f}" for name, rate in rates.items()))
     times = r["iteration_seconds"]
     if times and r["iteration_total_seconds"] is not None:
         parts = ", ".join(f"{k} {_duration(v)}" for k, v in times.items())
         lines.append(f"estimated wall time per online iteration: {_duration(r['iteration_total_seconds'])} ({parts}; "
-                     "compiler estimates, no host time, every response max_new_tokens long)")
+                     f"{assumed}; compiler estimates and HBM rooflines, no host time)")
+        if r.get("iteration_upper_seconds") is not None:
+            upper = _duration(r["iteration_upper_seconds"])
+            lines.append(f"  upper bound, every response max_new_tokens long: {upper}")
         lines += [f"  with {note}" for note in r["iteration_notes"]]
     elif times:
         lines.append("no time estimate: " + ("a stage does not fit" if not r["fits"] else
                                              "the compiler gives no time estimate on this platform"))
+    if r.get("overrides"):
+        lines.append("tuned decode batches (the config's own shown as (alt)): "
+                     + " ".join(f"--config.{k}={v}" for k, v in r["overrides"].items()))
     c = r["counts"]
     lines.append(f"per iteration: {c['prompts']} prompts, {c['responses']} responses, "
                  f"{c['questions_per_prompt']} questions per prompt, ≤ {c['pairs']} pairs, {c['dpo_steps']} DPO steps")
@@ -70,10 +80,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def decode_rates(r: dict[str, Any]) -> dict[str, float]:
-    """Generated tokens per second per chip of every decode stage: its rows (one token each per step)
-    over the compiler's step time, divided by the slice's chips."""
-    return {s["name"]: s["tokens_per_step"] / s["seconds"] / r["chips"] for s in r["stages"]
-            if s["name"].endswith("/decode") and s["seconds"] and not s["variant"]}
+    """Generated tokens per second per chip of every decode stage over the whole stage (its steps
+    summed at their filled lengths, ``plan_decode``)."""
+    return {s["name"]: s["tokens_per_s_chip"] for s in r["stages"]
+            if s["name"].endswith("/decode") and s.get("tokens_per_s_chip") and not s["variant"]}
 
 
 def verdicts(r: dict[str, Any]) -> list[str]:

@@ -131,9 +131,10 @@ def test_llm_extractor_separate_convert_model_and_bad_batch():
         LLMClaimExtractor(lambda prompts: []).extract([("q", "a")])
 
 
-def test_claims_llm_batch_size_changes_no_result(tmp_path):
+def test_claims_llm_batch_size_and_continuous_slots_change_no_result(tmp_path):
     """The claims stage's real LLM path (a tiny random Llama): decoding 1 or 8 messages together
-    (``claims.llm_batch_size``) gives the same completions, hence the same claims."""
+    (``claims.llm_batch_size``), or 8 through 3 continuous slots (``claims.decode_rows``), gives the
+    same completions, hence the same claims."""
     import tiny_hf
     from rlaifv_jax.core.sharding import serve_mesh
     from rlaifv_jax.stages import claims as claims_stage
@@ -141,9 +142,10 @@ def test_claims_llm_batch_size_changes_no_result(tmp_path):
     tiny_hf.word_tokenizer(tmp_path / "llm")
     items = [("describe the image .", " ".join(f"w{(7 * i + j) % 75}" for j in range(3 + i))) for i in range(5)]
     results = []
-    for rows in (1, 8):
-        settings = claims_stage.ClaimSettings(kind="llm", split_path=str(tmp_path / "llm"), llm_batch_size=rows)
+    for rows, slots in ((1, None), (8, None), (8, 3)):
+        settings = claims_stage.ClaimSettings(kind="llm", split_path=str(tmp_path / "llm"), llm_batch_size=rows,
+                                              decode_rows=slots)
         with claims_stage.extractor(settings, None, serve_mesh(), seed=0) as ex:
             results.append([r.to_dict() for r in ex.extract(items)])
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     assert all(r["raw_split"] for r in results[0])  # the LLM really answered every item

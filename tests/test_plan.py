@@ -115,12 +115,37 @@ def test_smoke_plan_on_a_tpu_slice(tmp_path, capsys):
         assert 0 < s["mfu"] <= 1 and s["resident_bytes"] > 0, s
     (decode,) = [s for s in r["stages"] if s["name"] == "sample/decode"]
     assert 0 < decode["hbm_roofline"] <= 1.01 and decode["calls"] == 3 * smoke().sampling.max_new_tokens
-    assert r["iteration_total_seconds"] == pytest.approx(sum(s["seconds"] * s["calls"] for s in r["stages"]))
-    rates = plan_report.decode_rates(r)
-    assert list(rates) == ["sample/decode"]
-    assert rates["sample/decode"] == pytest.approx(decode["tokens_per_step"] / decode["seconds"] / r["chips"])
+    # the decode row: its steps summed at their filled lengths, under the stated length assumption
+    mean = min(plan.Assumptions().response_tokens, smoke().sampling.max_new_tokens)
+    tokens = r["counts"]["responses"] * mean
+    assert decode["tokens_per_s_chip"] == pytest.approx(tokens / decode["total_seconds"] / r["chips"])
+    assert 0 < decode["total_seconds"] <= decode["upper_seconds"]
+    assert r["iteration_total_seconds"] == pytest.approx(
+        sum(s["total_seconds"] or s["seconds"] * s["calls"] for s in r["stages"]))
+    assert r["iteration_total_seconds"] <= r["iteration_upper_seconds"]
+    assert plan_report.decode_rates(r) == {"sample/decode": decode["tokens_per_s_chip"]}
     out = capsys.readouterr().out
     assert "estimated wall time per online iteration" in out and "generated tokens/s per chip" in out
+    assert "upper bound, every response max_new_tokens long" in out and "--response_tokens" in out
+
+
+@needs_libtpu
+def test_tune_plans_the_fastest_decode_batch_that_fits(tmp_path, capsys):
+    """``--tune``: the sampler is also compiled at the batch estimated fastest, which fits, beats the
+    config's own (shown as ``(alt)``) and is printed as overrides; the length assumption is a flag."""
+    out = tmp_path / "plan.json"
+    assert plan.main(["plan", "--config", "configs/default.py:smoke", "--topology", "v5litepod-4", "--stages",
+                      "sample", "--tune", "--response_tokens=12", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    decodes = {s["variant"]: s for s in r["stages"] if s["name"] == "sample/decode"}
+    assert decodes[False]["fits"] and decodes[False]["total_seconds"] < decodes[True]["total_seconds"]
+    assert set(r["overrides"]) == {"sampling.batch_size", "sampling.decode_rows"}
+    assert r["overrides"] != {"sampling.batch_size": smoke().sampling.batch_size, "sampling.decode_rows": 0}
+    assert r["lengths"]["response_tokens"] == 12
+    assert decodes[False]["tokens_per_s_chip"] == pytest.approx(
+        r["counts"]["responses"] * 12 / decodes[False]["total_seconds"] / r["chips"])
+    text = capsys.readouterr().out
+    assert "--config.sampling.batch_size=" in text and "responses 12 tokens on average" in text
 
 
 @needs_libtpu

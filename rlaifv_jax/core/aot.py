@@ -97,6 +97,9 @@ class Stage:
     error: str = ""  # XLA's message when the program does not compile
     mfu: float | None = None
     hbm_roofline: float | None = None
+    total_seconds: float | None = None  # per iteration when not seconds × calls (decode: summed over its steps)
+    upper_seconds: float | None = None  # decode: every response max_new_tokens long
+    tokens_per_s_chip: float | None = None  # decode: generated tokens per second per chip over the stage
 
     def public(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

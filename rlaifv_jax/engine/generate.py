@@ -293,10 +293,8 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
         for members in batches:
             length = chosen[members[0]]
             cache_len = length + max_new_tokens - 1
-            static = _Static(num_samples=n, max_new_tokens=max_new_tokens,
-                             cache_spec=_spec(mesh, ("batch", None, "kv_heads", "head_dim"),
-                                              (slots or rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
-                             rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)), slots=slots)
+            static = batch_static(mesh, model, rows=rows, cache_len=cache_len, num_samples=n,
+                                  max_new_tokens=max_new_tokens, slots=slots)
             padded = left_padded(model, graphdef, state, [prompts[i] for i in members], batch, length)
             keys = np.zeros((batch,), np.uint32)
             keys[:len(members)] = [prompt_keys[i] for i in members]
@@ -330,25 +328,29 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
 
 # ----------------------------------------------------------------------------- ahead-of-time lowering
 def batch_static(mesh: Mesh | None, model: nnx.Module, *, rows: int, cache_len: int, num_samples: int,
-                 max_new_tokens: int) -> _Static:
-    """The static arguments of one batch's prefill and decode programs (``rows = batch × num_samples``)."""
+                 max_new_tokens: int, slots: int = 0) -> _Static:
+    """The static arguments of one batch's prefill and decode programs (``rows = batch × num_samples``;
+    ``slots``: the continuous decoder's slots, 0 for the static decoder)."""
     tc = text_config(model)
     return _Static(num_samples=num_samples, max_new_tokens=max_new_tokens,
                    cache_spec=_spec(mesh, ("batch", None, "kv_heads", "head_dim"),
-                                    (rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
-                   rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)))
+                                    (slots or rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
+                   rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)), slots=slots)
 
 
 def lower_programs(model: nnx.Module, state: nnx.State, mesh: Mesh, *, batch: int, length: int, num_samples: int,
-                   max_new_tokens: int, sampling: DecodeSettings, num_stop_ids: int = 1) -> dict[str, Any]:
+                   max_new_tokens: int, sampling: DecodeSettings, num_stop_ids: int = 1,
+                   decode_rows: int | None = None) -> dict[str, Any]:
     """The prefill and decode programs ``generate`` runs for one batch of ``batch`` prompts padded to
     ``length`` tokens, compiled from abstract arguments (``state``: ``jax.ShapeDtypeStruct``s with
     shardings, e.g. of an ``nnx.eval_shape`` model; ``mesh`` may hold compile-only TPU devices).
+    ``decode_rows``: the continuous decoder through that many slots, as ``generate(decode_rows=)``.
     Returns ``{"prefill", "decode"}`` compiled programs (the decode input is the prefill's output)."""
     graphdef = nnx.graphdef(model)
     rows = batch * num_samples
+    slots = 0 if decode_rows is None else min(decode_rows, rows)
     static = batch_static(mesh, model, rows=rows, cache_len=length + max_new_tokens - 1, num_samples=num_samples,
-                          max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, slots=slots)
 
     def arg(shape, dtype, axes):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, _spec(mesh, axes, shape)))
@@ -363,8 +365,40 @@ def lower_programs(model: nnx.Module, state: nnx.State, mesh: Mesh, *, batch: in
     with jax.set_mesh(mesh):
         prefill_program = _prefill.lower(graphdef, state, ids, features, mask, static, positions).compile()
         cache, logits = prefill_program.out_info
-        decode_program = _decode.lower(
+        decode_program = (_continuous if slots else _decode).lower(
             graphdef, state, cache, logits, ids, mask, arg((batch,), jnp.uint32, ("batch",)),
             arg((batch,), jnp.bool_, ("batch",)), arg((), jnp.uint32, ()), arg((num_stop_ids,), jnp.int32, (None,)),
             static, sampling, deltas).compile()
     return {"prefill": prefill_program, "decode": decode_program}
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheBytes:
+    """What one decode step of a batch reads from its KV caches, per chip (``decode_cache_bytes``)."""
+
+    prefix: int  # the prompts' prefix caches a step reads (continuous: the window of prompts its slots hold)
+    own: int  # the decode rows' (slots') own-token caches, all ``own_slots`` slots
+    own_slots: int  # slots per row of the own cache (max_new_tokens - 1)
+    prefix_all: int  # the whole batch's prefix caches (held for the batch's lifetime)
+
+
+def decode_cache_bytes(model: nnx.Module, mesh: Mesh, *, batch: int, length: int, num_samples: int,
+                       max_new_tokens: int, decode_rows: int | None = None) -> CacheBytes:
+    """Per-chip bytes of the prefix and own-token KV caches of one batch's decoder, as ``generate``
+    lays them out under ``mesh`` (rows over data/fsdp, KV heads over tensor): the inputs of the
+    planner's per-step HBM traffic."""
+    tc = text_config(model)
+    rows = batch * num_samples
+    slots = 0 if decode_rows is None else min(decode_rows, rows)
+    own_slots = max(max_new_tokens - 1, 1)
+    per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * jnp.dtype(model.dtype).itemsize
+
+    def per_chip(rows_: int, tokens: int) -> int:
+        shape = (rows_, tokens, tc.num_key_value_heads, tc.head_dim)
+        spec = _spec(mesh, ("batch", None, "kv_heads", "head_dim"), shape)
+        shard = NamedSharding(mesh, spec).shard_shape(shape)
+        return int(per_token * shard[0] * shard[1] * (shard[2] / tc.num_key_value_heads))
+
+    window = min(batch, -(-slots // num_samples) + 1) if slots else batch
+    return CacheBytes(prefix=per_chip(window, length), own=per_chip(slots or rows, own_slots), own_slots=own_slots,
+                      prefix_all=per_chip(batch, length))

@@ -21,12 +21,13 @@ class ClaimSettings:
     convert_path: str = ""  # HF dir of the convert LLM ("" = the split LLM)
     dtype: str = "float32"
     batch_size: int = 16  # prompts per shard; all their responses go to the LLM in one call
-    llm_batch_size: int = 64  # messages the LLM decodes together (rows of one generate batch)
+    llm_batch_size: int = 64  # messages the LLM prefills together (rows of one generate batch)
+    decode_rows: int | None = None  # continuous batching of those rows through this many slots (None: off)
 
 
-def _llm(path: str, dtype: str, batch_size: int, mesh, seed: int,
+def _llm(path: str, settings: ClaimSettings, mesh, seed: int,
          stack: contextlib.ExitStack) -> Callable[[list[str]], list[str]]:
-    b = stack.enter_context(bundle.loaded(bundle.ModelSpec(path, template="chat", dtype=dtype), mesh))
+    b = stack.enter_context(bundle.loaded(bundle.ModelSpec(path, template="chat", dtype=settings.dtype), mesh))
     stop = sorted({chat.end_of_turn_id(b.tokenizer, "chat"), int(b.tokenizer.eos_token_id)})
 
     def generate_text(messages: list[str]) -> list[str]:
@@ -34,7 +35,8 @@ def _llm(path: str, dtype: str, batch_size: int, mesh, seed: int,
                   "input_ids": chat.encode_prompt(b.tokenizer, m, 0, template="chat").tolist()} for m in messages]
         outs = generate(b.model, batch, num_samples=1, max_new_tokens=DECODING.max_new_tokens,
                         temperature=DECODING.temperature, top_k=DECODING.top_k, top_p=DECODING.top_p,
-                        stop_token_ids=stop, seed=seed, batch_size=batch_size, mesh=mesh, progress=False)
+                        stop_token_ids=stop, seed=seed, batch_size=settings.llm_batch_size, mesh=mesh,
+                        decode_rows=settings.decode_rows, progress=False)
         return [b.tokenizer.decode(o["tokens"][0], skip_special_tokens=True) for o in outs]
 
     return generate_text
@@ -47,8 +49,8 @@ def extractor(settings: ClaimSettings, world: toy_world.WorldConfig | None, mesh
         yield RuleClaimExtractor(world or toy_world.WorldConfig())
         return
     with contextlib.ExitStack() as stack:
-        split = _llm(settings.split_path, settings.dtype, settings.llm_batch_size, mesh, seed, stack)
-        convert = (_llm(settings.convert_path, settings.dtype, settings.llm_batch_size, mesh, seed, stack)
+        split = _llm(settings.split_path, settings, mesh, seed, stack)
+        convert = (_llm(settings.convert_path, settings, mesh, seed, stack)
                    if settings.convert_path else None)
         yield LLMClaimExtractor(split, convert)
 
