@@ -24,10 +24,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.top_k = 50
     c.sampling.top_p = 1.0
     c.sampling.max_new_tokens = 512
-    c.sampling.batch_size = 8
+    c.sampling.batch_size = 32  # prompts per prefill: 320 decode rows, which fit v5p-8 and v6e-8 (docs/PLAN.md;
+    # `python -m rlaifv_jax.plan --tune` picks the fastest batch for a slice)
     c.claims.kind = "llm"  # Llama-3-8B-Instruct (or the released split/convert fine-tunes)
     c.claims.split_arch = "llama-3-8b-instruct"  # both fine-tunes have its architecture
     c.claims.batch_size = 32
+    c.claims.llm_batch_size = 320  # all 320 responses of a claims shard decode together (docs/PLAN.md)
     c.pairs.length_ratio = -1.0  # METHOD.md §4: search the balancing threshold
     c.labeler.kind = "self"
     c.labeler.template = "llava_v1"

@@ -37,10 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.top_p = 1.0  # off
     c.sampling.repetition_penalty = 1.0  # off (OmniLMM used 1.1)
     c.sampling.max_new_tokens = 512
-    c.sampling.batch_size = 8  # prompts per sampler call (each prompt's 10 rows share its prefix cache)
+    c.sampling.batch_size = 32  # prompts per sampler call (each prompt's 10 rows share its prefix cache; 320
+    # decode rows fit v5p-8 and v6e-8, docs/PLAN.md)
     c.claims.kind = "llm"  # Llama-3-8B-Instruct (or the released split/convert fine-tunes)
     c.claims.split_arch = "llama-3-8b-instruct"  # both fine-tunes have its architecture (for the planner)
     c.claims.batch_size = 32  # prompts per claims shard
+    c.claims.llm_batch_size = 320  # all 320 responses of a claims shard decode together (docs/PLAN.md)
     c.pairs.length_ratio = -1.0  # METHOD.md §4: search the length-balancing threshold
     c.labeler.kind = "self"  # the initial policy labels its own samples (self-feedback)
     c.labeler.template = "chat"  # yes/no read after "<|im_start|>assistant\n" (tokens "yes"/"Yes"/"no"/"No")

@@ -109,8 +109,7 @@ class Planner:
                                              decode_rows=decode_rows)
         rows = decode_rows or batch * g.num_samples
         fp = plan_tune.footprint(max(prefill.bytes_per_chip, decode.bytes_per_chip), decode.resident_bytes,
-                                 caches.prefix_all, caches.own, batch=batch, rows=batch * g.num_samples,
-                                 decode_rows=rows)
+                                 caches.prefix_all, caches.own, batch=batch, decode_rows=rows)
         lengths = self.lengths(g.max_new)
 
         def seconds(c: plan_tune.Candidate) -> float:

@@ -2,8 +2,8 @@
 that the planner estimates fastest among those that fit the chip (pure functions).
 
 Peak HBM of a decode batch is modelled from the compiled program at the config's own batch:
-``weights + prefix caches (prompts) + own caches (rows or slots) + the rest``, the rest (logits, token
-buffers, temporaries) scaled with the batch's rows. The planner then compiles the winner, so XLA, not
+``weights + prefix caches (prompts) + own caches (rows or slots) + the rest``, the rest (logits,
+sampling and attention temporaries) scaled with the rows a step decodes (rows or slots). The planner then compiles the winner, so XLA, not
 this model, has the last word on whether it fits.
 """
 from __future__ import annotations
@@ -29,22 +29,22 @@ class Footprint:
     weights: float
     prefix_per_prompt: float  # prefix caches held per prompt of the batch
     own_per_row: float  # own-token caches per decode row (slot)
-    rest_per_row: float  # the rest of the compiled peak per (prompt, sample) row of the batch
+    rest_per_row: float  # the rest of the compiled peak per row a step decodes
 
 
-def footprint(peak: float, weights: float, prefix_all: float, own: float, *, batch: int, rows: int,
+def footprint(peak: float, weights: float, prefix_all: float, own: float, *, batch: int,
               decode_rows: int) -> Footprint:
-    """Split a compiled decode program's ``peak`` (``batch`` prompts, ``rows`` = batch × samples,
-    ``decode_rows`` rows or slots in the own cache) into the parts that scale differently."""
+    """Split a compiled decode program's ``peak`` (``batch`` prompts, ``decode_rows`` rows or slots a
+    step decodes) into the parts that scale differently."""
     rest = max(peak - weights - prefix_all - own, 0.0)
     return Footprint(weights=weights, prefix_per_prompt=prefix_all / batch, own_per_row=own / decode_rows,
-                     rest_per_row=rest / rows)
+                     rest_per_row=rest / decode_rows)
 
 
 def peak_bytes(f: Footprint, c: Candidate, num_samples: int) -> float:
     """Estimated peak per chip of candidate ``c``."""
-    rows = c.batch * num_samples
-    return f.weights + f.prefix_per_prompt * c.batch + f.own_per_row * (c.slots or rows) + f.rest_per_row * rows
+    rows = c.slots or c.batch * num_samples
+    return f.weights + f.prefix_per_prompt * c.batch + (f.own_per_row + f.rest_per_row) * rows
 
 
 def candidates(num_samples: int, prompts: int) -> list[Candidate]:

@@ -52,3 +52,18 @@ def test_sampled_continuous_equals_one_prompt_at_a_time(model, penalty):
     prompts = _prompts([4, 12, 8, 6], seed=1)
     _check(model, prompts, 3, num_samples=3, max_new_tokens=MAX_NEW, temperature=1.0, top_k=40,
            repetition_penalty=penalty, stop_token_ids=list(range(3, 13)), seed=5, buckets=[32], progress=False)
+
+
+def test_generate_logs_where_its_time_went(model, caplog):
+    """The sampler logs how much of its wall time the prefill/decode programs ran and what the rest was
+    (batch preparation, results): the decode programs' idle fraction, per call."""
+    import logging
+    import re
+    with caplog.at_level(logging.INFO):
+        generate.generate(model, _prompts([5, 9, 4]), num_samples=2, max_new_tokens=4, stop_token_ids=[0],
+                          batch_size=2, buckets=[32], progress=False)
+    (line,) = [r.getMessage() for r in caplog.records if "programs busy" in r.getMessage()]
+    busy, idle, prepare, results = map(float, re.search(
+        r"busy (\d+) % of the time, idle (\d+) % \(batch preparation with image features (\d+) %, results (\d+) %\)",
+        line).groups())
+    assert busy + idle == 100 and 0 < busy <= 100 and prepare + results <= idle + 1

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import tiny_hf
-from rlaifv_jax import plan_decode
+from rlaifv_jax import plan_decode, plan_tune
 from rlaifv_jax.core import aot, hardware, sharding
 from rlaifv_jax.engine import generate
 from rlaifv_jax.engine.logits import DecodeSettings
@@ -95,3 +95,21 @@ def test_cache_bytes_are_the_per_device_bytes_of_the_real_caches(llama, mesh_sha
         assert got.prefix < got.prefix_all
     else:
         assert got.prefix == got.prefix_all
+
+
+def test_tune_footprint_reproduces_its_calibration_point_and_scales_by_part():
+    f = plan_tune.footprint(70e9, weights=14e9, prefix_all=5e9, own=40e9, batch=64, decode_rows=640)
+    assert plan_tune.peak_bytes(f, plan_tune.Candidate(64, 0), num_samples=10) == pytest.approx(70e9)
+    # twice the prompts through the same 640 slots: only the prefix caches grow
+    assert plan_tune.peak_bytes(f, plan_tune.Candidate(128, 640), 10) == pytest.approx(75e9)
+    # half the rows: the own caches and the per-row rest halve
+    assert plan_tune.peak_bytes(f, plan_tune.Candidate(32, 0), 10) == pytest.approx(14e9 + 2.5e9 + 25.5e9)
+
+
+def test_tune_candidates_and_ranking():
+    cands = plan_tune.candidates(num_samples=10, prompts=100)
+    assert {c.batch for c in cands} == {8, 16, 32, 64}  # no batch beyond the stage's prompts
+    assert all(c.slots < c.batch * 10 for c in cands) and plan_tune.Candidate(8, 0) in cands
+    seconds = {plan_tune.Candidate(8, 0): 3.0, plan_tune.Candidate(16, 0): 1.0, plan_tune.Candidate(32, 0): 2.0}
+    best = plan_tune.ranked(list(seconds), seconds.get, lambda c: c.batch < 32)
+    assert best == [plan_tune.Candidate(16, 0), plan_tune.Candidate(8, 0)]

@@ -289,12 +289,16 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
     total_tokens = 0
     start_time = time.perf_counter()
     bar = tqdm(total=len(prompts), unit="prompt", disable=not progress, desc="sampling")
+    # Where the time goes, logged at the end: ``prepare`` (padding, image features, transfers), ``generate``
+    # (the prefill and decode programs, compiling included, until their outputs are on the host), ``results``.
+    phases = dict.fromkeys(("prepare", "generate", "results"), 0.0)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         for members in batches:
             length = chosen[members[0]]
             cache_len = length + max_new_tokens - 1
             static = batch_static(mesh, model, rows=rows, cache_len=cache_len, num_samples=n,
                                   max_new_tokens=max_new_tokens, slots=slots)
+            t0 = time.perf_counter()
             padded = left_padded(model, graphdef, state, [prompts[i] for i in members], batch, length)
             keys = np.zeros((batch,), np.uint32)
             keys[:len(members)] = [prompt_keys[i] for i in members]
@@ -304,25 +308,33 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
             features_d = None if padded.features is None else put(padded.features, (None, None))
             positions = None if padded.positions is None else put(padded.positions, (None, "batch", None))
             deltas = None if padded.rope_deltas is None else put(padded.rope_deltas, ("batch",))
+            t1 = time.perf_counter()
             cache, logits = _prefill(graphdef, state, ids_d, features_d, mask_d, static, positions)
             tokens, logps, lengths, done = (_continuous if slots else _decode)(
                 graphdef, state, cache, logits, ids_d, mask_d, put(keys, ("batch",)),
                 put(padded.active, ("batch",)), jnp.uint32(seed), stop, static, cfg, deltas)
             tokens, logps, lengths, done = map(np.asarray, (tokens, logps, lengths, done))
+            t2 = time.perf_counter()
+            phases["prepare"] += t1 - t0
+            phases["generate"] += t2 - t1
             for r, i in enumerate(members):
                 sl = range(r * n, (r + 1) * n)
                 results[i] = {"tokens": [tokens[k, :lengths[k]].tolist() for k in sl],
                               "logprobs": [logps[k, :lengths[k]].tolist() for k in sl],
                               "stopped": [bool(done[k]) for k in sl]}
                 total_tokens += int(lengths[r * n:(r + 1) * n].sum())
+            phases["results"] += time.perf_counter() - t2
             bar.update(len(members))
             bar.set_postfix_str(f"{total_tokens / (time.perf_counter() - start_time):.1f} tok/s")
     bar.close()
     after = compiled_programs()
     new = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    logging.info("sampled %d prompts × %d in %.1fs (%d tokens); compiled %d programs %s over %d buckets",
-                 len(prompts), n, time.perf_counter() - start_time, total_tokens, sum(new.values()), new,
-                 len(set(chosen)))
+    wall = max(time.perf_counter() - start_time, 1e-9)
+    logging.info("sampled %d prompts × %d in %.1fs (%d tokens); compiled %d programs %s over %d buckets; "
+                 "prefill+decode programs busy %.0f %% of the time, idle %.0f %% (batch preparation with image "
+                 "features %.0f %%, results %.0f %%)", len(prompts), n, wall, total_tokens, sum(new.values()), new,
+                 len(set(chosen)), 100 * phases["generate"] / wall, 100 * (1 - phases["generate"] / wall),
+                 100 * phases["prepare"] / wall, 100 * phases["results"] / wall)
     return results
 
 

@@ -53,7 +53,8 @@ _ONLINE_POSITIVE = ("iterations", "sampling.num_samples", "sampling.max_new_toke
                     "dpo.batch_size", "dpo.grad_accum", "dpo.epochs", "dpo.max_length", "eval.max_new_tokens",
                     "eval.batch_size", "dpo.beta", "dpo.learning_rate", "world.n_warmstart", "world.n_prompts",
                     "world.n_eval", "warmstart.steps", "warmstart.batch_size", "warmstart.learning_rate")
-_ONLINE_NONNEG = ("prompts.per_iteration", "sampling.top_k", "sampling.temperature", "dpo.max_steps",
+_ONLINE_NONNEG = ("prompts.per_iteration", "sampling.top_k", "sampling.temperature", "sampling.decode_rows",
+                  "claims.decode_rows", "dpo.max_steps",
                   "dpo.label_smoothing", "dpo.weight_decay", "dpo.warmup_ratio")
 
 _OFFLINE_CHOICES = {
