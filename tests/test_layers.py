@@ -4,7 +4,8 @@ import ast
 import pathlib
 
 LAYER = {"core": 0, "data": 1, "models": 1, "engine": 2, "training": 3, "feedback": 3, "eval": 3, "stages": 4,
-         "pipelines": 5, "main": 6, "plan": 6, "plan_report": 6, "evaluate": 6}
+         "pipelines": 5, "main": 6, "plan": 6, "plan_inputs": 6, "plan_decode": 6, "plan_tune": 6, "plan_report": 6,
+         "evaluate": 6}
 ROOT = pathlib.Path(__file__).parents[1] / "rlaifv_jax"
 
 
