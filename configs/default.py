@@ -139,6 +139,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.max_steps = 0  # cap on optimizer steps per iteration, for quick trials (0: all epochs)
     c.dpo.max_length = 128  # tokens per sequence (prompt + image + answer)
     c.dpo.remat = "none"  # per decoder layer: none | full (recompute in the backward pass) | dots (keep matmuls)
+    c.dpo.master_dtype = "float32"  # the train state's copy of the weights: float32 | bfloat16 (less HBM)
+    c.dpo.optimizer_state_dtype = "float32"  # AdamW moments: float32 | bfloat16 (updated in float32)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 40  # greedy captions for CHAIR

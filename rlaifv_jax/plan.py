@@ -42,6 +42,7 @@ from rlaifv_jax.engine.logits import DecodeSettings
 from rlaifv_jax.engine.prompt_checks import text_config
 from rlaifv_jax.feedback.claims import CLAIM_LLM_DECODING
 from rlaifv_jax.models.layers import DECODE_BLOCK
+from rlaifv_jax.pipelines.spec import PlanSpec, plan_spec
 from rlaifv_jax.training import step as dpo
 
 
@@ -78,7 +79,7 @@ class Generation:
 class Planner:
     """Compiles one config's stages for one mesh and collects their :class:`aot.Stage` rows."""
 
-    config: ml_collections.ConfigDict
+    spec: PlanSpec
     topo: hardware.Slice
     mesh: Any
     assume: Assumptions
@@ -165,43 +166,43 @@ class Planner:
                                    min(self.assume.longest_response or max_new, max_new))
 
     def sample(self, policy: nnx.Module) -> None:
-        s = self.config.sampling
+        s = self.spec.sample
         tokens = self.vision("sample/vision", policy, aot.sharded(nnx.state(policy), self.mesh, shd.SERVE_RULES))
-        sampling = DecodeSettings(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None,
-                                  repetition_penalty=s.repetition_penalty if s.repetition_penalty != 1 else None)
+        sampling = DecodeSettings(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                  repetition_penalty=s.repetition_penalty)
         g = Generation("sample", policy, prompt_bucket(tokens + self.assume.prompt_text_tokens), s.num_samples,
                        s.max_new_tokens, sampling, self.counts["prompts"],
                        ("sampling.batch_size", "sampling.decode_rows"))
-        self.generation(g, s.batch_size, s.get("decode_rows", 0) or None)
+        self.generation(g, s.batch_size, s.decode_rows)
 
     def claims(self) -> None:
         """Split and convert calls of the claims LLM(s): each response goes through both."""
-        c, dec = self.config, CLAIM_LLM_DECODING
-        archs = {"claims/split": architecture(c, "claims_split")}
-        if c.claims.convert_path or c.claims.get("convert_arch"):
-            archs["claims/convert"] = architecture(c, "claims_convert")
+        spec, dec = self.spec, CLAIM_LLM_DECODING
+        archs = {"claims/split": architecture(spec, "claims_split")}
+        if any(spec.archs["claims_convert"]):
+            archs["claims/convert"] = architecture(spec, "claims_convert")
         messages = self.counts["responses"]
         if len(archs) == 1 or archs["claims/convert"] == archs["claims/split"]:
             archs, messages = {"claims": archs["claims/split"]}, 2 * messages  # one model answers both calls
         for name, arch in archs.items():
-            llm = abstract_model(arch, c.policy.dtype, c.policy.dtype)
-            length = prompt_bucket(self.assume.claims_prompt_tokens + min(c.sampling.max_new_tokens, 400))
+            llm = abstract_model(arch, spec.dtype, spec.dtype)
+            length = prompt_bucket(self.assume.claims_prompt_tokens + min(spec.sample.max_new_tokens, 400))
             decoding = DecodeSettings(temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p)
             g = Generation(name, llm, length, 1, dec.max_new_tokens, decoding, messages,
                            ("claims.llm_batch_size", "claims.decode_rows"))
-            self.generation(g, c.claims.llm_batch_size, c.claims.get("decode_rows", 0) or None)
+            self.generation(g, spec.claims.llm_batch_size, spec.claims.decode_rows)
 
     def label(self, labeler: nnx.Module) -> None:
-        c, a, questions = self.config, self.assume, self.counts["questions_per_prompt"]
+        a, questions = self.assume, self.counts["questions_per_prompt"]
         state = aot.sharded(nnx.state(labeler), self.mesh, shd.SERVE_RULES)
         tokens = self.vision("label/vision", labeler, state)
-        rows = min(c.labeler.batch_size, score.row_bucket(questions))
+        rows = min(self.spec.label.batch_size, score.row_bucket(questions))
         pb = score.round_up(tokens + a.prefix_text_tokens, score.PREFIX_MULTIPLE)
         cb = score.round_up(a.question_tokens, score.CONTINUATION_MULTIPLE)
-        rep = None if c.labeler.repetition_penalty == 1.0 else c.labeler.repetition_penalty
         aot.run_stage(self.stages, self.topo, aot.Stage("label", "serve", resident_bytes=aot.per_chip_bytes(state)),
                   lambda: score.lower_programs(labeler, state, self.mesh, prefix_bucket=pb, rows=rows,
-                                               continuation_bucket=cb, with_image=True, repetition_penalty=rep),
+                                               continuation_bucket=cb, with_image=True,
+                                               repetition_penalty=self.spec.label.repetition_penalty),
                   state, ("prefill", "score"),
                   {"prefill": dict(tokens_per_step=pb, calls=self.counts["prompts"]),
                    "score": dict(tokens_per_step=rows * cb,
@@ -209,8 +210,8 @@ class Planner:
 
     def pair_batch(self, model: nnx.Module, with_ref: bool) -> dict[str, jax.ShapeDtypeStruct]:
         """The largest pair batch of the run: ``max_length`` tokens, the answer window of the longest answer."""
-        b, length = self.config.dpo.batch_size, self.config.dpo.max_length
-        window = dpo_window(self.config)
+        b, length = self.spec.dpo.batch_size, self.spec.dpo.max_length
+        window = dpo_window(self.spec)
         image = pair_image(model, self.assume, length)
         shapes = {**{k: ((b,) + a.shape, a.dtype) for k, a in image.items()},
                   "chosen_tokens": ((b, length), jnp.int32), "rejected_tokens": ((b, length), jnp.int32),
@@ -225,13 +226,13 @@ class Planner:
         aot.run_stage(self.stages, self.topo, aot.Stage(
             "ref_logps", "serve", resident_bytes=aot.per_chip_bytes(state),
             tokens_per_step=2 * math.prod(batch["chosen_tokens"].shape),
-            calls=math.ceil(self.counts["pairs"] / self.config.dpo.batch_size)),
+            calls=math.ceil(self.counts["pairs"] / self.spec.dpo.batch_size)),
             lambda: {"ref": logps.lower_reference(policy, state, batch, self.mesh)}, (state, batch), ("ref",))
 
     def dpo_step(self, policy: nnx.Module, variants: bool) -> None:
         """The train step as configured and, with ``variants``, with remat / bf16 optimizer state /
         bf16 master weights to show what each saves."""
-        optim, loss = dpo_settings(self.config, self.counts["dpo_steps"])
+        optim, loss = dpo_settings(self.spec, self.counts["dpo_steps"])
         runs = [("dpo_step", optim, loss)]
         if variants:  # remat on when it is off, off when it is on
             other = "full" if loss.remat == "none" else "none"
@@ -256,25 +257,26 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, only: tuple[str, .
     """Compile every stage of ``config`` (or those named in ``only``) for ``topology``; the report.
     ``tune``: also compile each generating stage at the decode batch estimated fastest that fits, and
     report the config overrides that select it."""
+    spec = plan_spec(config)
     topo = hardware.parse_topology(topology)
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=hardware.devices(topo))
-    p = Planner(config, topo, mesh, assume, iteration_counts(config, assume), tune=tune)
+    mesh = shd.make_mesh(*spec.mesh, devices=hardware.devices(topo))
+    p = Planner(spec, topo, mesh, assume, iteration_counts(spec, assume), tune=tune)
     wanted = lambda name: not only or any(name.startswith(o) for o in only)  # noqa: E731
-    c, arch = config, architecture(config, "policy")
+    arch = architecture(spec, "policy")
     # As stages.bundle loads them, one stage at a time: inference (sampling, claims, labeling, the
     # reference pass) in the compute dtype on SERVE_RULES, training with param_dtype master weights.
-    served = abstract_model(arch, c.policy.dtype, c.policy.dtype)
+    served = abstract_model(arch, spec.dtype, spec.dtype)
     if wanted("sample"):
         p.sample(served)
-    if c.claims.kind == "llm" and wanted("claims"):
+    if spec.claims.kind == "llm" and wanted("claims"):
         p.claims()
     if wanted("label"):
-        p.label(served if c.labeler.kind == "self" else
-                abstract_model(architecture(c, "labeler"), c.policy.dtype, c.policy.dtype))
+        p.label(served if spec.labeler_kind == "self" else
+                abstract_model(architecture(spec, "labeler"), spec.dtype, spec.dtype))
     if wanted("ref_logps"):
         p.ref_logps(served)
     if wanted("dpo_step"):
-        p.dpo_step(abstract_model(arch, c.policy.dtype, c.policy.param_dtype), variants)
+        p.dpo_step(abstract_model(arch, spec.dtype, spec.param_dtype), variants)
     return report(p)
 
 

@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -18,6 +17,7 @@ from rlaifv_jax.data import buckets
 from rlaifv_jax.engine import generate, logps, vision
 from rlaifv_jax.models import anyres, hf
 from rlaifv_jax.models.llava import LlavaNext
+from rlaifv_jax.pipelines.spec import PlanSpec
 from rlaifv_jax.training import step as dpo
 
 # The architecture presets of the paper's models (config.json only; no weights).
@@ -48,30 +48,25 @@ class Assumptions:
 
 
 # ----------------------------------------------------------------------------- models
-def architecture(config: ml_collections.ConfigDict, role: str) -> tuple[str, dict[str, Any]]:
+def architecture(spec: PlanSpec, role: str) -> tuple[str, dict[str, Any]]:
     """``(architecture, config.json dict)`` of ``role``: policy, labeler, claims_split, claims_convert."""
-    if config.source == "toy" and role in ("policy", "labeler"):
+    if spec.toy is not None and role in ("policy", "labeler"):
         from rlaifv_jax.data import toy_world
         from rlaifv_jax.pipelines.warmstart import toy_model_config
-        world = toy_world.WorldConfig(caption_partner_rate=config.world.caption_partner_rate)
-        size = config.toy_labeler.model if role == "labeler" and config.labeler.kind == "toy" else config.model
+        world = toy_world.WorldConfig(caption_partner_rate=spec.toy.caption_partner_rate)
+        size = spec.toy.labeler[0] if role == "labeler" and spec.labeler_kind == "toy" else spec.toy.model
         return "LlavaForConditionalGeneration", toy_model_config(toy_world.build_tokenizer(world), world, size)
-    field, preset = {"policy": ("policy.path", "policy.arch"), "labeler": ("labeler.path", "labeler.arch"),
-                     "claims_split": ("claims.split_path", "claims.split_arch"),
-                     "claims_convert": ("claims.convert_path", "claims.convert_arch")}[role]
-    path = model_dir(config, field, preset)
+    path = model_dir(*spec.archs[role])
     if not path:
-        raise ValueError(f"{field} and {preset} are empty: name a checkpoint directory or an architecture preset "
-                         f"({', '.join(sorted(os.listdir(ARCH_PRESETS)))})")
+        section = "claims." + role.split("_")[1] + "_" if role.startswith("claims") else role + "."
+        raise ValueError(f"{section}path and {section}arch are empty: name a checkpoint directory or an "
+                         f"architecture preset ({', '.join(sorted(os.listdir(ARCH_PRESETS)))})")
     return hf.read_config(path)
 
 
-def model_dir(config: ml_collections.ConfigDict, path_field: str, preset_field: str) -> str:
-    """The directory whose ``config.json`` describes a model: ``path_field``'s checkpoint, else the
-    preset ``preset_field`` names in ``configs/arch/`` (a path with a ``/`` is taken as given); "" if neither."""
-    section, name = path_field.split(".")
-    path = config[section][name]
-    preset = config[section].get(preset_field.split(".")[1], "")
+def model_dir(path: str, preset: str) -> str:
+    """The directory whose ``config.json`` describes a model: the checkpoint ``path``, else the
+    ``preset`` in ``configs/arch/`` (a preset with a ``/`` is taken as a path); "" if neither."""
     if path or not preset:
         return path
     return preset if os.sep in preset else os.path.join(ARCH_PRESETS, preset)
@@ -127,34 +122,21 @@ def pair_image(model: nnx.Module, assume: Assumptions, length: int) -> dict[str,
                                    // model.config.vision.patch_size ** 2)
 
 
-def dpo_settings(config: ml_collections.ConfigDict, steps: int) -> tuple[dpo.OptimSettings, dpo.LossSettings]:
-    """The train step's settings as the online loop builds them (plus the remat / dtype options)."""
-    d = config.dpo
-    optim = dpo.OptimSettings(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay,
-                            max_grad_norm=d.max_grad_norm, total_steps=max(steps, 1),
-                            master_dtype=d.get("master_dtype", "float32"),
-                            state_dtype=d.get("optimizer_state_dtype", "float32"))
-    loss = dpo.LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                          grad_accum=d.grad_accum, remat=d.get("remat", "none"))
-    return optim, loss
+def dpo_settings(spec: PlanSpec, steps: int) -> tuple[dpo.OptimSettings, dpo.LossSettings]:
+    """The train step's settings as the online loop builds them, for ``steps`` optimizer steps."""
+    return dataclasses.replace(spec.dpo.train.optim, total_steps=max(steps, 1)), spec.dpo.train.loss
 
 
-def dpo_window(config: ml_collections.ConfigDict) -> int | None:
+def dpo_window(spec: PlanSpec) -> int | None:
     """The automatic LM-head window (``data.buckets``) of a batch of ``dpo.max_length`` tokens whose
     longest answer is a full sampled response (``sampling.max_new_tokens`` + the end-of-turn token)."""
-    return buckets.answer_window(config.sampling.max_new_tokens + 1, config.dpo.max_length)
+    return buckets.answer_window(spec.sample.max_new_tokens + 1, spec.dpo.max_length)
 
 
-def iteration_counts(config: ml_collections.ConfigDict, assume: Assumptions) -> dict[str, int]:
+def iteration_counts(spec: PlanSpec, assume: Assumptions) -> dict[str, int]:
     """Prompts, responses, questions, pairs and optimizer steps of one online iteration (upper bounds:
     every prompt gives ``pairs.per_prompt`` pairs)."""
-    if config.source == "toy":
-        prompts = config.world.n_prompts
-    elif config.prompts.per_iteration:
-        prompts = config.prompts.per_iteration
-    else:
-        raise ValueError("prompts.per_iteration=0 (all prompts): set it to the prompts per iteration to plan")
-    pairs = prompts * config.pairs.per_prompt
-    return {"prompts": prompts, "responses": prompts * config.sampling.num_samples,
-            "questions_per_prompt": config.sampling.num_samples * assume.claims_per_response, "pairs": pairs,
-            "dpo_steps": math.ceil(pairs / config.dpo.batch_size) * config.dpo.epochs}
+    pairs = spec.prompts * spec.pairs.per_prompt
+    return {"prompts": spec.prompts, "responses": spec.prompts * spec.sample.num_samples,
+            "questions_per_prompt": spec.sample.num_samples * assume.claims_per_response, "pairs": pairs,
+            "dpo_steps": math.ceil(pairs / spec.dpo.batch_size) * spec.dpo.epochs}

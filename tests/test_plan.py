@@ -21,6 +21,7 @@ from rlaifv_jax import plan, plan_report
 from rlaifv_jax.core import aot, hardware, sharding
 from rlaifv_jax.data import buckets
 from rlaifv_jax.models import hf, llama
+from rlaifv_jax.pipelines.spec import online_spec, plan_spec
 from rlaifv_jax.training import step as dpo
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -76,10 +77,11 @@ def test_local_plan_dpo_bytes_equal_the_real_step(local_plan):
     (stage,) = [s for s in local_plan["stages"] if s["name"] == "dpo_step"]
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     with jax.set_mesh(mesh):
-        policy = hf.build_model(*plan.architecture(config, "policy"))
-    optim, loss = plan.dpo_settings(config, local_plan["counts"]["dpo_steps"])
+        policy = hf.build_model(*plan.architecture(plan_spec(config), "policy"))
+    optim, loss = plan.dpo_settings(plan_spec(config), local_plan["counts"]["dpo_steps"])
     step = dpo.DPOStep(policy, optim, loss, mesh=mesh)
-    batch = buckets.with_answer_window(_real_batch(policy, config, np.random.RandomState(0)), plan.dpo_window(config))
+    batch = buckets.with_answer_window(_real_batch(policy, config, np.random.RandomState(0)),
+                                       plan.dpo_window(plan_spec(config)))
     assert buckets.WINDOW_KEY in batch  # the run's automatic LM-head window, as planned
     fn, b_sh = step.program(batch)
     compiled = fn.lower(step.init_state(), step.frozen, jax.device_put(batch, b_sh)).compile()
@@ -89,7 +91,8 @@ def test_local_plan_dpo_bytes_equal_the_real_step(local_plan):
 
 def _dpo_flops_ratio(report, config) -> float:
     (stage,) = [s for s in report["stages"] if s["name"] == "dpo_step"]
-    policy = plan.abstract_model(plan.architecture(config, "policy"), config.policy.dtype, config.policy.param_dtype)
+    policy = plan.abstract_model(plan.architecture(plan_spec(config), "policy"), config.policy.dtype,
+                                 config.policy.param_dtype)
     trainable = sum(math.prod(x.shape) for p, x in nnx.to_flat_state(nnx.state(policy, nnx.Param))
                     if p[0] != "vision_tower")
     return stage["flops_per_chip"] * report["chips"] / (6 * trainable * stage["tokens_per_step"])
@@ -207,8 +210,25 @@ def test_paper_configs_name_the_presets_of_their_own_models(name, policy, labele
     assert (c.labeler.kind == "model") == (labeler is not None)
     for role, kind in (("policy", policy), ("claims_split", "llama"), ("labeler", labeler)):
         if kind:
-            arch, cfg = plan.architecture(c, role)
+            arch, cfg = plan.architecture(plan_spec(c), role)
             assert arch in hf.ARCHITECTURES and cfg["model_type"] == kind, (name, role, arch, cfg["model_type"])
+
+
+def test_the_planner_takes_the_runs_own_settings(tmp_path):
+    """plan_spec builds the stages' settings with online_spec's builders; it needs no file or checkpoint,
+    still refuses bad values, and the DPO dtype options reach the step the planner compiles."""
+    c = smoke()
+    planned, run = plan_spec(c), online_spec(c, str(tmp_path))
+    for stage in ("sample", "claims", "label", "pairs", "dpo"):
+        assert getattr(planned, stage) == getattr(run, stage), stage
+    paper = importlib.import_module("configs.llava15_7b_self").get_config()
+    assert not paper.policy.path and plan_spec(paper).archs["policy"] == ("", "llava-1.5-7b")
+    paper.dpo.master_dtype, paper.dpo.optimizer_state_dtype = "bfloat16", "bfloat16"
+    optim, _ = plan.dpo_settings(plan_spec(paper), 10)
+    assert (optim.master_dtype, optim.state_dtype, optim.total_steps) == ("bfloat16", "bfloat16", 10)
+    paper.sampling.decode_rows = -1
+    with pytest.raises(ValueError, match="sampling.decode_rows=-1"):
+        plan_spec(paper)
 
 
 def test_qwen25vl_plan_on_local_devices(tmp_path):
@@ -269,9 +289,10 @@ def test_remat_recomputes_the_same_gradients(remat):
 
 def test_dpo_step_remat_option_reaches_the_decoder_as_an_argument():
     config = smoke()
-    policy = plan.abstract_model(plan.architecture(config, "policy"), "float32", "float32")
+    policy = plan.abstract_model(plan.architecture(plan_spec(config), "policy"), "float32", "float32")
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    batch = plan.Planner(config, hardware.parse_topology("local"), mesh, plan.Assumptions(), {}).pair_batch(policy, True)
+    planner = plan.Planner(plan_spec(config), hardware.parse_topology("local"), mesh, plan.Assumptions(), {})
+    batch = planner.pair_batch(policy, True)
     jaxprs = {}
     for mode in ("none", "full"):
         step = dpo.DPOStep(policy, dpo.OptimSettings(), dpo.LossSettings(remat=mode), mesh=mesh)
@@ -307,7 +328,7 @@ def test_abstract_step_state_bytes_follow_the_dtype_options():
     bf16 optimizer state 8, bf16 master weights and state 6."""
     config = smoke()
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    policy = plan.abstract_model(plan.architecture(config, "policy"), "float32", "float32")
+    policy = plan.abstract_model(plan.architecture(plan_spec(config), "policy"), "float32", "float32")
     n = sum(math.prod(x.shape) for p, x in nnx.to_flat_state(nnx.state(policy, nnx.Param)) if p[0] != "vision_tower")
     got = {}
     for master, state in (("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")):

@@ -34,7 +34,7 @@ def _cli(tmp_path, *args):
 
 
 @pytest.mark.parametrize("arg, expected", [
-    ("--config.dpo.loss_typ=ipo", "no field 'dpo.loss_typ'; did you mean --config.dpo.loss_type?"),
+    ("--config.dpo.loss_typ=ipo", "no field 'dpo.loss_typ'; did you mean --config.dpo.loss_type"),
     ("--config.dpo.beta=abc", "--config.dpo.beta=abc: could not convert string to float: 'abc'; dpo.beta takes a "
                              "float (e.g. 0.1)"),
     ("--config.dpo.loss_type=sigmoidd", "dpo.loss_type='sigmoidd' must be one of 'sigmoid', 'ipo', 'hinge', 'robust'"),

@@ -1,5 +1,5 @@
-"""Config subtrees in, the typed settings every stage takes out: ``online_spec`` / ``offline_spec``
-(each validates first, ``validate.validate``). Stages never read a ConfigDict."""
+"""Config subtrees in, the typed settings every stage takes out: ``online_spec`` / ``offline_spec`` /
+``plan_spec`` (each validates first, ``validate.validate``). Stages and the planner never read a ConfigDict."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,7 @@ import os
 import ml_collections
 
 from rlaifv_jax.pipelines.inputs import PromptFileSettings, ToyModelSettings, ToySettings, WarmstartSettings
+from rlaifv_jax.core.errors import ConfigError
 from rlaifv_jax.pipelines.validate import Checked, data_paths, field_value, validate
 from rlaifv_jax.stages.bundle import ModelSpec
 from rlaifv_jax.stages.claims import ClaimSettings
@@ -81,19 +82,11 @@ def _inputs(c: ml_collections.ConfigDict, checked: Checked) -> ToySettings | Pro
                    labeler_data=c.toy_labeler.data)
 
 
-def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
-    """Validate ``c`` (``validate``) and build the run's typed settings."""
-    checked = validate(c, "online")
-    toy = c.source == "toy"
-    policy_path = os.path.join(workdir, "warmstart") if toy else c.policy.path
-    labeler_path = {"self": policy_path, "model": c.labeler.path,
-                    "toy": os.path.join(workdir, "labeler_warmstart")}[c.labeler.kind]
+def _stage_settings(c: ml_collections.ConfigDict) -> dict:
+    """The online stages' typed settings (shared by ``online_spec`` and ``plan_spec``: the planner
+    compiles with exactly what the run uses)."""
     s, d = c.sampling, c.dpo
-    return OnlineSpec(
-        seed=c.seed, iterations=c.iterations, progress=c.progress, mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
-        toy=toy,
-        policy=ModelSpec(policy_path, c.policy.template, c.policy.dtype, c.policy.param_dtype, toy),
-        labeler=ModelSpec(labeler_path, c.labeler.template, c.policy.dtype, None, toy),
+    return dict(
         sample=SampleSettings(num_samples=s.num_samples, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                               top_k=s.top_k or None, top_p=_off(s.top_p, 1.0),
                               repetition_penalty=_off(s.repetition_penalty, 1.0), batch_size=s.batch_size,
@@ -110,14 +103,68 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
         dpo=DPOSettings(
             train=TrainSettings(
                 optim=OptimSettings(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio,
-                                  weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, total_steps=0),
+                                  weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, total_steps=0,
+                                  master_dtype=field_value(c, "dpo.master_dtype", "float32"),
+                                  state_dtype=field_value(c, "dpo.optimizer_state_dtype", "float32")),
                 loss=LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                                 grad_accum=d.grad_accum, remat=field_value(c, "dpo.remat", "none")),
                 seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
                 max_steps=field_value(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
-            batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length, select=_select(c, RECORD_KEYS)),
+            batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length, select=_select(c, RECORD_KEYS)))
+
+
+def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
+    """Validate ``c`` (``validate``) and build the run's typed settings."""
+    checked = validate(c, "online")
+    toy = c.source == "toy"
+    policy_path = os.path.join(workdir, "warmstart") if toy else c.policy.path
+    labeler_path = {"self": policy_path, "model": c.labeler.path,
+                    "toy": os.path.join(workdir, "labeler_warmstart")}[c.labeler.kind]
+    return OnlineSpec(
+        seed=c.seed, iterations=c.iterations, progress=c.progress, mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
+        toy=toy,
+        policy=ModelSpec(policy_path, c.policy.template, c.policy.dtype, c.policy.param_dtype, toy),
+        labeler=ModelSpec(labeler_path, c.labeler.template, c.policy.dtype, None, toy),
         eval=EvalSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size),
-        inputs=_inputs(c, checked))
+        inputs=_inputs(c, checked), **_stage_settings(c))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSpec:
+    """What ``rlaifv_jax.plan`` compiles: the run's own stage settings, each model's architecture
+    source and the prompts of one iteration; built by ``plan_spec`` without reading any file."""
+
+    mesh: tuple[int, int, int]
+    dtype: str  # the policy's compute dtype (every served model runs in it)
+    param_dtype: str  # the policy's stored weights (the DPO step's master copy follows dpo settings)
+    labeler_kind: str  # "self" | "model" | "toy"
+    archs: dict[str, tuple[str, str]]  # role → (checkpoint path, configs/arch preset): policy, labeler,
+    # claims_split, claims_convert (convert's empty pair: the split model answers both calls)
+    sample: SampleSettings
+    claims: ClaimSettings
+    label: LabelSettings
+    pairs: PairSettings
+    dpo: DPOSettings
+    prompts: int  # prompts per online iteration
+    toy: ToySettings | None  # the embedded world's sizes (source="toy")
+
+
+def plan_spec(c: ml_collections.ConfigDict) -> PlanSpec:
+    """Validate ``c``'s settings (no file or checkpoint needs to exist: the planner builds models from
+    their ``config.json`` or an architecture preset) and build what the planner compiles."""
+    validate(c, "online", paths=False)
+    toy = _inputs(c, Checked(prompts=None)) if c.source == "toy" else None
+    prompts = c.world.n_prompts if toy else c.prompts.per_iteration
+    if not prompts:
+        raise ConfigError(["prompts.per_iteration=0 (all prompts): set it to the prompts per iteration to plan"])
+    arch = lambda section, path, preset: (c[section][path], field_value(c, f"{section}.{preset}", ""))  # noqa: E731
+    return PlanSpec(
+        mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), dtype=c.policy.dtype, param_dtype=c.policy.param_dtype,
+        labeler_kind=c.labeler.kind,
+        archs={"policy": arch("policy", "path", "arch"), "labeler": arch("labeler", "path", "arch"),
+               "claims_split": arch("claims", "split_path", "split_arch"),
+               "claims_convert": arch("claims", "convert_path", "convert_arch")},
+        prompts=prompts, toy=toy, **_stage_settings(c))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from rlaifv_jax.data import toy_world
 from rlaifv_jax.data.rlaifv_dataset import DATA_SUFFIXES
 from rlaifv_jax.models import hf
 from rlaifv_jax.training.loss import LOSS_TYPES, METRIC_NAMES
-from rlaifv_jax.training.step import REMAT_CHOICES
+from rlaifv_jax.training.step import FLOAT_DTYPES, REMAT_CHOICES
 
 MODES = ("online", "offline_dpo")
 TEMPLATES = ("llava_v1", "chat")
@@ -46,6 +46,8 @@ _ONLINE_CHOICES = {
     "toy_labeler.data": ("yesno", "policy"),
     "dpo.loss_type": LOSS_TYPES,
     "dpo.remat": REMAT_CHOICES,
+    "dpo.master_dtype": tuple(FLOAT_DTYPES),
+    "dpo.optimizer_state_dtype": tuple(FLOAT_DTYPES),
 }
 _ONLINE_POSITIVE = ("iterations", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size",
                     "claims.batch_size", "claims.llm_batch_size", "labeler.batch_size", "pairs.per_prompt",
@@ -61,6 +63,9 @@ _OFFLINE_CHOICES = {
     "policy.dtype": tuple(sorted(hf.DTYPES)),
     "policy.param_dtype": tuple(sorted(hf.DTYPES)),
     "dpo.loss_type": LOSS_TYPES,
+    "dpo.remat": REMAT_CHOICES,
+    "dpo.master_dtype": tuple(FLOAT_DTYPES),
+    "dpo.optimizer_state_dtype": tuple(FLOAT_DTYPES),
     "policy.template": TEMPLATES,
     "dpo.schedule": ("cosine", "constant"),
     "dpo.best_mode": ("min", "max"),
@@ -232,7 +237,30 @@ def _selection(p: Problems) -> None:
               "(python -m rlaifv_jax.evaluate) do not run inside the online loop yet; use 0")
 
 
-def _online(p: Problems) -> None:
+def _online_files(p: Problems) -> None:
+    """The prompt file (read now, every line, for the spec) and the checkpoint directories of source='files'."""
+    c = p.c
+    path = c.prompts.path
+    if not path:
+        p.add("prompts.path is empty: source='files' reads prompts from a JSONL file")
+    elif not os.path.isfile(path):
+        p.add(f"prompts.path={path!r} is not a file")
+    else:
+        from rlaifv_jax.pipelines import inputs
+        try:
+            p.prompts = inputs.read_prompts(path, c.prompts.image_root, c.prompts.allow_outside_root)
+        except UserError as e:
+            p.add(str(e))
+    if p.hf_dir("policy.path", multimodal=True, trainable=True, assets=True):
+        _max_length(p, "dpo.max_length", _image_tokens(p, c.policy.path))
+    if c.claims.kind == "llm":
+        p.hf_dir("claims.split_path", multimodal=False)
+        if c.claims.convert_path:
+            p.hf_dir("claims.convert_path", multimodal=False)
+
+
+def _online(p: Problems, paths: bool = True) -> None:
+    """The online checks; ``paths=False`` leaves out the files and checkpoint directories (planning)."""
     c = p.c
     for field, choices in _ONLINE_CHOICES.items():
         p.choice(field, choices)
@@ -271,29 +299,14 @@ def _online(p: Problems) -> None:
             else:
                 _max_length(p, "dpo.max_length", (size // patch) ** 2)
     elif c.source == "files":
-        path = c.prompts.path
-        if not path:
-            p.add("prompts.path is empty: source='files' reads prompts from a JSONL file")
-        elif not os.path.isfile(path):
-            p.add(f"prompts.path={path!r} is not a file")
-        else:
-            from rlaifv_jax.pipelines import inputs
-            try:
-                # every line read now, handed to the spec (Checked)
-                p.prompts = inputs.read_prompts(path, c.prompts.image_root, c.prompts.allow_outside_root)
-            except UserError as e:
-                p.add(str(e))
-        if p.hf_dir("policy.path", multimodal=True, trainable=True, assets=True):
-            _max_length(p, "dpo.max_length", _image_tokens(p, c.policy.path))
         if c.claims.kind == "rule":
             p.add("claims.kind='rule': source='files' needs 'llm' (the rule-based splitter reads only the toy "
                   "language)")
-        elif c.claims.kind == "llm":
-            p.hf_dir("claims.split_path", multimodal=False)
-            if c.claims.convert_path:
-                p.hf_dir("claims.convert_path", multimodal=False)
+        if paths:
+            _online_files(p)
     if c.labeler.kind == "model":
-        p.hf_dir("labeler.path", multimodal=True, assets=True)
+        if paths:
+            p.hf_dir("labeler.path", multimodal=True, assets=True)
     elif c.labeler.path:
         p.add(f"labeler.path={c.labeler.path!r}: labeler.kind={c.labeler.kind!r} builds its labeler; leave it empty")
     if c.labeler.kind == "toy" and c.source != "toy":
@@ -377,16 +390,20 @@ class Checked:
     prompts: tuple[list, Any] | None = None  # the prompt file's usable records and report (source="files")
 
 
-def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> Checked:
+def validate(c: ml_collections.ConfigDict, mode: str | None = None, *, paths: bool = True) -> Checked:
     """Raise ``ConfigError`` listing every invalid field of ``c`` for ``mode`` (default ``c.mode``);
-    else return what the checks read (``Checked``)."""
+    else return what the checks read (``Checked``). ``paths=False`` (online only: the planner) checks
+    every setting but no file or checkpoint directory."""
     mode = mode or field_value(c, "mode", "online")
     p = Problems(c)
     if c.get("mode", mode) != mode or mode not in MODES:
         p.add(f"mode={c.get('mode')!r} must be {mode!r} here" if mode in MODES else
               f"mode={mode!r} must be one of {', '.join(map(repr, MODES))}")
         raise ConfigError(p.lines)
-    (_online if mode == "online" else _offline)(p)
+    if mode == "online":
+        _online(p, paths)
+    else:
+        _offline(p)
     if p.lines:
         raise ConfigError(p.lines)
     return Checked(prompts=p.prompts)
