@@ -72,3 +72,22 @@ def test_old_override_name_is_renamed_on_the_command_line(tmp_path):
     assert "train.num_epochs -> dpo.epochs" in proc.stderr
     assert proc.returncode == 2 and "data.path is empty" in proc.stderr, proc.stderr  # parsed, then validated
     assert "bad --config override" not in proc.stderr
+
+
+def test_workdir_saved_before_fields_were_added_resumes_at_their_former_behaviour(tmp_path):
+    """A config.json without the fields added since (dpo.remat, the DPO dtypes, labeler.answer_prefix,
+    the continuous-batching slots) resumes when they hold what the code did before; another value of
+    a result field is still refused."""
+    work = tmp_path / "w"
+    work.mkdir()
+    old = default.get_config().to_dict()
+    for section, name in (("dpo", "remat"), ("dpo", "master_dtype"), ("dpo", "optimizer_state_dtype"),
+                          ("labeler", "answer_prefix"), ("sampling", "decode_rows"), ("claims", "decode_rows")):
+        del old[section][name]
+    (work / "config.json").write_text(json.dumps(old))
+    c = default.get_config()
+    c.claims.decode_rows = 64  # a run setting: accepted as a change
+    assert workdir_lib.check_or_save_config(c, str(work)) == {"claims.decode_rows": (0, 64)}
+    c.dpo.master_dtype = "bfloat16"
+    with pytest.raises(ConfigError, match="dpo.master_dtype: workdir has 'float32', this run has 'bfloat16'"):
+        workdir_lib.check_or_save_config(c, str(work))

@@ -29,12 +29,17 @@ RUN_FIELDS = (
     "log",  # logging, TensorBoard / Weights & Biases
     "mesh",  # device layout (sharded and unsharded results agree to float rounding)
     "sampling.batch_size", "claims.batch_size", "claims.llm_batch_size", "labeler.batch_size",  # per-call batches
+    "sampling.decode_rows", "claims.decode_rows",  # continuous batching (the same tokens per row)
     "eval.batch_size",
     "policy.arch", "labeler.arch", "claims.split_arch", "claims.convert_arch",  # read by the planner only
     "dpo.ref_batch_size", "dpo.log_every",  # offline: reference-pass batch, metric interval
     "dpo.max_to_keep", "export.checkpoints",  # which checkpoints are kept / exported
     "resume",  # what a rerun does with records whose inputs changed (they are never silently reused)
 )
+# Fields added after workdirs were saved without them, with the value the code used before they existed:
+# such a workdir resumes as if it had saved that value.
+ADDED_FIELDS = {"dpo.remat": "none", "dpo.master_dtype": "float32", "dpo.optimizer_state_dtype": "float32",
+                "labeler.answer_prefix": "auto", "sampling.decode_rows": 0, "claims.decode_rows": 0}
 HISTORY = "config_history.jsonl"
 
 
@@ -71,7 +76,8 @@ def check_or_save_config(config: ml_collections.ConfigDict, workdir: str) -> dic
     current = json.loads(config.to_json())
     saved = json.loads(paths.read_text(path)) if paths.exists(path) else None
     if saved is not None:  # a workdir saved with deprecated names resumes under the canonical ones
-        saved = vocabulary.nest(vocabulary.canonical_fields(_flatten(saved)))
+        flat = vocabulary.canonical_fields(_flatten(saved))
+        saved = vocabulary.nest({**{k: v for k, v in ADDED_FIELDS.items() if k in _flatten(current)}, **flat})
     diff = config_diff(saved, current) if saved is not None else {}
     refused = {k: v for k, v in diff.items() if not is_run_field(k)}
     if refused:
