@@ -159,6 +159,9 @@ class Planner:
         upper = plan_decode.decode_time(cost, chip, plan_decode.Lengths(g.max_new, g.max_new), **run)
         decode.calls, decode.total_seconds, decode.upper_seconds = t.steps, t.seconds, upper.seconds
         decode.tokens_per_s_chip = plan_decode.tokens_per_second_per_chip(t, self.topo.chips)
+        if decode.seconds:  # the compiled program's own estimate (one step, one block of the walk) against ours
+            ratio = decode.seconds / plan_decode.step_seconds(cost, chip, cost.block)
+            decode.note += f"; compiler's step estimate {ratio:.1f}x this roofline's"
 
     def lengths(self, max_new: int) -> plan_decode.Lengths:
         """The response-length assumption for a stage that generates at most ``max_new`` tokens."""
