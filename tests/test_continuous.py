@@ -59,7 +59,7 @@ def test_generate_logs_where_its_time_went(model, caplog):
     (batch preparation, results): the decode programs' idle fraction, per call."""
     import logging
     import re
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG, logger=generate.__name__):
         generate.generate(model, _prompts([5, 9, 4]), num_samples=2, max_new_tokens=4, stop_token_ids=[0],
                           batch_size=2, buckets=[32], progress=False)
     (line,) = [r.getMessage() for r in caplog.records if "programs busy" in r.getMessage()]

@@ -62,6 +62,7 @@ from rlaifv_jax.engine.prompt_checks import check_options, check_prompts, text_c
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
 
 _TRACES: collections.Counter = collections.Counter()
+log = logging.getLogger(__name__)  # one DEBUG line per call (--verbosity=1): where its time went
 
 
 def compiled_programs() -> dict[str, int]:
@@ -330,7 +331,7 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
     after = compiled_programs()
     new = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     wall = max(time.perf_counter() - start_time, 1e-9)
-    logging.info("sampled %d prompts × %d in %.1fs (%d tokens); compiled %d programs %s over %d buckets; "
+    log.debug("sampled %d prompts × %d in %.1fs (%d tokens); compiled %d programs %s over %d buckets; "
                  "prefill+decode programs busy %.0f %% of the time, idle %.0f %% (batch preparation with image "
                  "features %.0f %%, results %.0f %%)", len(prompts), n, wall, total_tokens, sum(new.values()), new,
                  len(set(chosen)), 100 * phases["generate"] / wall, 100 * (1 - phases["generate"] / wall),
