@@ -61,20 +61,8 @@ def images():
     return out
 
 
-def _row(rng, grids, text=(5, 7, 4)):
-    """Text, then per image ``<|vision_start|> image tokens <|vision_end|>`` and more text."""
-    ids = list(rng.randint(3, 100, text[0]))
-    for i, g in enumerate(grids):
-        ids += [START] + [IMAGE] * (int(np.prod(g)) // 4) + [END] + list(rng.randint(3, 100, text[1 + i % 2]))
-    return ids
-
-
-def _batch(rows):
-    """Left-padded ids and mask."""
-    width = max(map(len, rows))
-    ids = np.array([[0] * (width - len(r)) + r for r in rows])
-    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+_row = functools.partial(tiny_qwen.prompt_ids, image=IMAGE, start=START, end=END, words=(3, 100))
+_batch = functools.partial(tiny_qwen.left_padded, pad=0)
 
 
 def _hf(ref, ids, mask, px, grid):

@@ -2,6 +2,7 @@
 differ in DeepStack blocks, position-table side, M-RoPE sections and tied embeddings): logits of a
 left-padded batch with two images of different, non-square grids, vision + DeepStack features,
 M-RoPE positions, cached greedy decoding, export round trip."""
+import functools
 import json
 import os
 
@@ -37,18 +38,8 @@ def images():
     return [tq.encode3(tq.image(h, w, seed=i)) for i, (h, w) in enumerate(((150, 100), (84, 196)))]
 
 
-def _row(rng, grids, text=(5, 7, 4)):
-    ids = list(rng.randint(0, 60, text[0]))
-    for i, g in enumerate(grids):
-        ids += [START] + [IMAGE] * (int(np.prod(g)) // 4) + [END] + list(rng.randint(0, 60, text[1 + i % 2]))
-    return ids
-
-
-def _batch(rows):
-    width = max(map(len, rows))
-    ids = np.array([[tq.EOS] * (width - len(r)) + r for r in rows])
-    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+_row = functools.partial(tq.prompt_ids, image=IMAGE, start=START, end=END, words=(0, 60))
+_batch = functools.partial(tq.left_padded, pad=tq.EOS)
 
 
 def _hf(ref, ids, mask, px, grid):

@@ -157,3 +157,20 @@ def cached_greedy(model, ids: np.ndarray, mask: np.ndarray, grid: np.ndarray, fe
                             cache, slot)
         tokens.append(int(token[0]))
     return tokens
+
+
+def prompt_ids(rng, grids, *, image: int, start: int, end: int, words: tuple[int, int], text=(5, 7, 4)) -> list[int]:
+    """Random text ids in ``[words[0], words[1])``, then per image ``<|vision_start|>``, its merged image
+    tokens (``prod(grid) / 4``) and ``<|vision_end|>``, each followed by more text (lengths from ``text``)."""
+    ids = list(rng.randint(*words, text[0]))
+    for i, g in enumerate(grids):
+        ids += [start] + [image] * (int(np.prod(g)) // 4) + [end] + list(rng.randint(*words, text[1 + i % 2]))
+    return ids
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids (with ``pad``) and their mask."""
+    width = max(map(len, rows))
+    ids = np.array([[pad] * (width - len(r)) + r for r in rows])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
