@@ -132,8 +132,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     """Offline DPO (see module docstring). Returns a summary dict (also printed)."""
     config = vocabulary.canonicalize(config)  # deprecated field names -> the canonical ones
     spec = offline_spec(config)  # every field, path and checkpoint config checked: nothing written yet
-    records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs, config.data.image_root,
-                                         config.data.allow_outside_root)
+    records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs, spec.image_root, spec.allow_outside_root)
     evaluate = suite_evaluator(spec)
     check_or_save_config(config, workdir)
     mesh = sharding.make_mesh(*spec.mesh)

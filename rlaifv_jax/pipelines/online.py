@@ -58,7 +58,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         seed = spec.seed * 1000 + k
         prompts = inputs.prompts_for(k)
         fingerprints = provenance.fingerprints_of(prompts, k)  # the policy after k iterations samples them
-        provenance.reconcile(it, fingerprints, config.resume.on_input_change)
+        provenance.reconcile(it, fingerprints, spec.on_input_change)
         by_id = {str(p["id"]): p for p in prompts}
         image_of = lambda key: by_id[key]["image"]  # noqa: E731  (the RGB image of a prompt id)
         progress = spec.progress

@@ -60,6 +60,7 @@ class OnlineSpec:
     dpo: DPOSettings
     eval: EvalSettings
     inputs: ToySettings | PromptFileSettings  # where prompts come from (and the toy models' warm start)
+    on_input_change: str = "refuse"  # a rerun's records whose inputs changed: "refuse" or "recompute"
 
 
 def _toy_model(m: ml_collections.ConfigDict) -> ToyModelSettings:
@@ -126,7 +127,8 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
         policy=ModelSpec(policy_path, c.policy.template, c.policy.dtype, c.policy.param_dtype, toy),
         labeler=ModelSpec(labeler_path, c.labeler.template, c.policy.dtype, None, toy),
         eval=EvalSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size),
-        inputs=_inputs(c, checked), **_stage_settings(c))
+        inputs=_inputs(c, checked), on_input_change=field_value(c, "resume.on_input_change", "refuse"),
+        **_stage_settings(c))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +175,8 @@ class OfflineSpec:
     mesh: tuple[int, int, int]
     policy: ModelSpec
     data_paths: list[str]  # the data files and directories (``data.path`` resolved)
+    image_root: str  # folder the data's image paths resolve against ("": each data file's folder)
+    allow_outside_root: bool  # image paths may leave image_root (otherwise a counted skip)
     max_pairs: int  # use only the first N usable pairs (0: all)
     ref_batch_size: int
     progress: bool
@@ -188,7 +192,8 @@ def offline_spec(c: ml_collections.ConfigDict) -> OfflineSpec:
     return OfflineSpec(
         seed=c.seed, mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
         policy=ModelSpec(c.policy.path, c.policy.template, c.policy.dtype, c.policy.param_dtype),
-        data_paths=data_paths(c.data.path), max_pairs=field_value(c, "data.max_pairs", 0), ref_batch_size=d.ref_batch_size,
+        data_paths=data_paths(c.data.path), image_root=field_value(c, "data.image_root", ""),
+        allow_outside_root=field_value(c, "data.allow_outside_root", False), max_pairs=field_value(c, "data.max_pairs", 0), ref_batch_size=d.ref_batch_size,
         progress=field_value(c, "progress", True),
         dpo=DPOSettings(
             train=TrainSettings(
