@@ -46,12 +46,10 @@ from rlaifv_jax.pipelines.spec import PlanSpec, plan_spec
 from rlaifv_jax.training import step as dpo
 
 
-def step_cost(model: nnx.Module, mesh: Any, *, weights: float, flops: float, batch: int, length: int,
-              num_samples: int, max_new: int, decode_rows: int | None) -> plan_decode.StepCost:
+def step_cost(model: nnx.Module, caches: generate.CacheBytes, *, weights: float, flops: float
+              ) -> plan_decode.StepCost:
     """One decode step's per-chip traffic and FLOPs: the compiled step's ``flops`` and resident
-    ``weights``, the KV caches' bytes as ``generate`` lays them out."""
-    caches = generate.decode_cache_bytes(model, mesh, batch=batch, length=length, num_samples=num_samples,
-                                         max_new_tokens=max_new, decode_rows=decode_rows)
+    ``weights``, the KV caches' bytes as ``generate`` lays them out (``generate.decode_cache_bytes``)."""
     tc = text_config(model)
     # Every own-cache slot adds QK and PV for each (row, query head) on the chip: 4 · H · head_dim FLOPs per
     # layer against the 2 · K · head_dim · itemsize bytes of its keys and values (H / K query heads per KV head).
@@ -101,30 +99,26 @@ class Planner:
         """The prefill and decode programs of one generating stage as the run compiles them (with
         ``tune``: also at the fastest batch that fits, the config's own rows then shown as ``(alt)``)."""
         before = len(self.stages)
-        self._generation(g, plan_tune.Candidate(batch, decode_rows or 0))
-        if not self.tune or self.topo.chip is None or self.stages[before + 1].total_seconds is None:
+        own = plan_tune.Candidate(batch, decode_rows or 0)
+        caches = self._generation(g, own)
+        if not self.tune or caches is None:
             return
         prefill, decode = self.stages[before:before + 2]
-        caches = generate.decode_cache_bytes(g.model, self.mesh, batch=batch, length=g.length,
-                                             num_samples=g.num_samples, max_new_tokens=g.max_new,
-                                             decode_rows=decode_rows)
-        rows = decode_rows or batch * g.num_samples
+        rows = own.rows(g.num_samples)
         fp = plan_tune.footprint(max(prefill.bytes_per_chip, decode.bytes_per_chip), decode.resident_bytes,
                                  caches.prefix_all, caches.own, batch=batch, decode_rows=rows)
         lengths = self.lengths(g.max_new)
 
         def seconds(c: plan_tune.Candidate) -> float:
-            cost = step_cost(g.model, self.mesh, weights=decode.resident_bytes,
-                             flops=decode.flops_per_chip * (c.slots or c.batch * g.num_samples) / rows,
-                             batch=c.batch, length=g.length, num_samples=g.num_samples, max_new=g.max_new,
-                             decode_rows=c.slots or None)
+            cost = step_cost(g.model, self.caches(g, c), weights=decode.resident_bytes,
+                             flops=decode.flops_per_chip * c.rows(g.num_samples) / rows)
             return plan_decode.decode_time(cost, self.topo.chip, lengths, prompts=g.prompts,
                                            num_samples=g.num_samples, batch=c.batch, slots=c.slots).seconds
 
         hbm = plan_tune.HEADROOM * self.topo.hbm_bytes
         for best in plan_tune.ranked(plan_tune.candidates(g.num_samples, g.prompts), seconds,
                                      lambda c: plan_tune.peak_bytes(fp, c, g.num_samples) <= hbm)[:3]:
-            if best == plan_tune.Candidate(batch, decode_rows or 0) or seconds(best) >= decode.total_seconds:
+            if best == own or seconds(best) >= decode.total_seconds:
                 return  # the config's batch is already the fastest that fits
             start = len(self.stages)
             self._generation(g, best)
@@ -134,14 +128,21 @@ class Planner:
                 return
             del self.stages[start:]  # XLA says it does not fit after all: the next candidate
 
-    def _generation(self, g: Generation, c: plan_tune.Candidate) -> None:
-        """Compile one batch's prefill and decode; the decode row's time summed over its steps."""
+    def caches(self, g: Generation, c: plan_tune.Candidate) -> generate.CacheBytes:
+        """The KV-cache bytes per chip of stage ``g`` decoding batch ``c``."""
+        return generate.decode_cache_bytes(g.model, self.mesh, batch=c.batch, length=g.length,
+                                           num_samples=g.num_samples, max_new_tokens=g.max_new,
+                                           decode_rows=c.slots or None)
+
+    def _generation(self, g: Generation, c: plan_tune.Candidate) -> generate.CacheBytes | None:
+        """Compile one batch's prefill and decode; the decode row's time summed over its steps. Returns
+        the caches' bytes it used (None where the slice has no chip figures or nothing compiled)."""
         state = aot.sharded(nnx.state(g.model), self.mesh, shd.SERVE_RULES)
-        rows, slots = c.batch * g.num_samples, c.slots or None
+        rows, slots = c.rows(g.num_samples), c.slots or None
         tag = f"{c.batch} prompts, " + (f"{c.slots} slots (continuous)" if c.slots else f"{rows} rows")
         extra = {"prefill": dict(tokens_per_step=c.batch * g.length, calls=math.ceil(g.prompts / c.batch),
                                  note=tag),
-                 "decode": dict(tokens_per_step=c.slots or rows, note=f"steps at filled length; {tag}")}
+                 "decode": dict(tokens_per_step=rows, note=f"steps at filled length; {tag}")}
         before = len(self.stages)
         aot.run_stage(self.stages, self.topo, aot.Stage(g.name, "serve", resident_bytes=aot.per_chip_bytes(state)),
                       lambda: generate.lower_programs(g.model, state, self.mesh, batch=c.batch, length=g.length,
@@ -150,10 +151,9 @@ class Planner:
                       state, ("prefill", "decode"), extra)
         decode, chip = self.stages[before + 1], self.topo.chip
         if chip is None or decode.flops_per_chip is None:
-            return
-        cost = step_cost(g.model, self.mesh, weights=decode.resident_bytes, flops=decode.flops_per_chip,
-                         batch=c.batch, length=g.length, num_samples=g.num_samples, max_new=g.max_new,
-                         decode_rows=slots)
+            return None
+        caches = self.caches(g, c)
+        cost = step_cost(g.model, caches, weights=decode.resident_bytes, flops=decode.flops_per_chip)
         run = dict(prompts=g.prompts, num_samples=g.num_samples, batch=c.batch, slots=c.slots)
         t = plan_decode.decode_time(cost, chip, self.lengths(g.max_new), **run)
         upper = plan_decode.decode_time(cost, chip, plan_decode.Lengths(g.max_new, g.max_new), **run)
@@ -162,6 +162,7 @@ class Planner:
         if decode.seconds:  # the compiled program's own estimate (one step, one block of the walk) against ours
             ratio = decode.seconds / plan_decode.step_seconds(cost, chip, cost.block)
             decode.note += f"; compiler's step estimate {ratio:.1f}x this roofline's"
+        return caches
 
     def lengths(self, max_new: int) -> plan_decode.Lengths:
         """The response-length assumption for a stage that generates at most ``max_new`` tokens."""

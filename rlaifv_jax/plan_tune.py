@@ -21,6 +21,10 @@ class Candidate:
     batch: int  # prompts per prefill
     slots: int  # continuous decode slots (0: the static decoder, batch × num_samples rows)
 
+    def rows(self, num_samples: int) -> int:
+        """Rows one decode step decodes: the slots, or every (prompt, sample) row of the batch."""
+        return self.slots or self.batch * num_samples
+
 
 @dataclasses.dataclass(frozen=True)
 class Footprint:
@@ -43,8 +47,7 @@ def footprint(peak: float, weights: float, prefix_all: float, own: float, *, bat
 
 def peak_bytes(f: Footprint, c: Candidate, num_samples: int) -> float:
     """Estimated peak per chip of candidate ``c``."""
-    rows = c.slots or c.batch * num_samples
-    return f.weights + f.prefix_per_prompt * c.batch + (f.own_per_row + f.rest_per_row) * rows
+    return f.weights + f.prefix_per_prompt * c.batch + (f.own_per_row + f.rest_per_row) * c.rows(num_samples)
 
 
 def candidates(num_samples: int, prompts: int) -> list[Candidate]:

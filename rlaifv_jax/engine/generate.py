@@ -86,6 +86,22 @@ class _Static:
     slots: int = 0  # decode slots of the continuous decoder (0: the static decoder, one slot per row)
 
 
+def decode_slots(decode_rows: int | None, rows: int) -> int:
+    """The continuous decoder's slots for ``rows`` (batch × samples) rows: 0 (the static decoder) when off."""
+    return 0 if decode_rows is None else min(decode_rows, rows)
+
+
+def prefix_window(batch: int, slots: int, num_samples: int) -> int:
+    """Prompts whose prefixes the continuous decoder's ``slots`` may read at once (every prompt of the
+    batch for the static decoder, ``slots == 0``)."""
+    return min(batch, -(-slots // num_samples) + 1) if slots else batch
+
+
+def own_cache_slots(max_new_tokens: int) -> int:
+    """Slots of a row's own generated-token cache (the first token comes from the prefill's logits)."""
+    return max(max_new_tokens - 1, 1)
+
+
 def _prefill_fn(graphdef, state, ids, features, mask, static: _Static, positions=None):
     """Embed + prefill a left-padded batch (at ``positions [3, B, T]`` for Qwen2.5-VL); return its KV
     cache (one copy per prompt, shared by the prompt's ``num_samples`` rows during decoding) and the
@@ -111,7 +127,7 @@ def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_
     batch = prompt_ids.shape[0]
     rows = batch * n
     vocab = logits.shape[-1]
-    own_slots = max(max_new - 1, 1)
+    own_slots = own_cache_slots(max_new)
     cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), model.init_cache(rows, own_slots))
     start = jnp.repeat(prompt_mask.sum(axis=1), n).astype(jnp.int32)  # position of token 0
     if rope_deltas is not None:
@@ -170,14 +186,14 @@ def _continuous_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, pro
     batch, vocab = prompt_ids.shape[0], logits.shape[-1]
     rows = batch * n
     none = rows  # the row index of an idle slot (writes are dropped)
-    own_slots = max(max_new - 1, 1)
+    own_slots = own_cache_slots(max_new)
     cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), model.init_cache(slots, own_slots))
     start = prompt_mask.sum(axis=1).astype(jnp.int32)  # position of token 0, per prompt
     if rope_deltas is not None:
         start = start + rope_deltas.astype(jnp.int32)
     seen_prompt = presence_mask(jnp.where(prompt_mask, prompt_ids, -1), vocab) if cfg.penalizes else None
     waiting = active.sum().astype(jnp.int32) * n  # active prompts come first (left_padded)
-    window = min(batch, -(-slots // n) + 1)  # prompts whose prefixes the slots may read at once
+    window = prefix_window(batch, slots, n)
 
     def lowest(row, next_row):
         """The lowest prompt a slot holds (the next waiting one if none does)."""
@@ -280,7 +296,7 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
     if decode_rows is not None and (isinstance(decode_rows, bool) or not isinstance(decode_rows, int)
                                     or decode_rows < 1):
         raise ValueError(f"decode_rows must be an integer >= 1 or None, got {decode_rows!r}")
-    slots = 0 if decode_rows is None else min(decode_rows, rows)
+    slots = decode_slots(decode_rows, rows)
     stop = jnp.asarray(sorted(set(int(t) for t in stop_token_ids)), jnp.int32)
     batches = []  # prompts grouped by bucket, in input order within a bucket
     for b in sorted(set(chosen)):
@@ -332,10 +348,10 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
     new = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     wall = max(time.perf_counter() - start_time, 1e-9)
     log.debug("sampled %d prompts × %d in %.1fs (%d tokens); compiled %d programs %s over %d buckets; "
-                 "prefill+decode programs busy %.0f %% of the time, idle %.0f %% (batch preparation with image "
-                 "features %.0f %%, results %.0f %%)", len(prompts), n, wall, total_tokens, sum(new.values()), new,
-                 len(set(chosen)), 100 * phases["generate"] / wall, 100 * (1 - phases["generate"] / wall),
-                 100 * phases["prepare"] / wall, 100 * phases["results"] / wall)
+              "prefill+decode programs busy %.0f %% of the time, idle %.0f %% (batch preparation with image "
+              "features %.0f %%, results %.0f %%)", len(prompts), n, wall, total_tokens, sum(new.values()), new,
+              len(set(chosen)), 100 * phases["generate"] / wall, 100 * (1 - phases["generate"] / wall),
+              100 * phases["prepare"] / wall, 100 * phases["results"] / wall)
     return results
 
 
@@ -361,7 +377,7 @@ def lower_programs(model: nnx.Module, state: nnx.State, mesh: Mesh, *, batch: in
     Returns ``{"prefill", "decode"}`` compiled programs (the decode input is the prefill's output)."""
     graphdef = nnx.graphdef(model)
     rows = batch * num_samples
-    slots = 0 if decode_rows is None else min(decode_rows, rows)
+    slots = decode_slots(decode_rows, rows)
     static = batch_static(mesh, model, rows=rows, cache_len=length + max_new_tokens - 1, num_samples=num_samples,
                           max_new_tokens=max_new_tokens, slots=slots)
 
@@ -402,8 +418,8 @@ def decode_cache_bytes(model: nnx.Module, mesh: Mesh, *, batch: int, length: int
     planner's per-step HBM traffic."""
     tc = text_config(model)
     rows = batch * num_samples
-    slots = 0 if decode_rows is None else min(decode_rows, rows)
-    own_slots = max(max_new_tokens - 1, 1)
+    slots = decode_slots(decode_rows, rows)
+    own_slots = own_cache_slots(max_new_tokens)
     per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * jnp.dtype(model.dtype).itemsize
 
     def per_chip(rows_: int, tokens: int) -> int:
@@ -412,6 +428,5 @@ def decode_cache_bytes(model: nnx.Module, mesh: Mesh, *, batch: int, length: int
         shard = NamedSharding(mesh, spec).shard_shape(shape)
         return int(per_token * shard[0] * shard[1] * (shard[2] / tc.num_key_value_heads))
 
-    window = min(batch, -(-slots // num_samples) + 1) if slots else batch
-    return CacheBytes(prefix=per_chip(window, length), own=per_chip(slots or rows, own_slots), own_slots=own_slots,
-                      prefix_all=per_chip(batch, length))
+    return CacheBytes(prefix=per_chip(prefix_window(batch, slots, num_samples), length),
+                      own=per_chip(slots or rows, own_slots), own_slots=own_slots, prefix_all=per_chip(batch, length))
