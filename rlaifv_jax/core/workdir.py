@@ -76,8 +76,9 @@ def check_or_save_config(config: ml_collections.ConfigDict, workdir: str) -> dic
     current = json.loads(config.to_json())
     saved = json.loads(paths.read_text(path)) if paths.exists(path) else None
     if saved is not None:  # a workdir saved with deprecated names resumes under the canonical ones
-        flat = vocabulary.canonical_fields(_flatten(saved))
-        saved = vocabulary.nest({**{k: v for k, v in ADDED_FIELDS.items() if k in _flatten(current)}, **flat})
+        added = ADDED_FIELDS.keys() & _flatten(current).keys()  # those this config has
+        saved = vocabulary.nest({**{k: ADDED_FIELDS[k] for k in added},
+                                 **vocabulary.canonical_fields(_flatten(saved))})
     diff = config_diff(saved, current) if saved is not None else {}
     refused = {k: v for k, v in diff.items() if not is_run_field(k)}
     if refused:
