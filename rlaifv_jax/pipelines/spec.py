@@ -38,6 +38,12 @@ def _select(c: ml_collections.ConfigDict, record_keys: dict[str, str]) -> Select
                           mode=field_value(c, "eval.select_mode", "") or DIRECTIONS.get(metric, "min"))
 
 
+def _optim_dtypes(c: ml_collections.ConfigDict) -> dict[str, str]:
+    """``dpo.master_dtype`` / ``dpo.optimizer_state_dtype`` as ``OptimSettings`` fields (online and offline)."""
+    return dict(master_dtype=field_value(c, "dpo.master_dtype", "float32"),
+                state_dtype=field_value(c, "dpo.optimizer_state_dtype", "float32"))
+
+
 def _wandb_project(c: ml_collections.ConfigDict) -> str:
     return field_value(c, "log.wandb_project", "rlaifv_jax") if field_value(c, "log.wandb", False) else ""
 
@@ -105,8 +111,7 @@ def _stage_settings(c: ml_collections.ConfigDict) -> dict:
             train=TrainSettings(
                 optim=OptimSettings(learning_rate=d.learning_rate, warmup_ratio=d.warmup_ratio,
                                   weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, total_steps=0,
-                                  master_dtype=field_value(c, "dpo.master_dtype", "float32"),
-                                  state_dtype=field_value(c, "dpo.optimizer_state_dtype", "float32")),
+                                  **_optim_dtypes(c)),
                 loss=LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                                 grad_accum=d.grad_accum, remat=field_value(c, "dpo.remat", "none")),
                 seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
@@ -193,15 +198,15 @@ def offline_spec(c: ml_collections.ConfigDict) -> OfflineSpec:
         seed=c.seed, mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
         policy=ModelSpec(c.policy.path, c.policy.template, c.policy.dtype, c.policy.param_dtype),
         data_paths=data_paths(c.data.path), image_root=field_value(c, "data.image_root", ""),
-        allow_outside_root=field_value(c, "data.allow_outside_root", False), max_pairs=field_value(c, "data.max_pairs", 0), ref_batch_size=d.ref_batch_size,
+        allow_outside_root=field_value(c, "data.allow_outside_root", False),
+        max_pairs=field_value(c, "data.max_pairs", 0), ref_batch_size=d.ref_batch_size,
         progress=field_value(c, "progress", True),
         dpo=DPOSettings(
             train=TrainSettings(
                 optim=OptimSettings(learning_rate=d.learning_rate, total_steps=0, warmup_ratio=d.warmup_ratio,
                                   weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, b1=d.adam_b1,
                                   b2=d.adam_b2, eps=d.adam_eps, schedule=d.schedule,
-                                  master_dtype=field_value(c, "dpo.master_dtype", "float32"),
-                                  state_dtype=field_value(c, "dpo.optimizer_state_dtype", "float32")),
+                                  **_optim_dtypes(c)),
                 loss=LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                                 sft_weight=d.sft_weight, average=d.average, grad_accum=d.grad_accum,
                                 remat=field_value(c, "dpo.remat", "none")),
