@@ -145,6 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 40  # greedy captions for CHAIR
     c.eval.batch_size = 64
+    c.eval.decode_rows = 0  # continuous batching of the greedy captions: decode slots per call (0 = off)
     # Checkpoint selection: every_epochs=1/N keeps a DPO checkpoint every 1/N epoch, evaluates
     # each one as above (exact CHAIR on the held-out images; source="toy" only) and makes the best by
     # select_metric the iteration's policy (the next iteration's start, and the export). 0 = off: the

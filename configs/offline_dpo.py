@@ -87,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.num_beams = 0  # 0: the suite's official decoding
     c.eval.max_new_tokens = 0  # 0: the suite's official limit
     c.eval.batch_size = 8  # prompts per sampler batch
+    c.eval.decode_rows = 0  # greedy answers through this many continuous-batching slots (0 = off; beam: unused)
     c.eval.select_metric = "mention_hall"  # a dotted name of the suite's metrics (the online loop uses the
     # same names for its toy CHAIR): object_halbench mention_hall / response_hall / chair_s / recall; pope random.f1 / all.accuracy ...; amber discriminative.f1,
     # generative.chair ...

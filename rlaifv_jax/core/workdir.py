@@ -29,7 +29,7 @@ RUN_FIELDS = (
     "log",  # logging, TensorBoard / Weights & Biases
     "mesh",  # device layout (sharded and unsharded results agree to float rounding)
     "sampling.batch_size", "claims.batch_size", "claims.llm_batch_size", "labeler.batch_size",  # per-call batches
-    "sampling.decode_rows", "claims.decode_rows",  # continuous batching (the same tokens per row)
+    "sampling.decode_rows", "claims.decode_rows", "eval.decode_rows",  # continuous batching (the same tokens per row)
     "eval.batch_size",
     "policy.arch", "labeler.arch", "claims.split_arch", "claims.convert_arch",  # read by the planner only
     "dpo.ref_batch_size", "dpo.log_every",  # offline: reference-pass batch, metric interval
@@ -39,7 +39,8 @@ RUN_FIELDS = (
 # Fields added after workdirs were saved without them, with the value the code used before they existed:
 # such a workdir resumes as if it had saved that value.
 ADDED_FIELDS = {"dpo.remat": "none", "dpo.master_dtype": "float32", "dpo.optimizer_state_dtype": "float32",
-                "labeler.answer_prefix": "auto", "sampling.decode_rows": 0, "claims.decode_rows": 0}
+                "labeler.answer_prefix": "auto", "sampling.decode_rows": 0, "claims.decode_rows": 0,
+                "eval.decode_rows": 0}
 HISTORY = "config_history.jsonl"
 
 

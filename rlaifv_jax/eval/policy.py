@@ -91,14 +91,16 @@ class Policy:
 
 def answer_chunks(model: nnx.Module, chunks: Iterable[list[dict]], *, stop_ids: Sequence[int],
                   decode: Callable[[Sequence[int]], str], num_beams: int, max_new_tokens: int, batch_size: int = 8,
-                  mesh=None, on_chunk: Callable[[int], Any] | None = None) -> list[str]:
-    """One answer per sampler prompt, a chunk at a time: greedy (``num_beams=1``, ``engine.generate``)
-    or beam search (``engine.beam``); ``on_chunk(n)`` after each chunk of n prompts."""
+                  mesh=None, decode_rows: int | None = None, on_chunk: Callable[[int], Any] | None = None
+                  ) -> list[str]:
+    """One answer per sampler prompt, a chunk at a time: greedy (``num_beams=1``, ``engine.generate``,
+    through ``decode_rows`` continuous-batching slots if given: the same tokens) or beam search
+    (``engine.beam``); ``on_chunk(n)`` after each chunk of n prompts."""
     texts: list[str] = []
     for prompts in chunks:
         if num_beams == 1:
             outs = generate.generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
-                                     batch_size=batch_size, mesh=mesh, progress=False)
+                                     batch_size=batch_size, mesh=mesh, decode_rows=decode_rows, progress=False)
         else:
             outs = beam.beam_search(model, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                     stop_token_ids=stop_ids, batch_size=batch_size, progress=False)

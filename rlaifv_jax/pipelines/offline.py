@@ -27,7 +27,7 @@ from rlaifv_jax.data.rlaifv_dataset import DatasetFileError, data_files, iter_ro
 from rlaifv_jax.models import hf
 from rlaifv_jax.pipelines import export
 from rlaifv_jax.pipelines.spec import offline_spec
-from rlaifv_jax.stages import dpo, encode, eval as eval_stage, ref, select
+from rlaifv_jax.stages import dpo, encode, measure, ref, select
 
 log = logging.getLogger(__name__)
 SHOWN_SKIPS = 10  # skipped rows named on the console (all of them go to data_report.json)
@@ -111,20 +111,20 @@ def reopen_stage(stage_dir: str, keys: set[str]) -> None:
         paths.remove(marker)
 
 
-def suite_evaluator(spec) -> select.Evaluate | None:
+def suite_measure(spec) -> select.Measure | None:
     """The checkpoint evaluation of offline selection (``eval.every_epochs``): the suite's questions are
     read and ``eval.select_metric`` checked against its metrics now, before anything trains."""
     if spec.dpo.select is None:
         return None
     try:
-        bench = eval_stage.load_suite(spec.suite)
+        bench = measure.load_suite(spec.suite)
     except (OSError, ValueError) as e:
         raise InputError(f"eval.data: {e}") from None
-    names = eval_stage.suite_metric_names(bench)
+    names = measure.suite_metric_names(bench)
     if spec.dpo.select.metric not in names:
         raise InputError(f"eval.select_metric={spec.dpo.select.metric!r} is not a metric of {spec.suite.name}; "
                          f"choose one of {', '.join(names)}")
-    return lambda policy, stage_dir: eval_stage.run_suite(stage_dir, policy, bench, spec.suite,
+    return lambda policy, stage_dir: measure.run_suite(stage_dir, policy, bench, spec.suite,
                                                           mesh=sharding.serve_mesh())
 
 
@@ -133,7 +133,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     config = vocabulary.canonicalize(config)  # deprecated field names -> the canonical ones
     spec = offline_spec(config)  # every field, path and checkpoint config checked: nothing written yet
     records, skipped, named = read_pairs(spec.data_paths, spec.max_pairs, spec.image_root, spec.allow_outside_root)
-    evaluate = suite_evaluator(spec)
+    measure_fn = suite_measure(spec)
     check_or_save_config(config, workdir)
     mesh = sharding.make_mesh(*spec.mesh)
     reference = reference_identity(spec.policy.path)
@@ -180,8 +180,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     train_dir = os.path.join(workdir, "train")
     result = dpo.run(train_dir, examples, image, spec.policy, spec.dpo, seed=spec.seed, mesh=mesh, desc="dpo",
                      save=save, save_step=lambda m, s: save(m, os.path.join(export_dir, f"step_{s}")))
-    if evaluate is not None:
-        result = select.run(os.path.join(train_dir, "select"), result, spec.policy, evaluate, spec.dpo.select,
+    if measure_fn is not None:
+        result = select.run(os.path.join(train_dir, "select"), result, spec.policy, measure_fn, spec.dpo.select,
                             mesh=mesh, save=save)
     encode_skips = {k: noted[k] for k in ("too_long", "image_token_in_text") if noted[k]}
     history = result["history"]

@@ -19,7 +19,7 @@ from rlaifv_jax.pipelines import export, inputs as inputs_lib
 from rlaifv_jax.pipelines.report import write_report
 from rlaifv_jax.pipelines.summary import Summary
 from rlaifv_jax.pipelines.spec import online_spec
-from rlaifv_jax.stages import (bundle, claims, dpo, encode, eval as eval_stage, label, pairs, provenance, ref,
+from rlaifv_jax.stages import (bundle, claims, dpo, encode, label, measure, pairs, provenance, ref,
                                runner, sample, select)
 
 STAGES = ("samples", "claims", "labels", "pairs", "encoded", "ref_logps")
@@ -43,14 +43,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     def policy_at(k: int) -> bundle.ModelSpec:  # the policy after k iterations
         return dataclasses.replace(spec.policy, checkpoint=ckpt_dir, step=k)
 
-    def evaluate_policy(policy: bundle.ModelSpec, stage_dir: str) -> dict[str, Any]:
-        return eval_stage.run(stage_dir, policy, inputs.eval_records, inputs.world, spec.eval, mesh=serve)
+    def measure_policy(policy: bundle.ModelSpec, stage_dir: str) -> dict[str, Any]:
+        return measure.run(stage_dir, policy, inputs.eval_records, inputs.world, spec.eval, mesh=serve)
 
-    def evaluate(k: int) -> dict[str, Any]:
-        return evaluate_policy(policy_at(k), os.path.join(workdir, "eval", f"{k:02d}"))
+    def measure_at(k: int) -> dict[str, Any]:
+        return measure_policy(policy_at(k), os.path.join(workdir, "eval", f"{k:02d}"))
 
     if not summary.has(0):
-        summary.put({"iteration": 0, **evaluate(0), "pairs": 0, "wall_s": round(time.time() - t_start, 1)})
+        summary.put({"iteration": 0, **measure_at(0), "pairs": 0, "wall_s": round(time.time() - t_start, 1)})
     for k in range(spec.iterations):
         if summary.has(k + 1):
             continue
@@ -88,11 +88,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             trained = dpo.run(train_dir, examples, image_of, policy_at(k), spec.dpo, seed=seed, mesh=mesh, desc=desc,
                               save=save)
             if spec.dpo.select is not None:
-                select.run(select_dir, trained, policy_at(k), evaluate_policy, spec.dpo.select, mesh=mesh, save=save,
+                select.run(select_dir, trained, policy_at(k), measure_policy, spec.dpo.select, mesh=mesh, save=save,
                            desc=desc)
         dpo.discard_checkpoints(train_dir)  # superseded by the policy checkpoint
         select.discard_candidates(select_dir)
-        summary.put({"iteration": k + 1, **evaluate(k + 1), "pairs": len(examples), "length_ratio": ratio,
+        summary.put({"iteration": k + 1, **measure_at(k + 1), "pairs": len(examples), "length_ratio": ratio,
                      **dpo.summary(train_dir), **select.summary(select_dir),
                      **(labeler_truth.audit(prompts, claim_recs, labels, pair_recs) if spec.toy else {}),
                      "warnings": runner.stage_warnings([os.path.join(it, s) for s in STAGES]),

@@ -13,7 +13,7 @@ from rlaifv_jax.pipelines.validate import Checked, data_paths, field_value, vali
 from rlaifv_jax.stages.bundle import ModelSpec
 from rlaifv_jax.stages.claims import ClaimSettings
 from rlaifv_jax.stages.dpo import DPOSettings, LoraSettings
-from rlaifv_jax.stages.eval import DIRECTIONS, RECORD_KEYS, EvalSettings, SuiteSettings
+from rlaifv_jax.stages.measure import DIRECTIONS, RECORD_KEYS, MeasureSettings, SuiteSettings
 from rlaifv_jax.stages.label import LabelSettings
 from rlaifv_jax.stages.pairs import PairSettings
 from rlaifv_jax.stages.sample import SampleSettings
@@ -64,7 +64,7 @@ class OnlineSpec:
     label: LabelSettings
     pairs: PairSettings
     dpo: DPOSettings
-    eval: EvalSettings
+    eval: MeasureSettings
     inputs: ToySettings | PromptFileSettings  # where prompts come from (and the toy models' warm start)
     on_input_change: str = "refuse"  # a rerun's records whose inputs changed: "refuse" or "recompute"
 
@@ -131,7 +131,8 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
         toy=toy,
         policy=ModelSpec(policy_path, c.policy.template, c.policy.dtype, c.policy.param_dtype, toy),
         labeler=ModelSpec(labeler_path, c.labeler.template, c.policy.dtype, None, toy),
-        eval=EvalSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size),
+        eval=MeasureSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size,
+                             decode_rows=field_value(c, "eval.decode_rows", 0) or None),
         inputs=_inputs(c, checked), on_input_change=field_value(c, "resume.on_input_change", "refuse"),
         **_stage_settings(c))
 
@@ -227,4 +228,5 @@ def _suite(c: ml_collections.ConfigDict) -> SuiteSettings | None:
         return None
     e = c.eval
     return SuiteSettings(name=e.suite, data=e.data, images=e.images or None, num_beams=e.num_beams,
-                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit)
+                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit,
+                         decode_rows=field_value(c, "eval.decode_rows", 0) or None)

@@ -56,7 +56,7 @@ _ONLINE_POSITIVE = ("iterations", "sampling.num_samples", "sampling.max_new_toke
                     "eval.batch_size", "dpo.beta", "dpo.learning_rate", "world.n_warmstart", "world.n_prompts",
                     "world.n_eval", "warmstart.steps", "warmstart.batch_size", "warmstart.learning_rate")
 _ONLINE_NONNEG = ("prompts.per_iteration", "sampling.top_k", "sampling.temperature", "sampling.decode_rows",
-                  "claims.decode_rows", "dpo.max_steps",
+                  "claims.decode_rows", "eval.decode_rows", "dpo.max_steps",
                   "dpo.label_smoothing", "dpo.weight_decay", "dpo.warmup_ratio")
 
 _OFFLINE_CHOICES = {
@@ -75,7 +75,7 @@ _OFFLINE_CHOICES = {
 _OFFLINE_POSITIVE = ("dpo.batch_size", "dpo.grad_accum", "dpo.epochs", "dpo.ref_batch_size",
                      "dpo.checkpoints_per_epoch", "dpo.log_every", "dpo.max_length", "dpo.beta",
                      "dpo.learning_rate")
-_OFFLINE_NONNEG = ("dpo.max_to_keep", "dpo.max_steps", "data.max_pairs", "dpo.warmup_ratio",
+_OFFLINE_NONNEG = ("dpo.max_to_keep", "dpo.max_steps", "data.max_pairs", "eval.decode_rows", "dpo.warmup_ratio",
                    "dpo.weight_decay", "dpo.label_smoothing", "dpo.sft_weight")
 
 # The architectures DPO trains (the others work as labelers).
@@ -225,7 +225,7 @@ def _every_epochs(p: Problems) -> float | None:
 
 def _selection(p: Problems) -> None:
     """``eval.every_epochs``, ``eval.select_metric`` and ``eval.select_mode`` (online, toy CHAIR)."""
-    from rlaifv_jax.stages.eval import DIRECTIONS
+    from rlaifv_jax.stages.measure import DIRECTIONS
     every = _every_epochs(p)
     if every is None:
         return

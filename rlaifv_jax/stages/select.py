@@ -1,6 +1,6 @@
 """Checkpoint selection inside DPO: the DPO stage checkpoints every ``every_epochs`` of an
 epoch, each checkpoint's policy is evaluated with the run's evaluation (toy world: exact CHAIR on the
-held-out images, ``stages/eval.py``), and the best by a named metric becomes the stage's policy.
+held-out images, ``stages/measure.py``), and the best by a named metric becomes the stage's policy.
 
 Layout under the stage's ``select/`` directory:
 
@@ -33,7 +33,7 @@ from rlaifv_jax.stages import bundle
 
 log = logging.getLogger(__name__)
 SELECTION = "selection.json"
-Evaluate = Callable[[bundle.ModelSpec, str], dict[str, Any]]  # (policy spec, stage dir) -> metrics
+Measure = Callable[[bundle.ModelSpec, str], dict[str, Any]]  # (policy spec, stage dir) -> metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +86,14 @@ def write_candidates(select_dir: str, steps: Sequence[int], model_at: Callable[[
             bundle.save_params(model_at(s), directory, s, {"dpo_step": s})
 
 
-def score_candidates(select_dir: str, steps: Sequence[int], policy: bundle.ModelSpec, evaluate_fn: Evaluate,
+def score_candidates(select_dir: str, steps: Sequence[int], policy: bundle.ModelSpec, measure: Measure,
              settings: SelectSettings, steps_per_epoch: int, desc: str = "dpo") -> dict[str, Any]:
     """Evaluate every candidate (finished evaluations are reused), select the best, write and return
     ``{"metric", "mode", "selected_step", "last_step", "checkpoints": [{"step", "epoch", metrics...}]}``."""
     rows = []
     for s in steps:
         spec = dataclasses.replace(policy, checkpoint=candidates_dir(select_dir), step=s)
-        metrics = evaluate_fn(spec, eval_dir(select_dir, s))
+        metrics = measure(spec, eval_dir(select_dir, s))
         rows.append({"step": s, "epoch": round(s / max(steps_per_epoch, 1), 4),
                      **{k: v if v is None or math.isfinite(v) else None for k, v in metrics.items()
                         if v is None or isinstance(v, (int, float))}})
@@ -110,15 +110,15 @@ def score_candidates(select_dir: str, steps: Sequence[int], policy: bundle.Model
     return out
 
 
-def run(select_dir: str, trained: dict[str, Any], policy: bundle.ModelSpec, evaluate_fn: Evaluate,
+def run(select_dir: str, trained: dict[str, Any], policy: bundle.ModelSpec, measure: Measure,
         settings: SelectSettings, *, mesh, save: Callable[[nnx.Module], None], desc: str = "dpo") -> dict[str, Any]:
     """Checkpoint selection after ``stages.dpo.run`` (``trained``: its result, with ``candidate_steps``):
-    score every candidate (``score_candidates`` with ``evaluate_fn``), load the best one's master weights
+    score every candidate (``score_candidates`` with ``measure``), load the best one's master weights
     and hand them to ``save``; returns ``trained`` with ``exported_step`` / ``best_step`` / ``selection``. Without trained
     steps (no pairs: DPO saved the policy unchanged) ``trained`` comes back as is."""
     if not trained["steps"]:
         return trained
-    chosen = score_candidates(select_dir, trained["candidate_steps"], policy, evaluate_fn, settings,
+    chosen = score_candidates(select_dir, trained["candidate_steps"], policy, measure, settings,
                               trained["steps_per_epoch"], desc=desc)
     step = chosen["selected_step"]
     spec = dataclasses.replace(policy, checkpoint=candidates_dir(select_dir), step=step)

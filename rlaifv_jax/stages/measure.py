@@ -1,5 +1,7 @@
-"""Stage 8: exact evaluation on held-out toy images: CHAIR and recall of greedy captions, and the
-policy's yes/no accuracy (scored like the labeler), stored as a one-record stage."""
+"""Stage 8, the policy measured: on held-out toy images exactly (CHAIR and recall of greedy captions,
+and the policy's yes/no accuracy scored like the labeler), or on a benchmark suite of ``eval/``
+inside a training job; each measurement is stored as a one-record stage. ("eval" names the
+benchmark package ``eval/``, its command ``evaluate`` and the config section ``eval``.)"""
 from __future__ import annotations
 
 import contextlib
@@ -23,19 +25,21 @@ RECORD_KEYS = {"response_hall": "chair_response", "mention_hall": "chair_mention
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSettings:
+class MeasureSettings:
     max_new_tokens: int = 40  # greedy captions
     batch_size: int = 64
+    decode_rows: int | None = None  # continuous batching of the captions through this many slots (None: off)
 
 
-def evaluate(b: bundle.Bundle, records: list[dict[str, Any]], world: toy_world.WorldConfig,
-             settings: EvalSettings, mesh=None) -> dict[str, Any]:
+def measure_toy(b: bundle.Bundle, records: list[dict[str, Any]], world: toy_world.WorldConfig,
+             settings: MeasureSettings, mesh=None) -> dict[str, Any]:
     """CHAIR (response, mention), recall and yes/no accuracy of the bundle's model on ``records``."""
     captions = []
     for lo in range(0, len(records), settings.batch_size):
         outs = generate(b.model, [b.prompt(r) for r in records[lo:lo + settings.batch_size]], num_samples=1,
                         max_new_tokens=settings.max_new_tokens, temperature=0.0, stop_token_ids=b.stop_ids(),
-                        batch_size=settings.batch_size, mesh=mesh, progress=False)
+                        batch_size=settings.batch_size, mesh=mesh, decode_rows=settings.decode_rows,
+                        progress=False)
         captions += [b.tokenizer.decode(o["tokens"][0], skip_special_tokens=True).strip() for o in outs]
     metrics = chair.chair_metrics([chair.toy_mentions(c, world) for c in captions],
                                   [{tuple(o) for o in r["objects"]} for r in records])
@@ -54,7 +58,7 @@ def evaluate(b: bundle.Bundle, records: list[dict[str, Any]], world: toy_world.W
 
 
 def run(stage_dir: str, policy: bundle.ModelSpec, records: list[dict[str, Any]],
-        world: toy_world.WorldConfig | None, settings: EvalSettings, *, mesh) -> dict[str, Any]:
+        world: toy_world.WorldConfig | None, settings: MeasureSettings, *, mesh) -> dict[str, Any]:
     """The evaluation of ``policy`` (one record, computed once and reused on rerun); without a
     ground-truth world the metrics are None."""
 
@@ -64,7 +68,7 @@ def run(stage_dir: str, policy: bundle.ModelSpec, records: list[dict[str, Any]],
             yield lambda chunk: [dict(NO_GROUND_TRUTH)]
             return
         with bundle.loaded(policy, mesh) as b:
-            yield lambda chunk: [evaluate(b, records, world, settings, mesh)]
+            yield lambda chunk: [measure_toy(b, records, world, settings, mesh)]
 
     out = runner.run(stage_dir, [{"key": "eval"}], open_fn, chunk_size=1, desc="eval", progress=False)
     return {k: v for k, v in out[0].items() if k != "key"}
@@ -81,6 +85,7 @@ class SuiteSettings:
     max_new_tokens: int = 0  # 0: the suite's official limit
     batch_size: int = 8
     limit: int = 0  # first N questions only (0: all)
+    decode_rows: int | None = None  # greedy answers through this many continuous-batching slots (None: off)
 
 
 def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -120,7 +125,7 @@ def answer_suite(b: bundle.Bundle, bench, s: SuiteSettings, mesh=None) -> dict[s
                           decode=lambda t: b.tokenizer.decode(t, skip_special_tokens=True).strip(),
                           num_beams=s.num_beams or bench.decoding["num_beams"],
                           max_new_tokens=s.max_new_tokens or bench.decoding["max_new_tokens"],
-                          batch_size=s.batch_size, mesh=mesh)
+                          batch_size=s.batch_size, mesh=mesh, decode_rows=s.decode_rows)
     return {q.id: t for q, t in zip(bench.questions, texts)}
 
 
