@@ -69,7 +69,7 @@ def main():
     ns = sorted(int(n) for n in args.ns.split(","))
     with open(os.path.join(args.workdir, "config.json")) as f:
         config = json.load(f)
-    world = toy_world.WorldConfig(caption_partner_rate=config["world"]["caption_partner_rate"])
+    world = toy_world.WorldSettings(caption_partner_rate=config["world"]["caption_partner_rate"])
     records = toy_world.eval_split(world, args.n_eval or config["world"]["n_eval"], config["seed"])
     aligned = args.aligned or os.path.join(args.workdir, "export")
     policy = Policy(aligned, dtype="float32")

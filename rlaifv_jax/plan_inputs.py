@@ -53,7 +53,7 @@ def architecture(spec: PlanSpec, role: str) -> tuple[str, dict[str, Any]]:
     if spec.toy is not None and role in ("policy", "labeler"):
         from rlaifv_jax.data import toy_world
         from rlaifv_jax.pipelines.warmstart import toy_model_config
-        world = toy_world.WorldConfig(caption_partner_rate=spec.toy.caption_partner_rate)
+        world = toy_world.WorldSettings(caption_partner_rate=spec.toy.caption_partner_rate)
         size = spec.toy.labeler[0] if role == "labeler" and spec.labeler_kind == "toy" else spec.toy.model
         return "LlavaForConditionalGeneration", toy_model_config(toy_world.build_tokenizer(world), world, size)
     path = model_dir(*spec.archs[role])

@@ -47,7 +47,7 @@ def smoke_warmstart(tmp_path_factory):
     from rlaifv_jax.pipelines import warmstart
 
     c = default.get_config("smoke")
-    world = toy_world.WorldConfig(caption_partner_rate=c.world.caption_partner_rate)
+    world = toy_world.WorldSettings(caption_partner_rate=c.world.caption_partner_rate)
     built = warmstart.warm_start(c.model, c.warmstart, world, toy_world.warmstart_split(world, c.world.n_warmstart, c.seed),
                                  str(tmp_path_factory.mktemp("smoke") / "warmstart"), seed=c.seed, progress=False)
 

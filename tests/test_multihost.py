@@ -62,8 +62,7 @@ def runs(tmp_path_factory, smoke_warmstart):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     smoke_warmstart(one)
     smoke_warmstart(two)
-    _finish(_start(one, 1))
-    _finish(_start(two, 2))
+    _finish(_start(one, 1) + _start(two, 2))  # side by side: the 2-process run waits at its barriers
     return one, two
 
 

@@ -102,10 +102,10 @@ def test_measure_through_continuous_slots_gives_the_same_metrics(reference):
     from rlaifv_jax.data import toy_world
     from rlaifv_jax.stages import bundle, measure
     workdir, _ = reference
-    world = toy_world.WorldConfig(caption_partner_rate=default.get_config("smoke").world.caption_partner_rate)
+    world = toy_world.WorldSettings(caption_partner_rate=default.get_config("smoke").world.caption_partner_rate)
     records = toy_world.eval_split(world, 24, 0)
     mesh = serve_mesh()
-    with bundle.loaded(bundle.ModelSpec(os.path.join(workdir, "warmstart"), toy=True), mesh) as b:
+    with bundle.loaded(bundle.ModelSettings(os.path.join(workdir, "warmstart"), toy=True), mesh) as b:
         static, slots = (measure.measure_toy(b, records, world, measure.MeasureSettings(batch_size=16, decode_rows=rows),
                                              mesh) for rows in (None, 5))
     assert static == slots

@@ -118,7 +118,7 @@ def test_labeler_shared_prefix_equals_full_forwards(setup):
 def _pairs(setup, length=96):
     """Two encoded pairs (images of different sizes) through the stages' batch builder."""
     _, model, tok, images, path, enc = setup
-    b = bundle.Bundle(bundle.ModelSpec(path, template="chat"), model, tok, prompts_lib.QwenImageEncoder(path))
+    b = bundle.Bundle(bundle.ModelSettings(path, template="chat"), model, tok, prompts_lib.QwenImageEncoder(path))
     records = []
     for i, (question, chosen, rejected) in enumerate([(QUESTIONS[0], "w1 w2 w3 .", "w4 ."),
                                                        (QUESTIONS[1], "w5 .", "w6 w7 w8 w9 w10 .")]):

@@ -41,7 +41,7 @@ def test_bundle_frees_device_arrays(tmp_path):
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(str(tmp_path / "m"))
     mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
     before = sum(memory.resident_bytes().values())
-    with bundle.loaded(bundle.ModelSpec(str(tmp_path / "m")), mesh) as b:
+    with bundle.loaded(bundle.ModelSettings(str(tmp_path / "m")), mesh) as b:
         leaves = [x for x in jax.tree.leaves(b.model) if isinstance(x, jax.Array)]
         assert leaves and not any(x.is_deleted() for x in leaves)
         weights = sum(x.nbytes for x in leaves)

@@ -1,5 +1,5 @@
 """Tests for the rule-based split + convert of the toy language."""
-from rlaifv_jax.data.toy_world import WorldConfig, labeler_prompt, warmstart_split
+from rlaifv_jax.data.toy_world import WorldSettings, labeler_prompt, warmstart_split
 from rlaifv_jax.feedback.claims import ClaimResult
 from rlaifv_jax.feedback.toy_claims import RuleClaimExtractor, parse_answer
 
@@ -34,7 +34,7 @@ def test_garbage_is_counted_not_dropped():
     assert (res.status, res.facts, res.questions, res.raw_convert) == ("unparseable", [], [], "")
     assert res.raw_split == "- there is a red circle\n- circle blue <unk>\n- there is a red\n- there is a purple circle"
     # purple is an object of a world that has it
-    assert RuleClaimExtractor(WorldConfig(colours=("red", "purple"), pairs=())).extract_one(
+    assert RuleClaimExtractor(WorldSettings(colours=("red", "purple"), pairs=())).extract_one(
         "there is a purple circle .").status == "ok"
 
 
@@ -54,12 +54,12 @@ def test_batch_order_and_labeler_form_matches_training_data():
     assert [r.status for r in EXT.extract(items)] == ["ok", "no_claims", "unparseable"]
     question = EXT.extract_one("there is a green cross .").questions[0]
     assert labeler_prompt(question) == "is there a green cross in the image ? Please answer yes or no."
-    trained = {r["question"] for r in warmstart_split(WorldConfig(), 300, seed=0) if r["kind"] == "yesno"}
+    trained = {r["question"] for r in warmstart_split(WorldSettings(), 300, seed=0) if r["kind"] == "yesno"}
     assert labeler_prompt(question) in trained
 
 
 def test_round_trip_on_training_captions():
-    for rec in warmstart_split(WorldConfig(), 100, seed=1):
+    for rec in warmstart_split(WorldSettings(), 100, seed=1):
         if rec["kind"] == "caption":
             res = EXT.extract_one(rec["answer"])
             assert res.status == "ok"

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from rlaifv_jax.data import toy_world as tw
 
-CFG = tw.WorldConfig()
+CFG = tw.WorldSettings()
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +67,14 @@ def test_ground_truth_matches_pixels():
 def test_pair_rate_two_object_world():
     # With exactly 2 objects: the first draw is a pair member with prob 12/16; its partner follows
     # with prob q, else the second draw (uniform over 15) hits the partner with prob 1/15.
-    cfg = tw.WorldConfig(min_objects=2, max_objects=2)
+    cfg = tw.WorldSettings(min_objects=2, max_objects=2)
     rng = np.random.default_rng(0)
     partners = tw.partner_map(cfg)
     n = 5000
     hits = sum(partners.get(a) == b for a, b in (tw.sample_objects(rng, cfg) for _ in range(n)))
     expected = 12 / 16 * (0.8 + 0.2 / 15)
     assert abs(hits / n - expected) < 0.03
-    no_bias = tw.WorldConfig(min_objects=2, max_objects=2, pair_rate=0.0)
+    no_bias = tw.WorldSettings(min_objects=2, max_objects=2, pair_rate=0.0)
     hits = sum(partners.get(a) == b for a, b in (tw.sample_objects(rng, no_bias) for _ in range(n)))
     assert abs(hits / n - 12 / 16 / 15) < 0.015
 
@@ -165,15 +165,15 @@ def test_encode_image():
 
 def test_config_validation():
     with pytest.raises(ValueError):
-        tw.WorldConfig(colours=("orange",))
+        tw.WorldSettings(colours=("orange",))
     with pytest.raises(ValueError):
-        tw.WorldConfig(pairs=((("red", "circle"), ("blue", "square")), (("red", "circle"), ("green", "cross"))))
+        tw.WorldSettings(pairs=((("red", "circle"), ("blue", "square")), (("red", "circle"), ("green", "cross"))))
     with pytest.raises(ValueError):
-        tw.WorldConfig(max_objects=5)
+        tw.WorldSettings(max_objects=5)
 
 
 def test_labeler_split_asks_every_object_and_every_absent_partner():
-    cfg = tw.WorldConfig()
+    cfg = tw.WorldSettings()
     partners = tw.partner_map(cfg)
     records = tw.labeler_split(cfg, 60, seed=0)
     answers = [r["answer"] for r in records]

@@ -16,7 +16,7 @@ from rlaifv_jax.pipelines import export, warmstart
 def test_online_export_loads_with_auto_processor_and_generates(tmp_path):
     c = default.get_config("smoke")
     c.warmstart.steps, c.warmstart.batch_size = 2, 8
-    world = toy_world.WorldConfig()
+    world = toy_world.WorldSettings()
     records = toy_world.warmstart_split(world, 8, seed=0)
     warm = warmstart.warm_start(c.model, c.warmstart, world, records, str(tmp_path / "warm"), seed=0, progress=False)
     assert os.path.exists(os.path.join(warm, "processor_config.json"))  # written with the warm start

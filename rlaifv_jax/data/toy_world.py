@@ -12,7 +12,7 @@ The language has one claim per sentence, words and punctuation separated by sing
 
 Object hallucination is built in the way it arises in real data, and is controlled by two rates:
 
-* ``pair_rate`` — the world's co-occurrence bias: some objects come in pairs (``WorldConfig.pairs``,
+* ``pair_rate`` — the world's co-occurrence bias: some objects come in pairs (``WorldSettings.pairs``,
   e.g. red circle ↔ blue square). When a pair member is drawn and the image has room, its partner is
   drawn too with this probability.
 * ``caption_partner_rate`` — the annotators' bias: a training caption of an image that shows a pair
@@ -64,7 +64,7 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 
 
 @dataclasses.dataclass(frozen=True)
-class WorldConfig:
+class WorldSettings:
     """Everything that defines the toy world; all rates are probabilities in [0, 1]."""
 
     image_size: int = 32
@@ -105,12 +105,12 @@ class WorldConfig:
             raise ValueError("image_size must be a multiple of grid")
 
 
-def all_objects(cfg: WorldConfig) -> list[Obj]:
+def all_objects(cfg: WorldSettings) -> list[Obj]:
     """Every (colour, shape) of the world, colour-major."""
     return [(c, s) for c in cfg.colours for s in cfg.shapes]
 
 
-def partner_map(cfg: WorldConfig) -> dict[Obj, Obj]:
+def partner_map(cfg: WorldSettings) -> dict[Obj, Obj]:
     """Object → its usual partner, both directions, for objects that belong to a pair."""
     return {**{a: b for a, b in cfg.pairs}, **{b: a for a, b in cfg.pairs}}
 
@@ -135,7 +135,7 @@ def caption_text(objects: list[Obj]) -> str:
     return " ".join(claim_sentence(o) + " ." for o in objects)
 
 
-def sample_objects(rng: np.random.Generator, cfg: WorldConfig) -> list[Obj]:
+def sample_objects(rng: np.random.Generator, cfg: WorldSettings) -> list[Obj]:
     """Draw the distinct objects of one image, with the co-occurrence bias.
 
     The count k is uniform in [min_objects, max_objects]; objects are drawn uniformly among those not
@@ -177,7 +177,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(objects: list[Obj], cells: list[int], rng: np.random.Generator, cfg: WorldConfig) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+def render(objects: list[Obj], cells: list[int], rng: np.random.Generator, cfg: WorldSettings) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """Draw objects into their grid cells → (uint8 [H, W, 3] image, inclusive pixel box per object)."""
     cell = cfg.image_size // cfg.grid
     size = max(3, int(round(cell * cfg.object_fill)))
@@ -198,7 +198,7 @@ def render(objects: list[Obj], cells: list[int], rng: np.random.Generator, cfg: 
     return np.clip(image, 0, 255).astype(np.uint8), boxes
 
 
-def noisy_caption(objects: list[Obj], rng: np.random.Generator, cfg: WorldConfig) -> tuple[str, list[Obj]]:
+def noisy_caption(objects: list[Obj], rng: np.random.Generator, cfg: WorldSettings) -> tuple[str, list[Obj]]:
     """Training caption: the objects in order, each absent partner mentioned right after its present
     pair member with probability ``caption_partner_rate`` → (caption, hallucinated objects)."""
     partners = partner_map(cfg)
@@ -213,7 +213,7 @@ def noisy_caption(objects: list[Obj], rng: np.random.Generator, cfg: WorldConfig
     return caption_text(mentioned), hallucinated
 
 
-def negative_object(objects: list[Obj], rng: np.random.Generator, cfg: WorldConfig) -> Obj:
+def negative_object(objects: list[Obj], rng: np.random.Generator, cfg: WorldSettings) -> Obj:
     """An absent object to ask about: with probability ``hard_negative_rate`` (when one exists) the
     absent partner of a present object, else a uniformly drawn absent object."""
     partners = partner_map(cfg)
@@ -224,7 +224,7 @@ def negative_object(objects: list[Obj], rng: np.random.Generator, cfg: WorldConf
     return absent[int(rng.integers(len(absent)))]
 
 
-def sample_image(rng: np.random.Generator, cfg: WorldConfig, image_id: str) -> dict[str, Any]:
+def sample_image(rng: np.random.Generator, cfg: WorldSettings, image_id: str) -> dict[str, Any]:
     """One image record: ``{"id", "image", "objects", "cells", "boxes"}``; objects in reading order."""
     objects = sample_objects(rng, cfg)
     cells = [int(c) for c in rng.permutation(cfg.grid * cfg.grid)[: len(objects)]]
@@ -235,7 +235,7 @@ def sample_image(rng: np.random.Generator, cfg: WorldConfig, image_id: str) -> d
     return {"id": image_id, "image": image, "objects": objects, "cells": cells, "boxes": boxes}
 
 
-def warmstart_split(cfg: WorldConfig, n_images: int, seed: int) -> list[dict[str, Any]]:
+def warmstart_split(cfg: WorldSettings, n_images: int, seed: int) -> list[dict[str, Any]]:
     """Supervised warm-start records: per image one noisy caption record and one "yes" + one "no"
     record (the no a hard negative at ``hard_negative_rate``), so yes/no answers are balanced and
     exact. Each record: ``{"id", "image_id", "image", "objects", "kind": "caption"|"yesno",
@@ -257,7 +257,7 @@ def warmstart_split(cfg: WorldConfig, n_images: int, seed: int) -> list[dict[str
     return records
 
 
-def labeler_split(cfg: WorldConfig, n_images: int, seed: int) -> list[dict[str, Any]]:
+def labeler_split(cfg: WorldSettings, n_images: int, seed: int) -> list[dict[str, Any]]:
     """Yes/no records for a separate labeler (``warmstart_split``'s record format, same images and
     stream): per image a "yes" for every object in it, a "no" for every absent usual partner of one of
     them (the co-occurrence bias the policy's captions carry) and a "no" for other absent objects, as
@@ -281,7 +281,7 @@ def labeler_split(cfg: WorldConfig, n_images: int, seed: int) -> list[dict[str, 
     return records
 
 
-def prompt_split(cfg: WorldConfig, n_images: int, seed: int, name: str = "prompt", stream: int = 1) -> list[dict[str, Any]]:
+def prompt_split(cfg: WorldSettings, n_images: int, seed: int, name: str = "prompt", stream: int = 1) -> list[dict[str, Any]]:
     """Caption prompts: ``{"id", "image", "objects", "cells", "boxes", "question"}``, instruction drawn
     per image. ``objects``/``cells``/``boxes`` are ground truth, for evaluation only; the RLAIF-V loop
     must not read them."""
@@ -294,7 +294,7 @@ def prompt_split(cfg: WorldConfig, n_images: int, seed: int, name: str = "prompt
     return records
 
 
-def eval_split(cfg: WorldConfig, n_images: int, seed: int) -> list[dict[str, Any]]:
+def eval_split(cfg: WorldSettings, n_images: int, seed: int) -> list[dict[str, Any]]:
     """Held-out evaluation records: a caption prompt plus ``"yesno"``: one (labeler prompt, "yes") and
     one (labeler prompt, "no") pair per image, the no a hard negative at ``hard_negative_rate``."""
     records = prompt_split(cfg, n_images, seed, name="eval", stream=2)
@@ -307,7 +307,7 @@ def eval_split(cfg: WorldConfig, n_images: int, seed: int) -> list[dict[str, Any
     return records
 
 
-def make_splits(cfg: WorldConfig = WorldConfig(), n_warm: int = 4000, n_prompts: int = 512, n_eval: int = 256,
+def make_splits(cfg: WorldSettings = WorldSettings(), n_warm: int = 4000, n_prompts: int = 512, n_eval: int = 256,
                 seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """The three splits of one world, each from its own seeded stream: ``warmstart``, ``prompts``, ``eval``."""
     return {"warmstart": warmstart_split(cfg, n_warm, seed),
@@ -315,7 +315,7 @@ def make_splits(cfg: WorldConfig = WorldConfig(), n_warm: int = 4000, n_prompts:
             "eval": eval_split(cfg, n_eval, seed)}
 
 
-def vocabulary(cfg: WorldConfig = WorldConfig()) -> list[str]:
+def vocabulary(cfg: WorldSettings = WorldSettings()) -> list[str]:
     """All tokens in id order: special tokens, then the (lower-case) words of the language and chat."""
     texts = [caption_text(all_objects(cfg)), *(labeler_prompt(yesno_question(o)) for o in all_objects(cfg)),
              *CAPTION_INSTRUCTIONS, _CHAT_TEXT]
@@ -328,7 +328,7 @@ def vocabulary(cfg: WorldConfig = WorldConfig()) -> list[str]:
     return words
 
 
-def build_tokenizer(cfg: WorldConfig = WorldConfig()) -> PreTrainedTokenizerFast:
+def build_tokenizer(cfg: WorldSettings = WorldSettings()) -> PreTrainedTokenizerFast:
     """Word-level tokenizer of the world: lower-cases, splits words from punctuation, adds ``<s>`` in
     front (like Llama); ``<image>`` is one special token; decoding joins tokens with single spaces,
     so a caption of the language round-trips exactly."""

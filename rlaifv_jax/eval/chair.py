@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Sequence
 
-from rlaifv_jax.data.toy_world import WorldConfig
+from rlaifv_jax.data.toy_world import WorldSettings
 
 _WORD = re.compile(r"\w+")
 
@@ -56,7 +56,7 @@ def chair_metrics(mentions: Sequence[Sequence[Hashable]], truths: Sequence[set],
     }
 
 
-def toy_mentions(caption: str, cfg: WorldConfig = WorldConfig()) -> list[tuple[str, str]]:
+def toy_mentions(caption: str, cfg: WorldSettings = WorldSettings()) -> list[tuple[str, str]]:
     """Objects mentioned in a toy-language text: every ``{colour} {shape}`` word bigram, in order.
 
     Deliberately looser than the claim parser: an object named inside a malformed sentence

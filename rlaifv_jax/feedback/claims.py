@@ -63,7 +63,7 @@ CONVERT_TEMPLATE = (
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodingSettings:
+class ClaimDecodeSettings:
     """Decoding settings of the split/convert LLM calls (official: sampled, T 0.2, top-p 0.9, 256 tokens;
     top-k 50 was transformers 4's default, in effect in the official pipeline)."""
 
@@ -73,7 +73,7 @@ class DecodingSettings:
     max_new_tokens: int = 256
 
 
-CLAIM_LLM_DECODING = DecodingSettings()
+CLAIM_LLM_DECODING = ClaimDecodeSettings()
 
 
 def split_prompt(question: str, answer: str) -> str:

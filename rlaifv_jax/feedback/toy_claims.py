@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from rlaifv_jax.data.toy_world import WorldConfig, claim_sentence, yesno_question
+from rlaifv_jax.data.toy_world import WorldSettings, claim_sentence, yesno_question
 from rlaifv_jax.feedback.claims import ClaimResult
 
 _SENTENCE_END = re.compile(r"[.?!\n]+")
@@ -34,7 +34,7 @@ class ParsedAnswer:
     unparsed: list[str]
 
 
-def parse_answer(answer: str, cfg: WorldConfig = WorldConfig()) -> ParsedAnswer:
+def parse_answer(answer: str, cfg: WorldSettings = WorldSettings()) -> ParsedAnswer:
     """Split ``answer`` into sentences and parse each as ``there is a|an {colour} {shape}``."""
     sentences, objects, unparsed = [], [], []
     for sentence in _SENTENCE_END.split(answer):
@@ -54,7 +54,7 @@ def parse_answer(answer: str, cfg: WorldConfig = WorldConfig()) -> ParsedAnswer:
 class RuleClaimExtractor:
     """Split + convert by rule for the toy language; see the module docstring for the rules."""
 
-    cfg: WorldConfig = WorldConfig()
+    cfg: WorldSettings = WorldSettings()
 
     def extract_one(self, answer: str) -> ClaimResult:
         """Claims of one answer."""

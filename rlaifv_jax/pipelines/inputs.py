@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 class Inputs:
     prompts_for: Callable[[int], list[dict[str, Any]]]  # iteration -> its prompts
     eval_records: list[dict[str, Any]]
-    world: toy_world.WorldConfig | None  # ground truth for exact evaluation (toy only)
+    world: toy_world.WorldSettings | None  # ground truth for exact evaluation (toy only)
     prompt_report: dict[str, Any] | None  # what happened to every line of a prompt file
 
 
@@ -71,7 +71,7 @@ class PromptFileSettings:
 
 def toy(spec: ToySettings, workdir: str) -> Inputs:
     """The embedded world: warm-start the policy (and a toy labeler) into ``workdir``."""
-    world = toy_world.WorldConfig(caption_partner_rate=spec.caption_partner_rate)
+    world = toy_world.WorldSettings(caption_partner_rate=spec.caption_partner_rate)
     warm = toy_world.warmstart_split(world, spec.n_warmstart, spec.seed)
     warmstart.warm_start(spec.model, spec.warmstart, world, warm, os.path.join(workdir, "warmstart"),
                          seed=spec.seed, progress=spec.progress)

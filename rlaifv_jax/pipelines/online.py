@@ -40,10 +40,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     ckpt_dir = os.path.join(workdir, "checkpoints")
     summary = Summary(workdir)
 
-    def policy_at(k: int) -> bundle.ModelSpec:  # the policy after k iterations
+    def policy_at(k: int) -> bundle.ModelSettings:  # the policy after k iterations
         return dataclasses.replace(spec.policy, checkpoint=ckpt_dir, step=k)
 
-    def measure_policy(policy: bundle.ModelSpec, stage_dir: str) -> dict[str, Any]:
+    def measure_policy(policy: bundle.ModelSettings, stage_dir: str) -> dict[str, Any]:
         return measure.run(stage_dir, policy, inputs.eval_records, inputs.world, spec.eval, mesh=serve)
 
     def measure_at(k: int) -> dict[str, Any]:

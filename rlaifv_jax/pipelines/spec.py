@@ -10,7 +10,7 @@ import ml_collections
 from rlaifv_jax.pipelines.inputs import PromptFileSettings, ToyModelSettings, ToySettings, WarmstartSettings
 from rlaifv_jax.core.errors import ConfigError
 from rlaifv_jax.pipelines.validate import Checked, data_paths, field_value, validate
-from rlaifv_jax.stages.bundle import ModelSpec
+from rlaifv_jax.stages.bundle import ModelSettings
 from rlaifv_jax.stages.claims import ClaimSettings
 from rlaifv_jax.stages.dpo import DPOSettings, LoraSettings
 from rlaifv_jax.stages.measure import DIRECTIONS, RECORD_KEYS, MeasureSettings, SuiteSettings
@@ -57,8 +57,8 @@ class OnlineSpec:
     progress: bool
     mesh: tuple[int, int, int]  # (data, fsdp, tensor)
     toy: bool
-    policy: ModelSpec  # the initial policy (later iterations overlay their Orbax checkpoint)
-    labeler: ModelSpec
+    policy: ModelSettings  # the initial policy (later iterations overlay their Orbax checkpoint)
+    labeler: ModelSettings
     sample: SampleSettings
     claims: ClaimSettings
     label: LabelSettings
@@ -129,8 +129,8 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
     return OnlineSpec(
         seed=c.seed, iterations=c.iterations, progress=c.progress, mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
         toy=toy,
-        policy=ModelSpec(policy_path, c.policy.template, c.policy.dtype, c.policy.param_dtype, toy),
-        labeler=ModelSpec(labeler_path, c.labeler.template, c.policy.dtype, None, toy),
+        policy=ModelSettings(policy_path, c.policy.template, c.policy.dtype, c.policy.param_dtype, toy),
+        labeler=ModelSettings(labeler_path, c.labeler.template, c.policy.dtype, None, toy),
         eval=MeasureSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size,
                              decode_rows=field_value(c, "eval.decode_rows", 0) or None),
         inputs=_inputs(c, checked), on_input_change=field_value(c, "resume.on_input_change", "refuse"),
@@ -179,7 +179,7 @@ def plan_spec(c: ml_collections.ConfigDict) -> PlanSpec:
 class OfflineSpec:
     seed: int
     mesh: tuple[int, int, int]
-    policy: ModelSpec
+    policy: ModelSettings
     data_paths: list[str]  # the data files and directories (``data.path`` resolved)
     image_root: str  # folder the data's image paths resolve against ("": each data file's folder)
     allow_outside_root: bool  # image paths may leave image_root (otherwise a counted skip)
@@ -197,7 +197,7 @@ def offline_spec(c: ml_collections.ConfigDict) -> OfflineSpec:
     d = c.dpo
     return OfflineSpec(
         seed=c.seed, mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
-        policy=ModelSpec(c.policy.path, c.policy.template, c.policy.dtype, c.policy.param_dtype),
+        policy=ModelSettings(c.policy.path, c.policy.template, c.policy.dtype, c.policy.param_dtype),
         data_paths=data_paths(c.data.path), image_root=field_value(c, "data.image_root", ""),
         allow_outside_root=field_value(c, "data.allow_outside_root", False),
         max_pairs=field_value(c, "data.max_pairs", 0), ref_batch_size=d.ref_batch_size,

@@ -293,7 +293,7 @@ def _online(p: Problems, paths: bool = True) -> None:
                   "chat template)")
         patch = p.number("model.patch")
         if patch:
-            size = toy_world.WorldConfig().image_size
+            size = toy_world.WorldSettings().image_size
             if size % patch:
                 p.add(f"model.patch={patch} must divide the toy image size {size}")
             else:

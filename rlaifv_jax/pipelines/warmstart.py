@@ -29,7 +29,7 @@ DONE = "_DONE"
 log = logging.getLogger(__name__)
 
 
-def toy_model_config(tokenizer, world: toy_world.WorldConfig, size: Any) -> dict[str, Any]:
+def toy_model_config(tokenizer, world: toy_world.WorldSettings, size: Any) -> dict[str, Any]:
     """A transformers ``LlavaForConditionalGeneration`` config dict for the toy world."""
     text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=size.hidden,
                 intermediate_size=size.hidden * 2, num_hidden_layers=size.layers,
@@ -49,7 +49,7 @@ def toy_model_config(tokenizer, world: toy_world.WorldConfig, size: Any) -> dict
                 projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
 
 
-def image_processor(world: toy_world.WorldConfig):
+def image_processor(world: toy_world.WorldSettings):
     """A ``CLIPImageProcessor`` doing what ``toy_world.encode_image`` does, saved with the checkpoint so
     transformers (and ``prompts.hf_image_encoder``) preprocess toy images identically."""
     from transformers import CLIPImageProcessor
@@ -118,7 +118,7 @@ def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int,
     return losses
 
 
-def warm_start(size: Any, opt: Any, world: toy_world.WorldConfig,
+def warm_start(size: Any, opt: Any, world: toy_world.WorldSettings,
                warm_records: list[dict], out_dir: str, *, seed: int, progress: bool) -> str:
     """Build a toy LLaVA of ``size`` (``inputs.ToyModelSettings`` fields), train it with ``opt``
     (``inputs.WarmstartSettings``: steps, batch_size, learning_rate) and save it to

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
+class ModelSettings:
     """Where a stage's model comes from and how it runs."""
 
     path: str  # Hugging Face directory: config.json, safetensors, tokenizer, image processor
@@ -42,7 +42,7 @@ class ModelSpec:
 class Bundle:
     """A loaded model with what it needs to read prompts."""
 
-    spec: ModelSpec
+    spec: ModelSettings
     model: nnx.Module
     tokenizer: Any
     encode_image: prompts_lib.ImageEncoder
@@ -89,7 +89,7 @@ def pad_id(tok) -> int:
     return 0
 
 
-def image_encoder(spec: ModelSpec) -> prompts_lib.ImageEncoder:
+def image_encoder(spec: ModelSettings) -> prompts_lib.ImageEncoder:
     """The image encoder of ``spec``'s model (toy pixels, or the checkpoint's processor)."""
     if spec.toy:
         return prompts_lib.toy_image_encoder
@@ -152,7 +152,7 @@ def saved_steps(directory: str) -> list[int]:
         return ckpt.all_steps()
 
 
-def load(spec: ModelSpec, mesh, *, training: bool = False) -> Bundle:
+def load(spec: ModelSettings, mesh, *, training: bool = False) -> Bundle:
     """Load ``spec`` onto ``mesh``. For training: ``TRAIN_RULES`` (fsdp/tensor-sharded) and weights
     in ``param_dtype`` (the master weights); for inference: the serving layout (``SERVE_RULES``:
     replicated over ``data``, split over ``tensor``) and weights in the compute ``dtype``."""
@@ -168,7 +168,7 @@ def load(spec: ModelSpec, mesh, *, training: bool = False) -> Bundle:
 
 
 @contextlib.contextmanager
-def loaded(spec: ModelSpec, mesh, *, training: bool = False) -> Iterator[Bundle]:
+def loaded(spec: ModelSettings, mesh, *, training: bool = False) -> Iterator[Bundle]:
     """``load`` for the duration of a ``with`` block, freed on exit."""
     bundle = load(spec, mesh, training=training)
     try:

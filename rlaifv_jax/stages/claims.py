@@ -27,7 +27,7 @@ class ClaimSettings:
 
 def _llm(path: str, settings: ClaimSettings, mesh, seed: int,
          stack: contextlib.ExitStack) -> Callable[[list[str]], list[str]]:
-    b = stack.enter_context(bundle.loaded(bundle.ModelSpec(path, template="chat", dtype=settings.dtype), mesh))
+    b = stack.enter_context(bundle.loaded(bundle.ModelSettings(path, template="chat", dtype=settings.dtype), mesh))
     stop = sorted({chat.end_of_turn_id(b.tokenizer, "chat"), int(b.tokenizer.eos_token_id)})
 
     def generate_text(messages: list[str]) -> list[str]:
@@ -43,10 +43,10 @@ def _llm(path: str, settings: ClaimSettings, mesh, seed: int,
 
 
 @contextlib.contextmanager
-def extractor(settings: ClaimSettings, world: toy_world.WorldConfig | None, mesh, seed: int) -> Iterator[ClaimExtractor]:
+def extractor(settings: ClaimSettings, world: toy_world.WorldSettings | None, mesh, seed: int) -> Iterator[ClaimExtractor]:
     """The configured claim extractor, its LLMs loaded for the ``with`` block only."""
     if settings.kind == "rule":
-        yield RuleClaimExtractor(world or toy_world.WorldConfig())
+        yield RuleClaimExtractor(world or toy_world.WorldSettings())
         return
     with contextlib.ExitStack() as stack:
         split = _llm(settings.split_path, settings, mesh, seed, stack)

@@ -47,7 +47,7 @@ class DPOSettings:
 
 
 def run(train_dir: str, examples: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
-        policy: bundle.ModelSpec, settings: DPOSettings, *, seed: int, mesh, desc: str,
+        policy: bundle.ModelSettings, settings: DPOSettings, *, seed: int, mesh, desc: str,
         save: Callable[[nnx.Module], None], save_step: Callable[[nnx.Module, int], None] | None = None
         ) -> dict[str, Any]:
     """Train ``policy`` on ``examples`` (encoded pairs carrying ``ref_*_logps``), call ``save`` with

@@ -21,7 +21,7 @@ ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 SPECIAL_TEXT = "special_token_text"  # a kept pair whose texts hold special-token strings (encoded as text)
 
 
-def run(stage_dir: str, pairs: list[dict[str, Any]], policy: bundle.ModelSpec, *, max_length: int,
+def run(stage_dir: str, pairs: list[dict[str, Any]], policy: bundle.ModelSettings, *, max_length: int,
         progress: bool, chunk_size: int = 256, image_of: Callable[[str], np.ndarray] | None = None
         ) -> list[dict[str, Any]]:
     """``{"key", "image_key", "prompt_ids", "chosen_ids", "rejected_ids"}`` per pair (or a
@@ -55,7 +55,7 @@ def run(stage_dir: str, pairs: list[dict[str, Any]], policy: bundle.ModelSpec, *
     return runner.run(stage_dir, pairs, open_fn, chunk_size=chunk_size, desc="encode", progress=progress)
 
 
-def _image_token_count(model, policy: bundle.ModelSpec, image_of: Callable[[str], np.ndarray] | None
+def _image_token_count(model, policy: bundle.ModelSettings, image_of: Callable[[str], np.ndarray] | None
                        ) -> Callable[[str], int]:
     """``image_key -> image tokens`` of the policy: a constant, or (Qwen2.5-VL) the count of each
     image's layout from the policy's image encoder."""

@@ -23,7 +23,7 @@ class LabelSettings:
     answer_prefix: str = AUTO  # text before the labeler's yes/no word ("auto": data.yesno.resolve_answer_ids)
 
 
-def check_answer_tokens(labeler: bundle.ModelSpec, settings: LabelSettings) -> dict[str, int]:
+def check_answer_tokens(labeler: bundle.ModelSettings, settings: LabelSettings) -> dict[str, int]:
     """The labeler's yes/no token ids from its own tokenizer and template (before any stage runs: a
     labeler whose answers cannot be read is refused at start with one line)."""
     tok = bundle.tokenizer(labeler.path)
@@ -33,7 +33,7 @@ def check_answer_tokens(labeler: bundle.ModelSpec, settings: LabelSettings) -> d
 
 
 def run(stage_dir: str, claims: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
-        labeler: bundle.ModelSpec, settings: LabelSettings, *, mesh, progress: bool) -> list[dict[str, Any]]:
+        labeler: bundle.ModelSettings, settings: LabelSettings, *, mesh, progress: bool) -> list[dict[str, Any]]:
     """``{"key", "labels": [[[p_yes, p_no] per question] per response]}`` per prompt.
 
     ``image_of(key)`` is the RGB image of the prompt whose claims record has that key."""

@@ -31,7 +31,7 @@ class MeasureSettings:
     decode_rows: int | None = None  # continuous batching of the captions through this many slots (None: off)
 
 
-def measure_toy(b: bundle.Bundle, records: list[dict[str, Any]], world: toy_world.WorldConfig,
+def measure_toy(b: bundle.Bundle, records: list[dict[str, Any]], world: toy_world.WorldSettings,
              settings: MeasureSettings, mesh=None) -> dict[str, Any]:
     """CHAIR (response, mention), recall and yes/no accuracy of the bundle's model on ``records``."""
     captions = []
@@ -57,8 +57,8 @@ def measure_toy(b: bundle.Bundle, records: list[dict[str, Any]], world: toy_worl
     return metrics
 
 
-def run(stage_dir: str, policy: bundle.ModelSpec, records: list[dict[str, Any]],
-        world: toy_world.WorldConfig | None, settings: MeasureSettings, *, mesh) -> dict[str, Any]:
+def run(stage_dir: str, policy: bundle.ModelSettings, records: list[dict[str, Any]],
+        world: toy_world.WorldSettings | None, settings: MeasureSettings, *, mesh) -> dict[str, Any]:
     """The evaluation of ``policy`` (one record, computed once and reused on rerun); without a
     ground-truth world the metrics are None."""
 
@@ -129,7 +129,7 @@ def answer_suite(b: bundle.Bundle, bench, s: SuiteSettings, mesh=None) -> dict[s
     return {q.id: t for q, t in zip(bench.questions, texts)}
 
 
-def run_suite(stage_dir: str, policy: bundle.ModelSpec, bench, settings: SuiteSettings, *, mesh) -> dict[str, Any]:
+def run_suite(stage_dir: str, policy: bundle.ModelSettings, bench, settings: SuiteSettings, *, mesh) -> dict[str, Any]:
     """The suite's flattened metrics of ``policy`` (one record with the answers, computed once)."""
 
     @contextlib.contextmanager

@@ -12,7 +12,7 @@ from rlaifv_jax.stages import bundle, runner
 
 
 def run(stage_dir: str, encoded: list[dict[str, Any]], image_of: Callable[[str], np.ndarray],
-        reference: bundle.ModelSpec, *, batch_size: int, max_length: int, mesh, progress: bool
+        reference: bundle.ModelSettings, *, batch_size: int, max_length: int, mesh, progress: bool
         ) -> list[dict[str, Any]]:
     """``{"key", "ref_chosen_logps", "ref_rejected_logps"}`` per encoded pair, in one compiled
     forward (every chunk padded to ``batch_size``)."""

@@ -27,7 +27,7 @@ class SampleSettings:
     decode_rows: int | None = None  # continuous batching through this many decode slots (None: off)
 
 
-def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSpec, settings: SampleSettings, *,
+def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSettings, settings: SampleSettings, *,
         seed: int, mesh, progress: bool, fingerprints: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """``{"key": prompt id, "question", "responses": [n texts], "num_tokens", "fingerprint"}`` per
     prompt (``fingerprints``: prompt id → ``provenance.prompt_fingerprint``)."""

@@ -33,7 +33,7 @@ from rlaifv_jax.stages import bundle
 
 log = logging.getLogger(__name__)
 SELECTION = "selection.json"
-Measure = Callable[[bundle.ModelSpec, str], dict[str, Any]]  # (policy spec, stage dir) -> metrics
+Measure = Callable[[bundle.ModelSettings, str], dict[str, Any]]  # (policy spec, stage dir) -> metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ def write_candidates(select_dir: str, steps: Sequence[int], model_at: Callable[[
             bundle.save_params(model_at(s), directory, s, {"dpo_step": s})
 
 
-def score_candidates(select_dir: str, steps: Sequence[int], policy: bundle.ModelSpec, measure: Measure,
+def score_candidates(select_dir: str, steps: Sequence[int], policy: bundle.ModelSettings, measure: Measure,
              settings: SelectSettings, steps_per_epoch: int, desc: str = "dpo") -> dict[str, Any]:
     """Evaluate every candidate (finished evaluations are reused), select the best, write and return
     ``{"metric", "mode", "selected_step", "last_step", "checkpoints": [{"step", "epoch", metrics...}]}``."""
@@ -110,7 +110,7 @@ def score_candidates(select_dir: str, steps: Sequence[int], policy: bundle.Model
     return out
 
 
-def run(select_dir: str, trained: dict[str, Any], policy: bundle.ModelSpec, measure: Measure,
+def run(select_dir: str, trained: dict[str, Any], policy: bundle.ModelSettings, measure: Measure,
         settings: SelectSettings, *, mesh, save: Callable[[nnx.Module], None], desc: str = "dpo") -> dict[str, Any]:
     """Checkpoint selection after ``stages.dpo.run`` (``trained``: its result, with ``candidate_steps``):
     score every candidate (``score_candidates`` with ``measure``), load the best one's master weights
