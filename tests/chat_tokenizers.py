@@ -1,6 +1,6 @@
 """Chat tokenizers built in code for the labeler and special-token tests: a word-level one and a
 SentencePiece-like BPE one, both with a Llama-3 style chat template and ``<image>`` at tiny_hf.IMAGE_TOKEN."""
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 import tiny_hf
@@ -23,11 +23,9 @@ def word_tokenizer():
     vocab = ["<pad>", "<s>", "</s>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "\n"] + WORDS
     assert len(vocab) <= tiny_hf.IMAGE_TOKEN
     vocab += [f"w{i}" for i in range(tiny_hf.IMAGE_TOKEN - len(vocab))] + ["<image>"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), behavior="removed", invert=True)
-    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS + ["<image>"]])
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<pad>",
-                                pad_token="<pad>")
+    t = tiny_hf.word_level({w: i for i, w in enumerate(vocab)}, "<pad>",
+                           pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), behavior="removed", invert=True),
+                           specials=SPECIALS + ["<image>"], bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     assert t.convert_tokens_to_ids("<image>") == tiny_hf.IMAGE_TOKEN and t.bos_token_id == 1
     t.chat_template = LLAMA3_TEMPLATE
     return t

@@ -4,10 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+import tiny_hf
 from rlaifv_jax.data.yesno import answer_forms, resolve_answer_ids, yes_no_token_ids
 from rlaifv_jax.engine.score import yes_no_probs
 from rlaifv_jax.feedback.verdicts import accept_claim
@@ -16,10 +15,8 @@ IDS = {"yes": 3, "Yes": 7, "no": 11, "No": 2}
 
 
 def word_tokenizer(words):
-    vocab = {w: i for i, w in enumerate(["[UNK]"] + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    """``words`` at ids 1, 2, ... after ``[UNK]``."""
+    return tiny_hf.word_level({w: i for i, w in enumerate(["[UNK]"] + words)}, "[UNK]")
 
 
 def test_accept_claim_ties_reject():

@@ -56,17 +56,27 @@ WORDS = (["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(75)]
          + ["describe", "the", "image", "USER:", "ASSISTANT:", "yes", "Yes", "no", "No", "Please", "answer", "or", "."])
 
 
+def word_level(vocab: dict[str, int], unk: str, pre_tokenizer=None, specials=(), **tokens):
+    """The tests' one word-level fast tokenizer builder: ``vocab`` word -> id, unknown words -> ``unk``,
+    split by ``pre_tokenizer`` (default: whitespace and punctuation), ``specials`` added as special
+    tokens, ``tokens`` (bos_token=, eos_token=, pad_token=) passed to ``PreTrainedTokenizerFast``."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.Whitespace()
+    if specials:
+        tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, **tokens)
+
+
 def word_tokenizer(path, words=WORDS, image_token: int | None = IMAGE_TOKEN):
     """A word-level fast tokenizer saved to ``path``: ``words`` in order (the first four are pad, bos,
     eos, unk), ``<image>`` at ``image_token`` (None: no image token), a one-line chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
     vocab = {w: i for i, w in enumerate(words)}
     if image_token is not None:
         vocab["<image>"] = image_token
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = word_level(vocab, "<unk>", pre_tokenizers.WhitespaceSplit(), bos_token="<s>", eos_token="</s>",
+                      pad_token="<pad>")
     fast.chat_template = "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
     fast.save_pretrained(str(path))
