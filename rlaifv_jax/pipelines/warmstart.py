@@ -6,6 +6,7 @@ load a real one.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -76,43 +77,89 @@ def encode_examples(records: list[dict[str, Any]], tokenizer, image_tokens: int,
                 pixel_values=toy_world.encode_image(np.stack([r["image"] for r in records])))
 
 
-def sft_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean negative log-likelihood of the answer tokens."""
-    logits = model(batch["tokens"], pixel_values=batch["pixel_values"])
-    total, count = answer_logps(logits, batch["tokens"], batch["answer_start"], batch["answer_len"])
+def shared_prefix(tokens: np.ndarray, answer_start: np.ndarray, image_token_id: int) -> int:
+    """Length of the token prefix every row of ``tokens`` starts with, holding no image token and
+    ending before the position that predicts any row's first answer token (the chat template's
+    system text, the same in every row)."""
+    limit = int(answer_start.min()) - 1
+    same = np.all(tokens[:, :limit] == tokens[:1, :limit], axis=0) & (tokens[0, :limit] != image_token_id)
+    return limit if same.all() else int(np.argmin(same))
+
+
+def sft_loss(model: nnx.Module, prefix: jax.Array, batch: dict[str, jax.Array], window: int) -> jax.Array:
+    """Mean negative log-likelihood of the answer tokens of ``prefix + batch["tokens"]`` per row.
+
+    The same number as the loss of the whole right-padded sequences under the causal model, computed
+    with less arithmetic: the ``prefix`` every row starts with (``[P]``) runs once and every row
+    attends to it (``batch``: ``tokens [B, T]`` after the prefix, ``answer_start`` index in them,
+    ``answer_len``, ``pixel_values``); the LM head runs only on the ``window`` positions that
+    predict answer tokens (``window`` static, ≥ every ``answer_len``)."""
+    p = prefix.shape[0]
+    tokens, start, lens = batch["tokens"], batch["answer_start"], batch["answer_len"]
+    b, t = tokens.shape
+    shared = None
+    if p:
+        _, cache = model.forward_embeds(model.embed(prefix[None]), positions=jnp.arange(p)[None],
+                                        key_mask=jnp.ones((1, p), bool), cache=model.init_cache(1, p))
+        shared = (cache, jnp.ones((1, p), bool))
+    x = model.embed(tokens, model.image_features(batch["pixel_values"]))
+    hidden, _ = model.forward_embeds(x, positions=jnp.broadcast_to(p + jnp.arange(t), (b, t)),
+                                     key_mask=jnp.ones((b, t), bool), prefix=shared)
+    at = jnp.clip(start[:, None] - 1 + jnp.arange(window + 1)[None], 0, t - 1)  # at[:, 0] predicts the first answer token
+    total, count = answer_logps(model.logits(jnp.take_along_axis(hidden, at[:, :-1, None], axis=1)),
+                                jnp.take_along_axis(tokens, at, axis=1), jnp.ones_like(start), lens, shifted=True)
     return -jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
 
 
 def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int, batch_size: int,
-              learning_rate: float, seed: int, progress: bool = True) -> list[float]:
-    """Train every parameter of ``model`` in place with AdamW + cosine decay; returns the losses."""
+              learning_rate: float, seed: int, progress: bool = True, chunk: int = 50) -> list[float]:
+    """Train every parameter of ``model`` in place with AdamW + cosine decay on ``encode_examples``'
+    arrays; returns the losses of steps 1, 51, 101, ... and of the last step.
+
+    Step ``i`` trains on the rows ``rng.choice(n, batch_size, replace=False)`` (the ``i``-th draw of
+    ``np.random.default_rng(seed)``), minimising the mean answer NLL of whole sequences. The
+    arrays live on the device and each jitted call runs ``chunk`` steps in a ``lax.scan`` over row
+    indices drawn on the host, in order; the loss runs the shared chat prefix once and the LM head
+    on the answer positions only (``sft_loss``). Every step's loss and gradient norm are checked
+    once per call."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     graphdef, params = nnx.split(model)
     opt_state = tx.init(params)
+    p = shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
+    used = -(-int(np.max(examples["answer_start"] + examples["answer_len"]) - p) // 8) * 8
+    data = jax.device_put(dict(tokens=examples["tokens"][:, p:p + used], answer_start=examples["answer_start"] - p,
+                               answer_len=examples["answer_len"], pixel_values=examples["pixel_values"]))
+    prefix = jax.device_put(examples["tokens"][0, :p])
+    window = int(examples["answer_len"].max())
 
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: sft_loss(nnx.merge(graphdef, p), batch))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, (loss, optax.tree.norm(grads))
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def run(params, opt_state, rows):
+        def one(carry, idx):
+            params, opt_state = carry
+            batch = {k: v[idx] for k, v in data.items()}
+            loss, grads = jax.value_and_grad(
+                lambda q: sft_loss(nnx.merge(graphdef, q), prefix, batch, window))(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), (loss, optax.tree.norm(grads))
+        return jax.lax.scan(one, (params, opt_state), rows)
 
     rng = np.random.default_rng(seed)
     n = len(examples["tokens"])
     losses: list[float] = []
-    recent: list[tuple[int, Any]] = []  # (step, device (loss, grad norm)) since the last check
-    bar = tqdm(range(steps), desc="warm start", unit="step", disable=not progress, dynamic_ncols=True)
-    for i in bar:
-        idx = rng.choice(n, batch_size, replace=False)
-        params, opt_state, out = step(params, opt_state, {k: v[idx] for k, v in examples.items()})
-        recent.append((i + 1, out))
-        if i % 50 == 0 or i == steps - 1:
-            for s, (loss, norm) in jax.device_get(recent):  # every step checked, one sync per 50
-                if not (np.isfinite(loss) and np.isfinite(norm)):
-                    raise NonFiniteError(f"warm start: non-finite loss={float(loss)} / grad norm={float(norm)} at "
-                                         f"step {s} of {steps}; nothing was saved. Lower warmstart.learning_rate")
-            recent.clear()
-            losses.append(float(loss))
+    with tqdm(total=steps, desc="warm start", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        for first in range(0, steps, chunk):
+            size = min(chunk, steps - first)
+            rows = np.stack([rng.choice(n, batch_size, replace=False) for _ in range(size)]).astype(np.int32)
+            (params, opt_state), out = run(params, opt_state, rows)
+            loss, norm = jax.device_get(out)
+            bad = np.flatnonzero(~(np.isfinite(loss) & np.isfinite(norm)))
+            if bad.size:
+                i = int(bad[0])
+                raise NonFiniteError(f"warm start: non-finite loss={float(loss[i])} / grad norm={float(norm[i])} at "
+                                     f"step {first + i + 1} of {steps}; nothing was saved. Lower warmstart.learning_rate")
+            losses += [float(loss[i - first]) for i in range(first, first + size) if i % 50 == 0 or i == steps - 1]
+            bar.update(size)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     nnx.update(model, params)
     return losses
