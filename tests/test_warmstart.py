@@ -64,8 +64,7 @@ def test_train_sft_matches_the_plain_loop():
                                                        learning_rate=3e-3, seed=3)
     losses = warmstart.train_sft(model, examples, steps=steps, batch_size=8, learning_rate=3e-3, seed=3, chunk=5,
                                  progress=False)
-    # step 1 and the last one, as the plain loop logged them
-    np.testing.assert_allclose(losses, [expected_losses[i] for i in (0, steps - 1)], rtol=2e-4)
+    np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
     assert expected_losses[-1] < expected_losses[0] - 0.5  # it learned something, so the match means something
     compared = 0
     for (path, a), b in zip(jax.tree.leaves_with_path(nnx.state(model)), jax.tree.leaves(expected_params)):
