@@ -30,7 +30,7 @@ def main() -> None:
     from tests.test_warmstart import reference_train
 
     c = default.get_config()
-    world = toy_world.WorldConfig(caption_partner_rate=c.world.caption_partner_rate)
+    world = toy_world.WorldSettings(caption_partner_rate=c.world.caption_partner_rate)
     tokenizer = toy_world.build_tokenizer(world)
     model = hf.build_model("LlavaForConditionalGeneration", warmstart.toy_model_config(tokenizer, world, c.model), seed=0)
     examples = warmstart.encode_examples(toy_world.warmstart_split(world, args.images, 0), tokenizer,

@@ -19,7 +19,7 @@ SIZE = ml_collections.ConfigDict(dict(hidden=32, layers=2, heads=4, kv_heads=2, 
 
 
 def _setup(n_images=12):
-    world = toy_world.WorldConfig()
+    world = toy_world.WorldSettings()
     tokenizer = toy_world.build_tokenizer(world)
     model = hf.build_model("LlavaForConditionalGeneration", warmstart.toy_model_config(tokenizer, world, SIZE), seed=0)
     examples = warmstart.encode_examples(toy_world.warmstart_split(world, n_images, 0), tokenizer,
