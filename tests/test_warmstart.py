@@ -80,14 +80,16 @@ def test_train_sft_matches_the_plain_loop():
 def test_sft_loss_is_the_whole_sequence_loss():
     model, examples = _setup(4)
     p = warmstart.shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
-    logits = model(jnp.asarray(examples["tokens"]), pixel_values=jnp.asarray(examples["pixel_values"]))
+    logits = nnx.jit(lambda m, t, px: m(t, pixel_values=px))(model, jnp.asarray(examples["tokens"]),
+                                                              jnp.asarray(examples["pixel_values"]))
     total, count = answer_logps(logits, jnp.asarray(examples["tokens"]), jnp.asarray(examples["answer_start"]),
                                 jnp.asarray(examples["answer_len"]))
     batch = dict(tokens=jnp.asarray(examples["tokens"][:, p:]), answer_start=jnp.asarray(examples["answer_start"] - p),
                  answer_len=jnp.asarray(examples["answer_len"]), pixel_values=jnp.asarray(examples["pixel_values"]))
     for q in (p, 0):  # with the prefix run once, and without one
         b = dict(batch, tokens=jnp.asarray(examples["tokens"][:, q:]), answer_start=jnp.asarray(examples["answer_start"] - q))
-        loss = warmstart.sft_loss(model, jnp.asarray(examples["tokens"][0, :q]), b, int(examples["answer_len"].max()))
+        loss = nnx.jit(warmstart.sft_loss, static_argnums=3)(model, jnp.asarray(examples["tokens"][0, :q]), b,
+                                                            int(examples["answer_len"].max()))  # compiled: eager ops are slow
         np.testing.assert_allclose(float(loss), float(-jnp.sum(total) / jnp.sum(count)), rtol=1e-5)
 
 
