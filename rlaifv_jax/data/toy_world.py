@@ -258,11 +258,12 @@ def warmstart_split(cfg: WorldSettings, n_images: int, seed: int) -> list[dict[s
 
 
 def labeler_split(cfg: WorldSettings, n_images: int, seed: int) -> list[dict[str, Any]]:
-    """Yes/no records for a separate labeler (``warmstart_split``'s record format, same images and
-    stream): per image a "yes" for every object in it, a "no" for every absent usual partner of one of
-    them (the co-occurrence bias the policy's captions carry) and a "no" for other absent objects, as
-    many as make the no's at least as many as the yes's (at least one). No captions: the labeler only
-    answers questions, and noisy captions teach the partner bias."""
+    """Yes/no records for a separate labeler (``warmstart_split``'s record format and random stream,
+    but drawn differently per image, so from the second image on the images are not
+    ``warmstart_split``'s): per image a "yes" for every object in it, a "no" for every absent usual
+    partner of one of them (the co-occurrence bias the policy's captions carry) and a "no" for other
+    absent objects, as many as make the no's at least as many as the yes's (at least one). No
+    captions: the labeler only answers questions, and noisy captions teach the partner bias."""
     rng = np.random.default_rng([seed, 0])
     partners = partner_map(cfg)
     records = []
