@@ -27,6 +27,11 @@ def _off(value, off):
     return None if value == off else value
 
 
+def _slots(c: ml_collections.ConfigDict, section: str) -> int | None:
+    """``<section>.decode_rows``: continuous-batching slots, None when 0 or absent (off)."""
+    return field_value(c, f"{section}.decode_rows", 0) or None
+
+
 def _select(c: ml_collections.ConfigDict, record_keys: dict[str, str]) -> SelectSettings | None:
     """``eval.every_epochs`` / ``select_metric`` / ``select_mode`` → checkpoint selection (None: off);
     ``record_keys`` maps a metric name to the key the run's evaluation records hold it under."""
@@ -97,11 +102,11 @@ def _stage_settings(c: ml_collections.ConfigDict) -> dict:
         sample=SampleSettings(num_samples=s.num_samples, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                               top_k=s.top_k or None, top_p=_off(s.top_p, 1.0),
                               repetition_penalty=_off(s.repetition_penalty, 1.0), batch_size=s.batch_size,
-                              decode_rows=s.get("decode_rows", 0) or None),
+                              decode_rows=_slots(c, "sampling")),
         claims=ClaimSettings(kind=c.claims.kind, split_path=c.claims.split_path, convert_path=c.claims.convert_path,
                              dtype=c.policy.dtype, batch_size=c.claims.batch_size,
                              llm_batch_size=c.claims.llm_batch_size,
-                             decode_rows=c.claims.get("decode_rows", 0) or None),
+                             decode_rows=_slots(c, "claims")),
         label=LabelSettings(repetition_penalty=_off(c.labeler.repetition_penalty, 1.0),
                             batch_size=c.labeler.batch_size, chunk_size=s.batch_size,
                             answer_prefix=field_value(c, "labeler.answer_prefix", "auto")),
@@ -132,7 +137,7 @@ def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
         policy=ModelSettings(policy_path, c.policy.template, c.policy.dtype, c.policy.param_dtype, toy),
         labeler=ModelSettings(labeler_path, c.labeler.template, c.policy.dtype, None, toy),
         eval=MeasureSettings(max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size,
-                             decode_rows=field_value(c, "eval.decode_rows", 0) or None),
+                             decode_rows=_slots(c, "eval")),
         inputs=_inputs(c, checked), on_input_change=field_value(c, "resume.on_input_change", "refuse"),
         **_stage_settings(c))
 
@@ -229,4 +234,4 @@ def _suite(c: ml_collections.ConfigDict) -> SuiteSettings | None:
     e = c.eval
     return SuiteSettings(name=e.suite, data=e.data, images=e.images or None, num_beams=e.num_beams,
                          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit,
-                         decode_rows=field_value(c, "eval.decode_rows", 0) or None)
+                         decode_rows=_slots(c, "eval"))

@@ -32,11 +32,12 @@ class MeasureSettings:
 
 
 def measure_toy(b: bundle.Bundle, records: list[dict[str, Any]], world: toy_world.WorldSettings,
-             settings: MeasureSettings, mesh=None) -> dict[str, Any]:
+                settings: MeasureSettings, mesh=None) -> dict[str, Any]:
     """CHAIR (response, mention), recall and yes/no accuracy of the bundle's model on ``records``."""
+    prompts = [b.prompt(r) for r in records]  # each image encoded once, for captions and questions
     captions = []
     for lo in range(0, len(records), settings.batch_size):
-        outs = generate(b.model, [b.prompt(r) for r in records[lo:lo + settings.batch_size]], num_samples=1,
+        outs = generate(b.model, prompts[lo:lo + settings.batch_size], num_samples=1,
                         max_new_tokens=settings.max_new_tokens, temperature=0.0, stop_token_ids=b.stop_ids(),
                         batch_size=settings.batch_size, mesh=mesh, decode_rows=settings.decode_rows,
                         progress=False)
@@ -45,11 +46,9 @@ def measure_toy(b: bundle.Bundle, records: list[dict[str, Any]], world: toy_worl
                                   [{tuple(o) for o in r["objects"]} for r in records])
     suffix = labeler_question("")  # the labeler appends it itself
     labeler = Labeler(b.model, b.tokenizer, template=b.template, batch_size=settings.batch_size)
-    items = []
-    for r in records:
-        prompt = b.prompt(r)
-        items.append({"questions": [q.removesuffix(suffix) for q, _ in r["yesno"]],
-                      "pixel_values": prompt["pixel_values"], "image_sizes": prompt["image_sizes"]})
+    items = [{"questions": [q.removesuffix(suffix) for q, _ in r["yesno"]],
+              "pixel_values": prompt["pixel_values"], "image_sizes": prompt["image_sizes"]}
+             for r, prompt in zip(records, prompts)]
     said = [accept_claim(py, pn) for per in labeler.score(items) for py, pn in per]
     yesno = chair.yesno_metrics(said, [a for r in records for _, a in r["yesno"]])
     metrics.update({"yesno_accuracy": yesno["accuracy"], "yesno_f1": yesno["f1"]})
