@@ -7,15 +7,19 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Runs started by tests (``python -m rlaifv_jax.main``) compile through this cache, not the user's.
+# The tests and the runs they start (``python -m rlaifv_jax.main``) compile through this cache, not
+# the user's: tests that build the same program on the same tiny model (sampler, labeler, DPO step)
+# compile it once per session, whichever test process or run got there first.
 os.environ.setdefault("RLAIFV_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"rlaifv_jax_test_cache_{os.getuid()}"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import tiny_hf  # noqa: E402
+from rlaifv_jax.core import compile_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+compile_cache.enable()
 
 
 @pytest.fixture(scope="session")
