@@ -5,7 +5,10 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One thread per test process: the suite runs one process per core (``-n 2``), and XLA's own thread
+# pool in each would only make them take turns (9 % slower on 2 cores, BENCHMARKS.md).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests and the runs they start (``python -m rlaifv_jax.main``) compile through this cache, not
 # the user's: tests that build the same program on the same tiny model (sampler, labeler, DPO step)
@@ -20,6 +23,12 @@ from rlaifv_jax.core import compile_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 compile_cache.enable()
+
+
+def pytest_configure(config):
+    # The planner's executables for a named TPU topology land in that cache too but cannot be read
+    # back without a TPU client; JAX says so and compiles them again, which is all the planner needs.
+    config.addinivalue_line("filterwarnings", "ignore:Error reading persistent compilation cache entry:UserWarning")
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,9 @@ def _setup(n_images=12):
 
 
 def reference_train(model, examples, *, steps, batch_size, learning_rate, seed):
-    """The plain loop: per step the rows of ``rng.choice(n, batch_size, replace=False)`` as whole
-    sequences, logits at every position, the same AdamW + cosine + clipping; → (params, losses)."""
+    """The plain loop: per step the rows ``train_sft`` draws (``length_groups``, ``group_counts``,
+    ``draw_rows``) as one batch of whole sequences of the full padded length, logits at every
+    position, the same AdamW + cosine + clipping; → (params, losses)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     graphdef, params = nnx.split(model)
@@ -46,19 +47,29 @@ def reference_train(model, examples, *, steps, batch_size, learning_rate, seed):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    rng = np.random.default_rng(seed)
+    groups = _groups(model, examples, batch_size)
+    sizes = [len(g) for g in groups]
+    rows = warmstart.draw_rows(sizes, warmstart.group_counts(sizes, batch_size), steps, seed)
     losses = []
-    for _ in range(steps):
-        idx = rng.choice(len(examples["tokens"]), batch_size, replace=False)
+    for i in range(steps):
+        idx = np.concatenate([g[r[i]] for g, r in zip(groups, rows)])
         params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in examples.items()})
         losses.append(float(loss))
     return params, losses
+
+
+def _groups(model, examples, batch_size):
+    p = warmstart.shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
+    return warmstart.length_groups(examples["answer_start"] + examples["answer_len"] - p, batch_size)
 
 
 def test_train_sft_matches_the_plain_loop():
     model, examples = _setup()
     p = warmstart.shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
     assert 0 < p < examples["answer_start"].min()  # the chat template's text before the image is shared
+    groups = _groups(model, examples, 8)
+    assert [len(g) for g in groups] == [29, 7]  # yes/no and short captions; long captions
+    assert warmstart.group_counts([29, 7], 8) == [6, 2]
     steps = 12  # chunks of 5, 5 and 2: the last call compiles its own length
     expected_params, expected_losses = reference_train(model, examples, steps=steps, batch_size=8,
                                                        learning_rate=3e-3, seed=3)
@@ -77,6 +88,23 @@ def test_train_sft_matches_the_plain_loop():
     assert compared == len(jax.tree.leaves(expected_params)) - SIZE.vision_layers
 
 
+def test_length_groups_split_where_padding_wastes_least():
+    lengths = np.array([20, 3, 40, 5, 4, 41, 6, 39, 2, 7])
+    short, long = warmstart.length_groups(lengths, 3)
+    assert short.tolist() == [1, 3, 4, 6, 8, 9] and long.tolist() == [0, 2, 5, 7]  # 6×8 + 4×48 positions
+    assert [g.tolist() for g in warmstart.length_groups(lengths, 1)] == [list(range(10))]  # a group of 10 rows
+    assert [g.tolist() for g in warmstart.length_groups(np.full(9, 17), 2)] == [list(range(9))]
+
+
+def test_group_counts_and_draw_rows():
+    assert warmstart.group_counts([1000, 500], 64) == [43, 21]
+    assert warmstart.group_counts([990, 10], 8) == [7, 1]  # every group gets a row
+    rows = warmstart.draw_rows([30, 10], [5, 2], 200, seed=0)
+    assert [r.shape for r in rows] == [(200, 5), (200, 2)]
+    assert all(len(set(r)) == len(r) and r.max() < n for g, n in zip(rows, (30, 10)) for r in g)
+    assert all(np.array_equal(a, b) for a, b in zip(rows, warmstart.draw_rows([30, 10], [5, 2], 200, seed=0)))
+
+
 def test_sft_loss_is_the_whole_sequence_loss():
     model, examples = _setup(4)
     p = warmstart.shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
@@ -88,9 +116,12 @@ def test_sft_loss_is_the_whole_sequence_loss():
                  answer_len=jnp.asarray(examples["answer_len"]), pixel_values=jnp.asarray(examples["pixel_values"]))
     for q in (p, 0):  # with the prefix run once, and without one
         b = dict(batch, tokens=jnp.asarray(examples["tokens"][:, q:]), answer_start=jnp.asarray(examples["answer_start"] - q))
-        loss = nnx.jit(warmstart.sft_loss, static_argnums=3)(model, jnp.asarray(examples["tokens"][0, :q]), b,
-                                                            int(examples["answer_len"].max()))  # compiled: eager ops are slow
-        np.testing.assert_allclose(float(loss), float(-jnp.sum(total) / jnp.sum(count)), rtol=1e-5)
+        window = int(examples["answer_len"].max())
+        halves = [({k: v[:2] for k, v in b.items()}, window), ({k: v[2:] for k, v in b.items()}, window)]
+        for parts in ([(b, window)], halves):  # the batch whole, and cut in two parts
+            loss = nnx.jit(lambda m, x, parts=parts: warmstart.sft_loss(m, x, parts))(  # compiled: eager ops are slow
+                model, jnp.asarray(examples["tokens"][0, :q]))
+            np.testing.assert_allclose(float(loss), float(-jnp.sum(total) / jnp.sum(count)), rtol=1e-5)
 
 
 def test_train_sft_stops_on_a_non_finite_loss():

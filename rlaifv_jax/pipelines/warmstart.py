@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,29 +86,76 @@ def shared_prefix(tokens: np.ndarray, answer_start: np.ndarray, image_token_id: 
     return limit if same.all() else int(np.argmin(same))
 
 
-def sft_loss(model: nnx.Module, prefix: jax.Array, batch: dict[str, jax.Array], window: int) -> jax.Array:
-    """Mean negative log-likelihood of the answer tokens of ``prefix + batch["tokens"]`` per row.
+def sft_loss(model: nnx.Module, prefix: jax.Array, parts: Sequence[tuple[dict[str, jax.Array], int]]) -> jax.Array:
+    """Mean negative log-likelihood of the answer tokens of ``prefix + batch["tokens"]`` over the rows
+    of every ``(batch, window)`` in ``parts`` (one batch cut into groups of rows of similar length).
 
     The same number as the loss of the whole right-padded sequences under the causal model, computed
-    with less arithmetic: the ``prefix`` every row starts with (``[P]``) runs once and every row
-    attends to it (``batch``: ``tokens [B, T]`` after the prefix, ``answer_start`` index in them,
-    ``answer_len``, ``pixel_values``); the LM head runs only on the ``window`` positions that
-    predict answer tokens (``window`` static, ≥ every ``answer_len``)."""
+    with less arithmetic: the ``prefix`` every row starts with (``[P]``) runs once per part and every
+    row attends to it (``batch``: ``tokens [B, T]`` after the prefix, cut to the part's longest row,
+    ``answer_start`` index in them, ``answer_len``, ``pixel_values``); the LM head runs only on the
+    ``window`` positions that predict answer tokens (``window`` static, ≥ every ``answer_len``)."""
     p = prefix.shape[0]
-    tokens, start, lens = batch["tokens"], batch["answer_start"], batch["answer_len"]
-    b, t = tokens.shape
-    shared = None
-    if p:
-        _, cache = model.forward_embeds(model.embed(prefix[None]), positions=jnp.arange(p)[None],
-                                        key_mask=jnp.ones((1, p), bool), cache=model.init_cache(1, p))
-        shared = (cache, jnp.ones((1, p), bool))
-    x = model.embed(tokens, model.image_features(batch["pixel_values"]))
-    hidden, _ = model.forward_embeds(x, positions=jnp.broadcast_to(p + jnp.arange(t), (b, t)),
-                                     key_mask=jnp.ones((b, t), bool), prefix=shared)
-    at = jnp.clip(start[:, None] - 1 + jnp.arange(window + 1)[None], 0, t - 1)  # at[:, 0] predicts the first answer token
-    total, count = answer_logps(model.logits(jnp.take_along_axis(hidden, at[:, :-1, None], axis=1)),
-                                jnp.take_along_axis(tokens, at, axis=1), jnp.ones_like(start), lens, shifted=True)
-    return -jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
+    nll, tokens_seen = 0.0, 0
+    for batch, window in parts:
+        tokens, start, lens = batch["tokens"], batch["answer_start"], batch["answer_len"]
+        b, t = tokens.shape
+        shared = None
+        if p:
+            _, cache = model.forward_embeds(model.embed(prefix[None]), positions=jnp.arange(p)[None],
+                                            key_mask=jnp.ones((1, p), bool), cache=model.init_cache(1, p))
+            shared = (cache, jnp.ones((1, p), bool))
+        x = model.embed(tokens, model.image_features(batch["pixel_values"]))
+        hidden, _ = model.forward_embeds(x, positions=jnp.broadcast_to(p + jnp.arange(t), (b, t)),
+                                         key_mask=jnp.ones((b, t), bool), prefix=shared)
+        at = jnp.clip(start[:, None] - 1 + jnp.arange(window + 1)[None], 0, t - 1)  # at[:, 0] predicts the first answer token
+        total, count = answer_logps(model.logits(jnp.take_along_axis(hidden, at[:, :-1, None], axis=1)),
+                                    jnp.take_along_axis(tokens, at, axis=1), jnp.ones_like(start), lens, shifted=True)
+        nll, tokens_seen = nll - jnp.sum(total), tokens_seen + jnp.sum(count)
+    return nll / jnp.maximum(tokens_seen, 1)
+
+
+def length_groups(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Row indices in one or two groups by sequence length (after the shared prefix), split where
+    padding each group to its own longest row (rounded up to 8) wastes the fewest positions, each
+    group large enough for one row per batch (``group_counts``). The toy warm start's yes/no rows are
+    half a caption row's length: cut to their own length they cost half."""
+    order = np.argsort(lengths, kind="stable")
+    padded = -(-np.asarray(lengths)[order] // 8) * 8
+    n = len(order)
+    cuts = np.arange(-(-n // batch_size), n - -(-n // batch_size) + 1)
+    if not cuts.size:
+        return [np.arange(n)]
+    costs = cuts * padded[cuts - 1] + (n - cuts) * padded[-1]
+    best = int(np.argmin(costs))
+    if costs[best] >= n * padded[-1]:
+        return [np.arange(n)]
+    cut = int(cuts[best])
+    return [np.sort(order[:cut]), np.sort(order[cut:])]
+
+
+def group_counts(sizes: Sequence[int], batch_size: int) -> list[int]:
+    """Rows per batch from each group: ``batch_size`` shared in proportion to the group sizes (largest
+    remainder), at least one each, so every row is about as likely in a batch as in undivided draws."""
+    exact = np.asarray(sizes, np.float64) * batch_size / sum(sizes)
+    counts = np.maximum(np.floor(exact).astype(int), 1)
+    if counts.sum() > batch_size:
+        raise ValueError(f"a batch of {batch_size} rows cannot take one from each of {len(sizes)} groups")
+    for g in np.argsort(-(exact - np.floor(exact)), kind="stable")[:batch_size - counts.sum()]:
+        counts[g] += 1
+    return counts.tolist()
+
+
+def draw_rows(sizes: Sequence[int], counts: Sequence[int], steps: int, seed: int) -> list[np.ndarray]:
+    """Each step's rows of each group: per step, per group ``g`` in order, ``rng.choice(sizes[g],
+    counts[g], replace=False)`` from ``np.random.default_rng(seed)``; → per group ``[steps, counts[g]]``
+    indices within the group."""
+    rng = np.random.default_rng(seed)
+    rows = [np.zeros((steps, k), np.int32) for k in counts]
+    for i in range(steps):
+        for g, (n, k) in enumerate(zip(sizes, counts)):
+            rows[g][i] = rng.choice(n, k, replace=False)
+    return rows
 
 
 def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int, batch_size: int,
@@ -116,42 +163,44 @@ def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int,
     """Train every parameter of ``model`` in place with AdamW + cosine decay on ``encode_examples``'
     arrays; returns every step's loss.
 
-    Step ``i`` trains on the rows ``rng.choice(n, batch_size, replace=False)`` (the ``i``-th draw of
-    ``np.random.default_rng(seed)``), minimising the mean answer NLL of whole sequences. The
-    arrays live on the device and each jitted call runs ``chunk`` steps in a ``lax.scan`` over row
-    indices drawn on the host, in order; the loss runs the shared chat prefix once and the LM head
-    on the answer positions only (``sft_loss``). Every step's loss and gradient norm are checked
-    once per call."""
+    The rows are split by length (``length_groups``); each step's batch takes ``group_counts`` rows
+    from each group (``draw_rows``) and minimises the mean answer NLL of its whole sequences. Each
+    group's arrays, cut to its longest row, live on the device; each jitted call runs ``chunk`` steps
+    in a ``lax.scan`` over the drawn rows; the loss runs the shared chat prefix once per group and the
+    LM head on the answer positions only (``sft_loss``). Every step's loss and gradient norm are
+    checked once per call."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     graphdef, params = nnx.split(model)
     opt_state = tx.init(params)
     p = shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
-    used = -(-int(np.max(examples["answer_start"] + examples["answer_len"]) - p) // 8) * 8
-    data = jax.device_put(dict(tokens=examples["tokens"][:, p:p + used], answer_start=examples["answer_start"] - p,
-                               answer_len=examples["answer_len"], pixel_values=examples["pixel_values"]))
     prefix = jax.device_put(examples["tokens"][0, :p])
-    window = int(examples["answer_len"].max())
+    groups = length_groups(examples["answer_start"] + examples["answer_len"] - p, batch_size)
+    data, windows = [], []
+    for g in groups:
+        used = -(-int(np.max(examples["answer_start"][g] + examples["answer_len"][g]) - p) // 8) * 8
+        data.append(jax.device_put(dict(tokens=examples["tokens"][g, p:p + used],
+                                        answer_start=examples["answer_start"][g] - p,
+                                        answer_len=examples["answer_len"][g], pixel_values=examples["pixel_values"][g])))
+        windows.append(int(examples["answer_len"][g].max()))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def run(params, opt_state, rows):
         def one(carry, idx):
             params, opt_state = carry
-            batch = {k: v[idx] for k, v in data.items()}
-            loss, grads = jax.value_and_grad(
-                lambda q: sft_loss(nnx.merge(graphdef, q), prefix, batch, window))(params)
+            parts = [({k: v[i] for k, v in d.items()}, w) for d, w, i in zip(data, windows, idx)]
+            loss, grads = jax.value_and_grad(lambda q: sft_loss(nnx.merge(graphdef, q), prefix, parts))(params)
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), (loss, optax.tree.norm(grads))
         return jax.lax.scan(one, (params, opt_state), rows)
 
-    rng = np.random.default_rng(seed)
-    n = len(examples["tokens"])
+    sizes = [len(g) for g in groups]
+    rows = draw_rows(sizes, group_counts(sizes, batch_size), steps, seed)
     losses: list[float] = []
     with tqdm(total=steps, desc="warm start", unit="step", disable=not progress, dynamic_ncols=True) as bar:
         for first in range(0, steps, chunk):
             size = min(chunk, steps - first)
-            rows = np.stack([rng.choice(n, batch_size, replace=False) for _ in range(size)]).astype(np.int32)
-            (params, opt_state), out = run(params, opt_state, rows)
+            (params, opt_state), out = run(params, opt_state, [r[first:first + size] for r in rows])
             loss, norm = jax.device_get(out)
             bad = np.flatnonzero(~(np.isfinite(loss) & np.isfinite(norm)))
             if bad.size:
