@@ -187,3 +187,22 @@ def test_labeler_split_asks_every_object_and_every_absent_partner():
         asked = {r["target"] for r in mine}
         assert set(objects) <= asked
         assert {partners[o] for o in objects if o in partners and partners[o] not in objects} <= asked
+
+
+def test_labeler_records_clean_adds_unbiased_captions_of_the_same_images():
+    cfg = tw.WorldSettings(caption_partner_rate=0.7)
+    ids = lambda records: [(r["id"], r["answer"]) for r in records]  # noqa: E731
+    yesno = tw.labeler_split(cfg, 40, seed=0)
+    assert ids(tw.labeler_records(cfg, "yesno", 40, seed=0)) == ids(yesno)
+    policy = tw.labeler_records(cfg, "policy", 40, seed=0)
+    assert ids(policy) == ids(tw.warmstart_split(cfg, 40, seed=0))
+    clean = tw.labeler_records(cfg, "clean", 40, seed=0)
+    captions = [r for r in clean if r["kind"] == "caption"]
+    assert len(captions) == 40 and ids(clean[40:]) == ids(yesno)
+    biased = [r for r in policy if r["kind"] == "caption"]
+    assert [r["image_id"] for r in captions] == [r["image_id"] for r in biased]
+    assert all(not r["hallucinated"] for r in captions) and any(r["hallucinated"] for r in biased)
+    for r in captions:  # every caption names exactly the objects shown
+        assert r["answer"] == " ".join(f"there is a {c} {s} ." for c, s in r["objects"])
+    with pytest.raises(ValueError, match="toy labeler data must be one of"):
+        tw.labeler_records(cfg, "captions", 4, seed=0)

@@ -282,6 +282,25 @@ def labeler_split(cfg: WorldSettings, n_images: int, seed: int) -> list[dict[str
     return records
 
 
+LABELER_DATA = ("yesno", "clean", "policy")
+
+
+def labeler_records(cfg: WorldSettings, data: str, n_images: int, seed: int) -> list[dict[str, Any]]:
+    """A separate toy labeler's warm-start records (``toy_labeler.data``): ``"yesno"``, ``labeler_split``;
+    ``"clean"``, ``warmstart_split``'s captions as annotators without the partner bias write them
+    (``caption_partner_rate`` 0: every caption names exactly the objects shown) plus ``labeler_split``;
+    ``"policy"``, the policy's own records (``warmstart_split``: biased captions + 2 yes/no)."""
+    if data not in LABELER_DATA:
+        raise ValueError(f"toy labeler data must be one of {LABELER_DATA}, got {data!r}")
+    if data == "policy":
+        return warmstart_split(cfg, n_images, seed)
+    yesno = labeler_split(cfg, n_images, seed)
+    if data == "yesno":
+        return yesno
+    unbiased = dataclasses.replace(cfg, caption_partner_rate=0.0)
+    return [r for r in warmstart_split(unbiased, n_images, seed) if r["kind"] == "caption"] + yesno
+
+
 def prompt_split(cfg: WorldSettings, n_images: int, seed: int, name: str = "prompt", stream: int = 1) -> list[dict[str, Any]]:
     """Caption prompts: ``{"id", "image", "objects", "cells", "boxes", "question"}``, instruction drawn
     per image. ``objects``/``cells``/``boxes`` are ground truth, for evaluation only; the RLAIF-V loop

@@ -57,7 +57,7 @@ class ToySettings:
     model: ToyModelSettings
     warmstart: WarmstartSettings
     labeler: tuple[ToyModelSettings, WarmstartSettings] | None  # labeler.kind="toy": its size and warm start
-    labeler_data: str = "yesno"  # the toy labeler's warm-start data (toy_labeler.data): "yesno" or "policy"
+    labeler_data: str = "yesno"  # the toy labeler's warm-start data (toy_labeler.data): toy_world.LABELER_DATA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,7 @@ def toy(spec: ToySettings, workdir: str) -> Inputs:
     warmstart.warm_start(spec.model, spec.warmstart, world, warm, os.path.join(workdir, "warmstart"),
                          seed=spec.seed, progress=spec.progress)
     if spec.labeler is not None:
-        labeler_records = (toy_world.labeler_split(world, spec.n_warmstart, spec.seed)
-                           if spec.labeler_data == "yesno" else warm)
+        labeler_records = toy_world.labeler_records(world, spec.labeler_data, spec.n_warmstart, spec.seed)
         warmstart.warm_start(*spec.labeler, world, labeler_records, os.path.join(workdir, "labeler_warmstart"),
                              seed=spec.seed + 1, progress=spec.progress)
     n = spec.n_prompts

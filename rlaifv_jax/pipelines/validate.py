@@ -43,7 +43,7 @@ _ONLINE_CHOICES = {
     "claims.kind": ("rule", "llm"),
     "labeler.kind": ("self", "model", "toy"),
     "labeler.answer_prefix": ("auto", "", " "),
-    "toy_labeler.data": ("yesno", "policy"),
+    "toy_labeler.data": toy_world.LABELER_DATA,
     "dpo.loss_type": LOSS_TYPES,
     "dpo.remat": REMAT_CHOICES,
     "dpo.master_dtype": tuple(FLOAT_DTYPES),
