@@ -1,8 +1,12 @@
 """Test set-up: 8 fake CPU devices and full-precision matmuls, before jax is imported anywhere; a
 persistent compilation cache shared by the tests and the runs they start; session fixtures for the
-tiny models and the smoke config's warm start, each built once per test process."""
+tiny models, built once per test process, and for the smoke config's warm start and uninterrupted
+run, built once per session whichever test process (pytest-xdist worker) needs them first."""
+import contextlib
+import fcntl
 import os
 import shutil
+import subprocess
 import tempfile
 
 # One thread per test process: the suite runs one process per core (``-n 2``), and XLA's own thread
@@ -10,6 +14,11 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's optimizations mostly off (LLVM at -O0), here and in the runs the tests start: the tests' tiny
+# programs run in microseconds, so compiling is nearly all of their time, and this halves it (BENCHMARKS.md);
+# results agree to float rounding (the smoke run: the same metrics, DPO loss within 2e-7). Users' runs
+# compile fully; so do the planner's tests (test_plan.py), which read the compiled programs' memory and cost.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # The tests and the runs they start (``python -m rlaifv_jax.main``) compile through this cache, not
 # the user's: tests that build the same program on the same tiny model (sampler, labeler, DPO step)
 # compile it once per session, whichever test process or run got there first.
@@ -19,6 +28,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import tiny_hf  # noqa: E402
+from smoke_runs import ROOT, child_env, smoke_command  # noqa: E402
 from rlaifv_jax.core import compile_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -51,6 +61,23 @@ def tiny_next(tmp_path_factory):
     return str(path), tiny_hf.llava_next(path)
 
 
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """``with built_once(f, name) as (path, todo)``: a directory shared by all of the session's test
+    processes. The first to get here finds ``todo`` true and builds ``path`` while holding a file lock;
+    the others wait for it, then find it done. A build that raised leaves it to the next one."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory above every worker's own
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        yield path, not done.exists()
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def smoke_warmstart(tmp_path_factory):
     """``seed(workdir)``: put the smoke config's warm-started policy (``configs/default.py:smoke``, seed 0),
@@ -59,11 +86,29 @@ def smoke_warmstart(tmp_path_factory):
     from rlaifv_jax.data import toy_world
     from rlaifv_jax.pipelines import warmstart
 
-    c = default.get_config("smoke")
-    world = toy_world.WorldSettings(caption_partner_rate=c.world.caption_partner_rate)
-    built = warmstart.warm_start(c.model, c.warmstart, world, toy_world.warmstart_split(world, c.world.n_warmstart, c.seed),
-                                 str(tmp_path_factory.mktemp("smoke") / "warmstart"), seed=c.seed, progress=False)
+    with built_once(tmp_path_factory, "smoke_warmstart") as (built, todo):
+        if todo:
+            c = default.get_config("smoke")
+            world = toy_world.WorldSettings(caption_partner_rate=c.world.caption_partner_rate)
+            records = toy_world.warmstart_split(world, c.world.n_warmstart, c.seed)
+            warmstart.warm_start(c.model, c.warmstart, world, records, str(built), seed=c.seed, progress=False)
 
     def seed(workdir) -> None:
         shutil.copytree(built, os.path.join(workdir, "warmstart"))
     return seed
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(tmp_path_factory, smoke_warmstart):
+    """``(workdir, stdout)`` of the smoke config run to the end uninterrupted (1 process, 1 CPU device),
+    once per session: the tests that kill, restart or spread a run over processes compare against it.
+    Read-only for tests."""
+    with built_once(tmp_path_factory, "smoke_reference") as (workdir, todo):
+        if todo:
+            workdir.mkdir()
+            smoke_warmstart(workdir)
+            proc = subprocess.run(smoke_command(workdir), cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                                  timeout=900)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            (workdir.parent / "smoke_reference.stdout").write_text(proc.stdout)
+    return workdir, (workdir.parent / "smoke_reference.stdout").read_text()

@@ -51,6 +51,8 @@ WORKER = textwrap.dedent('''
     import os, signal, sys
     import numpy as np, grain, jax
     jax.config.update("jax_default_matmul_precision", "highest")
+    from rlaifv_jax.core import compile_cache
+    compile_cache.enable()  # the session's cache: the reruns compile nothing
     from rlaifv_jax.training import loop as train
     from rlaifv_jax.training import step as dpo_step
     from rlaifv_jax.models import hf

@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,40 +14,21 @@ import pytest
 from PIL import Image
 
 import tiny_hf
+from smoke_runs import ROOT, child_env, smoke_command
 from configs import default
 from offline_data import policy_params
 from rlaifv_jax.pipelines import online
 from rlaifv_jax.core import records
 from rlaifv_jax.core.workdir import check_or_save_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("samples", "claims", "labels", "pairs", "ref_logps")
 
 
-def _command(workdir):
-    return [sys.executable, "-m", "rlaifv_jax.main", "--config", "configs/default.py:smoke",
-            "--workdir", str(workdir), "--config.progress=False"]
-
-
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = ""  # one CPU device in the child processes
-    env["PYTHONPATH"] = ROOT
-    return env
-
-
 def _run_to_end(workdir):
-    proc = subprocess.run(_command(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(smoke_command(workdir), cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, smoke_warmstart):
-    workdir = tmp_path_factory.mktemp("reference")
-    smoke_warmstart(workdir)  # the session's warm start (its own training and saving: test_ux_export.py)
-    stdout = _run_to_end(workdir)
-    return workdir, stdout
 
 
 def _metrics(workdir):
@@ -56,8 +36,8 @@ def _metrics(workdir):
         return [{k: v for k, v in e.items() if k != "wall_s"} for e in json.load(f)]
 
 
-def test_smoke_run_contract(reference):
-    workdir, stdout = reference
+def test_smoke_run_contract(smoke_reference):
+    workdir, stdout = smoke_reference
     summary = json.load(open(workdir / "summary.json"))
     assert [e["iteration"] for e in summary] == [0, 1, 2]
     for e in summary:
@@ -95,13 +75,13 @@ def _wait_and_kill(proc, path, delay):
     return True
 
 
-def test_measure_through_continuous_slots_gives_the_same_metrics(reference):
+def test_measure_through_continuous_slots_gives_the_same_metrics(smoke_reference):
     """``eval.decode_rows``: the held-out captions decoded through 5 continuous-batching slots give
     the same CHAIR, recall, yes/no accuracy and example captions as static batches."""
     from rlaifv_jax.core.sharding import serve_mesh
     from rlaifv_jax.data import toy_world
     from rlaifv_jax.stages import bundle, measure
-    workdir, _ = reference
+    workdir, _ = smoke_reference
     world = toy_world.WorldSettings(caption_partner_rate=default.get_config("smoke").world.caption_partner_rate)
     records = toy_world.eval_split(world, 24, 0)
     mesh = serve_mesh()
@@ -112,8 +92,8 @@ def test_measure_through_continuous_slots_gives_the_same_metrics(reference):
     assert static["recall"] > 0.1  # the warm-started policy names objects in the images: equal captions mean something
 
 
-def test_sigkill_anywhere_then_resume_equals_uninterrupted(reference, tmp_path, smoke_warmstart):
-    ref_dir, _ = reference
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(smoke_reference, tmp_path, smoke_warmstart):
+    ref_dir, _ = smoke_reference
     smoke_warmstart(tmp_path)
     rng = random.Random(1234)
     # Each target path appears at a different moment; "checkpoints/1" lands between the policy
@@ -123,7 +103,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(reference, tmp_path, 
                "iter_01/claims", "iter_01/ref_logps"]
     kills = 0
     for target in targets:
-        proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(smoke_command(tmp_path), cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         kills += _wait_and_kill(proc, tmp_path / target, rng.uniform(0.0, 1.5))
         if proc.poll() is None:
@@ -277,5 +257,5 @@ def check_selection(ref_dir, workdir, monkeypatch):
     return chosen
 
 
-def test_checkpoint_selection_resumes_and_keeps_the_selected_weights(reference, tmp_path, monkeypatch):
-    check_selection(reference[0], tmp_path, monkeypatch)
+def test_checkpoint_selection_resumes_and_keeps_the_selected_weights(smoke_reference, tmp_path, monkeypatch):
+    check_selection(smoke_reference[0], tmp_path, monkeypatch)

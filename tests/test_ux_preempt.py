@@ -19,6 +19,8 @@ WORKER = textwrap.dedent('''
     import os, sys, time
     import numpy as np, grain, jax
     jax.config.update("jax_default_matmul_precision", "highest")
+    from rlaifv_jax.core import compile_cache
+    compile_cache.enable()  # the session's cache: the reruns compile nothing
     from rlaifv_jax.core.errors import Preempted
     from rlaifv_jax.models import hf
     from rlaifv_jax.training import loop, step as dpo_step

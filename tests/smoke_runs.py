@@ -1,0 +1,17 @@
+"""How the tests start ``python -m rlaifv_jax.main`` on the smoke config in a child process."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_command(workdir, *extra) -> list:
+    """``python -m rlaifv_jax.main`` on the smoke config in ``workdir``, without progress bars."""
+    return [sys.executable, "-m", "rlaifv_jax.main", "--config", "configs/default.py:smoke", "--workdir", str(workdir),
+            "--config.progress=False", *extra]
+
+
+def child_env(devices: int = 1) -> dict:
+    """The environment of a run the tests start: ``devices`` fake CPU devices, this checkout importable."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                PYTHONPATH=ROOT)
