@@ -109,12 +109,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.toy_labeler.model.vision_hidden = 96
     c.toy_labeler.warmstart = ml_collections.ConfigDict(c.warmstart.to_dict())  # same fields as c.warmstart
     c.toy_labeler.warmstart.steps = 2000
-    # Its warm-start data: "yesno" asks, per image, about every object in it, every absent usual partner
-    # (the co-occurrence bias the policy's captions carry) and enough other absent objects to balance
-    # yes and no, no captions (toy_world.labeler_split); "clean": those plus the warm-start images' captions
-    # without the annotators' partner bias (its held-out yes/no: 99.5 %, against 78.8 % for "yesno";
-    # BENCHMARKS.md); "policy": the policy's records (captions + 2 yes/no).
-    c.toy_labeler.data = "yesno"
+    # Its warm-start data: "clean": the "yesno" set plus the warm-start images' captions without the
+    # annotators' partner bias (its held-out yes/no: 99.5 %, against 78.8 % for "yesno"; BENCHMARKS.md);
+    # "yesno" asks, per image, about every object in it, every absent usual partner (the co-occurrence
+    # bias the policy's captions carry) and enough other absent objects to balance yes and no, no
+    # captions (toy_world.labeler_split); "policy": the policy's records (captions + 2 yes/no).
+    c.toy_labeler.data = "clean"
 
     c.pairs = ml_collections.ConfigDict()
     c.pairs.per_prompt = 2  # at most this many pairs per prompt, sampled with the seed

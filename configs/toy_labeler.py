@@ -9,7 +9,7 @@ from configs import default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = default.get_config(arg)
-    c.labeler.kind = "toy"  # warm-start toy_labeler.* (wider, deeper, yes/no data) and label with it
+    c.labeler.kind = "toy"  # warm-start toy_labeler.* (wider, deeper; yes/no and unbiased captions), label with it
     c.iterations = 4  # the paper's main setting: 4 online iterations
     c.eval.every_epochs = 0.5  # checkpoint selection: the best of each iteration's half-epoch checkpoints
     return c

@@ -57,7 +57,7 @@ class ToySettings:
     model: ToyModelSettings
     warmstart: WarmstartSettings
     labeler: tuple[ToyModelSettings, WarmstartSettings] | None  # labeler.kind="toy": its size and warm start
-    labeler_data: str = "yesno"  # the toy labeler's warm-start data (toy_labeler.data): toy_world.LABELER_DATA
+    labeler_data: str = "clean"  # the toy labeler's warm-start data (toy_labeler.data): toy_world.LABELER_DATA
 
 
 @dataclasses.dataclass(frozen=True)
