@@ -32,7 +32,7 @@ needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (
 def full_optimization():
     """The planner reads the compiled programs' memory and cost: compile them as a user's run does
     (conftest.py turns most of XLA's optimizations off for the other tests)."""
-    before = jax.config.jax_disable_most_optimizations
+    before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
