@@ -35,10 +35,24 @@ jax.config.update("jax_default_matmul_precision", "highest")
 compile_cache.enable()
 
 
+# Seconds each of the longest files took (``--durations=0``, 2 workers, 6 December; BENCHMARKS.md).
+# With ``--dist loadfile`` these start first and the short files fill in behind them, so neither
+# worker is left running a long file alone at the end.
+LONGEST_FILES = {"test_online.py": 212, "test_plan.py": 121, "test_multihost.py": 118, "test_qwen_online.py": 49,
+                 "test_checkpoint.py": 45, "test_models.py": 42, "test_dpo_train.py": 42, "test_warmstart.py": 39,
+                 "test_qwen_engine.py": 37, "test_eval_beam.py": 35, "test_faults.py": 33, "test_ux_preempt.py": 25}
+
+
 def pytest_configure(config):
     # The planner's executables for a named TPU topology land in that cache too but cannot be read
     # back without a TPU client; JAX says so and compiles them again, which is all the planner needs.
     config.addinivalue_line("filterwarnings", "ignore:Error reading persistent compilation cache entry:UserWarning")
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # pytest-xdist: hand files out in the order below, not by test count
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -LONGEST_FILES.get(item.path.name, 0))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

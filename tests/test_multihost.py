@@ -47,19 +47,20 @@ def _summary(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, smoke_warmstart, smoke_reference):
+def two_processes(tmp_path_factory, smoke_warmstart):
+    """The smoke run on 2 processes × 4 devices."""
     two = tmp_path_factory.mktemp("two")
     smoke_warmstart(two)
     _finish(_start(two, 2))
-    return smoke_reference[0], two
+    return two
 
 
 def _texts(workdir, k):
     return {r["key"]: r["responses"] for r in records.read_stage(str(workdir / f"iter_{k:02d}" / "samples"))}
 
 
-def test_two_processes_match_one(runs):
-    one, two = runs
+def test_two_processes_match_one(two_processes, smoke_reference):
+    one, two = smoke_reference[0], two_processes
     identical = total = 0
     for k in range(2):
         for stage in STAGES:
@@ -82,8 +83,8 @@ def test_two_processes_match_one(runs):
     assert (two / "export" / "model.safetensors").exists() or (two / "export" / "model.safetensors.index.json").exists()
 
 
-def test_kill_one_process_then_restart_with_another_count(runs, tmp_path, smoke_warmstart):
-    one, _ = runs
+def test_kill_one_process_then_restart_with_another_count(smoke_reference, tmp_path, smoke_warmstart):
+    one = smoke_reference[0]
     smoke_warmstart(tmp_path)
     procs = _start(tmp_path, 2, "--config.iterations=1")  # the second iteration adds nothing here
     target = tmp_path / "iter_00" / "labels"
