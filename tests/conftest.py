@@ -17,7 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's optimizations mostly off (LLVM at -O0), here and in the runs the tests start: the tests' tiny
 # programs run in microseconds, so compiling is nearly all of their time, and this halves it (BENCHMARKS.md);
 # results agree to float rounding (the smoke run: the same metrics, DPO loss within 2e-7). Users' runs
-# compile fully; so do the planner's tests (test_plan.py), which read the compiled programs' memory and cost.
+# compile fully; so do the planner's tests for TPU slices (test_plan.py), which report compiled memory and cost.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # The tests and the runs they start (``python -m rlaifv_jax.main``) compile through this cache, not
 # the user's: tests that build the same program on the same tiny model (sampler, labeler, DPO step)

@@ -12,6 +12,8 @@ def smoke_command(workdir, *extra) -> list:
 
 
 def child_env(devices: int = 1) -> dict:
-    """The environment of a run the tests start: ``devices`` fake CPU devices, this checkout importable."""
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                PYTHONPATH=ROOT)
+    """The environment of a run the tests start: ``devices`` fake CPU devices, one XLA thread (as the
+    test processes: the other core runs the other test process), this checkout importable."""
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false " \
+            "intra_op_parallelism_threads=1"
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)

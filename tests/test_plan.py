@@ -28,14 +28,19 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[tpu]')")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture
 def full_optimization():
-    """The planner reads the compiled programs' memory and cost: compile them as a user's run does
-    (conftest.py turns most of XLA's optimizations off for the other tests)."""
+    """A plan for a TPU slice reports the compiled programs' memory and cost: compile them as a
+    user's run does (conftest.py turns most of XLA's optimizations off for the CPU programs of tests)."""
     before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+def on_a_tpu_slice(test):
+    """A test that compiles for a named TPU topology: needs libtpu, compiles with full optimization."""
+    return needs_libtpu(pytest.mark.usefixtures("full_optimization")(test))
 
 
 def smoke():
@@ -112,7 +117,7 @@ def test_local_dpo_flops_near_6_params_tokens(local_plan):
     assert 0.5 <= _dpo_flops_ratio(local_plan, smoke()) <= 2.0
 
 
-@needs_libtpu
+@on_a_tpu_slice
 def test_smoke_plan_on_a_tpu_slice(tmp_path, capsys):
     out = tmp_path / "plan.json"
     """The serving stages (the DPO step's TPU compile is the slowest; its plan is checked locally)."""
@@ -142,7 +147,7 @@ def test_smoke_plan_on_a_tpu_slice(tmp_path, capsys):
     assert "upper bound, every response max_new_tokens long" in out and "--response_tokens" in out
 
 
-@needs_libtpu
+@on_a_tpu_slice
 def test_tune_plans_the_fastest_decode_batch_that_fits(tmp_path, capsys):
     """``--tune``: the sampler is also compiled at the batch estimated fastest, which fits, beats the
     config's own (shown as ``(alt)``) and is printed as overrides; the length assumption is a flag."""
@@ -161,7 +166,7 @@ def test_tune_plans_the_fastest_decode_batch_that_fits(tmp_path, capsys):
     assert "--config.sampling.batch_size=" in text and "responses 12 tokens on average" in text
 
 
-@needs_libtpu
+@on_a_tpu_slice
 def test_7b_with_float32_master_weights_does_not_fit_v5litepod_4(capsys):
     """No path flag: the config's policy.arch preset (configs/arch/llava-1.5-7b) stands in for weights."""
     rc = plan.main(["plan", "--config", "configs/llava15_7b_self.py", "--topology", "v5litepod-4",
@@ -271,7 +276,7 @@ def test_qwen3vl_plan_on_local_devices(tmp_path):
     assert all(s["bytes_per_chip"] > 0 and s["flops_per_chip"] > 0 for s in r["stages"]), r["stages"]
 
 
-@needs_libtpu
+@on_a_tpu_slice
 def test_qwen25vl_plan_on_a_tpu_slice(tmp_path):
     stages = _qwen_plan(tmp_path, "v5litepod-4", ("sample", "dpo_step"))
     assert all(s["seconds"] > 0 for s in stages.values())
