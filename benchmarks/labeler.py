@@ -130,6 +130,8 @@ def main(argv=None):
                     help="time both baselines on this many questions of each image (0: all; a full forward "
                          "costs the same for every question)")
     ap.add_argument("--question-words", type=int, default=20)
+    ap.add_argument("--continuation-multiple", type=int, default=0,
+                    help="question rows pad to a multiple of this many tokens (0: the labeler's default)")
     ap.add_argument("--batch-size", type=int, default=8,
                     help="labeler questions per batch (8 was faster than 16 or 32 on 2 CPU cores)")
     args = ap.parse_args(argv)
@@ -139,7 +141,8 @@ def main(argv=None):
     model = build_model(image_size, patch)
     tok = build_tokenizer()
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    labeler = Labeler(model, tok, batch_size=args.batch_size)
+    labeler = Labeler(model, tok, batch_size=args.batch_size,
+                      **({"continuation_multiple": args.continuation_multiple} if args.continuation_multiple else {}))
     n_img = model.num_image_tokens()
     rng = np.random.default_rng(0)
     warm, *timed = make_images(rng, 1 + max(args.images, args.baseline_images), n_q, args.question_words,
