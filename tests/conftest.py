@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import os
 import shutil
-import subprocess
 import tempfile
 
 # One thread per test process: the suite runs one process per core (``-n 2``), and XLA's own thread
@@ -28,7 +27,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import tiny_hf  # noqa: E402
-from smoke_runs import ROOT, child_env, smoke_command  # noqa: E402
+from smoke_runs import run_to_end  # noqa: E402
 from rlaifv_jax.core import compile_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -121,8 +120,5 @@ def smoke_reference(tmp_path_factory, smoke_warmstart):
         if todo:
             workdir.mkdir()
             smoke_warmstart(workdir)
-            proc = subprocess.run(smoke_command(workdir), cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                                  timeout=900)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            (workdir.parent / "smoke_reference.stdout").write_text(proc.stdout)
+            (workdir.parent / "smoke_reference.stdout").write_text(run_to_end(workdir))
     return workdir, (workdir.parent / "smoke_reference.stdout").read_text()

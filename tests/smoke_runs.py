@@ -1,5 +1,6 @@
 """How the tests start ``python -m rlaifv_jax.main`` on the smoke config in a child process."""
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,3 +18,11 @@ def child_env(devices: int = 1) -> dict:
     flags = f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false " \
             "intra_op_parallelism_threads=1"
     return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+
+
+def run_to_end(workdir) -> str:
+    """Run the smoke config in ``workdir`` (1 device) to the end; returns its stdout."""
+    proc = subprocess.run(smoke_command(workdir), cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import tiny_hf
-from smoke_runs import ROOT, child_env, smoke_command
+from smoke_runs import ROOT, child_env, run_to_end, smoke_command
 from configs import default
 from offline_data import policy_params
 from rlaifv_jax.pipelines import online
@@ -22,13 +22,6 @@ from rlaifv_jax.core import records
 from rlaifv_jax.core.workdir import check_or_save_config
 
 STAGES = ("samples", "claims", "labels", "pairs", "ref_logps")
-
-
-def _run_to_end(workdir):
-    proc = subprocess.run(smoke_command(workdir), cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def _metrics(workdir):
@@ -109,7 +102,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(smoke_reference, tmp_
         if proc.poll() is None:
             proc.kill()
     assert kills >= 5
-    _run_to_end(tmp_path)
+    run_to_end(tmp_path)
     got, want = _metrics(tmp_path), _metrics(ref_dir)
     assert [e["pairs"] for e in got] == [e["pairs"] for e in want]
     for a, b in zip(got, want):
