@@ -8,12 +8,11 @@ the test with its stderr tail.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from smoke_runs import child_env
 
 
 def free_port() -> int:
@@ -25,11 +24,9 @@ def free_port() -> int:
 def run_workers(script: str, args: list[str] = (), *, n: int = 2, local_devices: int = 4,
                 timeout: float = 900) -> list[dict]:
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     procs = [subprocess.Popen([sys.executable, script, "--port", str(port), "--process_id", str(i),
                                "--num_processes", str(n), *args],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=child_env(local_devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in reversed(range(n))][::-1]  # process n-1 first, process 0 (the coordinator) last
     outs = []
     try:

@@ -1,4 +1,5 @@
-"""How the tests start ``python -m rlaifv_jax.main`` on the smoke config in a child process."""
+"""How the tests start child processes: their environment, and ``python -m rlaifv_jax.main`` on the
+smoke config."""
 import os
 import subprocess
 import sys
@@ -13,11 +14,13 @@ def smoke_command(workdir, *extra) -> list:
 
 
 def child_env(devices: int = 1) -> dict:
-    """The environment of a run the tests start: ``devices`` fake CPU devices, one XLA thread (as the
-    test processes: the other core runs the other test process), this checkout importable."""
+    """The environment of a process the tests start: ``devices`` fake CPU devices, one XLA thread (as
+    the test processes: the other core runs the other test process), this checkout and ``tests/``
+    importable."""
     flags = f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false " \
             "intra_op_parallelism_threads=1"
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 
 
 def run_to_end(workdir) -> str:

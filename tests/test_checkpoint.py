@@ -13,8 +13,8 @@ from rlaifv_jax.training import step as dpo_step
 from rlaifv_jax.core import sharding
 from rlaifv_jax.core.checkpoint import Checkpointer
 from rlaifv_jax.models import hf
+from smoke_runs import child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_save_restore_across_meshes_and_retention(tiny, tmp_path):
@@ -75,7 +75,7 @@ WORKER = textwrap.dedent('''
 
 
 def _run(script, tiny, workdir, out, **env):
-    e = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), JAX_PLATFORMS="cpu", XLA_FLAGS="", **{k: str(v) for k, v in env.items()})
+    e = dict(child_env(), **{k: str(v) for k, v in env.items()})
     return subprocess.run([sys.executable, str(script), tiny, str(workdir), str(out)], env=e,
                           capture_output=True, text=True, timeout=120)
 

@@ -9,20 +9,18 @@ import sys
 from rlaifv_jax.core import records
 from rlaifv_jax.core.errors import fault_message
 from offline_data import setup  # noqa: F401  (the tiny policy + parquet fixture)
+from smoke_runs import ROOT, child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(fault, setup, work, *extra):  # noqa: F811
     root, model_dir = setup
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="")
     flags = ["--config", "configs/offline_dpo.py", "--workdir", str(work), f"--config.data.path={root}/train-0.parquet",
              f"--config.policy.path={model_dir}", "--config.data.max_length=80", "--config.policy.compute_dtype=float32",
              "--config.train.max_steps=2", "--config.train.num_epochs=1", "--config.export.checkpoints=last",
              "--config.progress=False", *extra]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fault_driver.py"), fault, *flags], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=child_env(), capture_output=True, text=True, timeout=600)
     return proc, [line for line in proc.stderr.splitlines() if line.startswith("error:")], proc.stderr.splitlines()
 
 
@@ -69,9 +67,8 @@ def test_read_only_workdir_one_line_and_debug_traceback(tmp_path):
 def test_killed_peer_survivor_exits_3_within_30s_naming_it():
     from multiproc import free_port
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "peer_worker.py"), str(port), str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 0)]
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 0)]
     try:
         out, err = procs[1].communicate(timeout=120)  # process 0, the survivor
         done = __import__("time").time()

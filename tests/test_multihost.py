@@ -5,29 +5,23 @@ process count) that loses and duplicates nothing."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
 from rlaifv_jax.core import records
+from multiproc import free_port
 from smoke_runs import ROOT, child_env, smoke_command
 
 STAGES = ("samples", "claims", "labels", "pairs", "encoded", "ref_logps")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(workdir, processes: int, *extra):
     if processes == 1:
         return [subprocess.Popen(smoke_command(workdir, *extra), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)]
-    port = _port()
+    port = free_port()
     return [subprocess.Popen(smoke_command(workdir, f"--coordinator_address=127.0.0.1:{port}",
                                            f"--num_processes={processes}", f"--process_id={i}", *extra),
                              cwd=ROOT, env=child_env(8 // processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

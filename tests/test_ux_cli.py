@@ -7,7 +7,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,19 +15,17 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 import tiny_hf
+from smoke_runs import ROOT, child_env, smoke_command
 from configs import default
 from rlaifv_jax.core import workdir as workdir_lib
 from rlaifv_jax.core.errors import ConfigError
 from rlaifv_jax.pipelines import report, spec, summary, validate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(tmp_path, *args):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     work = tmp_path / "work"
-    proc = subprocess.run([sys.executable, "-m", "rlaifv_jax.main", "--config", "configs/default.py:smoke",
-                           "--workdir", str(work), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run(smoke_command(work, *args), cwd=ROOT, env=child_env(), capture_output=True, text=True,
                           timeout=300)
     return proc, work
 

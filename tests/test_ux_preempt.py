@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 
+from smoke_runs import child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 
 WORKER = textwrap.dedent('''
@@ -39,9 +40,7 @@ WORKER = textwrap.dedent('''
 
 
 def _worker(script, tiny, workdir, out, delay=0.0):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="")
-    return subprocess.Popen([sys.executable, str(script), tiny, str(workdir), str(out), str(delay)], env=env,
+    return subprocess.Popen([sys.executable, str(script), tiny, str(workdir), str(out), str(delay)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -3,7 +3,6 @@ and the former online selection metric still work for one release, with one depr
 workdir saved under them resumes."""
 import json
 import logging
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import pytest
 from configs import default, offline_dpo
 from rlaifv_jax.core import vocabulary, workdir as workdir_lib
 from rlaifv_jax.core.errors import ConfigError
+from smoke_runs import ROOT, child_env
 
 
 def _old_offline() -> ml_collections.ConfigDict:
@@ -64,10 +64,9 @@ def test_workdir_saved_with_old_names_resumes_and_still_refuses_a_changed_result
 def test_old_override_name_is_renamed_on_the_command_line(tmp_path):
     """``--config.train.num_epochs=2`` reaches ml_collections as ``dpo.epochs`` (a subprocess: importing
     rlaifv_jax.main defines absl flags that other CLIs in the same process would then require)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "rlaifv_jax.main", "--config", "configs/offline_dpo.py",
                            "--workdir", str(tmp_path / "w"), "--config.train.num_epochs=2", "--config.dpo.beta=0.2"],
-                          cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), capture_output=True,
+                          cwd=ROOT, env=child_env(), capture_output=True,
                           text=True, timeout=300)
     assert "train.num_epochs -> dpo.epochs" in proc.stderr
     assert proc.returncode == 2 and "data.path is empty" in proc.stderr, proc.stderr  # parsed, then validated

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from rlaifv_jax.core import lock
+from smoke_runs import ROOT, child_env, smoke_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_second_run_exits_2_in_one_line_and_touches_nothing(tmp_path):
@@ -22,9 +22,8 @@ def test_second_run_exits_2_in_one_line_and_touches_nothing(tmp_path):
     try:
         (work / "marker").write_text("first run's file")
         before = sorted(os.listdir(work))
-        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-        proc = subprocess.run([sys.executable, "-m", "rlaifv_jax.main", "--config", "configs/default.py:smoke",
-                               "--workdir", str(work)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(smoke_command(work), cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                              timeout=300)
         lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) <= 3, (proc.returncode, lines)
         assert f"pid {os.getpid()} on {socket.gethostname()}" in lines[-1] and "in use by another run" in lines[-1]
