@@ -261,9 +261,10 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, only: tuple[str, .
     """Compile every stage of ``config`` (or those named in ``only``) for ``topology``; the report.
     ``tune``: also compile each generating stage at the decode batch estimated fastest that fits, and
     report the config overrides that select it."""
-    spec = plan_spec(config)
     topo = hardware.parse_topology(topology)
-    mesh = shd.make_mesh(*spec.mesh, devices=hardware.devices(topo))
+    devices = hardware.devices(topo)
+    spec = plan_spec(config, len(devices))
+    mesh = shd.make_mesh(*spec.mesh, devices=devices)
     p = Planner(spec, topo, mesh, assume, iteration_counts(spec, assume), tune=tune)
     wanted = lambda name: not only or any(name.startswith(o) for o in only)  # noqa: E731
     arch = architecture(spec, "policy")

@@ -230,6 +230,15 @@ def test_paper_configs_name_the_presets_of_their_own_models(name, policy, labele
             assert arch in hf.ARCHITECTURES and cfg["model_type"] == kind, (name, role, arch, cfg["model_type"])
 
 
+def test_the_plan_checks_the_mesh_against_the_slice_not_this_machine():
+    """next34b's tensor = 4 fits a 4-chip slice whatever this machine has (the planner passes the
+    slice's device count), and is refused with one line for a slice it does not divide."""
+    c = importlib.import_module("configs.llava15_7b_next34b").get_config()
+    assert plan_spec(c, 4).mesh == (1, -1, 4) and plan_spec(c, 8).mesh == (1, -1, 4)
+    with pytest.raises(ValueError, match=r"does not fit the 2 devices"):
+        plan_spec(c, 2)
+
+
 def test_the_planner_takes_the_runs_own_settings(tmp_path):
     """plan_spec builds the stages' settings with online_spec's builders; it needs no file or checkpoint,
     still refuses bad values, and the DPO dtype options reach the step the planner compiles."""

@@ -1,9 +1,13 @@
-"""Atomic resumable stages: interruption and resume, leftover temp files, two processes, markers."""
+"""Atomic resumable stages: interruption and resume, leftover temp files, two processes, markers;
+host work one chunk ahead (``Prefetched``) and the device time each marker records."""
 import json
 import os
+import threading
+import time
 
 import pytest
 
+from rlaifv_jax.core import device_time, records
 from rlaifv_jax.core.records import read_marker, read_stage, run_stage, stage_done
 
 INPUTS = [{"id": f"x{i:03d}", "v": i} for i in range(23)]
@@ -126,3 +130,66 @@ def test_resume_under_another_process_count_ignores_stale_markers(tmp_path):
     for p in (0, 1):
         assert run(stage, lambda b: pytest.fail("all keys exist"), process_index=p, process_count=2)["processed_this_run"] == 0
     assert stage_done(stage) and read_stage(stage) == expected_records()
+
+
+def test_prefetched_prepares_the_next_chunk_while_the_current_one_runs(tmp_path):
+    """A ``Prefetched`` chunk function writes what the plain one writes, in the same shards, and its
+    prepare of chunk k + 1 runs while chunk k runs (chunk k waits for it: no clock involved)."""
+    prepared = {}  # chunk index -> event set when its prepare has run
+
+    def prepare(batch):
+        k = batch[0]["v"] // 4
+        prepared.setdefault(k, threading.Event()).set()
+        return k, batch
+
+    def run_chunk(item):
+        k, batch = item
+        if k + 1 <= (len(INPUTS) - 1) // 4:  # the next chunk's prepare runs meanwhile, on another thread
+            assert prepared.setdefault(k + 1, threading.Event()).wait(timeout=60), f"chunk {k + 1} not prepared"
+        return square(batch)
+
+    summary = run(tmp_path / "s", records.Prefetched(prepare, run_chunk))
+    assert read_stage(tmp_path / "s") == expected_records()
+    assert sorted(os.listdir(tmp_path / "s")) == ["_DONE.00000"] + [f"part-00000-{c:06d}.jsonl" for c in range(6)]
+    assert summary["processed_this_run"] == 23 and summary["device_seconds_this_run"] == 0
+    assert records.device_idle(str(tmp_path / "s")) is None  # no device program ran
+
+
+@pytest.mark.parametrize("where", ["prepare", "run"])
+def test_prefetched_errors_reach_the_caller_and_the_run_resumes(tmp_path, where):
+    def prepare(batch):
+        if where == "prepare" and batch[0]["v"] == 12:
+            raise RuntimeError("bad image")
+        return batch
+
+    def run_chunk(batch):
+        if where == "run" and batch[0]["v"] == 12:
+            raise RuntimeError("device failed")
+        return square(batch)
+
+    with pytest.raises(RuntimeError, match="bad image" if where == "prepare" else "device failed"):
+        run(tmp_path / "s", records.Prefetched(prepare, run_chunk))
+    assert len(read_stage(tmp_path / "s")) == 12 and not stage_done(tmp_path / "s")
+    summary = run(tmp_path / "s", records.Prefetched(lambda b: b, square))
+    assert summary["processed_this_run"] == 11 and read_stage(tmp_path / "s") == expected_records()
+
+
+def test_device_time_counts_nested_regions_once_and_gives_the_idle_fraction(tmp_path):
+    def busy(batch):
+        with device_time.device_work():
+            with device_time.device_work():  # nested: counted once
+                time.sleep(0.05)
+        return square(batch)
+
+    before = device_time.seconds()
+    summary = run(tmp_path / "s", busy)
+    counted = device_time.seconds() - before
+    assert 6 * 0.05 <= counted <= summary["seconds_this_run"] + 1e-3
+    assert summary["device_seconds_this_run"] == pytest.approx(counted, abs=2e-3)
+    idle = records.device_idle(str(tmp_path / "s"))
+    assert idle == pytest.approx(device_time.idle_fraction(summary["device_seconds_this_run"],
+                                                           summary["seconds_this_run"]))
+    assert 0.0 <= idle < 1.0
+    assert device_time.idle_fraction(3.0, 4.0) == 0.25 and device_time.idle_fraction(5.0, 4.0) == 0.0
+    assert device_time.idle_fraction(0.0, 0.0) == 0.0
+    assert run(tmp_path / "s", square) == summary  # finished: nothing ran this time

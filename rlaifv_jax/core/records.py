@@ -11,21 +11,28 @@ once. The stage is complete when all ``n`` markers exist (:func:`stage_done`). A
 process count and only counts for a run with that count, so a stage interrupted under one process count
 resumes correctly under another.
 
+A stage may hand :func:`run_stage` a :class:`Prefetched` chunk function: its host-only part for the
+next chunk runs on a helper thread while the device works on the current one. Every marker records
+the run's wall seconds and its device seconds (``core.device_time``), so the device idle fraction of
+each stage can be read back (``device_idle``).
+
 Warnings: a record may carry ``"warnings": [name, ...]``; the marker stores their counts over the
 records of the process's share (e.g. ``{"empty_response": 3, "count_mismatch": 1}``).
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import dataclasses
 import json
 import os
 import re
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from rlaifv_jax.core import paths
+from rlaifv_jax.core import device_time, paths
 from rlaifv_jax.core.paths import atomic_write_text  # noqa: F401  (re-exported: stages write through it)
 
 KEY = "key"
@@ -34,6 +41,37 @@ _PART_RE = re.compile(r"^part-(\d{5})-(\d{6})\.jsonl$")
 _TMP_PREFIX = paths.TMP_PREFIX
 
 Record = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefetched:
+    """A chunk function in two parts: ``prepare`` (host work only: decode images, tokenize) runs on a
+    helper thread one chunk ahead, while ``run`` (the device work and what follows it) handles the
+    chunk before, so the device does not wait on Python between chunks."""
+
+    prepare: Callable[[list[Any]], Any]
+    run: Callable[[Any], list[Record]]
+
+
+ChunkFn = Callable[[list[Any]], list[Record]]
+
+
+def _outputs(fn: ChunkFn | Prefetched, chunks: list[list[Any]]) -> Iterator[list[Record]]:
+    """``fn``'s records for each chunk, in order (a ``Prefetched`` one prepares the next chunk meanwhile)."""
+    if not isinstance(fn, Prefetched):
+        yield from map(fn, chunks)
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        ahead = pool.submit(fn.prepare, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            prepared = ahead.result()  # re-raises the helper's exception here, on the main thread
+            ahead = pool.submit(fn.prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+            try:
+                yield fn.run(prepared)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
 
 
 def _part_name(process_index: int, chunk: int) -> str:
@@ -139,7 +177,7 @@ def stage_done(stage_dir: str) -> bool:
 def run_stage(
     stage_dir: str,
     inputs: Sequence[Any],
-    fn: Callable[[list[Any]], list[Record]],
+    fn: ChunkFn | Prefetched,
     *,
     key_fn: Callable[[Any], str],
     chunk_size: int,
@@ -152,7 +190,8 @@ def run_stage(
 
     ``fn`` maps a list of inputs to one JSON-serialisable record (dict) per input, in order; the record's
     ``key`` is set to ``key_fn(input)`` (a record may already carry the same key, never another).
-    Keys must be unique across ``inputs``. Each chunk is one atomic shard.
+    Keys must be unique across ``inputs``. Each chunk is one atomic shard. A :class:`Prefetched`
+    ``fn`` prepares the next chunk on a helper thread while the current one runs.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} outside [0, {process_count})")
@@ -169,12 +208,11 @@ def run_stage(
     share = list(range(process_index, len(inputs), process_count))
     written = existing_keys(stage_dir)
     todo = [i for i in share if keys[i] not in written]
-    start = time.time()
+    start, device_start = time.time(), device_time.seconds()
+    chunks = [todo[lo:lo + chunk_size] for lo in range(0, len(todo), chunk_size)]
     with tqdm(total=len(share), initial=len(share) - len(todo), desc=desc or os.path.basename(stage_dir),
               unit="rec", disable=not progress, dynamic_ncols=True) as bar:
-        for lo in range(0, len(todo), chunk_size):
-            idx = todo[lo:lo + chunk_size]
-            out = fn([inputs[i] for i in idx])
+        for idx, out in zip(chunks, _outputs(fn, [[inputs[i] for i in idx] for idx in chunks])):
             if len(out) != len(idx):
                 raise ValueError(f"{stage_dir}: fn returned {len(out)} records for {len(idx)} inputs")
             records = []
@@ -194,10 +232,21 @@ def run_stage(
         "share": len(share),
         "processed_this_run": len(todo),
         "seconds_this_run": round(time.time() - start, 3),
+        "device_seconds_this_run": round(device_time.seconds() - device_start, 3),
         "warnings": warning_counts(mine),
     }
     writer.mark_done(summary)
     return summary
+
+
+def device_idle(stage_dir: str, process_index: int = 0) -> float | None:
+    """The device idle fraction of process ``process_index``'s last run of a finished stage (None
+    when the stage is unfinished, when that run had nothing left to do or ran no device program, or
+    for a marker written before device time was recorded)."""
+    marker = read_marker(stage_dir, process_index)
+    if not marker or not marker.get("processed_this_run") or not marker.get("device_seconds_this_run"):
+        return None
+    return device_time.idle_fraction(marker["device_seconds_this_run"], marker["seconds_this_run"])
 
 
 def read_stage(stage_dir: str) -> list[Record]:

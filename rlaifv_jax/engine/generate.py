@@ -53,7 +53,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from rlaifv_jax.core import sharding
+from rlaifv_jax.core import device_time, sharding
 from rlaifv_jax.engine import vision
 from rlaifv_jax.engine.logits import DecodeSettings, choose_tokens, presence_mask, reserved_ids, row_keys
 from rlaifv_jax.engine.prefill import left_padded, prefill
@@ -326,11 +326,12 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
             positions = None if padded.positions is None else put(padded.positions, (None, "batch", None))
             deltas = None if padded.rope_deltas is None else put(padded.rope_deltas, ("batch",))
             t1 = time.perf_counter()
-            cache, logits = _prefill(graphdef, state, ids_d, features_d, mask_d, static, positions)
-            tokens, logps, lengths, done = (_continuous if slots else _decode)(
-                graphdef, state, cache, logits, ids_d, mask_d, put(keys, ("batch",)),
-                put(padded.active, ("batch",)), jnp.uint32(seed), stop, static, cfg, deltas)
-            tokens, logps, lengths, done = map(np.asarray, (tokens, logps, lengths, done))
+            with device_time.device_work():
+                cache, logits = _prefill(graphdef, state, ids_d, features_d, mask_d, static, positions)
+                tokens, logps, lengths, done = (_continuous if slots else _decode)(
+                    graphdef, state, cache, logits, ids_d, mask_d, put(keys, ("batch",)),
+                    put(padded.active, ("batch",)), jnp.uint32(seed), stop, static, cfg, deltas)
+                tokens, logps, lengths, done = map(np.asarray, (tokens, logps, lengths, done))
             t2 = time.perf_counter()
             phases["prepare"] += t1 - t0
             phases["generate"] += t2 - t1

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlaifv_jax.core import sharding as shd
+from rlaifv_jax.core import device_time, sharding as shd
 from rlaifv_jax.data.buckets import IMAGE_PACK_KEY, PACK_PAD, WINDOW_KEY, with_answer_window
 from rlaifv_jax.models import anyres
 from rlaifv_jax.models.qwen_vision import LAYOUT_KEYS
@@ -183,7 +183,8 @@ def reference_logps(model: nnx.Module, batches: Iterable[Batch], *, mesh: Mesh |
         padded = _pad_batch(batch, size)
         if mesh is not None:
             padded = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim, rules)) for k, v in padded.items()}
-        res = jax.device_get(_pair_logps_jit(graphdef, state, padded))
+        with device_time.device_work():
+            res = jax.device_get(_pair_logps_jit(graphdef, state, padded))
         out["ref_chosen_logps"].append(np.asarray(res["chosen"])[:n])
         out["ref_rejected_logps"].append(np.asarray(res["rejected"])[:n])
     return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 from flax import nnx
 
+from rlaifv_jax.core import device_time
 from rlaifv_jax.engine import vision
 from rlaifv_jax.models.llava import Llava, LlavaNext, check_image_tokens
 from rlaifv_jax.models.qwen2_5_vl import Qwen25VL
@@ -63,7 +64,8 @@ def image_features(model: nnx.Module, graphdef, state, prompt: dict) -> np.ndarr
     px = prompt.get("pixel_values")
     if px is None:
         return None
-    return np.asarray(vision.image_features(graphdef, state, px, prompt.get(vision.layout_key(model))))
+    with device_time.device_work():
+        return np.asarray(vision.image_features(graphdef, state, px, prompt.get(vision.layout_key(model))))
 
 
 def check_options(num_samples: int, max_new_tokens: int, stop_token_ids: Sequence[int], seed: int,

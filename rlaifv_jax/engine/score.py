@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlaifv_jax.core import device_time
 from rlaifv_jax.data import chat
 from rlaifv_jax.data.yesno import AUTO, NO_WORDS, YES_WORDS, assistant_prompt, resolve_answer_ids, split_prompts
 from rlaifv_jax.engine import vision
@@ -323,15 +324,18 @@ class Labeler:
         ``image_sizes`` / ``image_grid_thw``. Decide each claim with :func:`accept_claim`.
         """
         self._state = nnx.state(self.model)  # current weights (same structure: no recompile)
-        pending = [(len(_as_item(it).questions), self.score_async(it)) for it in items]
         out = []
-        for n, chunks in pending:
-            scores: list[tuple[float, float] | None] = [None] * n
-            for idx, p_yes, p_no in chunks:
-                y, nn = np.asarray(p_yes), np.asarray(p_no)
-                for r, i in enumerate(idx):
-                    scores[int(i)] = (float(y[r]), float(nn[r]))
-            out.append(scores)
+        # Device time: from the first dispatch to the last result (the questions of later images are
+        # tokenized while earlier ones are scored).
+        with device_time.device_work():
+            pending = [(len(_as_item(it).questions), self.score_async(it)) for it in items]
+            for n, chunks in pending:
+                scores: list[tuple[float, float] | None] = [None] * n
+                for idx, p_yes, p_no in chunks:
+                    y, nn = np.asarray(p_yes), np.asarray(p_no)
+                    for r, i in enumerate(idx):
+                        scores[int(i)] = (float(y[r]), float(nn[r]))
+                out.append(scores)
         return out
 
 

@@ -96,6 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                      **dpo.summary(train_dir), **select.summary(select_dir),
                      **(labeler_truth.audit(prompts, claim_recs, labels, pair_recs) if spec.toy else {}),
                      "warnings": runner.stage_warnings([os.path.join(it, s) for s in STAGES]),
+                     "device_idle": runner.stage_device_idle([os.path.join(it, s) for s in STAGES]),
                      "wall_s": round(time.time() - t_start, 1)})
     with bundle.loaded(policy_at(spec.iterations), mesh, training=True) as final:  # master weights, collectively
         export.save(final.model, os.path.join(workdir, "export"), assets_from=spec.policy.path)

@@ -162,10 +162,11 @@ class PlanSpec:
     toy: ToySettings | None  # the embedded world's sizes (source="toy")
 
 
-def plan_spec(c: ml_collections.ConfigDict) -> PlanSpec:
+def plan_spec(c: ml_collections.ConfigDict, devices: int | None = None) -> PlanSpec:
     """Validate ``c``'s settings (no file or checkpoint needs to exist: the planner builds models from
-    their ``config.json`` or an architecture preset) and build what the planner compiles."""
-    validate(c, "online", paths=False)
+    their ``config.json`` or an architecture preset; the mesh must fit ``devices``, the slice's device
+    count, default this machine's) and build what the planner compiles."""
+    validate(c, "online", paths=False, devices=devices)
     toy = _inputs(c, Checked(prompts=None)) if c.source == "toy" else None
     prompts = c.world.n_prompts if toy else c.prompts.per_iteration
     if not prompts:

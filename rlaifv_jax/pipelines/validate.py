@@ -183,8 +183,9 @@ def _max_length(problems: Problems, field: str, image_tokens: int | None) -> Non
                      f"tokens (use > {image_tokens + 8})")
 
 
-def _mesh(problems: Problems, batch_fields: tuple[str, ...], accum_field: str) -> None:
-    """The mesh against the device count; DPO batch sizes against the data-parallel size."""
+def _mesh(problems: Problems, batch_fields: tuple[str, ...], accum_field: str, devices: int | None = None) -> None:
+    """The mesh against the device count (``devices``, default this run's); DPO batch sizes against the
+    data-parallel size."""
     sizes = [problems.number(f"mesh.{a}") for a in ("data", "fsdp", "tensor")]
     if any(s is None for s in sizes):
         return
@@ -192,7 +193,7 @@ def _mesh(problems: Problems, batch_fields: tuple[str, ...], accum_field: str) -
         problems.add(f"mesh (data, fsdp, tensor)={tuple(sizes)}: each must be a positive integer, or -1 for "
                      "one axis (all remaining devices)")
         return
-    devices = jax.device_count()
+    devices = jax.device_count() if devices is None else devices
     known = math.prod(s for s in sizes if s != -1)
     if (-1 in sizes and devices % known) or (-1 not in sizes and known != devices):
         problems.add(f"mesh (data, fsdp, tensor)={tuple(sizes)} does not fit the {devices} devices "
@@ -259,8 +260,9 @@ def _online_files(p: Problems) -> None:
             p.hf_dir("claims.convert_path", multimodal=False)
 
 
-def _online(p: Problems, paths: bool = True) -> None:
-    """The online checks; ``paths=False`` leaves out the files and checkpoint directories (planning)."""
+def _online(p: Problems, paths: bool = True, devices: int | None = None) -> None:
+    """The online checks; ``paths=False`` leaves out the files and checkpoint directories, ``devices``
+    replaces this machine's device count (planning for a slice)."""
     c = p.c
     for field, choices in _ONLINE_CHOICES.items():
         p.choice(field, choices)
@@ -279,7 +281,7 @@ def _online(p: Problems, paths: bool = True) -> None:
     n = p.number("sampling.num_samples")
     if n is not None and n < 2:
         p.add(f"sampling.num_samples={n} must be >= 2: pairs come from a prompt's different responses")
-    _mesh(p, ("dpo.batch_size",), "dpo.grad_accum")
+    _mesh(p, ("dpo.batch_size",), "dpo.grad_accum", devices)
     _wandb(p)
     _selection(p)
     if c.source == "toy":
@@ -390,10 +392,12 @@ class Checked:
     prompts: tuple[list, Any] | None = None  # the prompt file's usable records and report (source="files")
 
 
-def validate(c: ml_collections.ConfigDict, mode: str | None = None, *, paths: bool = True) -> Checked:
+def validate(c: ml_collections.ConfigDict, mode: str | None = None, *, paths: bool = True,
+             devices: int | None = None) -> Checked:
     """Raise ``ConfigError`` listing every invalid field of ``c`` for ``mode`` (default ``c.mode``);
     else return what the checks read (``Checked``). ``paths=False`` (online only: the planner) checks
-    every setting but no file or checkpoint directory."""
+    every setting but no file or checkpoint directory; ``devices`` (online only: the planner) checks
+    the mesh against a slice's device count instead of this machine's."""
     mode = mode or field_value(c, "mode", "online")
     p = Problems(c)
     if c.get("mode", mode) != mode or mode not in MODES:
@@ -401,7 +405,7 @@ def validate(c: ml_collections.ConfigDict, mode: str | None = None, *, paths: bo
               f"mode={mode!r} must be one of {', '.join(map(repr, MODES))}")
         raise ConfigError(p.lines)
     if mode == "online":
-        _online(p, paths)
+        _online(p, paths, devices)
     else:
         _offline(p)
     if p.lines:

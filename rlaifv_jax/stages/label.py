@@ -1,5 +1,6 @@
 """Stage 3, conquer: the labeler MLLM answers every claim's yes/no question about the image; all of a
-prompt's questions are scored against one cached image prefix (``engine.score``)."""
+prompt's questions are scored against one cached image prefix (``engine.score``); the next chunk's
+images are preprocessed on a helper thread meanwhile (``records.Prefetched``)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rlaifv_jax.core import records
 from rlaifv_jax.data.yesno import AUTO, assistant_prompt, resolve_answer_ids
 from rlaifv_jax.engine.score import Labeler
 from rlaifv_jax.engine.vision import layout_key
@@ -44,7 +46,7 @@ def run(stage_dir: str, claims: list[dict[str, Any]], image_of: Callable[[str], 
             scorer = Labeler(b.model, b.tokenizer, template=b.template, word_prefix=settings.answer_prefix,
                              repetition_penalty=settings.repetition_penalty, batch_size=settings.batch_size)
 
-            def fn(chunk):
+            def prepare(chunk):  # host work (image preprocessing), on the helper thread
                 items, spans = [], []
                 for rec in chunk:
                     results = [ClaimResult.from_dict(c) for c in rec["claims"]]
@@ -52,6 +54,10 @@ def run(stage_dir: str, claims: list[dict[str, Any]], image_of: Callable[[str], 
                     items.append({"questions": [q for c in results for q in c.questions],
                                   "pixel_values": pixel_values, layout_key(b.model): image_sizes})
                     spans.append([len(c.questions) for c in results])
+                return items, spans
+
+            def run_chunk(prepared):
+                items, spans = prepared
                 out = []
                 for per_prompt, counts in zip(scorer.score(items), spans):
                     labels, start = [], 0
@@ -60,6 +66,6 @@ def run(stage_dir: str, claims: list[dict[str, Any]], image_of: Callable[[str], 
                         start += n
                     out.append({"labels": labels})
                 return out
-            yield fn
+            yield records.Prefetched(prepare, run_chunk)
 
     return runner.run(stage_dir, claims, open_fn, chunk_size=settings.chunk_size, desc="labels", progress=progress)
