@@ -38,12 +38,13 @@ def prefill(model: nnx.Module, ids: jax.Array, features: jax.Array | None, mask:
 
 @dataclasses.dataclass(frozen=True)
 class PaddedBatch:
-    """Host arrays of prompts left-padded into ``[batch, length]`` (rows past the prompts are inactive)."""
+    """Prompts left-padded into ``[batch, length]`` (rows past the prompts are inactive): host arrays,
+    and the image features on the device (they never cross to the host)."""
 
     ids: np.ndarray  # [B, T] int32
     mask: np.ndarray  # [B, T] bool, real tokens
     active: np.ndarray  # [B] bool, rows holding a prompt
-    features: np.ndarray | None  # [B * T, D] image features, row-major, zero-padded (None: no images)
+    features: jax.Array | None  # [B * T, D] image features, row-major, zero-padded (None: no images)
     positions: np.ndarray | None  # [3, B, T] int32 multimodal positions (Qwen2.5-VL), else None
     rope_deltas: np.ndarray | None  # [B] int32: decode token t at (real prompt tokens + t + delta)
 
@@ -66,10 +67,9 @@ def left_padded(model: nnx.Module, graphdef, state, prompts: Sequence[dict], bat
             if uses_mrope(model):
                 grids.append(np.asarray(prompt["image_grid_thw"]).reshape(-1, 3))
     features = None
-    if feats:
-        stacked = np.concatenate(feats)
-        features = np.zeros((batch * length, stacked.shape[-1]), stacked.dtype)
-        features[:len(stacked)] = stacked
+    if feats:  # on the device: the tower's programs run while the host pads the next prompts
+        stacked = jnp.concatenate(feats) if len(feats) > 1 else feats[0]
+        features = jnp.pad(stacked, ((0, batch * length - stacked.shape[0]), (0, 0)))
     positions = deltas = None
     if uses_mrope(model):
         positions, deltas = model.position_ids(ids, mask, np.concatenate(grids) if grids else None)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 from flax import nnx
 
-from rlaifv_jax.core import device_time
 from rlaifv_jax.engine import vision
 from rlaifv_jax.models.llava import Llava, LlavaNext, check_image_tokens
 from rlaifv_jax.models.qwen2_5_vl import Qwen25VL
@@ -59,13 +59,13 @@ def num_image_features(model: nnx.Module, prompt: dict) -> int:
     return sum(model.num_image_tokens(s) for s in sizes)
 
 
-def image_features(model: nnx.Module, graphdef, state, prompt: dict) -> np.ndarray | None:
-    """``[image_tokens, D]`` features of one prompt's images, in placeholder order (host array)."""
+def image_features(model: nnx.Module, graphdef, state, prompt: dict) -> jax.Array | None:
+    """``[image_tokens, D]`` features of one prompt's images, in placeholder order (a device array,
+    dispatched, not waited for)."""
     px = prompt.get("pixel_values")
     if px is None:
         return None
-    with device_time.device_work():
-        return np.asarray(vision.image_features(graphdef, state, px, prompt.get(vision.layout_key(model))))
+    return vision.image_features(graphdef, state, px, prompt.get(vision.layout_key(model)))
 
 
 def check_options(num_samples: int, max_new_tokens: int, stop_token_ids: Sequence[int], seed: int,
