@@ -59,6 +59,19 @@ def step_cost(model: nnx.Module, caches: generate.CacheBytes, *, weights: float,
                                 attention_flops_per_slot=caches.own / caches.own_slots * flops_per_byte)
 
 
+def prefix_attention_flops(model: nnx.Module, mesh: Any, c: plan_tune.Candidate, num_samples: int,
+                           length: int) -> float:
+    """Per-chip FLOPs of one decode step's attention over prompt prefixes (``length`` tokens each): QK
+    and PV of every row against each prefix it scores, its own prompt's (static decoder) or every
+    prompt of its slot window (continuous: ``generate.prefix_window``, which for one sample per
+    prompt grows with the slots, so these FLOPs grow with their square)."""
+    tc = text_config(model)
+    window = generate.prefix_window(c.batch, c.slots, num_samples) if c.slots else 1
+    chips = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["tensor"]
+    per_token = 4 * tc.num_attention_heads * tc.head_dim * tc.num_hidden_layers
+    return c.rows(num_samples) * window * length * per_token / chips
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
     """One generating stage's fixed inputs (the batch and slots are what ``--tune`` varies)."""
@@ -109,9 +122,14 @@ class Planner:
                                  caches.prefix_all, caches.own, batch=batch, decode_rows=rows)
         lengths = self.lengths(g.max_new)
 
+        def prefix_flops(c: plan_tune.Candidate) -> float:
+            return prefix_attention_flops(g.model, self.mesh, c, g.num_samples, g.length)
+
+        other_flops = max(decode.flops_per_chip - prefix_flops(own), 0.0) / rows  # per row: weights, own cache
+
         def seconds(c: plan_tune.Candidate) -> float:
             cost = step_cost(g.model, self.caches(g, c), weights=decode.resident_bytes,
-                             flops=decode.flops_per_chip * c.rows(g.num_samples) / rows)
+                             flops=other_flops * c.rows(g.num_samples) + prefix_flops(c))
             return plan_decode.decode_time(cost, self.topo.chip, lengths, prompts=g.prompts,
                                            num_samples=g.num_samples, batch=c.batch, slots=c.slots).seconds
 
@@ -122,11 +140,13 @@ class Planner:
                 return  # the config's batch is already the fastest that fits
             start = len(self.stages)
             self._generation(g, best)
-            if all(s.fits for s in self.stages[start:]):
+            compiled = self.stages[start:]
+            faster = len(compiled) == 2 and (compiled[1].total_seconds or math.inf) < decode.total_seconds
+            if faster and all(s.fits for s in compiled):
                 prefill.variant = decode.variant = True
                 self.overrides.update({g.fields[0]: best.batch, g.fields[1]: best.slots})
                 return
-            del self.stages[start:]  # XLA says it does not fit after all: the next candidate
+            del self.stages[start:]  # XLA says it does not fit, or is slower, after all: the next candidate
 
     def caches(self, g: Generation, c: plan_tune.Candidate) -> generate.CacheBytes:
         """The KV-cache bytes per chip of stage ``g`` decoding batch ``c``."""

@@ -17,9 +17,10 @@ import pytest
 from flax import nnx
 
 from configs import default, qwen25vl_7b_self, qwen3vl_8b_self
-from rlaifv_jax import plan, plan_report
+from rlaifv_jax import plan, plan_report, plan_tune
 from rlaifv_jax.core import aot, hardware, sharding
 from rlaifv_jax.data import buckets
+from rlaifv_jax.engine import generate
 from rlaifv_jax.models import hf, llama
 from rlaifv_jax.pipelines.spec import online_spec, plan_spec
 from rlaifv_jax.training import step as dpo
@@ -366,3 +367,32 @@ def test_abstract_step_state_bytes_follow_the_dtype_options():
     assert got["float32", "bfloat16"] - overhead == 8 * n and got["bfloat16", "bfloat16"] - overhead == 6 * n
     with pytest.raises(ValueError, match="abstract model"):
         step.init_state()
+
+
+def test_prefix_attention_flops_follow_the_compiled_decode_step():
+    """``--tune`` models a candidate's decode FLOPs as per-row work plus the rows' attention over the
+    prefixes they score. With one sample per prompt the continuous decoder's window grows with the
+    slots (``prefix_attention_flops`` grows with their square): the compiled steps agree, so the
+    tuner no longer prefers a continuous claims decoder XLA then finds 6x slower."""
+    config = smoke()
+    policy = plan.abstract_model(plan.architecture(plan_spec(config), "policy"), "float32", "float32")
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    state = aot.sharded(nnx.state(policy), mesh, sharding.SERVE_RULES)
+    length, n = 64, 1
+    sampling = plan.DecodeSettings(temperature=0.0)
+
+    def compiled_flops(c):
+        programs = generate.lower_programs(policy, state, mesh, batch=c.batch, length=length, num_samples=n,
+                                           max_new_tokens=8, sampling=sampling, decode_rows=c.slots or None)
+        return aot.costs(programs["decode"])[0]
+
+    cands = [plan_tune.Candidate(32, 0), plan_tune.Candidate(32, 8), plan_tune.Candidate(32, 16)]
+    assert [generate.prefix_window(c.batch, c.slots, n) if c.slots else 1 for c in cands] == [1, 9, 17]
+    model = [plan.prefix_attention_flops(policy, mesh, c, n, length) for c in cands]
+    assert model[2] / model[1] == pytest.approx(16 * 17 / (8 * 9))  # slots x window
+    got = [compiled_flops(c) for c in cands]
+    # What the prefix attention adds between two slot counts, compiled vs modelled (per-row work
+    # scales with the rows: subtract it using the static decoder's 32 rows).
+    per_row = (got[0] - model[0]) / 32
+    for c, g, m in zip(cands[1:], got[1:], model[1:]):
+        assert g - per_row * c.slots == pytest.approx(m, rel=0.15), (c, g, m)
