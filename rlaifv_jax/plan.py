@@ -46,17 +46,19 @@ from rlaifv_jax.pipelines.spec import PlanSpec, plan_spec
 from rlaifv_jax.training import step as dpo
 
 
-def step_cost(model: nnx.Module, caches: generate.CacheBytes, *, weights: float, flops: float
-              ) -> plan_decode.StepCost:
+def step_cost(model: nnx.Module, caches: generate.CacheBytes, *, weights: float, flops: float,
+              ragged: bool = False) -> plan_decode.StepCost:
     """One decode step's per-chip traffic and FLOPs: the compiled step's ``flops`` and resident
-    ``weights``, the KV caches' bytes as ``generate`` lays them out (``generate.decode_cache_bytes``)."""
+    ``weights``, the KV caches' bytes as ``generate`` lays them out (``generate.decode_cache_bytes``);
+    ``ragged``: the step reads the own cache through the Pallas kernel (``generate.own_cache_for``)."""
     tc = text_config(model)
     # Every own-cache slot adds QK and PV for each (row, query head) on the chip: 4 · H · head_dim FLOPs per
     # layer against the 2 · K · head_dim · itemsize bytes of its keys and values (H / K query heads per KV head).
     flops_per_byte = 2 * (tc.num_attention_heads / tc.num_key_value_heads) / jnp.dtype(model.dtype).itemsize
     return plan_decode.StepCost(weight_bytes=weights, prefix_bytes=caches.prefix, own_bytes=caches.own,
                                 own_slots=caches.own_slots, block=DECODE_BLOCK, flops=flops,
-                                attention_flops_per_slot=caches.own / caches.own_slots * flops_per_byte)
+                                attention_flops_per_slot=caches.own / caches.own_slots * flops_per_byte,
+                                ragged=ragged)
 
 
 def prefix_attention_flops(model: nnx.Module, mesh: Any, c: plan_tune.Candidate, num_samples: int,
@@ -129,7 +131,7 @@ class Planner:
 
         def seconds(c: plan_tune.Candidate) -> float:
             cost = step_cost(g.model, self.caches(g, c), weights=decode.resident_bytes,
-                             flops=other_flops * c.rows(g.num_samples) + prefix_flops(c))
+                             flops=other_flops * c.rows(g.num_samples) + prefix_flops(c), ragged=self.ragged(g))
             return plan_decode.decode_time(cost, self.topo.chip, lengths, prompts=g.prompts,
                                            num_samples=g.num_samples, batch=c.batch, slots=c.slots).seconds
 
@@ -173,7 +175,8 @@ class Planner:
         if chip is None or decode.flops_per_chip is None:
             return None
         caches = self.caches(g, c)
-        cost = step_cost(g.model, caches, weights=decode.resident_bytes, flops=decode.flops_per_chip)
+        cost = step_cost(g.model, caches, weights=decode.resident_bytes, flops=decode.flops_per_chip,
+                         ragged=self.ragged(g))
         run = dict(prompts=g.prompts, num_samples=g.num_samples, batch=c.batch, slots=c.slots)
         t = plan_decode.decode_time(cost, chip, self.lengths(g.max_new), **run)
         upper = plan_decode.decode_time(cost, chip, plan_decode.Lengths(g.max_new, g.max_new), **run)
@@ -183,6 +186,10 @@ class Planner:
             ratio = decode.seconds / plan_decode.step_seconds(cost, chip, cost.block)
             decode.note += f"; compiler's step estimate {ratio:.1f}x this roofline's"
         return caches
+
+    def ragged(self, g: Generation) -> bool:
+        """Whether stage ``g``'s decode reads the own cache through the Pallas kernel on this mesh."""
+        return generate.own_cache_for(g.model, self.mesh) == "pallas"
 
     def lengths(self, max_new: int) -> plan_decode.Lengths:
         """The response-length assumption for a stage that generates at most ``max_new`` tokens."""

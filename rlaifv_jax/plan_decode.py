@@ -13,7 +13,12 @@ program and its bytes from the cache layout (``generate.decode_cache_bytes``), a
 * continuous decoder (``decode_rows = D``): the batch's ``B × n`` rows pass through ``D`` slots, one
   step per token plus one for a fresh slot's first token, then the last rows' tail
   (``longest - mean`` steps); every step is charged at the longest fill (a conservative bound: the
-  block walk reads up to the deepest slot).
+  block walk reads up to the deepest slot). With the ragged kernel (``StepCost.ragged``: the Pallas
+  own-cache kernel on TPU, ``models.ragged_kernel``) each slot reads its own filled blocks only, so
+  the steps while slots are refilled are charged at the mean response length (a slot's row is
+  somewhere between 0 and its length deep: the mean fill is about half the mean length for equal
+  lengths and the mean length for exponentially spread ones, so the mean length is the cautious
+  end) and the tail, whose rows are the longest ones, still at the longest fill.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ class StepCost:
     block: int  # own-cache slots one block of the attention walk reads
     flops: float  # the compiled step's FLOPs (one block of the walk)
     attention_flops_per_slot: float  # FLOPs one more own-cache slot adds (QK and PV of every row)
+    ragged: bool = False  # each row reads its own filled blocks (the Pallas kernel), not the deepest row's
 
 
 def filled_slots(cost: StepCost, filled: int) -> int:
@@ -74,8 +80,10 @@ def decode_time(cost: StepCost, chip: Chip, lengths: Lengths, *, prompts: int, n
     longest = max(1, min(lengths.longest, cost.own_slots + 1))
     mean = min(lengths.mean, longest)
     if slots and slots < rows:
-        steps = math.ceil(rows * (mean + 1) / slots) + (longest - mean)
-        per_batch = steps * step_seconds(cost, chip, longest)
+        refill, tail = math.ceil(rows * (mean + 1) / slots), longest - mean
+        steps = refill + tail
+        fill = math.ceil(mean) if cost.ragged else longest
+        per_batch = refill * step_seconds(cost, chip, fill) + tail * step_seconds(cost, chip, longest)
     else:
         steps = longest
         per_batch = sum(step_seconds(cost, chip, t) for t in range(1, longest + 1))

@@ -67,3 +67,22 @@ def test_generate_logs_where_its_time_went(model, caplog):
         r"busy (\d+) % of the time, idle (\d+) % \(batch preparation with image features (\d+) %, results (\d+) %\)",
         line).groups())
     assert busy + idle == 100 and 0 < busy <= 100 and prepare + results <= idle + 1
+
+
+@pytest.mark.parametrize("decode_rows", [None, 3])
+def test_the_ragged_kernel_samples_the_same_tokens(model, decode_rows):
+    """The Pallas own-cache kernel (interpreted on CPU), static and continuous: every (prompt, sample)
+    row's tokens equal the pure-JAX walk's."""
+    prompts = _prompts([4, 12, 8], seed=2)
+    kw = dict(num_samples=2, max_new_tokens=MAX_NEW, temperature=1.0, top_k=40, stop_token_ids=list(range(3, 13)),
+              seed=3, buckets=[32], batch_size=3, decode_rows=decode_rows, progress=False)
+    want = generate.generate(model, prompts, own_cache="xla", **kw)
+    got = generate.generate(model, prompts, own_cache="interpret", **kw)
+    lengths = [len(t) for o in want for t in o["tokens"]]
+    assert min(lengths) <= 3 and max(lengths) >= 10  # rows at very different fills
+    for a, b in zip(got, want):
+        assert a["tokens"] == b["tokens"] and a["stopped"] == b["stopped"]
+        np.testing.assert_allclose(np.concatenate(a["logprobs"]), np.concatenate(b["logprobs"]), atol=1e-5)
+    assert generate.own_cache_for(model, None) == "xla"  # CPU: the pure-JAX walk
+    with pytest.raises(ValueError, match="own_cache"):
+        generate.generate(model, prompts, own_cache="cuda", **kw)

@@ -396,3 +396,22 @@ def test_prefix_attention_flops_follow_the_compiled_decode_step():
     per_row = (got[0] - model[0]) / 32
     for c, g, m in zip(cands[1:], got[1:], model[1:]):
         assert g - per_row * c.slots == pytest.approx(m, rel=0.15), (c, g, m)
+
+
+@on_a_tpu_slice
+@pytest.mark.parametrize("decode_rows", [None, 6])
+def test_decode_on_a_tpu_slice_reads_the_own_cache_through_the_pallas_kernel(tmp_path, decode_rows):
+    """A 128-wide-head model on v5litepod-4 (rows over fsdp 2, KV heads over tensor 2): the sampler's
+    decode program, static or continuous, compiles with the Pallas own-cache kernel (a Mosaic call per
+    shard); the prefill has none."""
+    import tiny_hf
+    tiny_hf.llama(tmp_path, hidden_size=512, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+    model = plan.abstract_model(hf.read_config(str(tmp_path)), "bfloat16", "bfloat16")
+    topo = hardware.parse_topology("v5litepod-4")
+    mesh = sharding.make_mesh(1, 2, 2, devices=hardware.devices(topo))
+    assert generate.own_cache_for(model, mesh) == "pallas"
+    state = aot.sharded(nnx.state(model), mesh, sharding.SERVE_RULES)
+    programs = generate.lower_programs(model, state, mesh, batch=4, length=32, num_samples=3, max_new_tokens=300,
+                                       sampling=plan.DecodeSettings(temperature=1.0, top_k=40), decode_rows=decode_rows)
+    assert "tpu_custom_call" in programs["decode"].as_text()
+    assert "tpu_custom_call" not in programs["prefill"].as_text()

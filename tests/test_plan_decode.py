@@ -53,6 +53,21 @@ def test_continuous_decoder_keeps_its_slots_full_and_pays_the_tail():
     assert same == static
 
 
+def test_the_ragged_kernel_charges_refill_steps_at_the_mean_fill_and_the_tail_at_the_longest():
+    cost, lengths = _cost(ragged=True), plan_decode.Lengths(mean=100, longest=512)
+    t = plan_decode.decode_time(cost, CHIP, lengths, prompts=256, num_samples=10, batch=128, slots=640)
+    refill, tail = -(-1280 * 101 // 640), 512 - 100
+    at_mean = (14 + 5 + 40 * 128 / 511) * GB / CHIP.hbm_bytes_per_s  # 100 tokens: one 128-slot block per row
+    deepest = (14 + 5 + 40) * GB / CHIP.hbm_bytes_per_s
+    assert t.steps == 2 * (refill + tail)
+    assert t.seconds == pytest.approx(2 * (refill * at_mean + tail * deepest), rel=1e-9)
+    walk = plan_decode.decode_time(_cost(), CHIP, lengths, prompts=256, num_samples=10, batch=128, slots=640)
+    assert t.seconds < walk.seconds and t.tokens == walk.tokens
+    static = dict(prompts=256, num_samples=10, batch=64, slots=0)  # rows in lockstep: nothing to skip
+    assert plan_decode.decode_time(cost, CHIP, lengths, **static) == \
+        plan_decode.decode_time(_cost(), CHIP, lengths, **static)
+
+
 def test_shorter_responses_cost_less_and_the_upper_bound_is_the_longest():
     cost = _cost()
     run = dict(prompts=64, num_samples=10, batch=64, slots=0)

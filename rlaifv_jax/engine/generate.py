@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Sequence
@@ -58,6 +59,8 @@ from rlaifv_jax.engine import vision
 from rlaifv_jax.engine.logits import DecodeSettings, choose_tokens, presence_mask, reserved_ids, row_keys
 from rlaifv_jax.engine.prefill import left_padded, prefill
 from rlaifv_jax.engine.prompt_checks import check_options, check_prompts, text_config
+from rlaifv_jax.models import ragged_kernel
+from rlaifv_jax.models.layers import DECODE_BLOCK, OWN_CACHE_PATHS, own_cache_path
 
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -84,6 +87,26 @@ class _Static:
     cache_spec: P | None
     rows_spec: P | None
     slots: int = 0  # decode slots of the continuous decoder (0: the static decoder, one slot per row)
+    own_cache: str = "xla"  # how decode steps read the own cache (``layers.own_cache_path``)
+
+
+def own_cache_for(model: nnx.Module, mesh: Mesh | None) -> str:
+    """How the decode programs read each row's own cache on ``mesh`` (default: this process's
+    devices): the Pallas kernel of ``models.ragged_kernel`` on TPU where its blocks tile the head
+    size (each row reads its own filled blocks), else the pure-JAX walk up to the deepest row."""
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    tiles = ragged_kernel.supported(text_config(model).head_dim, DECODE_BLOCK)
+    return "pallas" if device.platform == "tpu" and tiles else "xla"
+
+
+def _reading_own_cache(fn):
+    """``fn`` traced under ``layers.own_cache_path`` of its ``_Static`` argument."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        static = next(a for a in args if isinstance(a, _Static))
+        with own_cache_path(static.own_cache):
+            return fn(*args, **kwargs)
+    return traced
 
 
 def decode_slots(decode_rows: int | None, rows: int) -> int:
@@ -249,8 +272,8 @@ def _continuous_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, pro
 
 
 _prefill = jax.jit(_prefill_fn, static_argnums=(0, 5))
-_decode = jax.jit(_decode_fn, static_argnums=(0, 10, 11))
-_continuous = jax.jit(_continuous_fn, static_argnums=(0, 10, 11))
+_decode = jax.jit(_reading_own_cache(_decode_fn), static_argnums=(0, 10, 11))
+_continuous = jax.jit(_reading_own_cache(_continuous_fn), static_argnums=(0, 10, 11))
 
 
 def _spec(mesh: Mesh | None, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> P | None:
@@ -261,7 +284,8 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float | None = None, stop_token_ids: Sequence[int], seed: int = 0,
              batch_size: int = 8, buckets: Sequence[int] = DEFAULT_BUCKETS, mesh: Mesh | None = None,
-             decode_rows: int | None = None, progress: bool = True) -> list[dict[str, list]]:
+             decode_rows: int | None = None, own_cache: str | None = None,
+             progress: bool = True) -> list[dict[str, list]]:
     """Sample ``num_samples`` responses for each prompt.
 
     ``prompts``: dicts with ``input_ids`` (image placeholders expanded), optional ``pixel_values``
@@ -274,6 +298,9 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
     (prompt, sample) row as soon as its row stops; tokens are the same as without it (per-row PRNG
     streams). Under ``mesh`` rows are split over
     ``data``/``fsdp`` and KV heads over ``tensor``; load the model with ``rules=SERVE_RULES``.
+    ``own_cache`` picks how decode steps read each row's own cache (``layers.OWN_CACHE_PATHS``;
+    default ``own_cache_for``: the Pallas kernel on TPU, the pure-JAX walk elsewhere); every path
+    gives the same tokens up to float rounding.
 
     Returns one dict per prompt: ``tokens`` (``num_samples`` lists of ids, stop token excluded),
     ``logprobs`` (the raw model log-prob of each token, see the module docstring) and ``stopped``
@@ -314,7 +341,7 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
             length = chosen[members[0]]
             cache_len = length + max_new_tokens - 1
             static = batch_static(mesh, model, rows=rows, cache_len=cache_len, num_samples=n,
-                                  max_new_tokens=max_new_tokens, slots=slots)
+                                  max_new_tokens=max_new_tokens, slots=slots, own_cache=own_cache)
             t0 = time.perf_counter()
             padded = left_padded(model, graphdef, state, [prompts[i] for i in members], batch, length)
             keys = np.zeros((batch,), np.uint32)
@@ -358,14 +385,18 @@ def generate(model: nnx.Module, prompts: Sequence[dict], *, num_samples: int = 1
 
 # ----------------------------------------------------------------------------- ahead-of-time lowering
 def batch_static(mesh: Mesh | None, model: nnx.Module, *, rows: int, cache_len: int, num_samples: int,
-                 max_new_tokens: int, slots: int = 0) -> _Static:
+                 max_new_tokens: int, slots: int = 0, own_cache: str | None = None) -> _Static:
     """The static arguments of one batch's prefill and decode programs (``rows = batch × num_samples``;
-    ``slots``: the continuous decoder's slots, 0 for the static decoder)."""
+    ``slots``: the continuous decoder's slots, 0 for the static decoder; ``own_cache``: how decode
+    steps read the own cache, ``layers.OWN_CACHE_PATHS``, default ``own_cache_for(model, mesh)``)."""
     tc = text_config(model)
+    if own_cache is not None and own_cache not in OWN_CACHE_PATHS:
+        raise ValueError(f"own_cache must be one of {OWN_CACHE_PATHS} or None, got {own_cache!r}")
     return _Static(num_samples=num_samples, max_new_tokens=max_new_tokens,
                    cache_spec=_spec(mesh, ("batch", None, "kv_heads", "head_dim"),
                                     (slots or rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
-                   rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)), slots=slots)
+                   rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)), slots=slots,
+                   own_cache=own_cache_for(model, mesh) if own_cache is None else own_cache)
 
 
 def lower_programs(model: nnx.Module, state: nnx.State, mesh: Mesh, *, batch: int, length: int, num_samples: int,

@@ -6,12 +6,18 @@ Parameters are stored in ``param_dtype``; computation runs in ``dtype``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from rlaifv_jax.core.sharding import SERVE_RULES, logical_to_spec
+from rlaifv_jax.models import ragged_kernel
 
 Axes = tuple[str | None, ...]
 
@@ -164,6 +170,41 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
 
 
 DECODE_BLOCK = 128  # own-cache slots one step of ``decode_attention`` reads at a time
+OWN_CACHE_PATHS = ("xla", "pallas", "interpret")  # how decode_attention reads the own cache
+_own_cache = threading.local()
+
+
+@contextlib.contextmanager
+def own_cache_path(path: str) -> Iterator[None]:
+    """While tracing inside: ``decode_attention`` reads the own cache by the pure-JAX block walk
+    (``"xla"``), the Pallas TPU kernel ``models.ragged_kernel`` (``"pallas"``), or that kernel
+    interpreted (``"interpret"``, any backend: for tests)."""
+    if path not in OWN_CACHE_PATHS:
+        raise ValueError(f"own-cache path must be one of {OWN_CACHE_PATHS}, got {path!r}")
+    before = getattr(_own_cache, "path", "xla")
+    _own_cache.path = path
+    try:
+        yield
+    finally:
+        _own_cache.path = before
+
+
+def _ragged_own_cache(q4, k, v, own_len, m, l, acc, block: int, interpret: bool):
+    """``ragged_kernel.own_cache_attention`` per shard of the context mesh (rows over data/fsdp, KV
+    heads over tensor, as ``SERVE_RULES`` lay out the caches): a Pallas call is not partitioned by XLA."""
+    call = functools.partial(ragged_kernel.own_cache_attention, block=block, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return call(q4, k, v, own_len, m, l, acc)
+    def spec(axes, x):
+        return logical_to_spec(axes, SERVE_RULES, x.shape, mesh)
+
+    rows4, cache = ("batch", "kv_heads", None, None), ("batch", None, "kv_heads", None)
+    stats = spec(("batch", "kv_heads", None), m)
+    specs = (spec(rows4, q4), spec(cache, k), spec(cache, v), spec(("batch",), own_len), stats, stats,
+             spec(rows4, acc))
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=(stats, stats, specs[-1]),
+                         check_vma=False)(q4, k, v, own_len, m, l, acc)
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.Array, prefix_k: jax.Array,
@@ -177,7 +218,9 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.Arra
     ``prefix_rows`` is None, the shared layout of ``shared_prefix_attention`` (rows ``b * n .. b * n
     + n - 1`` read prefix ``b``, each prefix read once). The own cache is walked in blocks of
     ``block`` slots with an online softmax, for ``ceil(max(own_len) / block)`` blocks only (a
-    dynamic trip count), so a step costs the filled length, not ``S``. Equal to
+    dynamic trip count), so a step costs the filled length, not ``S``; inside
+    ``own_cache_path("pallas")`` each row reads only its own filled blocks (``models.ragged_kernel``).
+    Equal to
     ``shared_prefix_attention`` with the own mask ``slot < own_len`` up to float rounding.
     Pure JAX (CPU, GPU, TPU); every row needs at least one valid prefix key.
     """
@@ -229,6 +272,10 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.Arra
                                                     preferred_element_type=f32)
         return m_new, l * rescale + w.sum(-1), acc
 
-    blocks = (jnp.minimum(own_len.max(), s) + blk - 1) // blk
-    m, l, acc = jax.lax.fori_loop(0, blocks, step, (m, l, acc))
+    path = getattr(_own_cache, "path", "xla")
+    if path == "xla" or (path == "pallas" and not ragged_kernel.supported(d, blk)):
+        blocks = (jnp.minimum(own_len.max(), s) + blk - 1) // blk
+        m, l, acc = jax.lax.fori_loop(0, blocks, step, (m, l, acc))
+    else:  # each row's own blocks only (Pallas)
+        m, l, acc = _ragged_own_cache(q4, k, v, own_len, m, l, acc, blk, interpret=path == "interpret")
     return (acc / l[..., None]).astype(q.dtype).reshape(r, 1, h, d)
