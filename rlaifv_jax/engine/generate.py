@@ -5,7 +5,8 @@ one *prefill* program (image features merged, one KV cache per prompt) and one *
 (a ``lax.while_loop`` over all ``batch × num_samples`` rows; each row attends to its prompt's
 shared prefix cache, read once for all n samples, plus its own generated tokens' cache, updated in
 place, and read up to the filled slot only: ``layers.decode_attention`` walks it in blocks with an
-online softmax; per-row early stop). With ``decode_rows`` the decode program is the *continuous*
+online softmax, up to the deepest row, or on TPU through the Pallas kernel of
+``models.ragged_kernel``, each row up to its own fill (``own_cache_for``); per-row early stop). With ``decode_rows`` the decode program is the *continuous*
 one: the batch's rows go through that many slots, a slot whose row stopped taking the next waiting
 (prompt, sample) row at once, inside the same ``while_loop`` (each slot reads its prompt's prefix
 from a window of the batch's prompts). A run compiles two programs per length bucket

@@ -40,6 +40,7 @@ def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSetti
     def open_fn():
         with bundle.loaded(policy, mesh) as b:
             tokenizer_lock = threading.Lock()  # one tokenizer, used by the prepare thread and this one
+            stop_ids = b.stop_ids()
 
             def prepare(chunk):  # host work, on the helper thread while the previous chunk decodes
                 inputs, skipped = [], {}
@@ -58,7 +59,7 @@ def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSetti
                 outs = iter(generate(b.model, inputs, num_samples=settings.num_samples,
                                      max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                      top_k=settings.top_k, top_p=settings.top_p,
-                                     repetition_penalty=settings.repetition_penalty, stop_token_ids=b.stop_ids(),
+                                     repetition_penalty=settings.repetition_penalty, stop_token_ids=stop_ids,
                                      seed=seed, batch_size=settings.batch_size, mesh=mesh,
                                      decode_rows=settings.decode_rows, progress=False))
                 result = []
