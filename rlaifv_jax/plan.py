@@ -112,10 +112,18 @@ class Planner:
 
     def generation(self, g: Generation, batch: int, decode_rows: int | None) -> None:
         """The prefill and decode programs of one generating stage as the run compiles them (with
-        ``tune``: also at the fastest batch that fits, the config's own rows then shown as ``(alt)``)."""
+        ``tune``: also at the fastest batch that fits, the config's own rows then shown as ``(alt)``;
+        when the config's own batch does not fit, tuning starts from the largest smaller one that does)."""
         before = len(self.stages)
         own = plan_tune.Candidate(batch, decode_rows or 0)
         caches = self._generation(g, own)
+        if self.tune and self.topo.chip is not None and not all(s.fits for s in self.stages[before:]):
+            smaller = self._largest_fitting(g, own)
+            if smaller is not None:
+                for s in self.stages[before:before + 2]:
+                    s.variant = True
+                (own, caches), before = smaller, len(self.stages) - 2
+                self.overrides.update({g.fields[0]: own.batch, g.fields[1]: own.slots})
         if not self.tune or caches is None:
             return
         prefill, decode = self.stages[before:before + 2]
@@ -149,6 +157,18 @@ class Planner:
                 self.overrides.update({g.fields[0]: best.batch, g.fields[1]: best.slots})
                 return
             del self.stages[start:]  # XLA says it does not fit, or is slower, after all: the next candidate
+
+    def _largest_fitting(self, g: Generation, own: plan_tune.Candidate
+                         ) -> tuple[plan_tune.Candidate, generate.CacheBytes] | None:
+        """The largest static prompt batch below ``own``'s that XLA fits, compiled (None: none fits)."""
+        for b in sorted((b for b in plan_tune.PROMPT_BATCHES if b < own.batch), reverse=True):
+            start = len(self.stages)
+            c = plan_tune.Candidate(b, 0)
+            caches = self._generation(g, c)
+            if caches is not None and all(s.fits for s in self.stages[start:]):
+                return c, caches
+            del self.stages[start:]
+        return None
 
     def caches(self, g: Generation, c: plan_tune.Candidate) -> generate.CacheBytes:
         """The KV-cache bytes per chip of stage ``g`` decoding batch ``c``."""

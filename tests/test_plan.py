@@ -415,3 +415,38 @@ def test_decode_on_a_tpu_slice_reads_the_own_cache_through_the_pallas_kernel(tmp
                                        sampling=plan.DecodeSettings(temperature=1.0, top_k=40), decode_rows=decode_rows)
     assert "tpu_custom_call" in programs["decode"].as_text()
     assert "tpu_custom_call" not in programs["prefill"].as_text()
+
+
+def test_tune_starts_from_the_largest_batch_that_fits_when_the_configs_does_not(monkeypatch):
+    """--tune on a slice where the config's prompt batch is out of HBM: the largest smaller batch XLA
+    fits is compiled, the config's rows become ``(alt)`` and the override names that batch (XLA's
+    verdicts stood in for by the batch size here; the cache bytes and step costs are the real ones)."""
+    config = smoke()
+    policy = plan.abstract_model(plan.architecture(plan_spec(config), "policy"), "float32", "float32")
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    planner = plan.Planner(plan_spec(config), hardware.parse_topology("v5p-8"), mesh, plan.Assumptions(),
+                           {"prompts": 256}, tune=True)
+    g = plan.Generation("sample", policy, 64, 4, 16, plan.DecodeSettings(temperature=1.0), 256,
+                        ("sampling.batch_size", "sampling.decode_rows"))
+    compiled = []
+
+    def fake_generation(gen, c):  # XLA fits 16 prompts and fewer, static or continuous
+        compiled.append(c)
+        fits = c.batch <= 16
+        for name in ("prefill", "decode"):
+            planner.stages.append(aot.Stage(
+                f"sample/{name}", "serve", bytes_per_chip=int(2e9 * c.batch), resident_bytes=int(1e9),
+                flops_per_chip=1e9 * c.rows(4) if fits else None, fits=fits, total_seconds=100.0 / c.batch,
+                note=f"{c.batch} prompts"))
+        return planner.caches(gen, c) if fits else None
+
+    monkeypatch.setattr(planner, "_generation", fake_generation)
+    planner.generation(g, 64, None)
+    assert compiled[:3] == [plan_tune.Candidate(64, 0), plan_tune.Candidate(32, 0), plan_tune.Candidate(16, 0)]
+    own = [s for s in planner.stages if s.note == "64 prompts"]
+    assert len(own) == 2 and all(s.variant and not s.fits for s in own)
+    assert planner.overrides["sampling.batch_size"] <= 16
+    chosen = [s for s in planner.stages if not s.variant]
+    assert len(chosen) == 2 and all(s.fits for s in chosen)
+    assert plan_report.verdicts({"hbm_per_chip": 95 * 2**30, "topology": "v5p-8",
+                                 "stages": [s.public() for s in planner.stages]}) == []
