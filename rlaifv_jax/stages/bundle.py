@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import zlib
 from typing import Any, Callable, Iterator
 
@@ -46,6 +47,9 @@ class Bundle:
     model: nnx.Module
     tokenizer: Any
     encode_image: prompts_lib.ImageEncoder
+    # Held around every use of ``tokenizer`` while a stage's helper thread may use it too
+    # (``records.Prefetched``): a fast tokenizer is not safe to call from two threads at once.
+    tokenizer_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
     def template(self) -> str:
@@ -56,8 +60,9 @@ class Bundle:
         and their layout (``image_sizes``, or ``image_grid_thw`` for Qwen2.5-VL)."""
         pixel_values, image_sizes = self.encode_image(record["image"])
         size = None if image_sizes is None else tuple(np.asarray(image_sizes)[0])
-        ids = chat.encode_prompt(self.tokenizer, record["question"], self.model.num_image_tokens(size),
-                                 image_token_id=self.model.config.image_token_id, template=self.template)
+        with self.tokenizer_lock:
+            ids = chat.encode_prompt(self.tokenizer, record["question"], self.model.num_image_tokens(size),
+                                     image_token_id=self.model.config.image_token_id, template=self.template)
         return {"id": zlib.crc32(str(record["id"]).encode()), "input_ids": ids.tolist(),
                 "pixel_values": pixel_values, layout_key(self.model): image_sizes}
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
 from typing import Any
 
 from rlaifv_jax.core import records
@@ -39,19 +38,17 @@ def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSetti
     @contextlib.contextmanager
     def open_fn():
         with bundle.loaded(policy, mesh) as b:
-            tokenizer_lock = threading.Lock()  # one tokenizer, used by the prepare thread and this one
             stop_ids = b.stop_ids()
 
             def prepare(chunk):  # host work, on the helper thread while the previous chunk decodes
                 inputs, skipped = [], {}
-                with tokenizer_lock:
-                    for i, p in enumerate(chunk):
-                        try:
-                            inputs.append(b.prompt(p))
-                        except PlaceholderMismatch:  # the question's text maps to the image token: a named skip
-                            skipped[i] = {"question": p["question"], "responses": [], "num_tokens": [],
-                                          "fingerprint": fingerprints.get(str(p["id"])),
-                                          "warnings": ["image_token_in_text"]}
+                for i, p in enumerate(chunk):
+                    try:
+                        inputs.append(b.prompt(p))  # the tokenizer under b.tokenizer_lock
+                    except PlaceholderMismatch:  # the question's text maps to the image token: a named skip
+                        skipped[i] = {"question": p["question"], "responses": [], "num_tokens": [],
+                                      "fingerprint": fingerprints.get(str(p["id"])),
+                                      "warnings": ["image_token_in_text"]}
                 return chunk, inputs, skipped
 
             def run_chunk(prepared):
@@ -63,7 +60,7 @@ def run(stage_dir: str, prompts: list[dict[str, Any]], policy: bundle.ModelSetti
                                      seed=seed, batch_size=settings.batch_size, mesh=mesh,
                                      decode_rows=settings.decode_rows, progress=False))
                 result = []
-                with tokenizer_lock:
+                with b.tokenizer_lock:
                     for i, p in enumerate(chunk):
                         if i in skipped:
                             result.append(skipped[i])
