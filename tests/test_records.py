@@ -152,7 +152,7 @@ def test_prefetched_prepares_the_next_chunk_while_the_current_one_runs(tmp_path)
     assert read_stage(tmp_path / "s") == expected_records()
     assert sorted(os.listdir(tmp_path / "s")) == ["_DONE.00000"] + [f"part-00000-{c:06d}.jsonl" for c in range(6)]
     assert summary["processed_this_run"] == 23 and summary["device_seconds_this_run"] == 0
-    assert records.device_idle(str(tmp_path / "s")) is None  # no device program ran
+    assert records.device_idle(read_marker(tmp_path / "s")) is None  # no device program ran
 
 
 @pytest.mark.parametrize("where", ["prepare", "run"])
@@ -186,7 +186,8 @@ def test_device_time_counts_nested_regions_once_and_gives_the_idle_fraction(tmp_
     counted = device_time.seconds() - before
     assert 6 * 0.05 <= counted <= summary["seconds_this_run"] + 1e-3
     assert summary["device_seconds_this_run"] == pytest.approx(counted, abs=2e-3)
-    idle = records.device_idle(str(tmp_path / "s"))
+    idle = records.device_idle(read_marker(tmp_path / "s"))
+    assert idle == records.device_idle(summary)
     assert idle == pytest.approx(device_time.idle_fraction(summary["device_seconds_this_run"],
                                                            summary["seconds_this_run"]))
     assert 0.0 <= idle < 1.0

@@ -239,11 +239,10 @@ def run_stage(
     return summary
 
 
-def device_idle(stage_dir: str, process_index: int = 0) -> float | None:
-    """The device idle fraction of process ``process_index``'s last run of a finished stage (None
-    when the stage is unfinished, when that run had nothing left to do or ran no device program, or
-    for a marker written before device time was recorded)."""
-    marker = read_marker(stage_dir, process_index)
+def device_idle(marker: Record | None) -> float | None:
+    """The device idle fraction of the run a marker (``run_stage``'s summary) records: None for no
+    marker (an unfinished stage), a run that had nothing left to do or ran no device program, or a
+    marker written before device time was recorded."""
     if not marker or not marker.get("processed_this_run") or not marker.get("device_seconds_this_run"):
         return None
     return device_time.idle_fraction(marker["device_seconds_this_run"], marker["seconds_this_run"])

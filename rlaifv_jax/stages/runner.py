@@ -37,7 +37,7 @@ def run(stage_dir: str, inputs: Sequence[Any], open_fn: Callable[[], ContextMana
                                         process_index=index, process_count=count, desc=desc, progress=progress)
         if summary.get("warnings"):
             log.warning("%s: %s", desc, summary["warnings"])
-        idle = records.device_idle(stage_dir, index)
+        idle = records.device_idle(summary)
         if idle is not None:
             log.info("%s: %d records in %.1f s, device busy %.1f s, idle %.0f %% (waiting on the host)", desc,
                      summary["processed_this_run"], summary["seconds_this_run"], summary["device_seconds_this_run"],
@@ -62,7 +62,7 @@ def stage_device_idle(stage_dirs: Sequence[str]) -> dict[str, float]:
     (stages with no device work, or finished by an earlier run, are left out)."""
     out = {}
     for d in stage_dirs:
-        idle = records.device_idle(d, jax.process_index()) if os.path.isdir(d) else None
+        idle = records.device_idle(records.read_marker(d, jax.process_index()) if os.path.isdir(d) else None)
         if idle is not None:
             out[os.path.basename(d)] = round(idle, 3)
     return out
