@@ -7,6 +7,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Repetit
                                                     TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+import jax
 import jax.numpy as jnp
 import tiny_hf
 from rlaifv_jax.engine import generate
@@ -110,6 +111,51 @@ def test_logits_processors_equal_transformers():
                                  TopKLogitsWarper(20), TopPLogitsWarper(0.8)])
     cfg = logits_lib.DecodeSettings(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.2)
     same(logits_lib.process_logits(jnp.asarray(logits), jnp.asarray(seen), cfg), chain(hist, scores.clone()))
+
+
+@pytest.mark.parametrize("cfg", [
+    logits_lib.DecodeSettings(temperature=0.7, top_k=50),
+    logits_lib.DecodeSettings(temperature=1.3, top_k=20, top_p=0.8, repetition_penalty=1.2),
+    logits_lib.DecodeSettings(temperature=1.0, top_k=3, banned_ids=(5, 7)),
+])
+def test_top_k_draw_over_candidates_equals_the_draw_over_the_vocabulary(cfg):
+    """The top-k draw looks at k candidates, not V: same tokens as ``jax.random.categorical`` over the
+    whole filtered vocabulary, row by row and step by step (so deconfounded streams are unchanged)."""
+    rows, vocab = 64, 3000
+    logits = jax.random.normal(jax.random.key(0), (rows, vocab)) * 3
+    seen = jax.random.bernoulli(jax.random.key(1), 0.01, (rows, vocab))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(rows))
+    values, ids = logits_lib.candidate_scores(logits, seen, cfg)
+    full = logits_lib.process_logits(logits, seen, cfg)
+    np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(np.asarray(full), np.asarray(ids), 1))
+    assert np.isfinite(np.asarray(full)).sum() == np.isfinite(np.asarray(values)).sum()  # no other token kept
+    step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.full((rows,), 0))
+    np.testing.assert_array_equal(  # the noise at the candidates is the noise the full draw adds there
+        np.asarray(logits_lib.gumbel_at(step_keys, ids)),
+        np.take_along_axis(np.asarray(jax.vmap(lambda k: jax.random.gumbel(k, (vocab,)))(step_keys)), np.asarray(ids), 1))
+    for step in range(12):
+        got, logp = logits_lib.choose_tokens(logits, seen, keys, jnp.int32(step), cfg)
+        step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.full((rows,), step))
+        want = jax.vmap(jax.random.categorical)(step_keys, full)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(logp), np.take_along_axis(
+        np.asarray(jax.nn.log_softmax(logits)), np.asarray(got)[:, None], 1)[:, 0], rtol=1e-6)
+
+
+def test_top_k_draw_falls_back_to_the_vocabulary_draw_for_other_generators():
+    """With the high-range Gumbel the candidates' noise is not what ``categorical`` would draw, so the
+    draw runs over the vocabulary (the same tokens as ``categorical`` in that mode)."""
+    cfg = logits_lib.DecodeSettings(temperature=0.7, top_k=10)
+    logits = jax.random.normal(jax.random.key(0), (16, 500)) * 3
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2), i))(jnp.arange(16))
+    jax.config.update("jax_high_dynamic_range_gumbel", True)
+    try:
+        got = logits_lib.choose_tokens(logits, None, keys, jnp.int32(3), cfg)[0]
+        step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.full((16,), 3))
+        want = jax.vmap(jax.random.categorical)(step_keys, logits_lib.process_logits(logits, None, cfg))
+    finally:
+        jax.config.update("jax_high_dynamic_range_gumbel", False)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_first_token_distribution_matches_filtered_softmax(models):

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.extend.random import threefry2x32_p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,16 +132,65 @@ def row_keys(seed: jax.Array, prompt_ids: jax.Array, sample_ids: jax.Array) -> j
     return jax.vmap(lambda p, j: jax.random.fold_in(jax.random.fold_in(base, p), j))(prompt_ids, sample_ids)
 
 
+def candidate_scores(logits: jax.Array, seen: jax.Array | None, cfg: DecodeSettings) -> tuple[jax.Array, jax.Array]:
+    """``process_logits`` on the ``cfg.top_k`` candidates only (sampling with top-k): their scores
+    ``[R, k]`` (``-inf`` where top-p drops them) and vocabulary ids ``[R, k]``, with no mask or sort
+    over the vocabulary. Equal to ``process_logits`` at those ids; a token tied with the k-th
+    largest logit, which ``top_k_filter`` keeps, is not a candidate."""
+    if cfg.banned_ids:
+        logits = ban_ids(logits, cfg.banned_ids)
+    if cfg.penalizes:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    values, ids = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))
+    if cfg.top_p is not None and cfg.top_p < 1.0:  # top_k_top_p_filter's cut, on the candidates
+        ascending = values[..., ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+        remove = (cumulative <= 1 - cfg.top_p).at[..., -1].set(False)
+        lowest_kept = jnp.min(jnp.where(remove, jnp.inf, ascending), axis=-1, keepdims=True)
+        values = jnp.where(values < lowest_kept, -jnp.inf, values)
+    return values, ids
+
+
+def _gumbel_matches_categorical(keys: jax.Array) -> bool:
+    """Whether ``gumbel_at`` reproduces ``jax.random.gumbel``: threefry keys with partitionable bits
+    (each element's bits depend on its index only) and the default low-range Gumbel."""
+    return (str(jax.random.key_impl(keys)) == "threefry2x32" and jax.config.jax_threefry_partitionable
+            and not jax.config.jax_high_dynamic_range_gumbel)
+
+
+def gumbel_at(keys: jax.Array, ids: jax.Array) -> jax.Array:
+    """``jax.random.gumbel(keys[r], (V,), float32)[ids[r]]`` for every row ``r`` (ids ``[R, k]``),
+    computed for those ``k`` ids only: element ``i`` of a partitionable threefry draw hashes the
+    counter ``(0, i)``, and the Gumbel is ``-log(-log(u))`` of the uniform its bits make."""
+    data = jax.random.key_data(keys).astype(jnp.uint32)  # [R, 2]
+    k1, k2 = (jnp.broadcast_to(data[:, i:i + 1], ids.shape) for i in (0, 1))
+    hi, lo = threefry2x32_p.bind(k1, k2, jnp.zeros(ids.shape, jnp.uint32), ids.astype(jnp.uint32))
+    mantissa = jax.lax.shift_right_logical(hi ^ lo, jnp.uint32(32 - 23)) | np.array(1.0, np.float32).view(np.uint32)
+    tiny = jnp.float32(np.finfo(np.float32).tiny)
+    u = jnp.maximum(tiny, (jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0) * (1.0 - tiny) + tiny)
+    return -jnp.log(-jnp.log(u))
+
+
 def choose_tokens(logits: jax.Array, seen: jax.Array | None, keys: jax.Array | None, step: jax.Array,
                   cfg: DecodeSettings) -> tuple[jax.Array, jax.Array]:
     """Next tokens ``[R]`` (argmax, or a categorical draw with each row's key folded with ``step``,
     a scalar or one per row)
-    and their raw-model log-probs ``[R]``."""
-    scores = process_logits(logits, seen, cfg)
+    and their raw-model log-probs ``[R]``.
+
+    With top-k the draw is the Gumbel-max over the k candidates (``candidate_scores``), with the
+    Gumbel noise ``jax.random.categorical`` would add at those ids (``gumbel_at``): the same tokens
+    as the draw over the whole filtered vocabulary, for k random numbers per row, not V."""
     if cfg.greedy:
-        tokens = jnp.argmax(scores, axis=-1)
+        tokens = jnp.argmax(process_logits(logits, seen, cfg), axis=-1)
     else:
         step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape))
-        tokens = jax.vmap(jax.random.categorical)(step_keys, scores)
+        if cfg.top_k is not None and _gumbel_matches_categorical(step_keys):
+            values, ids = candidate_scores(logits, seen, cfg)
+            pick = jnp.argmax(values + gumbel_at(step_keys, ids), axis=-1)
+            tokens = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+        else:
+            tokens = jax.vmap(jax.random.categorical)(step_keys, process_logits(logits, seen, cfg))
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logp
