@@ -23,6 +23,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.resume = ml_collections.ConfigDict()
     c.resume.on_input_change = "refuse"  # refuse: stop in one line saying what changed | recompute: redo those records
 
+    # The TPU slice the paper configs' decode batches and mesh were tuned for ("" = none: the toy);
+    # configs/slices.py sets it from the config argument (configs/X.py:v6e-8); a run elsewhere warns.
+    c.slice = ""
+
     c.mesh = ml_collections.ConfigDict()  # device layout of DPO training (may change on resume)
     c.mesh.data = 1  # data-parallel mesh axis size
     c.mesh.fsdp = -1  # FSDP axis size (-1: all remaining devices)

@@ -6,15 +6,21 @@ python -m rlaifv_jax.main --config configs/llava15_7b_next34b.py --workdir runs/
 """
 import ml_collections
 
-from configs import llava15_7b_self
+from configs import llava15_7b_self, slices
+
+# docs/PLAN.md, 6 December 2026 (`plan --tune`): the 34B labeler wants a tensor axis of 4; on v5p-8 the
+# sampler runs 512 prompts a call through 384 decode slots.
+TUNED: slices.Table = {
+    "v5p-8": slices.entry(sample=(512, 384), claims=(1024, 0), mesh=(1, -1, 4)),
+    "v6e-8": slices.entry(sample=(32, 0), claims=(512, 0), mesh=(1, 2, 4)),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = llava15_7b_self.get_config(arg)
+    c = llava15_7b_self.get_config(None)
     c.labeler.kind = "model"
     c.labeler.path = ""  # llava-hf/llava-v1.6-34b-hf (LlavaNextForConditionalGeneration, Yi-34B)
     c.labeler.arch = "llava-v1.6-34b"  # its config.json, for the planner
     c.labeler.template = "chat"  # LLaVA-NeXT-34B uses its tokenizer's (ChatML) template
     c.labeler.batch_size = 32
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4  # the 34B labeler wants tensor parallelism
-    return c
+    return slices.apply(c, arg, TUNED)  # decode batches and mesh of the slice (configs/slices.py)

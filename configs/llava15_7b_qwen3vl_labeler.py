@@ -18,7 +18,7 @@ from configs import llava15_7b_self
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = llava15_7b_self.get_config(arg)
+    c = llava15_7b_self.get_config(arg)  # its sampler and claims batches per slice (the labeler does not decode)
     c.labeler.kind = "model"
     c.labeler.path = ""  # Qwen/Qwen3-VL-8B-Instruct (Qwen3VLForConditionalGeneration)
     c.labeler.arch = "qwen3-vl-8b-instruct"  # its config.json, for the planner

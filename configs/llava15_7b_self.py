@@ -6,7 +6,15 @@ python -m rlaifv_jax.main --config configs/llava15_7b_self.py --workdir runs/lla
 """
 import ml_collections
 
-from configs import default
+from configs import default, slices
+
+# docs/PLAN.md, 6 December 2026 (`plan --tune`): the sampler continuous through 384 slots on v5p-8, 128 on
+# v6e-8; v5litepod-8 (16 GiB a chip) needs a tensor axis and fits 16 prompts a call.
+TUNED: slices.Table = {
+    "v5p-8": slices.entry(sample=(256, 384), claims=(1024, 0)),
+    "v6e-8": slices.entry(sample=(128, 128), claims=(320, 0)),
+    "v5litepod-8": slices.entry(sample=(16, 0), claims=(320, 0), mesh=(1, 2, 4)),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -24,12 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.top_k = 50
     c.sampling.top_p = 1.0
     c.sampling.max_new_tokens = 512
-    c.sampling.batch_size = 32  # prompts per prefill: 320 decode rows, which fit v5p-8 and v6e-8 (docs/PLAN.md;
-    # `python -m rlaifv_jax.plan --tune` picks the fastest batch for a slice)
     c.claims.kind = "llm"  # Llama-3-8B-Instruct (or the released split/convert fine-tunes)
     c.claims.split_arch = "llama-3-8b-instruct"  # both fine-tunes have its architecture
-    c.claims.batch_size = 32
-    c.claims.llm_batch_size = 320  # all 320 responses of a claims shard decode together (docs/PLAN.md)
     c.pairs.length_ratio = -1.0  # METHOD.md §4: search the balancing threshold
     c.labeler.kind = "self"
     c.labeler.template = "llava_v1"
@@ -40,5 +44,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.max_length = 2048
     c.dpo.remat = "full"  # recompute each decoder layer in the backward pass: 28 GiB per chip on v5p-8, not 153 (docs/PLAN.md)
     c.eval.max_new_tokens = 512
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    return c
+    return slices.apply(c, arg, TUNED)  # decode batches and mesh of the slice (configs/slices.py)

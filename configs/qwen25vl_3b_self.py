@@ -15,7 +15,7 @@ from configs import qwen25vl_7b_self
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = qwen25vl_7b_self.get_config(arg)
+    c = qwen25vl_7b_self.get_config(arg)  # the 7B's decode batches per slice: the 3B's weights and KV cache are smaller
     c.policy.path = ""  # Qwen/Qwen2.5-VL-3B-Instruct (tied embeddings), downloaded beforehand
     c.policy.arch = "qwen2.5-vl-3b-instruct"  # its config.json, for the planner
     return c

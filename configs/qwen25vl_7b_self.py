@@ -16,7 +16,10 @@ Plan it without weights (``policy.arch`` / ``claims.split_arch`` name the preset
 """
 import ml_collections
 
-from configs import default
+from configs import default, slices
+
+# docs/PLAN.md, 6 December 2026 (`plan --tune` on v5p-8): 1,024 prompts a call through 512 decode slots.
+TUNED: slices.Table = {"v5p-8": slices.entry(sample=(1024, 512), claims=(1024, 0))}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,12 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.top_p = 1.0  # off
     c.sampling.repetition_penalty = 1.0  # off (OmniLMM used 1.1)
     c.sampling.max_new_tokens = 512
-    c.sampling.batch_size = 32  # prompts per sampler call (each prompt's 10 rows share its prefix cache; 320
-    # decode rows fit v5p-8 and v6e-8, docs/PLAN.md)
     c.claims.kind = "llm"  # Llama-3-8B-Instruct (or the released split/convert fine-tunes)
     c.claims.split_arch = "llama-3-8b-instruct"  # both fine-tunes have its architecture (for the planner)
-    c.claims.batch_size = 32  # prompts per claims shard
-    c.claims.llm_batch_size = 320  # all 320 responses of a claims shard decode together (docs/PLAN.md)
     c.pairs.length_ratio = -1.0  # METHOD.md §4: search the length-balancing threshold
     c.labeler.kind = "self"  # the initial policy labels its own samples (self-feedback)
     c.labeler.template = "chat"  # yes/no read after "<|im_start|>assistant\n" (tokens "yes"/"Yes"/"no"/"No")
@@ -57,5 +56,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.max_length = 2048  # tokens per sequence (prompt + image + answer); longer pairs are counted, not cut
     c.dpo.remat = "full"  # recompute each decoder layer in the backward pass (activations of 2048-token pairs)
     c.eval.max_new_tokens = 512  # (exact toy evaluation only; files-source runs report no CHAIR)
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over every device
-    return c
+    return slices.apply(c, arg, TUNED)  # decode batches and mesh (FSDP over every device) of the slice

@@ -17,11 +17,14 @@ Plan it without weights (``policy.arch`` / ``claims.split_arch`` name the preset
 """
 import ml_collections
 
-from configs import qwen25vl_7b_self
+from configs import qwen25vl_7b_self, slices
+
+# docs/PLAN.md, 6 December 2026 (`plan --tune` on v5p-8): 1,024 prompts a call through 640 decode slots.
+TUNED: slices.Table = {"v5p-8": slices.entry(sample=(1024, 640), claims=(1024, 0))}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = qwen25vl_7b_self.get_config(arg)  # the same loop, sampling, labeling and DPO settings
+    c = qwen25vl_7b_self.get_config(None)  # the same loop, sampling, labeling and DPO settings
     c.policy.path = ""  # Qwen/Qwen3-VL-8B-Instruct, downloaded beforehand (see the module docstring)
     c.policy.arch = "qwen3-vl-8b-instruct"  # its config.json, for the planner
     c.policy.template = "chat"  # the tokenizer's ChatML template (the image as
@@ -29,4 +32,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.labeler.kind = "self"  # the initial policy labels its own samples (self-feedback)
     c.labeler.template = "chat"  # the question in the labeler's own (ChatML) template
     c.labeler.answer_prefix = "auto"  # "" after "<|im_start|>assistant\n": tokens "yes"/"Yes"/"no"/"No"
-    return c
+    return slices.apply(c, arg, TUNED)  # decode batches and mesh of the slice (configs/slices.py)

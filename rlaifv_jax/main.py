@@ -162,7 +162,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         if debug:
             raise
-        _fail(f"{e}{_expected_type(argv, str(e))}")
+        message = str(e)
+        if "Error whilst parsing config file" in message:  # get_config raised: its own last line
+            message = f"--config={_config_arg(argv)}: " + message.strip().splitlines()[-1]
+        _fail(f"{message}{_expected_type(argv, message)}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised inside config overrides
         if debug:
             raise
@@ -249,6 +252,11 @@ def run(config, workdir: str) -> None:
         raise ConfigError(str(e), header="bad multi-host flags") from None
     if config.mode not in ("online", "offline_dpo"):
         raise ConfigError(f"mode={config.mode!r} must be one of 'online', 'offline_dpo'")
+    import jax
+    from rlaifv_jax.core import hardware
+    mismatch = hardware.slice_mismatch(config.get("slice", ""), jax.devices()[0].device_kind, jax.device_count())
+    if mismatch and jax.process_index() == 0:
+        logging.getLogger(OURS).warning(mismatch)
     from rlaifv_jax.core import lock
     with lock.hold_once(workdir):  # one run per workdir (process 0 takes it for all)
         if config.mode == "online":

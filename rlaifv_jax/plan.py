@@ -3,8 +3,11 @@ should it run? Nothing runs and no weights are read: models are built abstractly
 ``config.json`` (``nnx.eval_shape``; ``configs/arch/`` holds presets of the paper's models), and
 every stage's jitted programs are compiled for the named slice from abstract arguments.
 
-python -m rlaifv_jax.plan --config configs/llava15_7b_self.py --topology v5p-8 \\
+python -m rlaifv_jax.plan --config configs/llava15_7b_self.py[:v6e-8] [--topology v6e-8] \\
   [--json plan.json] [--stages sample,dpo_step]
+
+``--topology`` defaults to the slice the config's decode batches are tuned for (``config.slice``, set
+by ``configs/slices.py`` from the config argument).
 
 A model whose checkpoint path is empty is built from the architecture preset the config names
 (``policy.arch``, ``labeler.arch``, ``claims.split_arch``, ``claims.convert_arch``: a directory under
@@ -155,6 +158,9 @@ class Planner:
             if faster and all(s.fits for s in compiled):
                 prefill.variant = decode.variant = True
                 self.overrides.update({g.fields[0]: best.batch, g.fields[1]: best.slots})
+                if g.name.startswith("claims"):  # shards whose responses fill whole calls of the new batch
+                    self.overrides["claims.batch_size"] = plan_tune.claims_shard(best.batch,
+                                                                                 self.spec.sample.num_samples)
                 return
             del self.stages[start:]  # XLA says it does not fit, or is slower, after all: the next candidate
 
@@ -209,7 +215,7 @@ class Planner:
 
     def ragged(self, g: Generation) -> bool:
         """Whether stage ``g``'s decode reads the own cache through the Pallas kernel on this mesh."""
-        return generate.own_cache_for(g.model, self.mesh) == "pallas"
+        return generate.own_cache_for(g.model, self.mesh, g.max_new) == "pallas"
 
     def lengths(self, max_new: int) -> plan_decode.Lengths:
         """The response-length assumption for a stage that generates at most ``max_new`` tokens."""
@@ -398,7 +404,8 @@ def main(argv: list[str]) -> int:
     fv = flags.FlagValues()  # a fresh set per call: main() can run more than once in one process
     config_flag = config_flags.DEFINE_config_file("config", None, "Python config file (get_config).",
                                                   flag_values=fv, lock_config=True, sys_argv=argv)
-    topology = flags.DEFINE_string("topology", None, "v4-N, v5p-N, v5litepod-N, v6e-N, or local (this machine).",
+    topology = flags.DEFINE_string("topology", None, "v4-N, v5p-N, v5litepod-N, v6e-N, or local (this machine); "
+                                   "default: the slice the config's batches are tuned for (config.slice).",
                                    flag_values=fv)
     json_out = flags.DEFINE_string("json", None, "Write the report as JSON here.", flag_values=fv)
     only = flags.DEFINE_list("stages", [], "Plan only stages whose name starts with one of these "
@@ -419,14 +426,16 @@ def main(argv: list[str]) -> int:
         progress.addHandler(logging.StreamHandler(sys.stderr))
         progress.setLevel(logging.INFO)
         progress.propagate = False
-    if not config_flag.value or not topology.value:
-        print("error: --config and --topology are required", file=sys.stderr)
+    slice_ = topology.value or (config_flag.value.get("slice", "") if config_flag.value else "")
+    if not config_flag.value or not slice_:
+        print("error: --config and --topology are required (a config without config.slice names no slice)",
+              file=sys.stderr)
         return 2
     if verbosity.value < 1:
-        quiet_libtpu(topology.value)
+        quiet_libtpu(slice_)
     try:
         assume = dataclasses.replace(Assumptions(), response_tokens=mean.value, longest_response=longest.value)
-        r = plan(vocabulary.canonicalize(config_flag.value), topology.value, only=tuple(only.value),
+        r = plan(vocabulary.canonicalize(config_flag.value), slice_, only=tuple(only.value),
                  variants=variants.value, assume=assume, tune=tune.value)
     except (hardware.MissingLibtpu, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

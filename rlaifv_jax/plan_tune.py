@@ -9,6 +9,7 @@ this model, has the last word on whether it fits.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 PROMPT_BATCHES = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -48,6 +49,12 @@ def footprint(peak: float, weights: float, prefix_all: float, own: float, *, bat
 def peak_bytes(f: Footprint, c: Candidate, num_samples: int) -> float:
     """Estimated peak per chip of candidate ``c``."""
     return f.weights + f.prefix_per_prompt * c.batch + (f.own_per_row + f.rest_per_row) * c.rows(num_samples)
+
+
+def claims_shard(messages: int, num_samples: int) -> int:
+    """Prompts per claims shard (``claims.batch_size``) whose ``num_samples`` responses each fill whole
+    claims-LLM calls of ``messages`` (``claims.llm_batch_size``): the fewest such prompts."""
+    return messages // math.gcd(messages, num_samples)
 
 
 def candidates(num_samples: int, prompts: int) -> list[Candidate]:

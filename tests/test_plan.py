@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default, qwen25vl_7b_self, qwen3vl_8b_self
+from configs import default, qwen25vl_7b_self, qwen3vl_8b_self, slices
 from rlaifv_jax import plan, plan_report, plan_tune
 from rlaifv_jax.core import aot, hardware, sharding
 from rlaifv_jax.data import buckets
@@ -240,6 +240,44 @@ def test_the_plan_checks_the_mesh_against_the_slice_not_this_machine():
         plan_spec(c, 2)
 
 
+PAPER_CONFIGS = ("llava15_7b_self", "llava15_7b_next34b", "qwen25vl_3b_self", "qwen25vl_7b_self",
+                 "qwen3vl_8b_self", "llava15_7b_qwen3vl_labeler")
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_carry_their_slices_decode_batches(name):
+    """Each slice a paper config names sets every tuned field, passes the run's checks against that
+    slice's device count, and gives claims shards that fill whole claims-LLM calls; no argument is the
+    default slice; an unknown slice is refused in one line naming the known ones."""
+    module = importlib.import_module(f"configs.{name}")
+    default_slice = module.get_config()
+    assert default_slice.slice == "v5p-8"
+    table = getattr(module, "TUNED", None) or getattr(importlib.import_module(
+        "configs.llava15_7b_self" if name.startswith("llava") else "configs.qwen25vl_7b_self"), "TUNED")
+    for slice_name, fields in table.items():
+        assert set(fields) == set(slices.FIELDS)
+        c = module.get_config(slice_name)
+        assert c.slice == slice_name
+        assert {f: c[f.split(".")[0]][f.split(".")[1]] for f in slices.FIELDS} == fields
+        spec = plan_spec(c, hardware.parse_topology(slice_name).chips)
+        assert spec.mesh == (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        assert (c.claims.batch_size * c.sampling.num_samples) % c.claims.llm_batch_size == 0
+    assert module.get_config("v5p-8").to_dict() == default_slice.to_dict()
+    with pytest.raises(ValueError, match=r"no decode batches for slice 'v9-8'.*known: .*v5p-8"):
+        module.get_config("v9-8")
+
+
+def test_slice_names_and_the_mismatch_warning():
+    assert hardware.slice_name("TPU v5", 4) == "v5p-8" and hardware.slice_name("TPU v6 lite", 8) == "v6e-8"
+    assert hardware.slice_name("TPU v5 lite", 8) == "v5litepod-8" and hardware.slice_name("cpu", 8) is None
+    assert hardware.slice_mismatch("v5p-8", "TPU v5", 4) is None
+    assert hardware.slice_mismatch("", "TPU v6 lite", 8) is None and hardware.slice_mismatch("v5p-8", "cpu", 1) is None
+    warning = hardware.slice_mismatch("v5p-8", "TPU v6 lite", 8)
+    assert "tuned for v5p-8, this is v6e-8" in warning and ".py:v6e-8" in warning
+    assert slices.entry(sample=(8, 0), claims=(320, 0))["claims.batch_size"] == 32  # 320 responses: one call
+    assert slices.entry(sample=(8, 0), claims=(1024, 0))["claims.batch_size"] == 512  # 5,120: five calls
+
+
 def test_the_planner_takes_the_runs_own_settings(tmp_path):
     """plan_spec builds the stages' settings with online_spec's builders; it needs no file or checkpoint,
     still refuses bad values, and the DPO dtype options reach the step the planner compiles."""
@@ -409,7 +447,8 @@ def test_decode_on_a_tpu_slice_reads_the_own_cache_through_the_pallas_kernel(tmp
     model = plan.abstract_model(hf.read_config(str(tmp_path)), "bfloat16", "bfloat16")
     topo = hardware.parse_topology("v5litepod-4")
     mesh = sharding.make_mesh(1, 2, 2, devices=hardware.devices(topo))
-    assert generate.own_cache_for(model, mesh) == "pallas"
+    assert generate.own_cache_for(model, mesh, 300) == "pallas"
+    assert generate.own_cache_for(model, mesh, 128) == "xla"  # 127 own slots: one block of 127, which does not tile
     state = aot.sharded(nnx.state(model), mesh, sharding.SERVE_RULES)
     programs = generate.lower_programs(model, state, mesh, batch=4, length=32, num_samples=3, max_new_tokens=300,
                                        sampling=plan.DecodeSettings(temperature=1.0, top_k=40), decode_rows=decode_rows)

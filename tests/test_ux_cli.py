@@ -45,6 +45,17 @@ def test_cli_mistakes_are_one_line_and_write_nothing(tmp_path, arg, expected):
     assert not work.exists() or not os.listdir(work)
 
 
+def test_a_config_argument_it_does_not_know_is_one_line(tmp_path):
+    """A paper config asked for a slice it has no decode batches for: the config's own error, one line."""
+    work = tmp_path / "work"
+    proc = subprocess.run([*smoke_command(work)[:3], "--config", "configs/llava15_7b_self.py:v9-8", "--workdir",
+                           str(work)], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --config=configs/llava15_7b_self.py:v9-8: ValueError: no decode batches for slice 'v9-8'")
+    assert not work.exists()
+
+
 def test_cli_debug_shows_the_traceback(tmp_path):
     proc, work = _cli(tmp_path, "--config.mesh.fsdp=3", "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr

@@ -111,6 +111,35 @@ def parse_topology(name: str) -> Slice:
     return Slice(name, chips, chip, _grid(chips, chip.dims))
 
 
+# ``jax.Device.device_kind`` of each generation's chips (lower case) → its ``CHIPS`` key.
+DEVICE_KINDS = {"tpu v4": "v4", "tpu v5": "v5p", "tpu v5p": "v5p", "tpu v5 lite": "v5litepod",
+                "tpu v5e": "v5litepod", "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
+
+
+def chip_of(device_kind: str) -> Chip | None:
+    """The TPU generation of a ``device_kind`` ("TPU v5 lite"), None for other devices."""
+    key = DEVICE_KINDS.get(device_kind.lower())
+    return CHIPS[key] if key else None
+
+
+def slice_name(device_kind: str, chips: int) -> str | None:
+    """The Cloud TPU accelerator type of ``chips`` devices of ``device_kind`` ("TPU v5", 4 → "v5p-8"),
+    None when they are not TPUs of a known generation."""
+    key = DEVICE_KINDS.get(device_kind.lower())
+    return f"{key}-{chips * CHIPS[key].cores_in_name}" if key else None
+
+
+def slice_mismatch(tuned_for: str, device_kind: str, chips: int) -> str | None:
+    """A one-line warning when a config's decode batches were tuned for slice ``tuned_for`` and the run
+    is on another TPU slice (None when they agree, the config names none, or this is no TPU)."""
+    here = slice_name(device_kind, chips)
+    if not tuned_for or here is None or here == tuned_for:
+        return None
+    return (f"the config's decode batches and mesh are tuned for {tuned_for}, this is {here}: they may not fit "
+            f"or may be slow here; pass --config <file>.py:{here} if configs/slices.py lists it, else plan "
+            f"the batches with python -m rlaifv_jax.plan --topology {here} --tune")
+
+
 def _local_memory() -> int | None:
     import jax
     stats = jax.devices()[0].memory_stats() or {}

@@ -133,12 +133,8 @@ def start_wandb(project: str, workdir: str):
 
 def peak_flops_per_device() -> float | None:
     """Peak bf16 FLOP/s of one device of this platform (``core.hardware``), or None when unknown."""
-    kind = jax.devices()[0].device_kind.lower()  # "TPU v4", "TPU v5", "TPU v5 lite", "TPU v6 lite"
-    if not kind.startswith("tpu"):
-        return None
-    generation = {"tpu v4": "v4", "tpu v5": "v5p", "tpu v5p": "v5p", "tpu v5 lite": "v5litepod",
-                  "tpu v5e": "v5litepod", "tpu v6 lite": "v6e", "tpu v6e": "v6e"}.get(kind)
-    return hardware.CHIPS[generation].peak_bf16_flops if generation else None
+    chip = hardware.chip_of(jax.devices()[0].device_kind)  # "TPU v4", "TPU v5", "TPU v5 lite", "TPU v6 lite"
+    return chip.peak_bf16_flops if chip else None
 
 
 @jax.jit
