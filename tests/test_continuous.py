@@ -83,6 +83,6 @@ def test_the_ragged_kernel_samples_the_same_tokens(model, decode_rows):
     for a, b in zip(got, want):
         assert a["tokens"] == b["tokens"] and a["stopped"] == b["stopped"]
         np.testing.assert_allclose(np.concatenate(a["logprobs"]), np.concatenate(b["logprobs"]), atol=1e-5)
-    assert generate.own_cache_for(model, None) == "xla"  # CPU: the pure-JAX walk
+    assert generate.own_cache_for(model, None, 300) == "xla"  # CPU: the pure-JAX walk
     with pytest.raises(ValueError, match="own_cache"):
         generate.generate(model, prompts, own_cache="cuda", **kw)

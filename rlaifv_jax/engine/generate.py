@@ -91,12 +91,15 @@ class _Static:
     own_cache: str = "xla"  # how decode steps read the own cache (``layers.own_cache_path``)
 
 
-def own_cache_for(model: nnx.Module, mesh: Mesh | None) -> str:
+def own_cache_for(model: nnx.Module, mesh: Mesh | None, max_new_tokens: int) -> str:
     """How the decode programs read each row's own cache on ``mesh`` (default: this process's
     devices): the Pallas kernel of ``models.ragged_kernel`` on TPU where its blocks tile the head
-    size (each row reads its own filled blocks), else the pure-JAX walk up to the deepest row."""
+    size and the own cache (each row reads its own filled blocks), else the pure-JAX walk up to the
+    deepest row (as ``layers.decode_attention`` itself falls back: an own cache shorter than one
+    block is one block of its own length)."""
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-    tiles = ragged_kernel.supported(text_config(model).head_dim, DECODE_BLOCK)
+    block = min(DECODE_BLOCK, own_cache_slots(max_new_tokens))
+    tiles = ragged_kernel.supported(text_config(model).head_dim, block)
     return "pallas" if device.platform == "tpu" and tiles else "xla"
 
 
@@ -389,7 +392,7 @@ def batch_static(mesh: Mesh | None, model: nnx.Module, *, rows: int, cache_len: 
                  max_new_tokens: int, slots: int = 0, own_cache: str | None = None) -> _Static:
     """The static arguments of one batch's prefill and decode programs (``rows = batch × num_samples``;
     ``slots``: the continuous decoder's slots, 0 for the static decoder; ``own_cache``: how decode
-    steps read the own cache, ``layers.OWN_CACHE_PATHS``, default ``own_cache_for(model, mesh)``)."""
+    steps read the own cache, ``layers.OWN_CACHE_PATHS``, default ``own_cache_for``)."""
     tc = text_config(model)
     if own_cache is not None and own_cache not in OWN_CACHE_PATHS:
         raise ValueError(f"own_cache must be one of {OWN_CACHE_PATHS} or None, got {own_cache!r}")
@@ -397,7 +400,7 @@ def batch_static(mesh: Mesh | None, model: nnx.Module, *, rows: int, cache_len: 
                    cache_spec=_spec(mesh, ("batch", None, "kv_heads", "head_dim"),
                                     (slots or rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
                    rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)), slots=slots,
-                   own_cache=own_cache_for(model, mesh) if own_cache is None else own_cache)
+                   own_cache=own_cache_for(model, mesh, max_new_tokens) if own_cache is None else own_cache)
 
 
 def lower_programs(model: nnx.Module, state: nnx.State, mesh: Mesh, *, batch: int, length: int, num_samples: int,
