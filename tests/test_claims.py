@@ -149,3 +149,29 @@ def test_claims_llm_batch_size_and_continuous_slots_change_no_result(tmp_path):
             results.append([r.to_dict() for r in ex.extract(items)])
     assert results[0] == results[1] == results[2]
     assert all(r["raw_split"] for r in results[0])  # the LLM really answered every item
+
+
+def test_claims_stage_tokenizes_the_next_chunk_ahead_and_changes_no_result(tmp_path):
+    """The claims stage tokenizes the next chunk's split messages on a helper thread (the split LLM's
+    ``prepare``); its records equal one ``extract`` over every item, and a prepared message's ids are
+    taken (and dropped) by the call that decodes it, giving the same completions as tokenizing then."""
+    import tiny_hf
+    from rlaifv_jax.core.sharding import serve_mesh
+    from rlaifv_jax.stages import claims as claims_stage
+    tiny_hf.llama(tmp_path / "llm", seed=3)
+    tiny_hf.word_tokenizer(tmp_path / "llm")
+    samples = [{"key": f"p{i}", "question": "describe the image .",
+                "responses": [" ".join(f"w{(7 * i + j) % 75}" for j in range(2 + i)), "", "w3 w4"]} for i in range(5)]
+    settings = claims_stage.ClaimSettings(kind="llm", split_path=str(tmp_path / "llm"), batch_size=2, llm_batch_size=4)
+    got = claims_stage.run(str(tmp_path / "stage"), samples, settings, world=None, mesh=serve_mesh(), seed=0,
+                           progress=False)
+    with claims_stage.extractor(settings, None, serve_mesh(), seed=0) as ex:
+        want = ex.extract([(s["question"], r) for s in samples for r in s["responses"]])
+        llm, messages = ex.split_generate, ex.split_messages([(s["question"], s["responses"][0]) for s in samples])
+        fresh = llm(messages)
+        llm.prepare(messages)
+        assert set(llm.ready) == set(messages)
+        assert llm(messages) == fresh and not llm.ready
+    flat = [c for rec in sorted(got, key=lambda r: r["key"]) for c in rec["claims"]]
+    assert flat == [r.to_dict() for r in want]
+    assert sum(c["status"] == "no_claims" for c in flat) >= 5  # the empty responses: no LLM call

@@ -159,10 +159,22 @@ class LLMClaimExtractor:
         self.split_generate = generate_text
         self.convert_generate = convert_generate_text or generate_text
 
+    @staticmethod
+    def split_messages(items: list[tuple[str, str]]) -> list[str]:
+        """The split LLM's message for each item with a non-empty answer, in order."""
+        return [split_prompt(question, answer) for question, answer in items if answer.strip()]
+
+    def prepare(self, items: list[tuple[str, str]]) -> None:
+        """Host work ahead of ``extract(items)``, safe on another thread: the split messages handed to the
+        split LLM's ``prepare`` (tokenizing them), when it has one."""
+        ahead = getattr(self.split_generate, "prepare", None)
+        if ahead is not None:
+            ahead(self.split_messages(items))
+
     def extract(self, items: list[tuple[str, str]]) -> list[ClaimResult]:
         """Claims of each (question, answer) item, two batched LLM calls in all."""
         todo = [i for i, (_, answer) in enumerate(items) if answer.strip()]
-        raw_split = dict(zip(todo, _generate(self.split_generate, [split_prompt(*items[i]) for i in todo])))
+        raw_split = dict(zip(todo, _generate(self.split_generate, self.split_messages(items))))
         facts = {i: parse_bullets(raw) for i, raw in raw_split.items()}
         to_convert = [i for i in todo if facts[i] and is_bulleted(raw_split[i])]
         raw_convert = dict(zip(to_convert, _generate(self.convert_generate,
