@@ -96,15 +96,18 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(remove, -jnp.inf, logits)
 
 
+def _top_p_lowest_kept(ascending: jax.Array, p: float) -> jax.Array:
+    """The smallest score top-p keeps among candidates sorted ascending (``[R, k]`` → ``[R, 1]``)."""
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove = (cumulative <= 1 - p).at[..., -1].set(False)
+    return jnp.min(jnp.where(remove, jnp.inf, ascending), axis=-1, keepdims=True)
+
+
 def top_k_top_p_filter(logits: jax.Array, k: int, p: float) -> jax.Array:
     """``top_p_filter(top_k_filter(logits, k), p)`` computed on the k candidates only (no sort of
     the vocabulary); equal to it except for exact ties at a cut-off."""
     values = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0]
-    ascending = jnp.sort(values, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    remove = (cumulative <= 1 - p).at[..., -1].set(False)
-    lowest_kept = jnp.min(jnp.where(remove, jnp.inf, ascending), axis=-1, keepdims=True)
-    return jnp.where(logits < lowest_kept, -jnp.inf, logits)
+    return jnp.where(logits < _top_p_lowest_kept(jnp.sort(values, axis=-1), p), -jnp.inf, logits)
 
 
 def process_logits(logits: jax.Array, seen: jax.Array | None, cfg: DecodeSettings) -> jax.Array:
@@ -144,20 +147,17 @@ def candidate_scores(logits: jax.Array, seen: jax.Array | None, cfg: DecodeSetti
     if cfg.temperature != 1.0:
         logits = logits / cfg.temperature
     values, ids = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))
-    if cfg.top_p is not None and cfg.top_p < 1.0:  # top_k_top_p_filter's cut, on the candidates
-        ascending = values[..., ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-        remove = (cumulative <= 1 - cfg.top_p).at[..., -1].set(False)
-        lowest_kept = jnp.min(jnp.where(remove, jnp.inf, ascending), axis=-1, keepdims=True)
-        values = jnp.where(values < lowest_kept, -jnp.inf, values)
+    if cfg.top_p is not None and cfg.top_p < 1.0:  # top_k_top_p_filter's cut (top_k sorts descending)
+        values = jnp.where(values < _top_p_lowest_kept(values[..., ::-1], cfg.top_p), -jnp.inf, values)
     return values, ids
 
 
-def _gumbel_matches_categorical(keys: jax.Array) -> bool:
-    """Whether ``gumbel_at`` reproduces ``jax.random.gumbel``: threefry keys with partitionable bits
-    (each element's bits depend on its index only) and the default low-range Gumbel."""
-    return (str(jax.random.key_impl(keys)) == "threefry2x32" and jax.config.jax_threefry_partitionable
-            and not jax.config.jax_high_dynamic_range_gumbel)
+def _gumbel_matches_categorical(keys: jax.Array, logits: jax.Array) -> bool:
+    """Whether ``gumbel_at`` reproduces the noise ``jax.random.categorical`` adds to ``logits``: float32
+    scores, threefry keys with partitionable bits (each element's bits depend on its index only) and
+    the default low-range Gumbel."""
+    return (logits.dtype == jnp.float32 and str(jax.random.key_impl(keys)) == "threefry2x32"
+            and jax.config.jax_threefry_partitionable and not jax.config.jax_high_dynamic_range_gumbel)
 
 
 def gumbel_at(keys: jax.Array, ids: jax.Array) -> jax.Array:
@@ -186,7 +186,7 @@ def choose_tokens(logits: jax.Array, seen: jax.Array | None, keys: jax.Array | N
         tokens = jnp.argmax(process_logits(logits, seen, cfg), axis=-1)
     else:
         step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape))
-        if cfg.top_k is not None and _gumbel_matches_categorical(step_keys):
+        if cfg.top_k is not None and _gumbel_matches_categorical(step_keys, logits):
             values, ids = candidate_scores(logits, seen, cfg)
             pick = jnp.argmax(values + gumbel_at(step_keys, ids), axis=-1)
             tokens = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
