@@ -133,9 +133,11 @@ def test_resume_accepts_run_settings_and_refuses_result_settings_with_a_diff(tmp
     workdir_lib.check_or_save_config(c, work)
     c.mesh.data, c.mesh.fsdp = 2, 4
     c.sampling.batch_size, c.labeler.batch_size, c.eval.batch_size, c.progress = 4, 16, 8, False
+    c.slice = "v6e-8"  # the same workdir resumed on another slice, with that slice's batches
     changed = workdir_lib.check_or_save_config(c, work)
     assert changed == {"mesh.data": (1, 2), "mesh.fsdp": (-1, 4), "sampling.batch_size": (8, 4),
-                       "labeler.batch_size": (64, 16), "eval.batch_size": (64, 8), "progress": (True, False)}
+                       "labeler.batch_size": (64, 16), "eval.batch_size": (64, 8), "progress": (True, False),
+                       "slice": ("", "v6e-8")}
     history = [json.loads(line) for line in open(tmp_path / "config_history.jsonl")]
     assert [h["event"] for h in history] == ["start", "resume"]
     assert history[1]["changed"]["mesh.fsdp"] == {"was": -1, "now": 4}

@@ -28,6 +28,7 @@ RUN_FIELDS = (
     "progress",  # progress bars
     "log",  # logging, TensorBoard / Weights & Biases
     "mesh",  # device layout (sharded and unsharded results agree to float rounding)
+    "slice",  # the TPU slice the decode batches and mesh are tuned for (configs/slices.py)
     "sampling.batch_size", "claims.batch_size", "claims.llm_batch_size", "labeler.batch_size",  # per-call batches
     "sampling.decode_rows", "claims.decode_rows", "eval.decode_rows",  # continuous batching (the same tokens per row)
     "eval.batch_size",
@@ -40,7 +41,7 @@ RUN_FIELDS = (
 # such a workdir resumes as if it had saved that value.
 ADDED_FIELDS = {"dpo.remat": "none", "dpo.master_dtype": "float32", "dpo.optimizer_state_dtype": "float32",
                 "labeler.answer_prefix": "auto", "sampling.decode_rows": 0, "claims.decode_rows": 0,
-                "eval.decode_rows": 0}
+                "eval.decode_rows": 0, "slice": ""}
 HISTORY = "config_history.jsonl"
 
 
