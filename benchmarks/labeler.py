@@ -20,6 +20,12 @@ Each ratio is printed beside its token-count limit: the tokens the official way 
 full prompt) over those the shared prefix runs (the prefix once plus every continuation). A ratio near
 the limit means the shared prefix costs little beyond the tokens it must run.
 
+Each ratio is also printed beside its FLOP-count limit: the FLOPs XLA counts in the compiled programs
+(``cost_analysis``) of the official way (a full forward per question, padded to the prompts' bucket)
+over those of the shared prefix (vision tower and prefix prefill once, then the question batches).
+Question tokens attend over the whole image prefix, twice the keys of an average prompt token, so
+this limit sits below the token-count one.
+
 Prompt tokenization is inside the shared-prefix timing (``Labeler.score`` tokenizes) but done ahead of
 time for both baselines, which favours the baselines.
 """
@@ -39,9 +45,11 @@ from flax import nnx  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
+from rlaifv_jax.core import aot, sharding  # noqa: E402
 from rlaifv_jax.data.chat import LLAVA_V1_SYSTEM, encode_prompt  # noqa: E402
 from rlaifv_jax.data.chat import labeler_question  # noqa: E402
 from rlaifv_jax.data.yesno import split_prompts  # noqa: E402
+from rlaifv_jax.engine import score, vision  # noqa: E402
 from rlaifv_jax.engine.score import ImageQuestions, Labeler, yes_no_probs  # noqa: E402
 from rlaifv_jax.models.llava import Llava, LlavaConfig  # noqa: E402
 
@@ -107,7 +115,28 @@ def full_forward_fn(model, answer_ids):
         return yes_no_probs(m.logits(last), answer_ids)
 
     jitted = jax.jit(run, static_argnums=4)
-    return lambda *a: jitted(state, *a)
+    forward = lambda *a: jitted(state, *a)  # noqa: E731
+    forward.flops = lambda *a: jitted.lower(state, *a).compile().cost_analysis()["flops"]
+    return forward
+
+
+def shared_prefix_flops(model, labeler: Labeler, pixel_values, prefix_len: int, conts: list) -> float:
+    """FLOPs of ``Labeler.score`` on one image, from its compiled programs: the vision tower and the
+    prefix prefill once, then each question batch as the labeler cuts them (rows, padded length)."""
+    mesh = sharding.serve_mesh()
+    state = aot.sharded(nnx.state(model), mesh, sharding.SERVE_RULES)
+    px = jax.ShapeDtypeStruct(np.shape(pixel_values), jnp.float32,
+                              sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    total = vision.lower_features(model, state, px, mesh).cost_analysis()["flops"]
+    pb = score.round_up(prefix_len, labeler.prefix_multiple)
+    lengths = sorted(map(len, conts))
+    for start in range(0, len(lengths), labeler.batch_size):
+        batch = lengths[start: start + labeler.batch_size]
+        rows, cb = min(labeler.batch_size, score.row_bucket(len(batch))), score.round_up(batch[-1], labeler.continuation_multiple)
+        programs = score.lower_programs(model, state, mesh, prefix_bucket=pb, rows=rows, continuation_bucket=cb,
+                                        with_image=True, answer_ids=labeler.answer_ids)
+        total += programs["score"].cost_analysis()["flops"] + (programs["prefill"].cost_analysis()["flops"] if start == 0 else 0)
+    return total
 
 
 def padded(prompts, length):
@@ -202,6 +231,10 @@ def main(argv=None):
     full_tokens = sum(map(len, all_prompts[0]))
     limit = full_tokens / (len(prefix) + sum(map(len, conts)))
     ours = rates[names[2]][0]
+    item = ([warm] + timed)[0]
+    ids, lens = padded(all_prompts[0][:1], t_len)
+    flops_official = len(all_prompts[0]) * forward.flops(jnp.asarray(item.pixel_values), ids, lens, False)
+    flops_ours = shared_prefix_flops(model, labeler, item.pixel_values, len(prefix), conts)
     print(f"command: python benchmarks/labeler.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs); model {params / 1e6:.1f}M "
           f"params; {n_img} image tokens; prefix {len(prefix)} tokens; continuations "
@@ -214,6 +247,9 @@ def main(argv=None):
         print(f"{name:<54}{claims:>8}{seconds:>9.2f}{rate:>10.1f}{compile_s:>11.2f}{ours / rate:>8.1f}x")
     print(f"token-count limit of shared prefix vs official: {limit:.1f}x ({full_tokens} tokens against "
           f"{len(prefix)} + {sum(map(len, conts))}); ours reaches {ours / rates[names[0]][0] / limit:.0%} of it")
+    print(f"FLOP-count limit (XLA's count of the compiled programs): {flops_official / flops_ours:.1f}x "
+          f"({flops_official / 1e9:.0f} GFLOP an image the official way against {flops_ours / 1e9:.0f}); ours reaches "
+          f"{ours / rates[names[0]][0] / (flops_official / flops_ours):.0%} of it")
     print(f"max |p - p_official| on the first timed image: {diff:.2e}; labeler programs: {labeler.programs()}")
 
 
