@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlaifv_jax.models.layers import decode_attention, own_cache_path, shared_prefix_attention
+from rlaifv_jax.models.layers import decode_attention, dot_product_attention, own_cache_path, shared_prefix_attention
 
 B, N, P, S, H, K, D, BLOCK = 2, 3, 7, 20, 4, 2, 8, 8
 
@@ -19,6 +19,20 @@ def _inputs(seed=0):
     pk, pv = (jax.random.normal(x, (B, P, K, D)) for x in ks[3:5])
     prefix_mask = jnp.arange(P)[None, :] >= jnp.array([[2], [0]])  # left padding on prompt 0
     return q, k, v, pk, pv, prefix_mask
+
+
+def test_shared_prefix_equals_attention_over_a_cache_holding_the_prefix_per_row():
+    """The dense reference itself: several queries per row over the shared prefix plus causal own keys
+    equal plain masked attention over each row's own copy of its prompt's prefix followed by its keys."""
+    q0, k, v, pk, pv, prefix_mask = _inputs(3)
+    t = 5
+    q = jax.random.normal(jax.random.key(9), (B * N, t, H, D))
+    own = (jnp.arange(S)[None, None, :] <= jnp.arange(t)[None, :, None] + jnp.array([0, 4, 9, 14, 3, 1])[:, None, None])
+    got = shared_prefix_attention(q, k, v, own, pk, pv, prefix_mask)
+    rows = jnp.arange(B * N) // N
+    keys, values = jnp.concatenate([pk[rows], k], axis=1), jnp.concatenate([pv[rows], v], axis=1)
+    mask = jnp.concatenate([jnp.broadcast_to(prefix_mask[rows][:, None, :], (B * N, t, P)), own], axis=-1)
+    np.testing.assert_allclose(got, dot_product_attention(q, keys, values, mask), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", ["xla", "interpret"])
