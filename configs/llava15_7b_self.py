@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.labeler.kind = "self"
     c.labeler.template = "llava_v1"
     c.labeler.batch_size = 64
+    c.dpo.beta = 0.1  # METHOD.md §5
     c.dpo.learning_rate = 5e-7
     c.dpo.batch_size = 8
     c.dpo.epochs = 4

@@ -135,7 +135,7 @@ def check_overrides(argv: list[str], refuse_unknown: bool = True) -> list[str]:
 
 
 def _expected_type(argv: list[str], message: str) -> str:
-    """``"; dpo.beta takes a float (e.g. 0.1)"`` for a bad ``--config.dpo.beta`` value, else ""."""
+    """``"; dpo.beta takes a float (e.g. 0.2)"`` for a bad ``--config.dpo.beta`` value, else ""."""
     if not message.startswith("flag --config."):
         return ""
     field = message[len("flag --config."):].split("=", 1)[0]

@@ -33,7 +33,7 @@ def _cli(tmp_path, *args):
 @pytest.mark.parametrize("arg, expected", [
     ("--config.dpo.loss_typ=ipo", "no field 'dpo.loss_typ'; did you mean --config.dpo.loss_type"),
     ("--config.dpo.beta=abc", "--config.dpo.beta=abc: could not convert string to float: 'abc'; dpo.beta takes a "
-                             "float (e.g. 0.1)"),
+                             "float (e.g. 0.2)"),
     ("--config.dpo.loss_type=sigmoidd", "dpo.loss_type='sigmoidd' must be one of 'sigmoid', 'ipo', 'hinge', 'robust'"),
 ])
 def test_cli_mistakes_are_one_line_and_write_nothing(tmp_path, arg, expected):
@@ -142,10 +142,10 @@ def test_resume_accepts_run_settings_and_refuses_result_settings_with_a_diff(tmp
     assert [h["event"] for h in history] == ["start", "resume"]
     assert history[1]["changed"]["mesh.fsdp"] == {"was": -1, "now": 4}
     assert json.load(open(tmp_path / "config.json"))["mesh"]["fsdp"] == 4  # the latest run settings
-    c.dpo.beta, c.seed = 0.2, 1
+    c.dpo.beta, c.seed = 0.3, 1
     with pytest.raises(ConfigError) as e:
         workdir_lib.check_or_save_config(c, work)
-    assert str(e.value).splitlines()[1:] == ["  dpo.beta: workdir has 0.1, this run has 0.2",
+    assert str(e.value).splitlines()[1:] == ["  dpo.beta: workdir has 0.2, this run has 0.3",
                                              "  seed: workdir has 0, this run has 1"]
     assert len(open(tmp_path / "config_history.jsonl").readlines()) == 2  # a refused run records nothing
 
