@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.labeler.template = "llava_v1"
     c.labeler.batch_size = 64
     c.dpo.beta = 0.1  # METHOD.md §5
+    c.dpo.sft_weight = 0.0  # off, as in the official code
     c.dpo.learning_rate = 5e-7
     c.dpo.batch_size = 8
     c.dpo.epochs = 4

@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.labeler.repetition_penalty = 1.0  # off (METHOD.md §3: the official code's 1.1/1.2 is an option)
     c.labeler.batch_size = 64  # questions scored per batch against one cached image prefix
     c.dpo.beta = 0.1
+    c.dpo.sft_weight = 0.0  # off, as in the official code
     c.dpo.learning_rate = 5e-7  # METHOD.md §5 (full fine-tune of projector = 2x2 merger, and language model)
     c.dpo.warmup_ratio = 0.05
     c.dpo.weight_decay = 0.01

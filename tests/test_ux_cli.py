@@ -122,8 +122,10 @@ def test_wrong_inputs_then_corrected_command_starts_on_the_same_workdir(tmp_path
         spec.online_spec(c, work)
     assert not os.path.exists(work)  # nothing written: the corrected command is not "a different config"
     c.policy.path = str(tmp_path / "policy")
+    c.dpo.sft_weight = 0.25
     built = spec.online_spec(c, work)
     assert built.policy.path == c.policy.path
+    assert built.dpo.train.loss.sft_weight == 0.25  # the online loop's DPO gets the optional SFT term
     assert workdir_lib.check_or_save_config(c, work) == {}
 
 

@@ -118,7 +118,8 @@ def _stage_settings(c: ml_collections.ConfigDict) -> dict:
                                   weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, total_steps=0,
                                   **_optim_dtypes(c)),
                 loss=LossSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                                grad_accum=d.grad_accum, remat=field_value(c, "dpo.remat", "none")),
+                                sft_weight=field_value(c, "dpo.sft_weight", 0.0), grad_accum=d.grad_accum,
+                                remat=field_value(c, "dpo.remat", "none")),
                 seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
                 max_steps=field_value(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
             batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length, select=_select(c, RECORD_KEYS)))

@@ -57,7 +57,7 @@ _ONLINE_POSITIVE = ("iterations", "sampling.num_samples", "sampling.max_new_toke
                     "world.n_eval", "warmstart.steps", "warmstart.batch_size", "warmstart.learning_rate")
 _ONLINE_NONNEG = ("prompts.per_iteration", "sampling.top_k", "sampling.temperature", "sampling.decode_rows",
                   "claims.decode_rows", "eval.decode_rows", "dpo.max_steps",
-                  "dpo.label_smoothing", "dpo.weight_decay", "dpo.warmup_ratio")
+                  "dpo.label_smoothing", "dpo.weight_decay", "dpo.warmup_ratio", "dpo.sft_weight")
 
 _OFFLINE_CHOICES = {
     "policy.dtype": tuple(sorted(hf.DTYPES)),
