@@ -159,14 +159,21 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     n, g, s = r // b, h // kv, k.shape[1]
     q6 = q.reshape(b, n, t, kv, g, d)
     low = jnp.finfo(jnp.float32).min
-    pre = jnp.einsum("bntkgd,bpkd->bnkgtp", q6, prefix_k).astype(jnp.float32) / math.sqrt(d)
+    scale = 1.0 / math.sqrt(d)
+    f32 = jnp.float32
+    # Scores in the dot's own output order (batch dims b, k first): no relayout of the large [.., P] arrays.
+    pre = jnp.einsum("bntkgd,bpkd->bkntgp", q6, prefix_k, preferred_element_type=f32) * scale
     pre = jnp.where(prefix_mask[:, None, None, None, None, :], pre, low)
-    own = jnp.einsum("bntkgd,bnskd->bnkgts", q6, k.reshape(b, n, s, kv, d)).astype(jnp.float32) / math.sqrt(d)
-    own = jnp.where(mask.reshape(b, n, 1, 1, t, s), own, low)
-    probs = jax.nn.softmax(jnp.concatenate([pre, own], axis=-1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bnkgtp,bpkd->bntkgd", probs[..., :p], prefix_v)
-           + jnp.einsum("bnkgts,bnskd->bntkgd", probs[..., p:], v.reshape(b, n, s, kv, d)))
-    return out.reshape(r, t, h, d)
+    own = jnp.einsum("bntkgd,bnskd->bkntgs", q6, k.reshape(b, n, s, kv, d), preferred_element_type=f32) * scale
+    own = jnp.where(mask.reshape(b, 1, n, t, 1, s), own, low)
+    # One softmax over both key sets without joining them.
+    m = jnp.maximum(pre.max(axis=-1, keepdims=True), own.max(axis=-1, keepdims=True))
+    w_pre, w_own = jnp.exp(pre - m), jnp.exp(own - m)
+    norm = w_pre.sum(axis=-1, keepdims=True) + w_own.sum(axis=-1, keepdims=True)
+    out = (jnp.einsum("bkntgp,bpkd->bkntgd", w_pre.astype(v.dtype), prefix_v, preferred_element_type=f32)
+           + jnp.einsum("bkntgs,bnskd->bkntgd", w_own.astype(v.dtype), v.reshape(b, n, s, kv, d),
+                        preferred_element_type=f32)) / norm
+    return jnp.transpose(out, (0, 2, 3, 1, 4, 5)).astype(q.dtype).reshape(r, t, h, d)
 
 
 DECODE_BLOCK = 128  # own-cache slots one step of ``decode_attention`` reads at a time
