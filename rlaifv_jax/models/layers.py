@@ -155,7 +155,7 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     over a cache holding n copies of the prefix, while reading the prefix once per prompt.
     """
     r, t, h, d = q.shape
-    b, p, kv = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
+    b, kv = prefix_k.shape[0], prefix_k.shape[2]
     n, g, s = r // b, h // kv, k.shape[1]
     q6 = q.reshape(b, n, t, kv, g, d)
     low = jnp.finfo(jnp.float32).min
