@@ -127,16 +127,17 @@ def shared_prefix_flops(model, labeler: Labeler, pixel_values, prefix_len: int, 
     state = aot.sharded(nnx.state(model), mesh, sharding.SERVE_RULES)
     px = jax.ShapeDtypeStruct(np.shape(pixel_values), jnp.float32,
                               sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    total = vision.lower_features(model, state, px, mesh).cost_analysis()["flops"]
     pb = score.round_up(prefix_len, labeler.prefix_multiple)
-    lengths = sorted(map(len, conts))
-    for start in range(0, len(lengths), labeler.batch_size):
-        batch = lengths[start: start + labeler.batch_size]
-        rows, cb = min(labeler.batch_size, score.row_bucket(len(batch))), score.round_up(batch[-1], labeler.continuation_multiple)
-        programs = score.lower_programs(model, state, mesh, prefix_bucket=pb, rows=rows, continuation_bucket=cb,
-                                        with_image=True, answer_ids=labeler.answer_ids)
-        total += programs["score"].cost_analysis()["flops"] + (programs["prefill"].cost_analysis()["flops"] if start == 0 else 0)
-    return total
+    flops = {}  # (rows, continuation bucket) -> FLOPs of its prefill and score programs, each shape lowered once
+    total = vision.lower_features(model, state, px, mesh).cost_analysis()["flops"]
+    for _, rows, cb in score.question_batches([len(c) for c in conts], labeler.batch_size,
+                                              labeler.continuation_multiple):
+        if (rows, cb) not in flops:
+            programs = score.lower_programs(model, state, mesh, prefix_bucket=pb, rows=rows, continuation_bucket=cb,
+                                            with_image=True, answer_ids=labeler.answer_ids)
+            flops[rows, cb] = {k: programs[k].cost_analysis()["flops"] for k in ("prefill", "score")}
+        total += flops[rows, cb]["score"]
+    return total + next(iter(flops.values()))["prefill"]  # the prefix prefill runs once an image
 
 
 def padded(prompts, length):
@@ -231,10 +232,9 @@ def main(argv=None):
     full_tokens = sum(map(len, all_prompts[0]))
     limit = full_tokens / (len(prefix) + sum(map(len, conts)))
     ours = rates[names[2]][0]
-    item = ([warm] + timed)[0]
     ids, lens = padded(all_prompts[0][:1], t_len)
-    flops_official = len(all_prompts[0]) * forward.flops(jnp.asarray(item.pixel_values), ids, lens, False)
-    flops_ours = shared_prefix_flops(model, labeler, item.pixel_values, len(prefix), conts)
+    flops_official = len(all_prompts[0]) * forward.flops(jnp.asarray(warm.pixel_values), ids, lens, False)
+    flops_ours = shared_prefix_flops(model, labeler, warm.pixel_values, len(prefix), conts)
     print(f"command: python benchmarks/labeler.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs); model {params / 1e6:.1f}M "
           f"params; {n_img} image tokens; prefix {len(prefix)} tokens; continuations "

@@ -134,6 +134,20 @@ def row_bucket(n: int) -> int:
     return _pow2_at_least(n) if n <= 8 else round_up(n, 8)
 
 
+def question_batches(lengths: Sequence[int], batch_size: int, continuation_multiple: int
+                     ) -> list[tuple[np.ndarray, int, int]]:
+    """How the labeler batches one image's questions, given each continuation's token count: the
+    questions in order of length, ``batch_size`` at a time → ``[(question indices, rows, continuation
+    bucket)]`` (``row_bucket`` rows up to ``batch_size``; the longest continuation rounded up)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = np.asarray(order[start: start + batch_size])
+        batches.append((idx, min(batch_size, row_bucket(len(idx))),
+                        round_up(max(lengths[i] for i in idx), continuation_multiple)))
+    return batches
+
+
 def _tile(x: jax.Array, rows: int) -> jax.Array:
     return jnp.broadcast_to(x, (rows,) + x.shape[1:])
 
@@ -300,12 +314,8 @@ class Labeler:
                                       template=self.template)
         cache, prefix_row, delta = self.prefill(item, prefix)
         pb = prefix_row.shape[0]
-        order = sorted(range(len(questions)), key=lambda i: len(conts[i]))
         chunks = []
-        for start in range(0, len(order), self.batch_size):
-            idx = np.asarray(order[start: start + self.batch_size])
-            rows = min(self.batch_size, row_bucket(len(idx)))
-            cb = round_up(max(len(conts[i]) for i in idx), self.continuation_multiple)
+        for idx, rows, cb in question_batches([len(c) for c in conts], self.batch_size, self.continuation_multiple):
             ids = np.zeros((rows, cb), np.int32)
             lens = np.ones((rows,), np.int32)  # padding rows: one pad token, result dropped
             for r, i in enumerate(idx):
