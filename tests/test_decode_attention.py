@@ -1,5 +1,6 @@
-"""Attention over the filled own cache (``layers.decode_attention``, blocked online softmax) equals the
-dense masked attention over all slots (``layers.shared_prefix_attention``); so does the Pallas
+"""Attention over the filled own cache (``layers.decode_attention``, blocked online softmax, heads-major
+caches) equals the dense masked attention over all slots (``layers.shared_prefix_attention``, the
+prefill's ``[R, S, K, D]`` caches); so does the Pallas
 kernel that reads each row's own filled blocks only (``models.ragged_kernel``, interpreted here,
 compiled for TPU in ``test_plan``)."""
 import jax
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlaifv_jax.models.layers import decode_attention, dot_product_attention, own_cache_path, shared_prefix_attention
+from rlaifv_jax.models.layers import (decode_attention, dot_product_attention, heads_major, own_cache_path,
+                                     shared_prefix_attention)
 
 B, N, P, S, H, K, D, BLOCK = 2, 3, 7, 20, 4, 2, 8, 8
 
@@ -42,7 +44,7 @@ def test_blocked_equals_dense(filled, path):
     own_len = jnp.full((B * N,), filled)
     dense = shared_prefix_attention(q, k, v, (jnp.arange(S) < own_len[:, None])[:, None, :], pk, pv, prefix_mask)
     with own_cache_path(path):
-        blocked = decode_attention(q, k, v, own_len, pk, pv, prefix_mask, block=BLOCK)
+        blocked = decode_attention(q, *heads_major((k, v)), own_len, *heads_major((pk, pv)), prefix_mask, block=BLOCK)
     np.testing.assert_allclose(blocked, dense, rtol=1e-5, atol=1e-5)
 
 
@@ -55,7 +57,8 @@ def test_ragged_rows_and_prefix_rows(path):
     rows = jnp.array([1, 0, 1, 1, 0, 0])
     garbage = jnp.where((jnp.arange(S) < own_len[:, None])[..., None, None], 1.0, 1e6)
     with own_cache_path(path):
-        blocked = decode_attention(q, k * garbage, v * garbage, own_len, pk, pv, prefix_mask, rows, block=BLOCK)
+        blocked = decode_attention(q, *heads_major((k * garbage, v * garbage)), own_len, *heads_major((pk, pv)),
+                                   prefix_mask, rows, block=BLOCK)
     dense = jnp.concatenate([
         shared_prefix_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1],
                                 (jnp.arange(S) < own_len[r])[None, None, :], pk[rows[r]][None], pv[rows[r]][None],
@@ -69,9 +72,10 @@ def test_kernel_reads_nothing_past_a_rows_fill_and_the_array_end():
     q, k, v, pk, pv, prefix_mask = _inputs(2)
     own_len = jnp.array([0, 3, BLOCK, S, BLOCK * 2 + 1, 0])
     poison = jnp.where((jnp.arange(S) < own_len[:, None])[..., None, None], 1.0, jnp.nan)
-    want = decode_attention(q, k, v, own_len, pk, pv, prefix_mask, block=BLOCK)
+    pk, pv = heads_major((pk, pv))
+    want = decode_attention(q, *heads_major((k, v)), own_len, pk, pv, prefix_mask, block=BLOCK)
     with own_cache_path("interpret"):
-        got = decode_attention(q, k * poison, v * poison, own_len, pk, pv, prefix_mask, block=BLOCK)
+        got = decode_attention(q, *heads_major((k * poison, v * poison)), own_len, pk, pv, prefix_mask, block=BLOCK)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="own-cache path"):
         with own_cache_path("triton"):

@@ -102,7 +102,7 @@ def test_cache_bytes_are_the_per_device_bytes_of_the_real_caches(llama, mesh_sha
     assert got.prefix_all == aot.per_chip_bytes(prefix_cache) > 0
     static = generate.batch_static(mesh, llama, rows=batch * n, cache_len=length + max_new - 1, num_samples=n,
                                    max_new_tokens=max_new, slots=decode_rows or 0)
-    own = jax.device_put(llama.init_cache(decode_rows or batch * n, max_new - 1),
+    own = jax.device_put(llama.init_cache(decode_rows or batch * n, max_new - 1, heads_major=True),
                          jax.sharding.NamedSharding(mesh, static.cache_spec))
     assert got.own == sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(own))
     assert got.own_slots == max_new - 1

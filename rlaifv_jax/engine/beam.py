@@ -34,6 +34,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from rlaifv_jax.engine import generate as sampler, logits as logits_lib, prefill as prefill_lib, prompt_checks
+from rlaifv_jax.models.layers import heads_major
 
 NEG = -1.0e9  # transformers' "impossible" score offset
 
@@ -127,6 +128,7 @@ def _search_fn(graphdef, state, prefix, logits, prompt_mask, active, stop_ids, l
              jnp.zeros((batch, k), bool), active)
     beams, parent, go = _select(logits, beams, jnp.int32(0), stop_ids, active, *options)
     row_base = (jnp.arange(batch) * k)[:, None]
+    prefix = heads_major(prefix)  # the layout decode steps read
 
     def cond(carry):
         t, _, _, _, go = carry
@@ -144,7 +146,7 @@ def _search_fn(graphdef, state, prefix, logits, prompt_mask, active, stop_ids, l
         beams, parent, go = _select(model.logits(hidden[:, 0]), beams, t, stop_ids, active, *options)
         return t + 1, cache, beams, parent, go
 
-    carry = (jnp.int32(1), model.init_cache(rows, own_slots), beams, parent, go)
+    carry = (jnp.int32(1), model.init_cache(rows, own_slots, heads_major=True), beams, parent, go)
     _, _, beams, _, _ = jax.lax.while_loop(cond, body, carry)
     _, _, fin_tok, fin_score, _, fin_len, fin_stop, _ = beams
     return fin_tok[:, 0], fin_len[:, 0], fin_stop[:, 0], fin_score[:, 0]

@@ -61,7 +61,7 @@ from rlaifv_jax.engine.logits import DecodeSettings, choose_tokens, presence_mas
 from rlaifv_jax.engine.prefill import left_padded, prefill
 from rlaifv_jax.engine.prompt_checks import check_options, check_prompts, text_config
 from rlaifv_jax.models import ragged_kernel
-from rlaifv_jax.models.layers import DECODE_BLOCK, OWN_CACHE_PATHS, own_cache_path
+from rlaifv_jax.models.layers import DECODE_BLOCK, OWN_CACHE_PATHS, heads_major, own_cache_path
 
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -85,7 +85,7 @@ class _Static:
 
     num_samples: int
     max_new_tokens: int
-    cache_spec: P | None
+    cache_spec: P | None  # the decode rows' (slots') own caches, heads-major ``[R, K, S, D]``
     rows_spec: P | None
     slots: int = 0  # decode slots of the continuous decoder (0: the static decoder, one slot per row)
     own_cache: str = "xla"  # how decode steps read the own cache (``layers.own_cache_path``)
@@ -155,7 +155,9 @@ def _decode_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, prompt_
     rows = batch * n
     vocab = logits.shape[-1]
     own_slots = own_cache_slots(max_new)
-    cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), model.init_cache(rows, own_slots))
+    cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec),
+                         model.init_cache(rows, own_slots, heads_major=True))
+    prefix = heads_major(prefix)  # once per batch: the layout the steps read in place
     start = jnp.repeat(prompt_mask.sum(axis=1), n).astype(jnp.int32)  # position of token 0
     if rope_deltas is not None:
         start = start + jnp.repeat(rope_deltas, n).astype(jnp.int32)
@@ -214,7 +216,9 @@ def _continuous_fn(graphdef, state, prefix, logits, prompt_ids, prompt_mask, pro
     rows = batch * n
     none = rows  # the row index of an idle slot (writes are dropped)
     own_slots = own_cache_slots(max_new)
-    cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec), model.init_cache(slots, own_slots))
+    cache = jax.tree.map(lambda a: _constrain(a, static.cache_spec),
+                         model.init_cache(slots, own_slots, heads_major=True))
+    prefix = heads_major(prefix)  # once per batch: the layout the steps read in place
     start = prompt_mask.sum(axis=1).astype(jnp.int32)  # position of token 0, per prompt
     if rope_deltas is not None:
         start = start + rope_deltas.astype(jnp.int32)
@@ -397,8 +401,8 @@ def batch_static(mesh: Mesh | None, model: nnx.Module, *, rows: int, cache_len: 
     if own_cache is not None and own_cache not in OWN_CACHE_PATHS:
         raise ValueError(f"own_cache must be one of {OWN_CACHE_PATHS} or None, got {own_cache!r}")
     return _Static(num_samples=num_samples, max_new_tokens=max_new_tokens,
-                   cache_spec=_spec(mesh, ("batch", None, "kv_heads", "head_dim"),
-                                    (slots or rows, cache_len, tc.num_key_value_heads, tc.head_dim)),
+                   cache_spec=_spec(mesh, ("batch", "kv_heads", None, "head_dim"),
+                                    (slots or rows, tc.num_key_value_heads, cache_len, tc.head_dim)),
                    rows_spec=_spec(mesh, ("batch", None), (rows, tc.vocab_size)), slots=slots,
                    own_cache=own_cache_for(model, mesh, max_new_tokens) if own_cache is None else own_cache)
 

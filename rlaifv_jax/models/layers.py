@@ -176,6 +176,12 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     return jnp.transpose(out, (0, 2, 3, 1, 4, 5)).astype(q.dtype).reshape(r, t, h, d)
 
 
+def heads_major(cache):
+    """A KV cache (a tree of ``[B, S, K, D]`` arrays, as prefill writes it) in the ``[B, K, S, D]``
+    layout ``decode_attention`` reads."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), cache)
+
+
 DECODE_BLOCK = 128  # own-cache slots one step of ``decode_attention`` reads at a time
 OWN_CACHE_PATHS = ("xla", "pallas", "interpret")  # how decode_attention reads the own cache
 _own_cache = threading.local()
@@ -206,10 +212,10 @@ def _ragged_own_cache(q4, k, v, own_len, m, l, acc, block: int, interpret: bool)
     def spec(axes, x):
         return logical_to_spec(axes, SERVE_RULES, x.shape, mesh)
 
-    rows4, cache = ("batch", "kv_heads", None, None), ("batch", None, "kv_heads", None)
+    heads4 = ("batch", "kv_heads", None, None)  # queries, partials and the heads-major caches alike
     stats = spec(("batch", "kv_heads", None), m)
-    specs = (spec(rows4, q4), spec(cache, k), spec(cache, v), spec(("batch",), own_len), stats, stats,
-             spec(rows4, acc))
+    specs = (spec(heads4, q4), spec(heads4, k), spec(heads4, v), spec(("batch",), own_len), stats, stats,
+             spec(heads4, acc))
     return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=(stats, stats, specs[-1]),
                          check_vma=False)(q4, k, v, own_len, m, l, acc)
 
@@ -219,22 +225,25 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.Arra
                      block: int = DECODE_BLOCK) -> jax.Array:
     """One decode step's attention over each row's prompt prefix plus the *filled* part of its own cache.
 
-    q: ``[R, 1, H, D]``; k, v: ``[R, S, K, D]`` (each row's own generated-token slots, slot i valid
-    iff ``i < own_len[r]``); prefix_k, prefix_v: ``[B, P, K, D]`` with ``prefix_mask [B, P]``. Rows
+    The caches are *heads-major* (``heads_major``), the layout whose batch axes (row, KV head) lead, so
+    that the score and value contractions read them in place (the ``[R, S, K, D]`` layout of the
+    prefill made XLA:CPU copy every row's whole own cache twice a layer and step).
+    q: ``[R, 1, H, D]``; k, v: ``[R, K, S, D]`` (each row's own generated-token slots, slot i valid
+    iff ``i < own_len[r]``); prefix_k, prefix_v: ``[B, K, P, D]`` with ``prefix_mask [B, P]``. Rows
     read prefix ``prefix_rows[r]`` (any prompt of the pool, for continuous batching), or, when
     ``prefix_rows`` is None, the shared layout of ``shared_prefix_attention`` (rows ``b * n .. b * n
     + n - 1`` read prefix ``b``, each prefix read once). The own cache is walked in blocks of
     ``block`` slots with an online softmax, for ``ceil(max(own_len) / block)`` blocks only (a
     dynamic trip count), so a step costs the filled length, not ``S``; inside
     ``own_cache_path("pallas")`` each row reads only its own filled blocks (``models.ragged_kernel``).
-    Equal to
-    ``shared_prefix_attention`` with the own mask ``slot < own_len`` up to float rounding.
-    Pure JAX (CPU, GPU, TPU); every row needs at least one valid prefix key.
+    Equal to ``shared_prefix_attention`` over the ``[R, S, K, D]`` caches with the own mask
+    ``slot < own_len`` up to float rounding. Pure JAX (CPU, GPU, TPU); every row needs at least one
+    valid prefix key.
     """
     r, t, h, d = q.shape
     if t != 1:
         raise ValueError(f"decode_attention takes one query per row, got {t}")
-    kv, s = k.shape[2], k.shape[1]
+    kv, s = k.shape[1], k.shape[2]
     g = h // kv
     scale = 1.0 / math.sqrt(d)
     low = jnp.finfo(jnp.float32).min
@@ -243,22 +252,22 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.Arra
     if prefix_rows is None:
         b = prefix_k.shape[0]
         q5 = q4.reshape(b, r // b, kv, g, d)
-        pre = jnp.einsum("bnkgd,bpkd->bnkgp", q5, prefix_k, preferred_element_type=f32) * scale
+        pre = jnp.einsum("bnkgd,bkpd->bnkgp", q5, prefix_k, preferred_element_type=f32) * scale
         pre = jnp.where(prefix_mask[:, None, None, None, :], pre, low)
         m = pre.max(axis=-1)
         w = jnp.exp(pre - m[..., None]) * prefix_mask[:, None, None, None, :]
-        acc = jnp.einsum("bnkgp,bpkd->bnkgd", w.astype(v.dtype), prefix_v, preferred_element_type=f32)
+        acc = jnp.einsum("bnkgp,bkpd->bnkgd", w.astype(v.dtype), prefix_v, preferred_element_type=f32)
         m, l, acc = m.reshape(r, kv, g), w.sum(-1).reshape(r, kv, g), acc.reshape(r, kv, g, d)
     else:
         # Every row scores the whole pool and keeps its own prompt: each prefix is read once per
         # step (as in the shared layout), for pool-size times the (small) prefix FLOPs of a gather.
         pm = (jnp.arange(prefix_k.shape[0])[None, :, None] == prefix_rows[:, None, None]) & prefix_mask[None]
-        pre = jnp.einsum("rkgd,bpkd->rkgbp", q4, prefix_k, preferred_element_type=f32) * scale
+        pre = jnp.einsum("rkgd,bkpd->rkgbp", q4, prefix_k, preferred_element_type=f32) * scale
         pre = jnp.where(pm[:, None, None], pre, low)
         m = pre.max(axis=(-2, -1))
         w = jnp.exp(pre - m[..., None, None]) * pm[:, None, None]
         l = w.sum((-2, -1))
-        acc = jnp.einsum("rkgbp,bpkd->rkgd", w.astype(v.dtype), prefix_v, preferred_element_type=f32)
+        acc = jnp.einsum("rkgbp,bkpd->rkgd", w.astype(v.dtype), prefix_v, preferred_element_type=f32)
     blk = min(block, s)
     own_len = jnp.broadcast_to(own_len, (r,)).astype(jnp.int32)
 
@@ -268,14 +277,14 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.Arra
         start = jnp.minimum(first, s - blk)  # the last block may overlap the previous one
         slots = start + jnp.arange(blk)
         valid = (slots[None, :] >= first) & (slots[None, :] < own_len[:, None])  # [R, blk]
-        kb = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=1)
-        sc = jnp.einsum("rkgd,rskd->rkgs", q4, kb, preferred_element_type=f32) * scale
+        kb = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=2)
+        sc = jnp.einsum("rkgd,rksd->rkgs", q4, kb, preferred_element_type=f32) * scale
         sc = jnp.where(valid[:, None, None, :], sc, low)
         m_new = jnp.maximum(m, sc.max(axis=-1))
         w = jnp.exp(sc - m_new[..., None]) * valid[:, None, None, :]
         rescale = jnp.exp(m - m_new)
-        acc = acc * rescale[..., None] + jnp.einsum("rkgs,rskd->rkgd", w.astype(v.dtype), vb,
+        acc = acc * rescale[..., None] + jnp.einsum("rkgs,rksd->rkgd", w.astype(v.dtype), vb,
                                                     preferred_element_type=f32)
         return m_new, l * rescale + w.sum(-1), acc
 

@@ -4,7 +4,9 @@
 One forward serves training, prefill and decode: ``forward_embeds`` takes embeddings, per-row
 positions, a key-validity mask and an optional KV cache (a tuple of per-layer ``(k, v)`` arrays
 ``[batch, cache_len, kv_heads, head_dim]``) written at ``cache_index``. Batches are left-padded
-so every row writes its cache at the same index; padding is masked through ``key_mask``.
+so every row writes its cache at the same index; padding is masked through ``key_mask``. Decode
+steps (``prefix`` with ``own_len``) read and write heads-major caches ``[batch, kv_heads, cache_len,
+head_dim]`` instead (``layers.heads_major``).
 """
 from __future__ import annotations
 
@@ -145,7 +147,10 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         v = self.v_proj(x)
-        if kv is not None:
+        decoding = prefix is not None and len(prefix) == 4
+        if kv is not None and decoding:  # heads-major own cache: k, v [B, 1, K, D] -> [B, K, 1, D]
+            k, v = kv = write_cache(kv, k.swapaxes(1, 2), v.swapaxes(1, 2), cache_index, axis=-2)
+        elif kv is not None:
             k, v = kv = write_cache(kv, k, v, cache_index)
         if prefix is None:
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
@@ -153,7 +158,7 @@ class Attention(nnx.Module):
             (pk, pv), prefix_mask = prefix
             out = shared_prefix_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, pk.astype(q.dtype),
                                           pv.astype(q.dtype), prefix_mask)
-        else:  # decoding: attend over the filled own slots only
+        else:  # decoding: attend over the filled own slots only (heads-major caches)
             (pk, pv), prefix_mask, own_len, prefix_rows = prefix
             out = decode_attention(q, k.astype(q.dtype), v.astype(q.dtype), own_len, pk.astype(q.dtype),
                                    pv.astype(q.dtype), prefix_mask, prefix_rows)
@@ -192,11 +197,12 @@ class DecoderLayer(nnx.Module):
 
 
 def write_cache(kv: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array,
-                cache_index: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+                cache_index: jax.Array | int, axis: int = -3) -> tuple[jax.Array, jax.Array]:
     """The cache ``kv`` (``[B, S, K, D]`` each) with ``k, v [B, T, K, D]`` written at slot ``cache_index``
-    (a scalar: every row at the same slot; ``[B]``: each row at its own slot, as continuous batching needs)."""
+    (a scalar: every row at the same slot; ``[B]``: each row at its own slot, as continuous batching needs).
+    ``axis=-2``: the heads-major layout, ``kv [B, K, S, D]`` and ``k, v [B, K, T, D]``."""
     def put(c, x, i):
-        return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=-3)
+        return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=axis)
 
     if jnp.ndim(cache_index) != 0:
         put = jax.vmap(put)
@@ -240,10 +246,14 @@ class Llama(nnx.Module):
         """Vocabulary logits for final hidden states."""
         return self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
-        """An empty KV cache for ``batch`` rows of ``length`` slots."""
+    def init_cache(self, batch: int, length: int, dtype=None, heads_major: bool = False) -> Cache:
+        """An empty KV cache for ``batch`` rows of ``length`` slots: ``[batch, length, kv_heads, head_dim]``
+        per layer and key/value, or with ``heads_major`` ``[batch, kv_heads, length, head_dim]`` (the
+        own cache of decode steps)."""
         c = self.config
         shape = (batch, length, c.num_key_value_heads, c.head_dim)
+        if heads_major:
+            shape = (batch, c.num_key_value_heads, length, c.head_dim)
         dtype = dtype or self.dtype
         return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers))
 
@@ -262,7 +272,8 @@ class Llama(nnx.Module):
         prompt read its prefix once). Decoding (``T = 1``) may pass ``prefix = (prefix_cache,
         prefix_mask, own_len [B], prefix_rows [B] or None)``: each row then attends over its first
         ``own_len`` own slots only (``layers.decode_attention``, walked in blocks; ``key_mask`` is not
-        read) and, given ``prefix_rows``, over prefix ``prefix_rows[b]``. ``cache_index`` may be one
+        read; ``prefix_cache`` and ``cache`` heads-major, ``layers.heads_major``) and, given
+        ``prefix_rows``, over prefix ``prefix_rows[b]``. ``cache_index`` may be one
         slot per row ``[B]``. ``deepstack [K, B, T, D]`` (Qwen3-VL): added to the hidden states after
         layer k, for k < K (zero away from the image tokens). Returns final-normed hidden states
         ``[B, T, D]`` and the updated cache. ``remat`` (teacher-forced passes without a cache only):

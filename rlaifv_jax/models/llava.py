@@ -172,8 +172,8 @@ class Llava(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.language_model.logits(hidden)
 
-    def init_cache(self, batch: int, length: int, dtype=None):
-        return self.language_model.init_cache(batch, length, dtype)
+    def init_cache(self, batch: int, length: int, dtype=None, heads_major: bool = False):
+        return self.language_model.init_cache(batch, length, dtype, heads_major)
 
     def __call__(self, input_ids: jax.Array, *, pixel_values: jax.Array | None = None,
                  image_sizes: Any = None, attention_mask: jax.Array | None = None) -> jax.Array:

@@ -286,8 +286,8 @@ class Qwen25VL(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.language_model.logits(hidden)
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
-        return self.language_model.init_cache(batch, length, dtype)
+    def init_cache(self, batch: int, length: int, dtype=None, heads_major: bool = False) -> Cache:
+        return self.language_model.init_cache(batch, length, dtype, heads_major)
 
     def __call__(self, input_ids: jax.Array, *, pixel_values: Any = None, image_grid_thw: Any = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:

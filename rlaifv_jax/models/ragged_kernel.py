@@ -8,11 +8,12 @@ issues no new copy for the blocks past it (the index does not change) and the bo
 step reads ``Σ_rows ⌈fill / block⌉`` blocks. It continues the online softmax from the prefix
 attention's partial results ``(m, l, acc)``, so the caller merges nothing.
 
-Layouts are the cache's as ``generate`` holds it (no copy): ``k, v [R, S, K, D]``, a program reading
-``[block, K, D]`` (every KV head of ``block`` slots); queries and partials ``[R, K, G, D]`` (float32;
-``m`` and ``l`` broadcast along ``D``). TPU tiling needs ``D % 128 == 0`` and ``block % 8 == 0``
-(:func:`supported`). ``interpret=True`` runs the same kernel on any backend (the tests compare it
-with the pure-JAX walk on CPU); the planner compiles it for TPU slices through libtpu.
+Layouts are the cache's as ``generate`` holds it (no copy): ``k, v [R, K, S, D]`` (heads-major,
+``layers.heads_major``), a program reading ``[K, block, D]`` (every KV head of ``block`` slots);
+queries and partials ``[R, K, G, D]`` (float32; ``m`` and ``l`` broadcast along ``D``). TPU tiling
+needs ``D % 128 == 0`` and ``block % 8 == 0`` (:func:`supported`). ``interpret=True`` runs the
+same kernel on any backend (the tests compare it with the pure-JAX walk on CPU); the planner compiles
+it for TPU slices through libtpu.
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, m0_ref, l0_ref, acc0_ref, m_ref, l_re
         valid_rows = b * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0) < length
         for h in range(heads):
             q = q_ref[h]  # [G, D] float32
-            k = k_ref[:, h, :].astype(jnp.float32)  # [block, D]
-            v = jnp.where(valid_rows, v_ref[:, h, :].astype(jnp.float32), 0.0)  # past the end: garbage
+            k = k_ref[h].astype(jnp.float32)  # [block, D]
+            v = jnp.where(valid_rows, v_ref[h].astype(jnp.float32), 0.0)  # past the end: garbage
             s = jnp.einsum("gd,td->gt", q, k, preferred_element_type=jnp.float32) * scale
             s = jnp.where(valid, s, -jnp.inf)
             m_prev, l_prev = m_ref[h][:, :1], l_ref[h][:, :1]  # [G, 1]
@@ -64,19 +65,19 @@ def own_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, own_len: jax.A
                         acc: jax.Array, *, block: int, interpret: bool = False
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Continue the online softmax ``(m [R, K, G], l [R, K, G], acc [R, K, G, D])`` of queries ``q
-    [R, K, G, D]`` over each row's own cache ``k, v [R, S, K, D]``, slots ``< own_len [R]`` only;
+    [R, K, G, D]`` over each row's own cache ``k, v [R, K, S, D]``, slots ``< own_len [R]`` only;
     returns the updated ``(m, l, acc)`` (float32)."""
     r, kv, g, d = q.shape
-    s = k.shape[1]
+    s = k.shape[2]
     f32 = jnp.float32
     wide = lambda x: jnp.broadcast_to(x.astype(f32)[..., None], (r, kv, g, d))  # noqa: E731  m, l along D
 
     def cache_block(row, b, lens):  # a row's last filled block repeats: no new copy past it
         last = jax.lax.div(jnp.maximum(lens[row] - 1, 0), block)
-        return row, jnp.minimum(b, last), 0, 0
+        return row, 0, jnp.minimum(b, last), 0
 
     per_row = pl.BlockSpec((None, kv, g, d), lambda row, b, lens: (row, 0, 0, 0))
-    cache = pl.BlockSpec((None, block, kv, d), cache_block)
+    cache = pl.BlockSpec((None, kv, block, d), cache_block)
     out = pl.pallas_call(
         functools.partial(_kernel, block=block, heads=kv, scale=1.0 / math.sqrt(d)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
