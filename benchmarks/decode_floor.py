@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -61,35 +59,25 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        _, ours, _ = common.build(tmp)
+        ours = common.build(tmp)[1]
     rng = np.random.RandomState(0)
     prompts = [common.prompt(rng) for _ in range(args.prompts)]
-    rows = args.prompts * N
     layers, table = weights(ours)
     floor = jax.jit(floor_loop, static_argnums=3)
-    x = jnp.asarray(rng.randn(rows, table.shape[1]).astype(np.float32))
+    x = jnp.asarray(rng.randn(args.prompts * N, table.shape[1]).astype(np.float32))
 
-    def run_floor(steps):
-        floor(layers, table, x, steps).block_until_ready()
+    def timed(steps: int) -> dict:
+        return {"floor": lambda: floor(layers, table, x, steps).block_until_ready(),
+                "ours": lambda: generate.generate(ours, prompts, num_samples=N, max_new_tokens=steps, temperature=0.7,
+                                                  top_k=50, stop_token_ids=[2], batch_size=args.prompts, progress=False)}
 
-    def run_ours(steps):
-        generate.generate(ours, prompts, num_samples=N, max_new_tokens=steps, temperature=0.7, top_k=50,
-                          stop_token_ids=[2], batch_size=args.prompts, progress=False)
-
-    per_step = {}
-    for name, fn in (("floor", run_floor), ("ours", run_ours)):
-        fn(8), fn(128)  # compile both lengths
-        times = {}
-        for steps in (8, 128):
-            t = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                fn(steps)
-                t.append(time.perf_counter() - start)
-            times[steps] = statistics.median(t)
-        per_step[name] = (times[128] - times[8]) / 120 * 1e3
+    for steps in (8, 128):  # compile
+        for fn in timed(steps).values():
+            fn()
+    short, long = (common.median_times(timed(steps), args.repeats) for steps in (8, 128))
+    per_step = {name: (long[name] - short[name]) / 120 * 1e3 for name in long}
     mb = (sum(w.nbytes for ws in layers for w in ws) + table.nbytes) / 1e6
-    print(f"LLaVA-shaped benchmark model, {rows} decode rows ({args.prompts} prompts x {N}), "
+    print(f"LLaVA-shaped benchmark model, {args.prompts * N} decode rows ({args.prompts} prompts x {N}), "
           f"{mb:.0f} MB of step weights, median of {args.repeats}; {common.threads()}")
     print("| decode step | ms | ratio |")
     print("|---|---|---|")
