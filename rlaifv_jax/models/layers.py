@@ -176,7 +176,7 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     return jnp.transpose(out, (0, 2, 3, 1, 4, 5)).astype(q.dtype).reshape(r, t, h, d)
 
 
-def heads_major(cache):
+def heads_major(cache: tuple) -> tuple:
     """A KV cache (a tree of ``[B, S, K, D]`` arrays, as prefill writes it) in the ``[B, K, S, D]``
     layout ``decode_attention`` reads."""
     return jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), cache)
