@@ -147,18 +147,18 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         v = self.v_proj(x)
-        decoding = prefix is not None and len(prefix) == 4
-        if kv is not None and decoding:  # heads-major own cache: k, v [B, 1, K, D] -> [B, K, 1, D]
-            k, v = kv = write_cache(kv, k.swapaxes(1, 2), v.swapaxes(1, 2), cache_index, axis=-2)
-        elif kv is not None:
-            k, v = kv = write_cache(kv, k, v, cache_index)
+        decoding = prefix is not None and len(prefix) == 4  # heads-major caches (layers.heads_major)
+        if kv is not None:
+            if decoding:  # k, v [B, 1, K, D] -> [B, K, 1, D]
+                k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+            k, v = kv = write_cache(kv, k, v, cache_index, axis=-2 if decoding else -3)
         if prefix is None:
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        elif len(prefix) == 2:
+        elif not decoding:
             (pk, pv), prefix_mask = prefix
             out = shared_prefix_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, pk.astype(q.dtype),
                                           pv.astype(q.dtype), prefix_mask)
-        else:  # decoding: attend over the filled own slots only (heads-major caches)
+        else:  # decoding: attend over the filled own slots only
             (pk, pv), prefix_mask, own_len, prefix_rows = prefix
             out = decode_attention(q, k.astype(q.dtype), v.astype(q.dtype), own_len, pk.astype(q.dtype),
                                    pv.astype(q.dtype), prefix_mask, prefix_rows)
