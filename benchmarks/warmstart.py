@@ -1,6 +1,7 @@
 """The toy warm start's step: ``pipelines.warmstart.train_sft`` against the plain loop it replaced
 (``tests/test_warmstart.py::reference_train``: one jitted step per batch, rows indexed on the host,
-whole right-padded sequences, the LM head at every position), same rows, same model, same AdamW, one run.
+whole right-padded sequences, one per record, the LM head at every position), the same records per
+step (``train_sft`` packs each image's records into one row), same model, same AdamW, one run.
 
 Each is timed for ``--steps`` and for twice as many steps from the same initial model; the
 difference over ``--steps`` is the seconds per step without compilation. Also prints the loss of
@@ -33,16 +34,18 @@ def main() -> None:
     world = toy_world.WorldSettings(caption_partner_rate=c.world.caption_partner_rate)
     tokenizer = toy_world.build_tokenizer(world)
     model = hf.build_model("LlavaForConditionalGeneration", warmstart.toy_model_config(tokenizer, world, c.model), seed=0)
-    examples = warmstart.encode_examples(toy_world.warmstart_split(world, args.images, 0), tokenizer,
-                                         model.num_image_tokens(), model.config.image_token_id)
+    records = toy_world.warmstart_split(world, args.images, 0)
+    examples = warmstart.encode_examples(records, tokenizer, model.num_image_tokens(), model.config.image_token_id)
+    keys = [r["image_id"] for r in records]  # an image's caption and yes/no records in one tree
     graphdef, initial = nnx.split(model)
     opt = dict(batch_size=c.warmstart.batch_size, learning_rate=c.warmstart.learning_rate, seed=0)
 
     def plain(steps):
-        return reference_train(nnx.merge(graphdef, initial), examples, steps=steps, **opt)[1][-1]
+        return reference_train(nnx.merge(graphdef, initial), examples, keys, steps=steps, **opt)[1][-1]
 
     def ours(steps):
-        return warmstart.train_sft(nnx.merge(graphdef, initial), examples, steps=steps, progress=False, **opt)[-1]
+        return warmstart.train_sft(nnx.merge(graphdef, initial), examples, steps=steps, keys=keys, progress=False,
+                                   **opt)[-1]
 
     per_step = {}
     for name, fn in (("plain (before)", plain), ("train_sft", ours)):

@@ -53,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.warmstart = ml_collections.ConfigDict()
     c.warmstart.steps = 2000  # supervised steps on captions + yes/no answers (1,500 learned yes/no with 1 of 2 seeds)
-    c.warmstart.batch_size = 64
+    c.warmstart.batch_size = 64  # records per step, drawn as whole images: an image's caption and yes/no records
+    # share one row (its image tokens run once; pipelines/warmstart.pack_trees), about 21 images per step here
     c.warmstart.learning_rate = 1e-3  # at 3e-3 whether yes/no was learned depended on float order (BENCHMARKS.md)
 
     c.prompts = ml_collections.ConfigDict()

@@ -1,4 +1,5 @@
 """Model-facing DPO: pair log-probs vs transformers, reference pass, jitted sharded train step."""
+import dataclasses
 import math
 
 import jax
@@ -103,6 +104,47 @@ def test_step0_loss_is_log2_and_vision_tower_has_no_state(tiny_llava):
     assert step.compiles == 1 and len(step._jitted) == 1
 
 
+@pytest.mark.parametrize("total,ratio,kind", [(10, 0.0, "cosine"), (17, 0.05, "cosine"), (40, 0.1, "cosine"),
+                                              (5, 0.5, "constant"), (9, 0.0, "constant")])
+def test_learning_rate_at_is_optax_schedule(total, ratio, kind):
+    import optax
+    cfg = dpo_step.OptimSettings(learning_rate=3e-4, total_steps=total, warmup_ratio=ratio, schedule=kind)
+    warm = math.ceil(ratio * total)
+    if kind == "cosine":
+        ref = optax.warmup_cosine_decay_schedule(0.0, 3e-4, warm, max(total, warm + 1), 0.0)
+    else:
+        ref = optax.join_schedules([optax.linear_schedule(0.0, 3e-4, warm), optax.constant_schedule(3e-4)],
+                                   [warm]) if warm else optax.constant_schedule(3e-4)
+    counts = jnp.arange(total + 3)
+    ours = jax.jit(lambda c, s: dpo_step.learning_rate_at(cfg, c, s))(counts, dpo_step.schedule_steps(cfg))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(jax.vmap(ref)(counts)), rtol=1e-5, atol=1e-10)
+
+
+def test_step_is_adamw_and_one_program_serves_every_length(tiny_llava):
+    import optax
+    path, _ = tiny_llava
+    model = hf.load_pretrained(path)
+    batch = _with_refs(model, make_batch(np.random.RandomState(3)))
+    cfg = dpo_step.OptimSettings(learning_rate=1e-2, total_steps=6, warmup_ratio=0.2, weight_decay=0.1)
+    step = dpo_step.DPOStep(model, cfg)
+    state = step.init_state(0)
+    params = {k: np.asarray(v) for k, v in state["params"].items()}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 6, 0.0), weight_decay=0.1,
+        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    opt = tx.init(params)
+    for _ in range(3):  # warm-up steps 0 and 1 (rate 0, then 5e-3), then the cosine
+        grads, _ = step.gradients(state, batch)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        state, _ = step(state, batch)
+    for k, v in params.items():
+        np.testing.assert_allclose(np.asarray(state["params"][k]), np.asarray(v), rtol=1e-5, atol=1e-7, err_msg=k)
+    # each online iteration's DPO run has its own length: the schedule is an argument, not a constant
+    other = dpo_step.DPOStep(model, dataclasses.replace(cfg, total_steps=17))
+    assert other.lower(batch).as_text() == step.lower(batch).as_text()
+
+
 def test_bf16_compute_keeps_float32_master_weights(tiny_llava):
     path, _ = tiny_llava
     model = hf.load_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
@@ -148,8 +190,10 @@ def test_sharded_step_equals_unsharded_and_compiles_once(tiny_llava):
         s_sh, m_sh = sharded(s_sh, b)
         np.testing.assert_allclose(float(m_sh["loss"]), float(m_plain["loss"]), atol=1e-5)
         np.testing.assert_allclose(float(m_sh["grad_norm"]), float(m_plain["grad_norm"]), rtol=1e-4)
+    # Two AdamW steps move a weight by at most 2 * lr = 2e-3; where a gradient is near zero, Adam's
+    # normalisation turns the sharded sum's rounding into up to ~2e-5 of that (1 %; machine-dependent).
     for key, v in s_plain["params"].items():
-        np.testing.assert_allclose(np.asarray(s_sh["params"][key]), np.asarray(v), atol=2e-5, err_msg=key)
+        np.testing.assert_allclose(np.asarray(s_sh["params"][key]), np.asarray(v), atol=5e-5, err_msg=key)
     assert plain.compiles == 1 and sharded.compiles == 1
     assert all(fn._cache_size() == 1 for fn in sharded._jitted.values())
     # the state is donated: the old buffers are gone

@@ -72,8 +72,11 @@ def test_two_processes_match_one(two_processes, smoke_reference):
     sa, sb = _summary(one), _summary(two)
     assert [e["iteration"] for e in sb] == [0, 1, 2]
     for a, b in zip(sa, sb):
+        # DPO's float order differs between 2 x 4 devices and one, and the smoke policy's greedy captions
+        # are fragile, so one image's caption may change after training: one of the 24 evaluation images
+        # (0.042 of response CHAIR), about 3 of the ~65 objects of recall or mention CHAIR.
         for key in ("chair_response", "chair_mention", "recall"):
-            assert abs(a[key] - b[key]) <= 0.03, (key, a[key], b[key])
+            assert abs(a[key] - b[key]) <= 0.05, (key, a[key], b[key])
     assert (two / "export" / "model.safetensors").exists() or (two / "export" / "model.safetensors.index.json").exists()
 
 

@@ -100,7 +100,7 @@ def test_local_plan_dpo_bytes_equal_the_real_step(local_plan):
                                        plan.dpo_window(plan_spec(config)))
     assert buckets.WINDOW_KEY in batch  # the run's automatic LM-head window, as planned
     fn, b_sh = step.program(batch)
-    compiled = fn.lower(step.init_state(), step.frozen, jax.device_put(batch, b_sh)).compile()
+    compiled = fn.lower(step.init_state(), step.frozen, jax.device_put(batch, b_sh), step.schedule_steps).compile()
     assert stage["bytes_per_chip"] == aot.peak_bytes(compiled) > 0
     assert local_plan["chips"] == 8 and local_plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
 
@@ -373,8 +373,8 @@ def test_bf16_optimizer_state_is_stored_in_bf16_and_updated_in_float32():
     params = {"w": jnp.linspace(-1, 1, 12, dtype=jnp.float32).reshape(3, 4), "b": jnp.ones((4,), jnp.float32)}
     grads = jax.tree.map(lambda p: jnp.cos(p * 3.0), params)
     cfg = dpo.OptimSettings(learning_rate=1e-2, total_steps=10, warmup_ratio=0.0)
-    tx32, _ = dpo.make_optimizer(cfg)
-    tx16, _ = dpo.make_optimizer(dataclasses.replace(cfg, state_dtype="bfloat16"))
+    tx32 = dpo.make_optimizer(cfg)
+    tx16 = dpo.make_optimizer(dataclasses.replace(cfg, state_dtype="bfloat16"))
     s32, s16 = tx32.init(params), tx16.init(params)
     assert {x.dtype for x in jax.tree.leaves(s16) if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.bfloat16)}
     u32, s32 = tx32.update(grads, s32, params)

@@ -35,4 +35,4 @@ def test_online_export_loads_with_auto_processor_and_generates(tmp_path):
     assert n_image == hf.load_pretrained(warm).num_image_tokens() == 16
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 5
+    assert inputs["input_ids"].shape[1] < tokens.shape[1] <= inputs["input_ids"].shape[1] + 5  # it may end early

@@ -1,5 +1,6 @@
-"""The warm start's fast step against the plain formula: whole right-padded sequences through the
-model, the LM head at every position, one jitted step per batch from the same draws."""
+"""The warm start's fast step against the plain formula: whole right-padded sequences, one per
+record, through the model, the LM head at every position, one jitted step per batch of the same
+records."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,15 +23,15 @@ def _setup(n_images=12):
     world = toy_world.WorldSettings()
     tokenizer = toy_world.build_tokenizer(world)
     model = hf.build_model("LlavaForConditionalGeneration", warmstart.toy_model_config(tokenizer, world, SIZE), seed=0)
-    examples = warmstart.encode_examples(toy_world.warmstart_split(world, n_images, 0), tokenizer,
-                                         model.num_image_tokens(), model.config.image_token_id)
-    return model, examples
+    records = toy_world.warmstart_split(world, n_images, 0)
+    examples = warmstart.encode_examples(records, tokenizer, model.num_image_tokens(), model.config.image_token_id)
+    return model, examples, [r["image_id"] for r in records]
 
 
-def reference_train(model, examples, *, steps, batch_size, learning_rate, seed):
-    """The plain loop: per step the rows ``train_sft`` draws (``length_groups``, ``group_counts``,
-    ``draw_rows``) as one batch of whole sequences of the full padded length, logits at every
-    position, the same AdamW + cosine + clipping; → (params, losses)."""
+def reference_train(model, examples, keys, *, steps, batch_size, learning_rate, seed):
+    """The plain loop: per step the records of the trees ``train_sft`` draws (``sft_batches``) as
+    one batch of whole sequences of the full padded length, logits at every position, the same
+    AdamW + cosine + clipping; → (params, losses)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     graphdef, params = nnx.split(model)
@@ -47,34 +48,33 @@ def reference_train(model, examples, *, steps, batch_size, learning_rate, seed):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    groups = _groups(model, examples, batch_size)
-    sizes = [len(g) for g in groups]
-    rows = warmstart.draw_rows(sizes, warmstart.group_counts(sizes, batch_size), steps, seed)
+    _, members, groups, draws = _batches(model, examples, keys, batch_size, steps, seed)
     losses = []
     for i in range(steps):
-        idx = np.concatenate([g[r[i]] for g, r in zip(groups, rows)])
+        trees = np.concatenate([g[r[i]] for g, r in zip(groups, draws)])
+        idx = np.concatenate([members[t] for t in trees])
         params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in examples.items()})
         losses.append(float(loss))
     return params, losses
 
 
-def _groups(model, examples, batch_size):
+def _batches(model, examples, keys, batch_size, steps, seed):
     p = warmstart.shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
-    return warmstart.length_groups(examples["answer_start"] + examples["answer_len"] - p, batch_size)
+    return warmstart.sft_batches(examples, keys, p, batch_size=batch_size, steps=steps, seed=seed)
 
 
 def test_train_sft_matches_the_plain_loop():
-    model, examples = _setup()
+    model, examples, keys = _setup(18)
     p = warmstart.shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
     assert 0 < p < examples["answer_start"].min()  # the chat template's text before the image is shared
-    groups = _groups(model, examples, 8)
-    assert [len(g) for g in groups] == [29, 7]  # yes/no and short captions; long captions
-    assert warmstart.group_counts([29, 7], 8) == [6, 2]
+    _, members, groups, _ = _batches(model, examples, keys, 9, 1, 0)
+    # 3 records (caption, yes, no) per tree, 3 trees per step from two length groups
+    assert [len(m) for m in members] == [3] * 18 and sum(map(len, groups)) == 18 and len(groups) == 2
     steps = 12  # chunks of 5, 5 and 2: the last call compiles its own length
-    expected_params, expected_losses = reference_train(model, examples, steps=steps, batch_size=8,
+    expected_params, expected_losses = reference_train(model, examples, keys, steps=steps, batch_size=9,
                                                        learning_rate=3e-3, seed=3)
-    losses = warmstart.train_sft(model, examples, steps=steps, batch_size=8, learning_rate=3e-3, seed=3, chunk=5,
-                                 progress=False)
+    losses = warmstart.train_sft(model, examples, steps=steps, batch_size=9, learning_rate=3e-3, seed=3, chunk=5,
+                                 keys=keys, progress=False)
     np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
     assert expected_losses[-1] < expected_losses[0] - 0.5  # it learned something, so the match means something
     compared = 0
@@ -105,26 +105,46 @@ def test_group_counts_and_draw_rows():
     assert all(np.array_equal(a, b) for a, b in zip(rows, warmstart.draw_rows([30, 10], [5, 2], 200, seed=0)))
 
 
+def test_pack_trees_keeps_every_record_whole():
+    model, examples, keys = _setup(4)
+    p = warmstart.shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
+    rows, members = warmstart.pack_trees(examples, keys, p)
+    assert [m.tolist() for m in members] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    image = model.config.image_token_id
+    for r, m in enumerate(members):
+        trunk = rows["branch"][r] == 0
+        assert np.all(rows["tokens"][r][trunk] == image) and trunk.sum() == model.num_image_tokens()
+        for j, i in enumerate(m, 1):  # trunk + branch j, in row order: record i after the prefix, at its own positions
+            seen = trunk | (rows["branch"][r] == j)
+            end = examples["answer_start"][i] + examples["answer_len"][i]
+            np.testing.assert_array_equal(rows["tokens"][r][seen], examples["tokens"][i, p:end])
+            np.testing.assert_array_equal(rows["positions"][r][seen], np.arange(end - p))
+            s_, n = rows["answer_start"][r, j - 1], rows["answer_len"][r, j - 1]
+            np.testing.assert_array_equal(rows["tokens"][r, s_:s_ + n], examples["tokens"][i, end - n:end])
+        np.testing.assert_array_equal(rows["pixel_values"][r], examples["pixel_values"][m[0]])
+
+
 def test_sft_loss_is_the_whole_sequence_loss():
-    model, examples = _setup(4)
+    model, examples, keys = _setup(4)
     p = warmstart.shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
     logits = nnx.jit(lambda m, t, px: m(t, pixel_values=px))(model, jnp.asarray(examples["tokens"]),
                                                               jnp.asarray(examples["pixel_values"]))
     total, count = answer_logps(logits, jnp.asarray(examples["tokens"]), jnp.asarray(examples["answer_start"]),
                                 jnp.asarray(examples["answer_len"]))
-    batch = dict(tokens=jnp.asarray(examples["tokens"][:, p:]), answer_start=jnp.asarray(examples["answer_start"] - p),
-                 answer_len=jnp.asarray(examples["answer_len"]), pixel_values=jnp.asarray(examples["pixel_values"]))
+    expected = float(-jnp.sum(total) / jnp.sum(count))
     for q in (p, 0):  # with the prefix run once, and without one
-        b = dict(batch, tokens=jnp.asarray(examples["tokens"][:, q:]), answer_start=jnp.asarray(examples["answer_start"] - q))
-        window = int(examples["answer_len"].max())
-        halves = [({k: v[:2] for k, v in b.items()}, window), ({k: v[2:] for k, v in b.items()}, window)]
-        for parts in ([(b, window)], halves):  # the batch whole, and cut in two parts
-            loss = nnx.jit(lambda m, x, parts=parts: warmstart.sft_loss(m, x, parts))(  # compiled: eager ops are slow
-                model, jnp.asarray(examples["tokens"][0, :q]))
-            np.testing.assert_allclose(float(loss), float(-jnp.sum(total) / jnp.sum(count)), rtol=1e-5)
+        for k in (keys, range(len(keys))):  # an image's records packed in one tree, and each its own row
+            rows, _ = warmstart.pack_trees(examples, k, q)
+            b = {name: jnp.asarray(v) for name, v in rows.items()}
+            window = int(rows["answer_len"].max())
+            halves = [({n: v[:2] for n, v in b.items()}, window), ({n: v[2:] for n, v in b.items()}, window)]
+            for parts in ([(b, window)], halves):  # the batch whole, and cut in two parts
+                loss = nnx.jit(lambda m, x, parts=parts: warmstart.sft_loss(m, x, parts))(  # compiled: eager ops are slow
+                    model, jnp.asarray(examples["tokens"][0, :q]))
+                np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
 def test_train_sft_stops_on_a_non_finite_loss():
-    model, examples = _setup(4)
+    model, examples, _ = _setup(4)
     with pytest.raises(NonFiniteError, match="at step 2 of 3"):
         warmstart.train_sft(model, examples, steps=3, batch_size=4, learning_rate=float("nan"), seed=0, progress=False)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlaifv_jax.models.layers import LayerNorm, Linear, activation, dot_product_attention
+from rlaifv_jax.models.layers import LayerNorm, Linear, activation, dot_product_attention, normal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +79,9 @@ class CLIPVision(nnx.Module):
         self.patch_embedding = Linear((c, p, p), (d,), in_axes=("channels", "patch", "patch"),
                                       out_axes=("embed",), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.class_embedding = nnx.Param(
-            (0.02 * jax.random.normal(rngs.params(), (d,))).astype(param_dtype), axes=("embed",))
+            normal(rngs, (d,), 0.02, param_dtype), axes=("embed",))
         self.position_embedding = nnx.Param(
-            (0.02 * jax.random.normal(rngs.params(), (config.num_patches + 1, d))).astype(param_dtype),
+            normal(rngs, (config.num_patches + 1, d), 0.02, param_dtype),
             axes=("positions", "embed"))
         self.pre_layrnorm = LayerNorm(d, eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.layers = nnx.List([EncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

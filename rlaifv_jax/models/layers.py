@@ -13,6 +13,7 @@ import threading
 from typing import Iterator, Sequence
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
@@ -22,8 +23,21 @@ from rlaifv_jax.models import ragged_kernel
 Axes = tuple[str | None, ...]
 
 
-def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Array:
-    return (std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)).astype(dtype)
+def normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype) -> jax.Array:
+    """``std`` · N(0, 1) of ``shape`` in ``dtype`` from the next ``rngs.params()`` key. Traced
+    (``nnx.eval_shape``, ``jit``) it is ``jax.random.normal``; built eagerly (toy and test models) it
+    is drawn on the host, seeded by that key, so building a model compiles no random program per
+    parameter shape (each took 0.3–1 s on a 2-core CPU)."""
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):
+        return (std * jax.random.normal(key, tuple(shape), jnp.float32)).astype(dtype)
+    draw = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel()).standard_normal(tuple(shape), np.float32)
+    return jnp.asarray((std * draw).astype(jnp.dtype(dtype)))
+
+
+def filled(shape: Sequence[int], value: float, dtype) -> jax.Array:
+    """A constant parameter (norm scales, biases), made on the host: no compiled fill per shape."""
+    return jnp.asarray(np.full(tuple(shape), value, jnp.dtype(dtype)))
 
 
 class Linear(nnx.Module):
@@ -39,9 +53,9 @@ class Linear(nnx.Module):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         fan_in = math.prod(in_shape)
         std = 1.0 / math.sqrt(fan_in) if std is None else std
-        self.kernel = nnx.Param(_normal(rngs, in_shape + out_shape, std, param_dtype),
+        self.kernel = nnx.Param(normal(rngs, in_shape + out_shape, std, param_dtype),
                                 axes=tuple(in_axes) + tuple(out_axes))
-        self.bias = (nnx.Param(jnp.zeros(out_shape, param_dtype), axes=tuple(out_axes))
+        self.bias = (nnx.Param(filled(out_shape, 0.0, param_dtype), axes=tuple(out_axes))
                      if use_bias else None)
         self.n_in = len(in_shape)
         self.dtype = dtype
@@ -61,7 +75,7 @@ class Embed(nnx.Module):
     def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, std: float = 0.02, rngs: nnx.Rngs,
                  axes: Axes = ("vocab", "embed")):
-        self.embedding = nnx.Param(_normal(rngs, (num_embeddings, features), std, param_dtype),
+        self.embedding = nnx.Param(normal(rngs, (num_embeddings, features), std, param_dtype),
                                    axes=axes)
         self.dtype = dtype
 
@@ -76,7 +90,7 @@ class RMSNorm(nnx.Module):
     """Llama RMSNorm: normalise in float32, cast back, then scale (as transformers does)."""
 
     def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((features,), param_dtype), axes=("norm",))
+        self.weight = nnx.Param(filled((features,), 1.0, param_dtype), axes=("norm",))
         self.eps = eps
         self.dtype = dtype
 
@@ -90,8 +104,8 @@ class LayerNorm(nnx.Module):
     """LayerNorm with scale and bias, statistics in float32."""
 
     def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((features,), param_dtype), axes=("norm",))
-        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), axes=("norm",))
+        self.weight = nnx.Param(filled((features,), 1.0, param_dtype), axes=("norm",))
+        self.bias = nnx.Param(filled((features,), 0.0, param_dtype), axes=("norm",))
         self.eps = eps
         self.dtype = dtype
 

@@ -261,7 +261,7 @@ class Llama(nnx.Module):
                        cache: Cache | None = None, cache_index: jax.Array | int = 0,
                        prefix: tuple[Cache, jax.Array] | None = None,
                        angles: jax.Array | None = None, deepstack: jax.Array | None = None,
-                       remat: str = "none") -> tuple[jax.Array, Cache | None]:
+                       remat: str = "none", mask: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """Run the decoder on embeddings ``x [B, T, D]``.
 
         ``positions [B, T]``: RoPE positions; or, instead, ``angles [B, T, head_dim / 2]``: the
@@ -278,6 +278,8 @@ class Llama(nnx.Module):
         layer k, for k < K (zero away from the image tokens). Returns final-normed hidden states
         ``[B, T, D]`` and the updated cache. ``remat`` (teacher-forced passes without a cache only):
         "none", "full" (recompute each decoder layer in the backward pass) or "dots" (keep its matmul outputs).
+        ``mask [B, T, S]`` (no decoding): which key slots each query sees, in place of the causal mask
+        built from ``key_mask`` (rows that pack several sequences, as the toy warm start's do).
         """
         window = self.config.sliding_window
         seen = key_mask.shape[1] + (0 if prefix is None else prefix[1].shape[1])
@@ -286,7 +288,8 @@ class Llama(nnx.Module):
                              f"({window}); sliding-window attention is not implemented")
         if (positions is None) == (angles is None):
             raise ValueError("give exactly one of positions and angles")
-        mask = attention_mask(key_mask, x.shape[1], cache_index)
+        if mask is None:
+            mask = attention_mask(key_mask, x.shape[1], cache_index)
         # The layers rotate by ``positions[..., None] * inv_freq``: given angles, unit positions.
         if angles is None:
             inv_freq = rope_inv_freq(self.config)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from rlaifv_jax.models import anyres
 from rlaifv_jax.models.clip import CLIPVision, CLIPVisionConfig
-from rlaifv_jax.models.layers import Linear, activation
+from rlaifv_jax.models.layers import Linear, activation, normal
 from rlaifv_jax.models.llama import Llama, LlamaConfig
 
 
@@ -195,7 +195,7 @@ class LlavaNext(Llava):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = config.text.hidden_size
         self.image_newline = nnx.Param(
-            (jax.random.normal(rngs.params(), (d,)) / np.sqrt(d)).astype(param_dtype), axes=("embed",))
+            normal(rngs, (d,), 1.0 / np.sqrt(d), param_dtype), axes=("embed",))
 
     def anyres_kwargs(self) -> dict[str, Any]:
         """The anyres keyword arguments (pinpoints, tile size, patch size, strategy) of this model."""

@@ -63,9 +63,12 @@ def encode_examples(records: list[dict[str, Any]], tokenizer, image_tokens: int,
                     ) -> dict[str, np.ndarray]:
     """Right-padded ``tokens``, ``answer_start``, ``answer_len`` and ``pixel_values`` for SFT records."""
     rows, starts, lens = [], [], []
+    encoded: dict[tuple[str, str], Any] = {}  # the toy's yes/no records repeat a few hundred texts
     for r in records:
-        enc = chat.encode_prompt_answer(tokenizer, r["question"], r["answer"], image_tokens,
-                                        image_token_id=image_token_id)
+        key = (r["question"], r["answer"])
+        if key not in encoded:
+            encoded[key] = chat.encode_prompt_answer(tokenizer, *key, image_tokens, image_token_id=image_token_id)
+        enc = encoded[key]
         rows.append(np.concatenate([enc.prompt_ids, enc.answer_ids]))
         starts.append(len(enc.prompt_ids))
         lens.append(len(enc.answer_ids))
@@ -86,31 +89,80 @@ def shared_prefix(tokens: np.ndarray, answer_start: np.ndarray, image_token_id: 
     return limit if same.all() else int(np.argmin(same))
 
 
-def sft_loss(model: nnx.Module, prefix: jax.Array, parts: Sequence[tuple[dict[str, jax.Array], int]]) -> jax.Array:
-    """Mean negative log-likelihood of the answer tokens of ``prefix + batch["tokens"]`` over the rows
-    of every ``(batch, window)`` in ``parts`` (one batch cut into groups of rows of similar length).
+def pack_trees(examples: dict[str, np.ndarray], keys: Sequence[Any], p: int
+               ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Pack the records of each image into one row, a tree: the records' common start after the
+    shared prefix of ``p`` tokens (the image tokens) once, then each record's question and answer as
+    a branch that sees that trunk and itself only (``sft_loss``). The loss of a tree is the sum of
+    its records' losses, with a third of the positions (and one vision pass instead of three) for the
+    toy's caption + 2 yes/no per image.
 
-    The same number as the loss of the whole right-padded sequences under the causal model, computed
-    with less arithmetic: the ``prefix`` every row starts with (``[P]``) runs once per part and every
-    row attends to it (``batch``: ``tokens [B, T]`` after the prefix, cut to the part's longest row,
-    ``answer_start`` index in them, ``answer_len``, ``pixel_values``); the LM head runs only on the
-    ``window`` positions that predict answer tokens (``window`` static, ≥ every ``answer_len``)."""
+    ``keys``: one hashable per record, equal for records of one image. Returns (rows, members):
+    ``rows`` holds per tree ``tokens [N, T]`` after the prefix (right-padded), ``positions [N, T]``
+    (each branch continues the trunk's positions, as its record alone would), ``branch [N, T]`` (0:
+    trunk, j ≥ 1: the j-th record, -1: padding), ``answer_start`` / ``answer_len [N, A]`` (index in
+    the row; length 0 where a tree has fewer than A records) and ``pixel_values`` (its first
+    record's); ``members`` lists each tree's record indices, in order."""
+    trees: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        trees.setdefault(k, []).append(i)
+    members = [np.asarray(m) for m in trees.values()]
+    tokens, starts, lens = examples["tokens"], examples["answer_start"], examples["answer_len"]
+    packed = []
+    for m in members:
+        seqs = [tokens[i, p:starts[i] + lens[i]] for i in m]
+        limit = int(min(starts[m])) - 1 - p  # the trunk ends before any position that predicts an answer
+        same = np.all(np.stack([s[:limit] for s in seqs]) == seqs[0][:limit], axis=0)
+        trunk = limit if same.all() else int(np.argmin(same))
+        parts, branch, pos, a_start, at = [seqs[0][:trunk]], [np.zeros(trunk, int)], [np.arange(trunk)], [], trunk
+        for j, (i, s) in enumerate(zip(m, seqs), 1):
+            parts.append(s[trunk:])
+            branch.append(np.full(len(s) - trunk, j))
+            pos.append(np.arange(trunk, len(s)))
+            a_start.append(at + starts[i] - p - trunk)
+            at += len(s) - trunk
+        packed.append((np.concatenate(parts), np.concatenate(branch), np.concatenate(pos), a_start, lens[m]))
+    n, length, width = len(members), -(-max(len(t) for t, *_ in packed) // 8) * 8, max(len(m) for m in members)
+    rows = dict(tokens=np.zeros((n, length), np.int32), positions=np.zeros((n, length), np.int32),
+                branch=np.full((n, length), -1, np.int32), answer_start=np.ones((n, width), np.int32),
+                answer_len=np.zeros((n, width), np.int32), pixel_values=examples["pixel_values"][[m[0] for m in members]])
+    for r, (t, b, q, a, l) in enumerate(packed):
+        rows["tokens"][r, :len(t)], rows["branch"][r, :len(t)], rows["positions"][r, :len(t)] = t, b, q
+        rows["answer_start"][r, :len(a)], rows["answer_len"][r, :len(l)] = a, l
+    return rows, members
+
+
+def sft_loss(model: nnx.Module, prefix: jax.Array, parts: Sequence[tuple[dict[str, jax.Array], int]]) -> jax.Array:
+    """Mean negative log-likelihood of the answer tokens of every record packed in the trees
+    (``pack_trees``) of every ``(batch, window)`` in ``parts`` (one batch cut into groups of rows of
+    similar length), each record read as ``prefix + its tokens``.
+
+    The same number as the loss of the records' whole right-padded sequences under the causal
+    model, computed with less arithmetic: the ``prefix`` every record starts with (``[P]``) runs once
+    per part and every row attends to it; a tree's trunk (the image) runs once for its records; the
+    LM head runs only on the ``window`` positions before each answer's tokens (``window`` static, ≥
+    every ``answer_len``)."""
     p = prefix.shape[0]
     nll, tokens_seen = 0.0, 0
     for batch, window in parts:
-        tokens, start, lens = batch["tokens"], batch["answer_start"], batch["answer_len"]
-        b, t = tokens.shape
+        tokens, start, lens, branch = batch["tokens"], batch["answer_start"], batch["answer_len"], batch["branch"]
+        (b, t), a = tokens.shape, start.shape[1]
         shared = None
         if p:
             _, cache = model.forward_embeds(model.embed(prefix[None]), positions=jnp.arange(p)[None],
                                             key_mask=jnp.ones((1, p), bool), cache=model.init_cache(1, p))
             shared = (cache, jnp.ones((1, p), bool))
+        seen = branch[:, None, :]  # a query sees earlier slots of the trunk and of its own branch
+        mask = (jnp.tril(jnp.ones((t, t), bool)) & (seen >= 0)
+                & ((seen == 0) | (seen == branch[:, :, None])))
         x = model.embed(tokens, model.image_features(batch["pixel_values"]))
-        hidden, _ = model.forward_embeds(x, positions=jnp.broadcast_to(p + jnp.arange(t), (b, t)),
-                                         key_mask=jnp.ones((b, t), bool), prefix=shared)
-        at = jnp.clip(start[:, None] - 1 + jnp.arange(window + 1)[None], 0, t - 1)  # at[:, 0] predicts the first answer token
-        total, count = answer_logps(model.logits(jnp.take_along_axis(hidden, at[:, :-1, None], axis=1)),
-                                    jnp.take_along_axis(tokens, at, axis=1), jnp.ones_like(start), lens, shifted=True)
+        hidden, _ = model.forward_embeds(x, positions=p + batch["positions"], key_mask=jnp.ones((b, t), bool),
+                                         mask=mask, prefix=shared)
+        at = jnp.clip(start[:, :, None] - 1 + jnp.arange(window + 1), 0, t - 1)  # at[..., 0] predicts an answer's first token
+        before = jnp.take_along_axis(hidden, at[:, :, :-1].reshape(b, -1, 1), axis=1).reshape(b * a, window, -1)
+        total, count = answer_logps(model.logits(before), jnp.take_along_axis(tokens, at.reshape(b, -1), axis=1)
+                                    .reshape(b * a, window + 1), jnp.ones((b * a,), jnp.int32), lens.reshape(-1),
+                                    shifted=True)
         nll, tokens_seen = nll - jnp.sum(total), tokens_seen + jnp.sum(count)
     return nll / jnp.maximum(tokens_seen, 1)
 
@@ -158,31 +210,46 @@ def draw_rows(sizes: Sequence[int], counts: Sequence[int], steps: int, seed: int
     return rows
 
 
+def sft_batches(examples: dict[str, np.ndarray], keys: Sequence[Any], p: int, *, batch_size: int, steps: int,
+                seed: int) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The warm start's batches: the records packed into trees (``pack_trees``), the trees split by
+    length (``length_groups``), each step taking ``group_counts`` trees from each group (``draw_rows``),
+    about ``batch_size`` records per step in all. → (rows, members, groups, draws): ``groups[g]`` tree
+    indices, ``draws[g][step]`` indices into ``groups[g]``."""
+    rows, members = pack_trees(examples, keys, p)
+    per_step = max(1, round(batch_size * len(members) / len(examples["tokens"])))
+    groups = length_groups(np.sum(rows["branch"] >= 0, axis=1), per_step)
+    sizes = [len(g) for g in groups]
+    return rows, members, groups, draw_rows(sizes, group_counts(sizes, per_step), steps, seed)
+
+
 def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int, batch_size: int,
-              learning_rate: float, seed: int, progress: bool = True, chunk: int = 50) -> list[float]:
+              learning_rate: float, seed: int, keys: Sequence[Any] | None = None, progress: bool = True,
+              chunk: int = 50) -> list[float]:
     """Train every parameter of ``model`` in place with AdamW + cosine decay on ``encode_examples``'
     arrays; returns every step's loss.
 
-    The rows are split by length (``length_groups``); each step's batch takes ``group_counts`` rows
-    from each group (``draw_rows``) and minimises the mean answer NLL of its whole sequences. Each
-    group's arrays, cut to its longest row, live on the device; each jitted call runs ``chunk`` steps
-    in a ``lax.scan`` over the drawn rows; the loss runs the shared chat prefix once per group and the
-    LM head on the answer positions only (``sft_loss``). Every step's loss and gradient norm are
-    checked once per call."""
+    ``keys`` (one per record, equal for the records of one image; default: every record its own)
+    packs each image's records into one row (``pack_trees``); each step trains on about
+    ``batch_size`` records, whole trees drawn from length groups (``sft_batches``), and minimises the
+    mean answer NLL of its records' whole sequences. Each group's arrays, cut to its longest row,
+    live on the device; each jitted call runs ``chunk`` steps in a ``lax.scan`` over the drawn rows;
+    the loss runs the shared chat prefix once per group and the LM head on the answer positions only
+    (``sft_loss``). Every step's loss and gradient norm are checked once per call."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     graphdef, params = nnx.split(model)
     opt_state = tx.init(params)
     p = shared_prefix(examples["tokens"], examples["answer_start"], model.config.image_token_id)
     prefix = jax.device_put(examples["tokens"][0, :p])
-    groups = length_groups(examples["answer_start"] + examples["answer_len"] - p, batch_size)
+    trees, _, groups, rows = sft_batches(examples, range(len(examples["tokens"])) if keys is None else keys, p,
+                                         batch_size=batch_size, steps=steps, seed=seed)
     data, windows = [], []
     for g in groups:
-        used = -(-int(np.max(examples["answer_start"][g] + examples["answer_len"][g]) - p) // 8) * 8
-        data.append(jax.device_put(dict(tokens=examples["tokens"][g, p:p + used],
-                                        answer_start=examples["answer_start"][g] - p,
-                                        answer_len=examples["answer_len"][g], pixel_values=examples["pixel_values"][g])))
-        windows.append(int(examples["answer_len"][g].max()))
+        used = -(-int(np.max(np.sum(trees["branch"][g] >= 0, axis=1))) // 8) * 8
+        data.append(jax.device_put({k: v[g][:, :used] if k in ("tokens", "positions", "branch") else v[g]
+                                    for k, v in trees.items()}))
+        windows.append(int(trees["answer_len"][g].max()))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def run(params, opt_state, rows):
@@ -194,8 +261,6 @@ def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int,
             return (optax.apply_updates(params, updates), opt_state), (loss, optax.tree.norm(grads))
         return jax.lax.scan(one, (params, opt_state), rows)
 
-    sizes = [len(g) for g in groups]
-    rows = draw_rows(sizes, group_counts(sizes, batch_size), steps, seed)
     losses: list[float] = []
     with tqdm(total=steps, desc="warm start", unit="step", disable=not progress, dynamic_ncols=True) as bar:
         for first in range(0, steps, chunk):
@@ -225,8 +290,8 @@ def warm_start(size: Any, opt: Any, world: toy_world.WorldSettings,
     tokenizer = toy_world.build_tokenizer(world)
     model = hf.build_model("LlavaForConditionalGeneration", toy_model_config(tokenizer, world, size), seed=seed)
     examples = encode_examples(warm_records, tokenizer, model.num_image_tokens(), model.config.image_token_id)
-    losses = train_sft(model, examples, steps=opt.steps, batch_size=opt.batch_size,
-                       learning_rate=opt.learning_rate, seed=seed, progress=progress)
+    losses = train_sft(model, examples, steps=opt.steps, batch_size=opt.batch_size, learning_rate=opt.learning_rate,
+                       seed=seed, keys=[np.asarray(r["image"]).tobytes() for r in warm_records], progress=progress)
     os.makedirs(out_dir, exist_ok=True)
     hf.save_pretrained(model, out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -59,15 +59,31 @@ class OptimSettings:
 FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def make_schedule(cfg: OptimSettings) -> optax.Schedule:
+def schedule_steps(cfg: OptimSettings) -> np.ndarray:
+    """``[warm-up steps, decay end]`` of the schedule (``learning_rate_at``'s ``steps``): warm-up =
+    ceil(warmup_ratio · total_steps), cosine to 0 at max(total_steps, warm-up + 1)."""
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
     warmup = math.ceil(cfg.warmup_ratio * cfg.total_steps)
+    return np.asarray([warmup, max(cfg.total_steps, warmup + 1)], np.int32)
+
+
+def learning_rate_at(cfg: OptimSettings, count: jax.Array, steps: jax.Array) -> jax.Array:
+    """The learning rate after ``count`` optimizer steps, for ``steps = schedule_steps(cfg)``: linear
+    from 0 over the warm-up, then cosine decay to 0 at the decay end (``cfg.schedule="cosine"``,
+    ``optax.warmup_cosine_decay_schedule``) or constant. ``steps`` is an argument of the compiled
+    train step, not a constant in it, so DPO runs of different lengths (each online iteration's) share
+    one compiled step."""
+    count, steps = jnp.asarray(count, jnp.float32), jnp.asarray(steps, jnp.float32)
+    warmup, end = steps[0], steps[1]
+    peak = jnp.float32(cfg.learning_rate)
+    rising = peak * jnp.clip(count, 0.0, warmup) / jnp.maximum(warmup, 1.0)
     if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.total_steps, warmup + 1), 0.0)
-    if cfg.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
-                                     optax.constant_schedule(cfg.learning_rate)], [warmup]) if warmup else \
-            optax.constant_schedule(cfg.learning_rate)
-    raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+        t = jnp.clip(count - warmup, 0.0, end - warmup)
+        after = peak * (0.5 * (1.0 + jnp.cos(jnp.pi * t / (end - warmup))))
+    else:
+        after = peak
+    return jnp.where(count < warmup, rising, after)
 
 
 def _cast_floats(tree: Any, dtype) -> Any:
@@ -87,14 +103,15 @@ def stored_in(tx: optax.GradientTransformation, dtype) -> optax.GradientTransfor
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: OptimSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = make_schedule(cfg)
+def make_optimizer(cfg: OptimSettings) -> optax.GradientTransformation:
+    """Clipping + AdamW up to the learning rate: its update times ``-learning_rate_at(...)`` is
+    ``optax.adamw``'s with that schedule (the train step applies the rate)."""
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=decay_mask))
+    parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+              optax.add_decayed_weights(cfg.weight_decay, decay_mask)]
     tx = optax.chain(*parts)
-    return (tx if cfg.state_dtype == "float32" else stored_in(tx, FLOAT_DTYPES[cfg.state_dtype])), schedule
+    return tx if cfg.state_dtype == "float32" else stored_in(tx, FLOAT_DTYPES[cfg.state_dtype])
 
 
 # ----------------------------------------------------------------------------- train step
@@ -161,7 +178,8 @@ class DPOStep:
         self.mesh = mesh or shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
         self.rules = rules
         self.optim, self.loss = optim, loss
-        self.tx, self.schedule = make_optimizer(optim)
+        self.tx = make_optimizer(optim)
+        self.schedule_steps = schedule_steps(optim)
         self.prepare = prepare  # hook(model, rng, train) run on the merged model (LoRA dropout keys)
         self.graphdef, self.trainable_template, self.frozen_template = nnx.split(model, trainable, ...)
         self.replicated = NamedSharding(self.mesh, P())
@@ -264,15 +282,16 @@ class DPOStep:
             (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), (micro, jnp.arange(k)))
         return grads, sums
 
-    def _step(self, state, frozen, batch):
+    def _step(self, state, frozen, batch, steps):
         self.compiles += 1  # runs at trace time only
         grads, sums = self._grads(state, frozen, batch)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        rate = learning_rate_at(self.optim, state["step"], steps)
+        params = optax.apply_updates(state["params"], jax.tree.map(lambda u: -rate.astype(u.dtype) * u, updates))
         metrics = metrics_from_sums(sums)
         metrics["grad_norm"] = grad_norm
-        metrics["learning_rate"] = jnp.asarray(self.schedule(state["step"]), jnp.float32)
+        metrics["learning_rate"] = rate
         metrics["pairs"] = sums["count"]
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
@@ -288,7 +307,8 @@ class DPOStep:
         return {k: shd.batch_sharding(self.mesh, np.ndim(v), self.rules) for k, v in batch.items()}
 
     def program(self, batch: Batch) -> tuple[Any, dict[str, NamedSharding]]:
-        """The jitted step for ``batch``'s structure (arrays or ``ShapeDtypeStruct``s; keys outside
+        """The jitted step ``(state, frozen, batch, schedule_steps) -> (state, metrics)`` for ``batch``'s
+        structure (arrays or ``ShapeDtypeStruct``s; keys outside
         ``STEP_KEYS`` ignored), created once per shape/dtype signature, and the batch shardings."""
         batch = {k: v for k, v in batch.items() if k in STEP_KEYS}
         key = tuple(sorted((k, tuple(np.shape(v)), str(v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype))
@@ -297,7 +317,7 @@ class DPOStep:
         fn = self._jitted.get(key)
         if fn is None:
             metric_sh = {name: self.replicated for name in METRIC_NAMES + ("grad_norm", "learning_rate", "pairs")}
-            fn = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, b_sh),
+            fn = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, b_sh, self.replicated),
                          out_shardings=(self.state_shardings, metric_sh), donate_argnums=(0,))
             self._jitted[key] = fn
         return fn, b_sh
@@ -311,7 +331,7 @@ class DPOStep:
         frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.frozen_shardings[k])
                   for k, v in self.frozen.items()}
         with jax.set_mesh(self.mesh):
-            return fn.lower(self.abstract_state(), frozen, batch)
+            return fn.lower(self.abstract_state(), frozen, batch, jax.ShapeDtypeStruct((2,), jnp.int32, sharding=self.replicated))
 
     def __call__(self, state: dict[str, Any], batch: Batch) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         batch = {k: v for k, v in batch.items() if k in STEP_KEYS}
@@ -335,4 +355,4 @@ class DPOStep:
         else:
             batch = jax.device_put(batch, b_sh)
         with jax.set_mesh(self.mesh):
-            return fn(state, self.frozen, batch)
+            return fn(state, self.frozen, batch, jax.device_put(self.schedule_steps, self.replicated))
