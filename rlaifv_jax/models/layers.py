@@ -13,8 +13,8 @@ import threading
 from typing import Iterator, Sequence
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rlaifv_jax.core.sharding import SERVE_RULES, logical_to_spec

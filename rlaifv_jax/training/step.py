@@ -331,7 +331,8 @@ class DPOStep:
         frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.frozen_shardings[k])
                   for k, v in self.frozen.items()}
         with jax.set_mesh(self.mesh):
-            return fn.lower(self.abstract_state(), frozen, batch, jax.ShapeDtypeStruct((2,), jnp.int32, sharding=self.replicated))
+            steps = jax.ShapeDtypeStruct(self.schedule_steps.shape, self.schedule_steps.dtype, sharding=self.replicated)
+            return fn.lower(self.abstract_state(), frozen, batch, steps)
 
     def __call__(self, state: dict[str, Any], batch: Batch) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         batch = {k: v for k, v in batch.items() if k in STEP_KEYS}
