@@ -133,10 +133,15 @@ def test_step_is_adamw_and_one_program_serves_every_length(tiny_llava):
         optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 6, 0.0), weight_decay=0.1,
         mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
     opt = tx.init(params)
+
+    @jax.jit  # one program: optax's update op by op would compile every op for every parameter shape
+    def adamw(grads, opt, params):
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt
+
     for _ in range(3):  # warm-up steps 0 and 1 (rate 0, then 5e-3), then the cosine
         grads, _ = step.gradients(state, batch)
-        updates, opt = tx.update(grads, opt, params)
-        params = optax.apply_updates(params, updates)
+        params, opt = adamw(grads, opt, params)
         state, _ = step(state, batch)
     for k, v in params.items():
         np.testing.assert_allclose(np.asarray(state["params"][k]), np.asarray(v), rtol=1e-5, atol=1e-7, err_msg=k)

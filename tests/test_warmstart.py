@@ -132,16 +132,17 @@ def test_sft_loss_is_the_whole_sequence_loss():
     total, count = answer_logps(logits, jnp.asarray(examples["tokens"]), jnp.asarray(examples["answer_start"]),
                                 jnp.asarray(examples["answer_len"]))
     expected = float(-jnp.sum(total) / jnp.sum(count))
-    for q in (p, 0):  # with the prefix run once, and without one
-        for k in (keys, range(len(keys))):  # an image's records packed in one tree, and each its own row
-            rows, _ = warmstart.pack_trees(examples, k, q)
-            b = {name: jnp.asarray(v) for name, v in rows.items()}
-            window = int(rows["answer_len"].max())
-            halves = [({n: v[:2] for n, v in b.items()}, window), ({n: v[2:] for n, v in b.items()}, window)]
-            for parts in ([(b, window)], halves):  # the batch whole, and cut in two parts
-                loss = nnx.jit(lambda m, x, parts=parts: warmstart.sft_loss(m, x, parts))(  # compiled: eager ops are slow
-                    model, jnp.asarray(examples["tokens"][0, :q]))
-                np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    # With the prefix run once or not, an image's records packed in one tree or each in its own row,
+    # the batch whole or cut in two parts: each choice twice, each pair of choices once (4 of the 8).
+    for q, trees, halved in ((p, True, True), (p, False, False), (0, True, False), (0, False, True)):
+        rows, _ = warmstart.pack_trees(examples, keys if trees else range(len(keys)), q)
+        b = {name: jnp.asarray(v) for name, v in rows.items()}
+        window = int(rows["answer_len"].max())
+        parts = ([({n: v[:2] for n, v in b.items()}, window), ({n: v[2:] for n, v in b.items()}, window)] if halved
+                 else [(b, window)])
+        loss = nnx.jit(lambda m, x, parts=parts: warmstart.sft_loss(m, x, parts))(  # compiled: eager ops are slow
+            model, jnp.asarray(examples["tokens"][0, :q]))
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5, err_msg=f"prefix {q}, trees {trees}, halved {halved}")
 
 
 def test_train_sft_stops_on_a_non_finite_loss():
