@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from flax import nnx
 from transformers import (CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration,
                           LlavaNextForConditionalGeneration, MistralConfig, MistralForCausalLM)
 
@@ -26,6 +27,12 @@ def _max_diff(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
+def _forward(model, *args, **kwargs):
+    """``model(*args, **kwargs)`` compiled as one program: run op by op, every op compiles on its own
+    (about 80 ms each here, a hundred or more per forward)."""
+    return nnx.jit(lambda m, *a, **k: m(*a, **k))(model, *args, **kwargs)
+
+
 ROPES = {
     "default": None,
     "linear": {"rope_type": "linear", "factor": 2.0},
@@ -40,7 +47,7 @@ def test_llama_parity_long_sequence(tmp_path, rope):
     model = hf.load_pretrained(str(tmp_path))
     ids = _ids(np.random.RandomState(0), (2, 640))
     want = ref(torch.tensor(ids)).logits.detach().numpy()
-    assert _max_diff(model(jnp.asarray(ids)), want) <= TOL
+    assert _max_diff(_forward(model, jnp.asarray(ids)), want) <= TOL
 
 
 def test_llama_tied_mha_and_left_padding(tmp_path):
@@ -53,7 +60,7 @@ def test_llama_tied_mha_and_left_padding(tmp_path):
     mask[2, :2] = 0
     pos = np.maximum(mask.cumsum(1) - 1, 0)
     want = ref(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)).logits
-    got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    got = np.asarray(_forward(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     real = mask.astype(bool)
     assert _max_diff(got[real], want.detach().numpy()[real]) <= TOL
 
@@ -65,7 +72,7 @@ def test_mistral_parity_and_sliding_window_error(tmp_path):
     ref = tiny_hf.save(MistralForCausalLM(cfg), tmp_path)
     model = hf.load_pretrained(str(tmp_path))
     ids = _ids(np.random.RandomState(2), (1, 40))
-    assert _max_diff(model(jnp.asarray(ids)), ref(torch.tensor(ids)).logits.detach().numpy()) <= TOL
+    assert _max_diff(_forward(model, jnp.asarray(ids)), ref(torch.tensor(ids)).logits.detach().numpy()) <= TOL
     with pytest.raises(ValueError, match="sliding window"):
         model(jnp.asarray(_ids(np.random.RandomState(2), (1, 65))))
 
@@ -74,17 +81,22 @@ def test_kv_cache_decode_matches_full_forward(tmp_path):
     tiny_hf.llama(tmp_path)
     model = hf.load_pretrained(str(tmp_path))
     ids = jnp.asarray(_ids(np.random.RandomState(3), (2, 10)))
-    full = model(ids)
-    cache = model.init_cache(2, 16)
+    full = _forward(model, ids)
+
+    @nnx.jit
+    def step(m, tokens, positions, key_mask, cache, index):
+        h, cache = m.forward_embeds(m.embed(tokens), positions=positions, key_mask=key_mask, cache=cache,
+                                    cache_index=index)
+        return m.logits(h), cache
+
     key_mask = jnp.zeros((2, 16), bool).at[:, :6].set(True)
-    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
-    h, cache = model.forward_embeds(model.embed(ids[:, :6]), positions=pos, key_mask=key_mask, cache=cache)
-    steps = [model.logits(h)]
+    logits, cache = step(model, ids[:, :6], jnp.broadcast_to(jnp.arange(6), (2, 6)), key_mask, model.init_cache(2, 16),
+                         jnp.int32(0))
+    steps = [logits]
     for t in range(6, 10):
         key_mask = key_mask.at[:, t].set(True)
-        h, cache = model.forward_embeds(model.embed(ids[:, t:t + 1]), positions=jnp.full((2, 1), t),
-                                        key_mask=key_mask, cache=cache, cache_index=t)
-        steps.append(model.logits(h))
+        logits, cache = step(model, ids[:, t:t + 1], jnp.full((2, 1), t), key_mask, cache, jnp.int32(t))
+        steps.append(logits)
     assert _max_diff(jnp.concatenate(steps, axis=1), full) <= TOL
 
 
@@ -117,7 +129,7 @@ def test_llava_parity_and_export(tmp_path, strategy, layer):
     ids = _llava_inputs(np.random.RandomState(0), n)
     px = np.random.RandomState(1).randn(2, 3, 28, 28).astype(np.float32)
     want = ref(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px)).logits.detach().numpy()
-    got = model(jnp.asarray(ids), pixel_values=jnp.asarray(px))
+    got = _forward(model, jnp.asarray(ids), pixel_values=jnp.asarray(px))
     assert _max_diff(got, want) <= TOL
     hf.save_pretrained(model, str(tmp_path / "export"))
     back = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "export")).eval()
@@ -167,7 +179,7 @@ def test_bfloat16_load_is_close(tmp_path):
     bf16 = hf.load_pretrained(str(tmp_path), dtype=jnp.bfloat16)
     assert bf16.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     ids = jnp.asarray(_ids(np.random.RandomState(0), (1, 16)))
-    assert _max_diff(bf16(ids), f32(ids)) < 0.1
+    assert _max_diff(_forward(bf16, ids), _forward(f32, ids)) < 0.1
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (1, 2, 4)])
@@ -183,7 +195,7 @@ def test_sharded_forward_equals_unsharded(tmp_path, shape):
     with jax.set_mesh(mesh):
         ids_s = jax.device_put(ids, sharding.batch_sharding(mesh, 2))
         got = jax.jit(lambda m, i, p: m(i, pixel_values=p))(sharded, ids_s, jnp.asarray(px))
-    assert _max_diff(got, plain(jnp.asarray(ids), pixel_values=jnp.asarray(px))) <= 1e-5
+    assert _max_diff(got, _forward(plain, jnp.asarray(ids), pixel_values=jnp.asarray(px))) <= 1e-5
 
 
 def test_rules_refuse_two_axes_on_one_mesh_axis():
