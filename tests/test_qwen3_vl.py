@@ -82,7 +82,7 @@ def test_two_images_logits_features_positions(models, images):
         out = ref.model.get_image_features(t(px), t(grid))
     want = np.concatenate([torch.cat(out.pooler_output).numpy()]
                           + [torch.cat(f).numpy() for f in out.deepstack_features], axis=-1)
-    feats = np.asarray(model.image_features(px, grid))
+    feats = np.asarray(tq.image_features(model, px, grid))
     assert feats.shape == (model.num_image_tokens(grid), model.feature_size) == want.shape
     DIFFS[f"{variant} vision+deepstack features"] = _diff(feats, want)
     assert DIFFS[f"{variant} vision+deepstack features"] <= TOL
@@ -108,7 +108,7 @@ def test_cached_greedy_decode_matches_generate(models, images):
         want = ref.generate(input_ids=t(ids), attention_mask=t(mask), pixel_values=t(px), image_grid_thw=t(grid),
                             mm_token_type_ids=t((ids == IMAGE).astype(np.int64)), max_new_tokens=steps,
                             do_sample=False, min_new_tokens=steps)[0, ids.shape[1]:].numpy()
-    tokens = tq.cached_greedy(model, ids, mask, grid, model.image_features(px, grid), steps)
+    tokens = tq.cached_greedy(model, ids, mask, grid, tq.image_features(model, px, grid), steps)
     np.testing.assert_array_equal(tokens, want)
 
 

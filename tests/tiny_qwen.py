@@ -130,6 +130,13 @@ def encode3(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"])
 
 
+def image_features(model, px: np.ndarray, grid: np.ndarray):
+    """``model.image_features(px, grid)`` compiled as one program (``grid`` fixes the shapes): run op
+    by op, every op of the tower compiles on its own."""
+    from flax import nnx
+    return nnx.jit(lambda m, p: m.image_features(p, grid))(model, px)
+
+
 def cached_greedy(model, ids: np.ndarray, mask: np.ndarray, grid: np.ndarray, features, steps: int) -> list[int]:
     """``steps`` greedy tokens of one row through ``forward_embeds`` with a cache: prefill (image
     ``features`` in the embeddings) at the model's ``position_ids``, then decode plain text at ``real
