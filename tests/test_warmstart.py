@@ -142,7 +142,8 @@ def test_sft_loss_is_the_whole_sequence_loss():
                  else [(b, window)])
         loss = nnx.jit(lambda m, x, parts=parts: warmstart.sft_loss(m, x, parts))(  # compiled: eager ops are slow
             model, jnp.asarray(examples["tokens"][0, :q]))
-        np.testing.assert_allclose(float(loss), expected, rtol=1e-5, err_msg=f"prefix {q}, trees {trees}, halved {halved}")
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5,
+                                   err_msg=f"prefix {q}, trees {trees}, halved {halved}")
 
 
 def test_train_sft_stops_on_a_non_finite_loss():
