@@ -194,7 +194,7 @@ def test_sharded_forward_equals_unsharded(tmp_path, shape):
     px = np.random.RandomState(1).randn(8, 3, 28, 28).astype(np.float32)
     with jax.set_mesh(mesh):
         ids_s = jax.device_put(ids, sharding.batch_sharding(mesh, 2))
-        got = jax.jit(lambda m, i, p: m(i, pixel_values=p))(sharded, ids_s, jnp.asarray(px))
+        got = _forward(sharded, ids_s, pixel_values=jnp.asarray(px))
     assert _max_diff(got, _forward(plain, jnp.asarray(ids), pixel_values=jnp.asarray(px))) <= 1e-5
 
 
