@@ -134,6 +134,17 @@ def test_llava_shared_prefix_equals_full_forward(llava, tok, caplog):
     assert labeler._score._cache_size() == kinds.count("score")
 
 
+def test_repeated_questions_are_scored_once(llava, tok):
+    _, model = llava
+    labeler = Labeler(model, tok, batch_size=4)
+    px = np.random.RandomState(5).randn(1, 3, 28, 28).astype(np.float32)
+    a, b = QUESTIONS[0], QUESTIONS[1]
+    got = labeler.score([ImageQuestions([a, b, a, a, b, a], px)])[0]
+    assert [p[2] for p in labeler.programs() if p[0] == "score"] == [2]  # one batch of the 2 distinct questions
+    once = labeler.score([ImageQuestions([a, b], px)])[0]
+    assert got == [once[0], once[1], once[0], once[0], once[1], once[0]]
+
+
 @pytest.mark.parametrize("penalty", [1.3])
 def test_repetition_penalty_equals_transformers_processor(llava, tok, penalty):
     ref, model = llava

@@ -301,12 +301,17 @@ class Labeler:
                               positions)
         return cache, ids[0], delta
 
-    def score_async(self, item: Any) -> list[tuple[np.ndarray, jax.Array, jax.Array]]:
-        """Dispatch the scoring of one image's questions; returns (question indices, p_yes, p_no) chunks."""
+    def score_async(self, item: Any) -> tuple[np.ndarray, list[tuple[np.ndarray, jax.Array, jax.Array]]]:
+        """Dispatch the scoring of one image's questions, each distinct question once (a prompt's
+        responses repeat their claims: 27 questions a prompt, 3.5 distinct, in the toy's first
+        iteration); returns ``(inverse, chunks)``: ``chunks`` of (distinct-question indices, p_yes,
+        p_no), question ``i`` answered as distinct question ``inverse[i]``."""
         item = _as_item(item)
-        questions = list(item.questions)
+        distinct: dict[str, int] = {}
+        inverse = np.asarray([distinct.setdefault(q, len(distinct)) for q in item.questions], np.int64)
+        questions = list(distinct)
         if not questions:
-            return []
+            return inverse, []
         if item.pixel_values is not None and self.image_token_id is None:
             raise ValueError("pixel_values were given to a labeler model without images")
         n_img = 0 if item.pixel_values is None else self._image_token_count(self._layout(item))
@@ -325,7 +330,7 @@ class Labeler:
             p_yes, p_no = self._score(self._state, cache, jnp.int32(len(prefix)), jnp.asarray(prefix_row),
                                       jnp.asarray(ids), jnp.asarray(lens), jnp.int32(delta))
             chunks.append((idx, p_yes, p_no))
-        return chunks
+        return inverse, chunks
 
     def score(self, items: Sequence[Any]) -> list[list[tuple[float, float]]]:
         """``(p_yes, p_no)`` per question per item, in input order; items without questions give ``[]``.
@@ -338,14 +343,14 @@ class Labeler:
         # Device time: from the first dispatch to the last result (the questions of later images are
         # tokenized while earlier ones are scored).
         with device_time.device_work():
-            pending = [(len(_as_item(it).questions), self.score_async(it)) for it in items]
-            for n, chunks in pending:
-                scores: list[tuple[float, float] | None] = [None] * n
+            pending = [self.score_async(it) for it in items]
+            for inverse, chunks in pending:
+                scores: list[tuple[float, float] | None] = [None] * (int(inverse.max()) + 1 if inverse.size else 0)
                 for idx, p_yes, p_no in chunks:
                     y, nn = np.asarray(p_yes), np.asarray(p_no)
                     for r, i in enumerate(idx):
                         scores[int(i)] = (float(y[r]), float(nn[r]))
-                out.append(scores)
+                out.append([scores[j] for j in inverse])
         return out
 
 
