@@ -148,6 +148,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.grad_accum = 1  # micro-batches per step
     c.dpo.epochs = 2
     c.dpo.max_steps = 0  # cap on optimizer steps per iteration, for quick trials (0: all epochs)
+    c.dpo.checkpoints_per_epoch = 1  # a resumable train checkpoint every 1/N epoch (and at the end); the toy's
+    # DPO is 7-20 steps an iteration and a save takes about 0.25 s, so 4 would save after nearly every step
+    # (BENCHMARKS.md, issue 25, eleventh session); the paper configs set 4
     c.dpo.max_length = 128  # tokens per sequence (prompt + image + answer)
     c.dpo.remat = "none"  # per decoder layer: none | full (recompute in the backward pass) | dots (keep matmuls)
     c.dpo.master_dtype = "float32"  # the train state's copy of the weights: float32 | bfloat16 (less HBM)

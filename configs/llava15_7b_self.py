@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.learning_rate = 5e-7
     c.dpo.batch_size = 8
     c.dpo.epochs = 4
+    c.dpo.checkpoints_per_epoch = 4  # a resumable train checkpoint every 1/4 epoch
     c.dpo.max_length = 2048
     c.dpo.remat = "full"  # recompute each decoder layer in the backward pass: 28 GiB per chip on v5p-8, not 153 (docs/PLAN.md)
     c.eval.max_new_tokens = 512

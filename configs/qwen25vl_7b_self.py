@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.weight_decay = 0.01
     c.dpo.batch_size = 8  # global batch (pairs per optimizer step)
     c.dpo.epochs = 4  # per iteration
+    c.dpo.checkpoints_per_epoch = 4  # a resumable train checkpoint every 1/4 epoch
     c.dpo.max_length = 2048  # tokens per sequence (prompt + image + answer); longer pairs are counted, not cut
     c.dpo.remat = "full"  # recompute each decoder layer in the backward pass (activations of 2048-token pairs)
     c.eval.max_new_tokens = 512  # (exact toy evaluation only; files-source runs report no CHAIR)

@@ -90,7 +90,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(smoke_reference, tmp_
     smoke_warmstart(tmp_path)
     rng = random.Random(1234)
     # Each target path appears at a different moment; "checkpoints/1" lands between the policy
-    # checkpoint and the summary write, "iter_00/train" inside DPO (checkpoints every 1/4 epoch).
+    # checkpoint and the summary write, "iter_00/train" inside DPO (a checkpoint every epoch).
     # Iteration 1 repeats iteration 0's stages, so its kills are in the stages not hit before.
     targets = ["eval/00", "iter_00/samples", "iter_00/labels", "iter_00/train", "checkpoints/1",
                "iter_01/claims", "iter_01/ref_logps"]

@@ -41,7 +41,7 @@ RUN_FIELDS = (
 # such a workdir resumes as if it had saved that value.
 ADDED_FIELDS = {"dpo.remat": "none", "dpo.master_dtype": "float32", "dpo.optimizer_state_dtype": "float32",
                 "labeler.answer_prefix": "auto", "sampling.decode_rows": 0, "claims.decode_rows": 0,
-                "eval.decode_rows": 0, "slice": "", "dpo.sft_weight": 0.0}
+                "eval.decode_rows": 0, "slice": "", "dpo.sft_weight": 0.0, "dpo.checkpoints_per_epoch": 4}
 HISTORY = "config_history.jsonl"
 
 

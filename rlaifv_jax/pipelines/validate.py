@@ -52,7 +52,8 @@ _ONLINE_CHOICES = {
 _ONLINE_POSITIVE = ("iterations", "sampling.num_samples", "sampling.max_new_tokens", "sampling.batch_size",
                     "claims.batch_size", "claims.llm_batch_size", "labeler.batch_size", "pairs.per_prompt",
                     "pairs.min_score_gap",
-                    "dpo.batch_size", "dpo.grad_accum", "dpo.epochs", "dpo.max_length", "eval.max_new_tokens",
+                    "dpo.batch_size", "dpo.grad_accum", "dpo.epochs", "dpo.checkpoints_per_epoch", "dpo.max_length",
+                    "eval.max_new_tokens",
                     "eval.batch_size", "dpo.beta", "dpo.learning_rate", "world.n_warmstart", "world.n_prompts",
                     "world.n_eval", "warmstart.steps", "warmstart.batch_size", "warmstart.learning_rate")
 _ONLINE_NONNEG = ("prompts.per_iteration", "sampling.top_k", "sampling.temperature", "sampling.decode_rows",
