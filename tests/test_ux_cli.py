@@ -67,12 +67,13 @@ def test_validation_names_every_problem_in_one_line_each(tmp_path):
     c = default.get_config("smoke")
     c.mesh.fsdp, c.dpo.batch_size = 8, 12  # 8 fake devices: batch 12 does not split 8 ways
     c.dpo.max_length, c.sampling.top_p, c.pairs.length_ratio = 20, 1.5, 0.33
+    c.dpo.checkpoints_per_epoch = 0
     with pytest.raises(ConfigError) as e:
         validate.validate(c, "online")
     lines = str(e.value).splitlines()
     assert lines[0] == "invalid config:"
     assert [ln.strip().split("=")[0].split(" ")[0] for ln in lines[1:]] == [
-        "sampling.top_p", "pairs.length_ratio", "dpo.batch_size", "dpo.max_length"], lines
+        "dpo.checkpoints_per_epoch", "sampling.top_p", "pairs.length_ratio", "dpo.batch_size", "dpo.max_length"], lines
     assert "dpo.batch_size=12 must be a multiple of the data-parallel size 8" in str(e.value)
     assert "the policy's image alone takes 16 tokens" in str(e.value)
     c = default.get_config("smoke")
@@ -122,10 +123,11 @@ def test_wrong_inputs_then_corrected_command_starts_on_the_same_workdir(tmp_path
         spec.online_spec(c, work)
     assert not os.path.exists(work)  # nothing written: the corrected command is not "a different config"
     c.policy.path = str(tmp_path / "policy")
-    c.dpo.sft_weight = 0.25
+    c.dpo.sft_weight, c.dpo.checkpoints_per_epoch = 0.25, 3
     built = spec.online_spec(c, work)
     assert built.policy.path == c.policy.path
     assert built.dpo.train.loss.sft_weight == 0.25  # the online loop's DPO gets the optional SFT term
+    assert built.dpo.checkpoints_per_epoch == 3
     assert workdir_lib.check_or_save_config(c, work) == {}
 
 
