@@ -345,12 +345,12 @@ class Labeler:
         with device_time.device_work():
             pending = [self.score_async(it) for it in items]
             for inverse, chunks in pending:
-                scores: list[tuple[float, float] | None] = [None] * (int(inverse.max()) + 1 if inverse.size else 0)
+                scores: dict[int, tuple[float, float]] = {}  # distinct question -> its answer
                 for idx, p_yes, p_no in chunks:
                     y, nn = np.asarray(p_yes), np.asarray(p_no)
                     for r, i in enumerate(idx):
                         scores[int(i)] = (float(y[r]), float(nn[r]))
-                out.append([scores[j] for j in inverse])
+                out.append([scores[int(j)] for j in inverse])
         return out
 
 

@@ -123,7 +123,8 @@ def _stage_settings(c: ml_collections.ConfigDict) -> dict:
                 seed=c.seed, progress=c.progress, max_to_keep=1, async_checkpoint=False,
                 max_steps=field_value(c, "dpo.max_steps", 0), wandb_project=_wandb_project(c)),
             batch_size=d.batch_size, epochs=d.epochs, max_length=d.max_length,
-            checkpoints_per_epoch=field_value(c, "dpo.checkpoints_per_epoch", 4), select=_select(c, RECORD_KEYS)))
+            checkpoints_per_epoch=field_value(c, "dpo.checkpoints_per_epoch", DPOSettings.checkpoints_per_epoch),
+            select=_select(c, RECORD_KEYS)))
 
 
 def online_spec(c: ml_collections.ConfigDict, workdir: str) -> OnlineSpec:
