@@ -4,6 +4,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 import tiny_hf
@@ -143,6 +144,24 @@ def test_repeated_questions_are_scored_once(llava, tok):
     assert [p[2] for p in labeler.programs() if p[0] == "score"] == [2]  # one batch of the 2 distinct questions
     once = labeler.score([ImageQuestions([a, b], px)])[0]
     assert got == [once[0], once[1], once[0], once[0], once[1], once[0]]
+
+
+def test_a_labeler_built_again_traces_nothing_new(llava, tok):
+    """Each online iteration builds its labelers anew, on a new load of the same checkpoint: they share
+    the compiled programs (no new trace) and each scores with its own model's weights."""
+    _, model = llava
+    item = ImageQuestions(QUESTIONS[:3], np.random.RandomState(7).randn(1, 3, 28, 28).astype(np.float32))
+    first = Labeler(model, tok, batch_size=4)
+    want = first.score([item])
+    traces = first._prefill._cache_size(), first._score._cache_size()
+    other = nnx.clone(model)
+    other.language_model.norm.weight[...] = other.language_model.norm.weight[...] * 3.0
+    second = Labeler(other, tok, batch_size=4)
+    got = second.score([item])
+    assert (first._prefill._cache_size(), first._score._cache_size()) == traces
+    assert (second._prefill, second._score) == (first._prefill, first._score)
+    assert not np.allclose(got, want, atol=1e-4)  # the second labeler's own weights
+    assert first.score([item]) == want
 
 
 @pytest.mark.parametrize("penalty", [1.3])

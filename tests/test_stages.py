@@ -50,6 +50,24 @@ def test_bundle_frees_device_arrays(tmp_path):
     assert sum(memory.resident_bytes().values()) - before < weights / 10  # the stage's model is gone
 
 
+def test_tokenizer_read_once_per_version(tmp_path):
+    """The stages load one checkpoint's tokenizer again and again: it is read once, and read anew when
+    the directory's files change."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    def save(vocab):
+        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                unk_token="<unk>").save_pretrained(str(tmp_path))
+
+    save({"<unk>": 0, "a": 1})
+    first = bundle.tokenizer(str(tmp_path))
+    assert bundle.tokenizer(str(tmp_path)) is first and len(first) == 2
+    save({"<unk>": 0, "a": 1, "b": 2})
+    again = bundle.tokenizer(str(tmp_path))
+    assert again is not first and len(again) == 3
+
+
 @pytest.mark.parametrize("sizes", [[(28, 56)], [(56, 28), (28, 28)]])
 def test_next_image_features_one_path(tmp_path, sizes):
     ref = tiny_hf.llava_next(tmp_path / "next")

@@ -2,6 +2,7 @@
 image's question prompts (METHOD.md §3). No JAX here; ``engine.score`` runs the model."""
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -143,6 +144,23 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+# A labeler is asked the same few hundred questions about image after image (the claims of one world,
+# one policy): their ids are encoded once per tokenizer, image-token count and template.
+@functools.lru_cache(maxsize=4096)
+def _prompt_ids(tokenizer: Any, question: str, image_token_count: int, image_token_id: int | None,
+                template: str) -> tuple[int, ...]:
+    return tuple(chat.encode_prompt(tokenizer, labeler_question(question), image_token_count,
+                                    image_token_id=image_token_id, template=template).tolist())
+
+
+@functools.lru_cache(maxsize=64)
+def _head_ids(tokenizer: Any, image_token_count: int, image_token_id: int | None, template: str) -> tuple[int, ...]:
+    head = prompt_head(tokenizer, template, image_token_count > 0)
+    # The head is tokenized with the same chunk rule as encode_prompt (split at <image>, BOS for llava_v1).
+    ids, _ = chat.chunks_to_ids(tokenizer, head, image_token_count, image_token_id, template)
+    return tuple(ids)
+
+
 def split_prompts(
     tokenizer: Any,
     questions: Sequence[str],
@@ -161,11 +179,8 @@ def split_prompts(
     """
     if not questions:
         raise ValueError("split_prompts needs at least one question")
-    full = [chat.encode_prompt(tokenizer, labeler_question(q), image_token_count,
-                               image_token_id=image_token_id, template=template) for q in questions]
-    head = prompt_head(tokenizer, template, image_token_count > 0)
-    # The head is tokenized with the same chunk rule as encode_prompt (split at <image>, BOS for llava_v1).
-    head_ids, _ = chat.chunks_to_ids(tokenizer, head, image_token_count, image_token_id, template)
+    full = [_prompt_ids(tokenizer, q, image_token_count, image_token_id, template) for q in questions]
+    head_ids = _head_ids(tokenizer, image_token_count, image_token_id, template)
     k = len(head_ids)
     for ids in full:
         k = min(k, _common_prefix(head_ids, ids), len(ids) - 1)

@@ -65,7 +65,7 @@ def image_features(model: nnx.Module, graphdef, state, prompt: dict) -> jax.Arra
     px = prompt.get("pixel_values")
     if px is None:
         return None
-    return vision.image_features(graphdef, state, px, prompt.get(vision.layout_key(model)))
+    return vision.image_features(graphdef, state, px, prompt.get(vision.layout_key(model)), model=model)
 
 
 def check_options(num_samples: int, max_new_tokens: int, stop_token_ids: Sequence[int], seed: int,

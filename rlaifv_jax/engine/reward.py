@@ -61,7 +61,7 @@ def sequence_logps(model: nnx.Module, prompt: dict, answers: Sequence[Sequence[i
     ids = np.asarray(prompt["input_ids"], np.int32)
     feats, layout = None, prompt.get(vision.layout_key(model))
     if prompt.get("pixel_values") is not None:
-        feats = np.asarray(vision.image_features(graphdef, state, prompt["pixel_values"], layout))
+        feats = np.asarray(vision.image_features(graphdef, state, prompt["pixel_values"], layout, model=model))
     longest = max(len(a) for a in answers)
     window, length = _round_up(longest, 32), _round_up(len(ids) + longest, 64)
     pad_id = 1 if getattr(model.config, "image_token_id", None) == 0 else 0

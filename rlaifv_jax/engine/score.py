@@ -234,9 +234,7 @@ class Labeler:
         self.image_token_id = getattr(model.config, "image_token_id", None)
         self.mrope = vision.uses_mrope(model)
         graphdef, self._state = nnx.split(model)
-        self._prefill = jax.jit(functools.partial(_prefill, graphdef))
-        self._score = jax.jit(functools.partial(
-            _score, graphdef, tuple(sorted(self.answer_ids.items())), self.repetition_penalty))
+        self._prefill, self._score = make_programs(graphdef, self.answer_ids, self.repetition_penalty)
         self._graphdef = graphdef
         self._programs: set[tuple] = set()
 
@@ -258,11 +256,11 @@ class Labeler:
         px = np.asarray(pixel_values, np.float32)
         if self.mrope:
             self._note(("features", qwen_vision.bucket(qwen_vision.num_chunks(layout, self.model.config.vision))))
-            return vision.image_features(self._graphdef, self._state, px, layout)
+            return vision.image_features(self._graphdef, self._state, px, layout, model=self.model)
         if px.ndim == (4 if hasattr(self.model, "image_newline") else 3):  # one image without its batch axis
             px = px[None]
         self._note(("features", tuple(px.shape)))
-        return vision.image_features(self._graphdef, self._state, px, layout)
+        return vision.image_features(self._graphdef, self._state, px, layout, model=self.model)
 
     def _layout(self, item: ImageQuestions) -> Any:
         layout = item.image_grid_thw if self.mrope else item.image_sizes
@@ -356,9 +354,16 @@ class Labeler:
 
 # ----------------------------------------------------------------------------- ahead-of-time lowering
 def make_programs(graphdef: nnx.GraphDef, answer_ids: Mapping[str, int], repetition_penalty: float | None):
-    """The labeler's jitted ``(prefill, score)`` programs for a model's ``graphdef``."""
+    """The labeler's jitted ``(prefill, score)`` programs for a model's ``graphdef``: the same pair for
+    an equal graphdef, answer ids and penalty within a process, so a labeler built again on the same
+    architecture (each online iteration's labels and evaluation) traces and lowers nothing new."""
+    return _programs(graphdef, tuple(sorted(answer_ids.items())), repetition_penalty)
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(graphdef: nnx.GraphDef, answer_ids: tuple[tuple[str, int], ...], repetition_penalty: float | None):
     return (jax.jit(functools.partial(_prefill, graphdef)),
-            jax.jit(functools.partial(_score, graphdef, tuple(sorted(answer_ids.items())), repetition_penalty)))
+            jax.jit(functools.partial(_score, graphdef, answer_ids, repetition_penalty)))
 
 
 def lower_programs(model: nnx.Module, state: nnx.State, mesh: Any, *, prefix_bucket: int, rows: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -48,8 +49,9 @@ class Bundle:
     tokenizer: Any
     encode_image: prompts_lib.ImageEncoder
     # Held around every use of ``tokenizer`` while a stage's helper thread may use it too
-    # (``records.Prefetched``): a fast tokenizer is not safe to call from two threads at once.
-    tokenizer_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # (``records.Prefetched``): a fast tokenizer is not safe to call from two threads at once. Bundles
+    # loaded from one checkpoint share its tokenizer and this lock (``load``).
+    tokenizer_lock: Any = dataclasses.field(default_factory=threading.RLock)
 
     @property
     def template(self) -> str:
@@ -77,9 +79,26 @@ class Bundle:
 
 
 def tokenizer(path: str):
-    """The checkpoint's tokenizer, from local files only."""
+    """The checkpoint's tokenizer, from local files only; read once per directory and version of its
+    files within a process (the online loop's stages load the same checkpoints every iteration, and
+    nothing here changes a tokenizer)."""
+    return _tokenizer(path, _files_version(path))[0]
+
+
+def _files_version(path: str) -> tuple:
+    """(name, size, mtime) of the files of a local directory (``()`` for a remote path): a cache key
+    that changes when a checkpoint is rewritten in place."""
+    if not os.path.isdir(path):
+        return ()
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file()))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str, version: tuple) -> tuple[Any, Any]:
+    """The tokenizer and the lock every bundle holding it takes around its use (one tokenizer object
+    may serve several bundles at once)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True), threading.RLock()
 
 
 def _text_only(image: np.ndarray):
@@ -169,7 +188,8 @@ def load(spec: ModelSettings, mesh, *, training: bool = False) -> Bundle:
     if spec.checkpoint and spec.step:
         restore_params(model, spec.checkpoint, spec.step)
     encoder = image_encoder(spec) if hasattr(model, "tile_features") else _text_only
-    return Bundle(spec, model, tokenizer(spec.path), encoder)
+    tok, lock = _tokenizer(spec.path, _files_version(spec.path))
+    return Bundle(spec, model, tok, encoder, lock)
 
 
 @contextlib.contextmanager
