@@ -65,6 +65,7 @@ def _program(graphdef: nnx.GraphDef) -> Callable:
     with _RECENT_LOCK:
         hit = _RECENT.get(id(graphdef))
         if hit is not None and hit[0] is graphdef:
+            _RECENT.move_to_end(id(graphdef))
             return hit[1]
         program = _program_of(graphdef)
         _RECENT[id(graphdef)] = (graphdef, program)

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import zlib
 from typing import Any, Callable, Iterator
 
@@ -81,7 +82,8 @@ class Bundle:
 def tokenizer(path: str):
     """The checkpoint's tokenizer, from local files only; read once per directory and version of its
     files within a process (the online loop's stages load the same checkpoints every iteration, and
-    nothing here changes a tokenizer)."""
+    nothing here changes a tokenizer). The object is shared: code that uses it beside a stage's
+    helper thread takes its bundle's ``tokenizer_lock``."""
     return _tokenizer(path, _files_version(path))[0]
 
 
@@ -90,7 +92,10 @@ def _files_version(path: str) -> tuple:
     that changes when a checkpoint is rewritten in place."""
     if not os.path.isdir(path):
         return ()
-    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file()))
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file()))
+    except OSError:  # files changing under the scan: a key no other call gives (read anew)
+        return (time.monotonic_ns(),)
 
 
 @functools.lru_cache(maxsize=8)
