@@ -242,11 +242,12 @@ class Labeler:
     def _note(self, key: tuple) -> None:
         if key not in self._programs:
             self._programs.add(key)
-            log.debug("labeler compiles %s", key)
+            log.debug("labeler program %s", key)
 
     def programs(self) -> list[tuple]:
-        """Shape keys of the programs compiled so far: ``('features', shape)``, ``('prefill', Pb, image)``,
-        ``('score', Pb, rows, Cb)``."""
+        """Shape keys of the programs this labeler has run so far (each compiled once per process, by
+        whichever labeler of the same architecture ran it first): ``('features', shape)``,
+        ``('prefill', Pb, image)``, ``('score', Pb, rows, Cb)``."""
         return sorted(self._programs, key=repr)
 
     # -- image side --------------------------------------------------------------------------------
