@@ -84,7 +84,12 @@ def tokenizer(path: str):
     files within a process (the online loop's stages load the same checkpoints every iteration, and
     nothing here changes a tokenizer). The object is shared: code that uses it beside a stage's
     helper thread takes its bundle's ``tokenizer_lock``."""
-    return _tokenizer(path, _files_version(path))[0]
+    return _shared_tokenizer(path)[0]
+
+
+def _shared_tokenizer(path: str) -> tuple[Any, Any]:
+    """``(tokenizer, lock)`` of the checkpoint at ``path``, keyed by the version of its files."""
+    return _tokenizer(path, _files_version(path))
 
 
 def _files_version(path: str) -> tuple:
@@ -193,7 +198,7 @@ def load(spec: ModelSettings, mesh, *, training: bool = False) -> Bundle:
     if spec.checkpoint and spec.step:
         restore_params(model, spec.checkpoint, spec.step)
     encoder = image_encoder(spec) if hasattr(model, "tile_features") else _text_only
-    tok, lock = _tokenizer(spec.path, _files_version(spec.path))
+    tok, lock = _shared_tokenizer(spec.path)
     return Bundle(spec, model, tok, encoder, lock)
 
 
