@@ -8,10 +8,10 @@ import os
 import shutil
 import tempfile
 
-# One thread per test process: the suite runs one process per core (``-n 2``), and XLA's own thread
-# pool in each would only make them take turns (9 % slower on 2 cores, BENCHMARKS.md).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1")
+import smoke_runs  # imports no jax
+
+# One XLA thread per test process (smoke_runs.XLA_FLAGS).
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {smoke_runs.XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's optimizations mostly off (LLVM at -O0), here and in the runs the tests start: the tests' tiny
 # programs run in microseconds, so compiling is nearly all of their time, and this halves it (BENCHMARKS.md);
@@ -27,19 +27,21 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import tiny_hf  # noqa: E402
-from smoke_runs import run_to_end  # noqa: E402
+import xla_options  # noqa: E402
 from rlaifv_jax.core import compile_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+xla_options.install()
 compile_cache.enable()
 
 
-# Seconds each of the longest files took (``--durations=0``, 2 workers, 6 December; BENCHMARKS.md).
+# Seconds each of the longest files took (``--durations=0``, 2 workers, 7 December; BENCHMARKS.md).
 # With ``--dist loadfile`` these start first and the short files fill in behind them, so neither
 # worker is left running a long file alone at the end.
-LONGEST_FILES = {"test_online.py": 212, "test_plan.py": 121, "test_multihost.py": 118, "test_qwen_online.py": 49,
-                 "test_checkpoint.py": 45, "test_models.py": 42, "test_dpo_train.py": 42, "test_warmstart.py": 39,
-                 "test_qwen_engine.py": 37, "test_eval_beam.py": 35, "test_faults.py": 33, "test_ux_preempt.py": 25}
+LONGEST_FILES = {"test_online.py": 331, "test_plan.py": 256, "test_multihost.py": 161, "test_qwen_online.py": 76,
+                 "test_checkpoint.py": 69, "test_qwen_engine.py": 63, "test_warmstart.py": 57, "test_dpo_train.py": 56,
+                 "test_faults.py": 46, "test_sampling.py": 45, "test_eval_beam.py": 42, "test_models.py": 33,
+                 "test_ux_preempt.py": 24}
 
 
 def pytest_configure(config):
@@ -120,5 +122,5 @@ def smoke_reference(tmp_path_factory, smoke_warmstart):
         if todo:
             workdir.mkdir()
             smoke_warmstart(workdir)
-            (workdir.parent / "smoke_reference.stdout").write_text(run_to_end(workdir))
+            (workdir.parent / "smoke_reference.stdout").write_text(smoke_runs.run_to_end(workdir))
     return workdir, (workdir.parent / "smoke_reference.stdout").read_text()

@@ -5,6 +5,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA flags of the test processes and of the processes they start: one XLA thread per process. The
+# suite runs one process per core (``-n 2``), and XLA's own thread pool in each would only make them
+# take turns (9 % slower on 2 cores, BENCHMARKS.md).
+XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 def smoke_command(workdir, *extra) -> list:
@@ -14,13 +18,12 @@ def smoke_command(workdir, *extra) -> list:
 
 
 def child_env(devices: int = 1) -> dict:
-    """The environment of a process the tests start: ``devices`` fake CPU devices, one XLA thread (as
-    the test processes: the other core runs the other test process), this checkout and ``tests/``
-    importable."""
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false " \
-            "intra_op_parallelism_threads=1"
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
-                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    """The environment of a process the tests start: ``devices`` fake CPU devices, the test processes'
+    ``XLA_FLAGS``, this checkout and ``tests/`` importable, and ``child_site/sitecustomize.py`` run at
+    start-up (the test processes' compile options, no torch)."""
+    path = [os.path.join(ROOT, "tests", "child_site"), ROOT, os.path.join(ROOT, "tests")]
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_FLAGS}",
+                JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
 
 
 def run_to_end(workdir) -> str:

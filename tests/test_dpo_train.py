@@ -143,8 +143,11 @@ def test_step_is_adamw_and_one_program_serves_every_length(tiny_llava):
         grads, _ = step.gradients(state, batch)
         params, opt = adamw(grads, opt, params)
         state, _ = step(state, batch)
+    # The two programs' gradients agree to float rounding; AdamW divides by the gradient's running RMS,
+    # so where a gradient is tiny its rounding moves the step: one projector element by 1.4e-6 (the rest
+    # within 8e-8). A wrong schedule, mask or decay moves many elements by 1e-5 or more.
     for k, v in params.items():
-        np.testing.assert_allclose(np.asarray(state["params"][k]), np.asarray(v), rtol=1e-5, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(np.asarray(state["params"][k]), np.asarray(v), rtol=1e-5, atol=2e-6, err_msg=k)
     # each online iteration's DPO run has its own length: the schedule is an argument, not a constant
     other = dpo_step.DPOStep(model, dataclasses.replace(cfg, total_steps=17))
     assert other.lower(batch).as_text() == step.lower(batch).as_text()
