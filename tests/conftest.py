@@ -10,7 +10,7 @@ import tempfile
 
 import smoke_runs  # imports no jax
 
-# One XLA thread per test process (smoke_runs.XLA_FLAGS).
+# One XLA thread per test process, the older fusion emitters (smoke_runs.XLA_FLAGS).
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {smoke_runs.XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's optimizations mostly off (LLVM at -O0), here and in the runs the tests start: the tests' tiny
@@ -27,11 +27,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import tiny_hf  # noqa: E402
-import xla_options  # noqa: E402
 from rlaifv_jax.core import compile_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-xla_options.install()
 compile_cache.enable()
 
 

@@ -5,10 +5,14 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA flags of the test processes and of the processes they start: one XLA thread per process. The
-# suite runs one process per core (``-n 2``), and XLA's own thread pool in each would only make them
-# take turns (9 % slower on 2 cores, BENCHMARKS.md).
-XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# XLA flags of the test processes and of the processes they start:
+# - one XLA thread per process: the suite runs one process per core (``-n 2``), and XLA's own thread
+#   pool in each would only make them take turns (9 % slower on 2 cores, BENCHMARKS.md);
+# - XLA:CPU's older (non-MLIR) fusion emitters: with most optimizations off (conftest.py) they compile
+#   a training step in about 40 % of the time, to the same results (``python -m benchmarks.compile_options``).
+# (Until 7 December a bare ``intra_op_parallelism_threads=1`` followed the first flag: not an XLA flag,
+# and XLA ignored every flag after it.)
+XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false --xla_cpu_use_fusion_emitters=false"
 
 
 def smoke_command(workdir, *extra) -> list:
@@ -20,7 +24,7 @@ def smoke_command(workdir, *extra) -> list:
 def child_env(devices: int = 1) -> dict:
     """The environment of a process the tests start: ``devices`` fake CPU devices, the test processes'
     ``XLA_FLAGS``, this checkout and ``tests/`` importable, and ``child_site/sitecustomize.py`` run at
-    start-up (the test processes' compile options, no torch)."""
+    start-up (no torch)."""
     path = [os.path.join(ROOT, "tests", "child_site"), ROOT, os.path.join(ROOT, "tests")]
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_FLAGS}",
                 JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
