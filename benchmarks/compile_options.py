@@ -4,8 +4,8 @@ emitters or the older ones (``xla_cpu_use_fusion_emitters=False``; the tests set
 ``tests/smoke_runs.py``), given as a compile option or in ``XLA_FLAGS``, where a bare word before it
 (not an XLA flag) makes XLA ignore it.
 
-Model: the toy world's LLaVA at 32 wide (the warm-start tests' size); step: AdamW on the answer NLL of
-9 warm-start records. Each setting compiles in a fresh process, after one unrelated warm-up
+Model: the toy world's LLaVA at 32 wide; step: AdamW on the answer NLL of 9 warm-start records (the
+warm-start tests' model and plain step, ``tests/test_warmstart.py``). Each setting compiles in a fresh process, after one unrelated warm-up
 compilation; prints compile seconds, milliseconds a step (mean of 20) and the loss, then the ratios
 against the default of the same optimization level. Run:
 
@@ -41,35 +41,17 @@ def measure(options: dict) -> dict:
 
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import optax
     from flax import nnx
 
-    from rlaifv_jax.data import toy_world
-    from rlaifv_jax.engine.logps import answer_logps
-    from rlaifv_jax.models import hf
-    from rlaifv_jax.pipelines import warmstart
+    from tests.test_warmstart import _setup, reference_step
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    size = ml_collections.ConfigDict(dict(hidden=32, layers=2, heads=4, kv_heads=2, vision_hidden=16,
-                                          vision_layers=1, patch=8))
-    world = toy_world.WorldSettings()
-    tokenizer = toy_world.build_tokenizer(world)
-    model = hf.build_model("LlavaForConditionalGeneration", warmstart.toy_model_config(tokenizer, world, size), seed=0)
-    records = toy_world.warmstart_split(world, 3, 0)
-    batch = warmstart.encode_examples(records, tokenizer, model.num_image_tokens(), model.config.image_token_id)
+    model, batch, _ = _setup(3)  # the warm-start tests' model and 3 images' records
     tx = optax.adamw(1e-3, weight_decay=0.01)
     graphdef, params = nnx.split(model)
     opt_state = tx.init(params)
-
-    def step(params, opt_state, batch):
-        def loss_fn(p):
-            logits = nnx.merge(graphdef, p)(batch["tokens"], pixel_values=batch["pixel_values"])
-            total, count = answer_logps(logits, batch["tokens"], batch["answer_start"], batch["answer_len"])
-            return -jnp.sum(total) / jnp.sum(count)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    step = reference_step(graphdef, tx)
 
     jax.jit(lambda x: jnp.sin(x) @ x).lower(jnp.ones((4, 4))).compile()  # the compiler's one-time start-up
     lowered = jax.jit(step).lower(params, opt_state, batch)

@@ -28,6 +28,22 @@ def _setup(n_images=12):
     return model, examples, [r["image_id"] for r in records]
 
 
+def reference_step(graphdef, tx):
+    """The plain loop's step ``(params, opt_state, batch) -> (params, opt_state, loss)``: ``batch``
+    holds whole right-padded sequences (``encode_examples``), the LM head runs at every position, the
+    loss is the mean answer NLL, ``tx`` updates every parameter."""
+    def loss_fn(p, batch):
+        logits = nnx.merge(graphdef, p)(batch["tokens"], pixel_values=batch["pixel_values"])
+        total, count = answer_logps(logits, batch["tokens"], batch["answer_start"], batch["answer_len"])
+        return -jnp.sum(total) / jnp.sum(count)
+
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+    return step
+
+
 def reference_train(model, examples, keys, *, steps, batch_size, learning_rate, seed):
     """The plain loop: per step the records of the trees ``train_sft`` draws (``sft_batches``) as
     one batch of whole sequences of the full padded length, logits at every position, the same
@@ -36,18 +52,7 @@ def reference_train(model, examples, keys, *, steps, batch_size, learning_rate, 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     graphdef, params = nnx.split(model)
     opt_state = tx.init(params)
-
-    def loss_fn(p, batch):
-        logits = nnx.merge(graphdef, p)(batch["tokens"], pixel_values=batch["pixel_values"])
-        total, count = answer_logps(logits, batch["tokens"], batch["answer_start"], batch["answer_len"])
-        return -jnp.sum(total) / jnp.sum(count)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    step = jax.jit(reference_step(graphdef, tx))
     _, members, groups, draws = _batches(model, examples, keys, batch_size, steps, seed)
     losses = []
     for i in range(steps):
