@@ -223,6 +223,19 @@ def sft_batches(examples: dict[str, np.ndarray], keys: Sequence[Any], p: int, *,
     return rows, members, groups, draw_rows(sizes, group_counts(sizes, per_step), steps, seed)
 
 
+def group_arrays(trees: dict[str, np.ndarray], groups: Sequence[np.ndarray]
+                 ) -> tuple[list[dict[str, jax.Array]], list[int]]:
+    """Each length group's trees (``sft_batches``) on the device, cut to the group's longest row
+    (rounded up to 8), and its answer window (the longest answer): ``sft_loss``'s parts, indexed per step."""
+    data, windows = [], []
+    for g in groups:
+        used = -(-int(np.max(np.sum(trees["branch"][g] >= 0, axis=1))) // 8) * 8
+        data.append(jax.device_put({k: v[g][:, :used] if k in ("tokens", "positions", "branch") else v[g]
+                                    for k, v in trees.items()}))
+        windows.append(int(trees["answer_len"][g].max()))
+    return data, windows
+
+
 def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int, batch_size: int,
               learning_rate: float, seed: int, keys: Sequence[Any] | None = None, progress: bool = True,
               chunk: int = 50) -> list[float]:
@@ -244,12 +257,7 @@ def train_sft(model: nnx.Module, examples: dict[str, np.ndarray], *, steps: int,
     prefix = jax.device_put(examples["tokens"][0, :p])
     trees, _, groups, rows = sft_batches(examples, range(len(examples["tokens"])) if keys is None else keys, p,
                                          batch_size=batch_size, steps=steps, seed=seed)
-    data, windows = [], []
-    for g in groups:
-        used = -(-int(np.max(np.sum(trees["branch"][g] >= 0, axis=1))) // 8) * 8
-        data.append(jax.device_put({k: v[g][:, :used] if k in ("tokens", "positions", "branch") else v[g]
-                                    for k, v in trees.items()}))
-        windows.append(int(trees["answer_len"][g].max()))
+    data, windows = group_arrays(trees, groups)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def run(params, opt_state, rows):
