@@ -10,8 +10,9 @@ the last step of each (they train on the same batches, so they match to float ro
 
 Then the floor: XLA's FLOP count of one ``train_sft`` step (loss and gradient) against this machine's
 float32 matmul rates measured in the same run, for a large product (2048 x 2048 x 2048) and for the
-step's own largest one (its MLP: decoder positions x hidden x 2 hidden), the best of 5 each; so the
-fraction of them the step reaches, and the seconds the default's warm start would take at each.
+step's MLP shape with all its decoder positions in one product (positions x hidden x 2 hidden; the
+step runs it once per length group), the best of 5 each; so the fraction of them the step reaches, and
+the seconds the default's warm start (``--images`` as the default's world) would take at each.
 
     python -m benchmarks.warmstart [--images 5000] [--steps 100] [--skip-plain]
 """
@@ -42,7 +43,8 @@ def main() -> None:
     from rlaifv_jax.pipelines import warmstart
     from tests.test_warmstart import reference_train
 
-    os.environ[compile_cache.ENV] = tempfile.mkdtemp(prefix="warmstart_bench_cache_")
+    cache = tempfile.TemporaryDirectory(prefix="warmstart_bench_cache_")  # removed at exit
+    os.environ[compile_cache.ENV] = cache.name
     compile_cache.enable()
     c = default.get_config()
     world = toy_world.WorldSettings(caption_partner_rate=c.world.caption_partner_rate)
@@ -85,10 +87,10 @@ def main() -> None:
     print(f"floor: {flops / 1e9:.2f} GFLOP a step (XLA's count, loss and gradient; {positions} decoder positions) "
           f"at {achieved / 1e9:.1f} GFLOP/s")
     print(f"dense matmul 2048^3: {rate / 1e9:.1f} GFLOP/s (the step reaches {achieved / rate:.0%} of it); the step's "
-          f"MLP matmul alone ({positions} x {c.model.hidden} x {2 * c.model.hidden}): {mlp_rate / 1e9:.1f} GFLOP/s")
+          f"MLP shape in one product ({positions} x {c.model.hidden} x {2 * c.model.hidden}): {mlp_rate / 1e9:.1f} GFLOP/s")
     steps = c.warmstart.steps
     print(f"the default's {steps} steps: {steps * per_step['train_sft']:.0f} s at the step's rate, "
-          f"{steps * flops / mlp_rate:.0f} s at the MLP matmul's, {steps * flops / rate:.0f} s at the dense matmul's")
+          f"{steps * flops / mlp_rate:.0f} s at the MLP shape's, {steps * flops / rate:.0f} s at the dense matmul's")
 
 
 def step_flops(model, examples: dict, keys: list, batch_size: int) -> tuple[float, int]:
@@ -112,7 +114,7 @@ def step_flops(model, examples: dict, keys: list, batch_size: int) -> tuple[floa
 
 def matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
     """This machine's float32 matmul rate through XLA: FLOP/s of an ``[m, k] x [k, n]`` product, the
-    best of ``repeats`` timings of enough products for about 0.2 s each."""
+    best of ``repeats`` timings of ``2e10 / (2 m k n)`` products each (at least one)."""
     import jax
     import jax.numpy as jnp
     a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
